@@ -1,0 +1,120 @@
+"""The one calibration config. The CLI flags, the service's ``config`` JSON and report.json
+all use these field names; the service embeds this model unchanged."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Method(str, Enum):
+    MINMAX = "minmax"  # min/max ranges, nearest rounding, no reconstruction
+    MSE = "mse"  # MSE-searched ranges, nearest rounding, no reconstruction
+    ADAROUND = "adaround"  # layer-wise reconstruction
+    BRECQ = "brecq"  # block-wise reconstruction
+    QDROP = "qdrop"  # block-wise, block input randomly mixes FP and quantized activations
+    PDQUANT = "pdquant"  # qdrop + prediction-difference loss through the FP tail
+
+    @property
+    def reconstructs(self) -> bool:
+        return self not in (Method.MINMAX, Method.MSE)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Preprocess(Strict):
+    """How images become tensors. Defaults are the ImageNet recipe; images are converted to RGB."""
+
+    resize: int | None = Field(256, ge=1, le=4096, description="shorter side resized to this; null: no resize")
+    crop: int | None = Field(224, ge=1, le=4096, description="center crop size; null: no crop")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _one_or_three(cls, v):
+        if isinstance(v, (int, float)):
+            return (float(v),) * 3
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            return (float(v[0]),) * 3
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError(f"std must be positive on every channel, got {v}")
+        return v
+
+
+class ClCalib(Strict):
+    """CL-Calib: contrastive term added to each unit's reconstruction loss."""
+
+    enabled: bool = False
+    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
+    tau: float = Field(0.5, gt=0.0, le=10.0, description="critic temperature")
+    mapping: Literal["fp_tail", "pool", "flatten"] = "fp_tail"
+    tail_end: Literal["features", "logits"] = Field(
+        "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
+    )
+    critic: Literal["nce", "infonce"] = "nce"
+    negatives: Literal["batch", "bank"] = "bank"
+    num_negatives: int | None = Field(None, ge=1, le=65536, description="negatives per anchor; null: all")
+    symmetric: bool = False
+    rec_weight: float = Field(
+        1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
+    )
+
+
+class PdQuant(Strict):
+    """PD-Quant's prediction-difference loss (used when method = pdquant)."""
+
+    pd_weight: float = Field(0.1, ge=0.0, le=100.0, description="weight of the KL prediction-difference term")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    reg_weight: float = Field(0.1, ge=0.0, le=100.0, description="weight of the block-output regulariser")
+
+
+class CalibConfig(Strict):
+    """Everything that decides a calibration result. Unknown keys are rejected."""
+
+    method: Method = Method.QDROP
+    w_bits: int = Field(4, ge=2, le=8, description="weight bits")
+    a_bits: int = Field(4, ge=2, le=8, description="activation bits")
+    first_last_bits: int | None = Field(
+        8, ge=2, le=8, description="bits of the first conv and last linear (and the last linear's input); null: same as the body"
+    )
+    w_symmetric: bool = Field(False, description="symmetric weight quantization (zero point fixed at the middle)")
+    iters: int = Field(20000, ge=0, le=200000, description="optimization iterations per reconstruction unit")
+    batch_size: int = Field(32, ge=1, le=4096)
+    calib_size: int = Field(1024, ge=1, le=100000, description="calibration images used (a seeded random subset if more are given)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda when available")
+    lr_round: float = Field(3e-3, gt=0, le=1.0, description="Adam lr of the AdaRound variables")
+    lr_act: float = Field(4e-5, ge=0, le=1.0, description="Adam lr of activation step sizes (cosine decay to 0)")
+    round_weight: float | None = Field(
+        None, ge=0, le=100.0, description="AdaRound regulariser weight; null: 0.01, or 0.1 for MobileNet-like nets"
+    )
+    warmup: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of iterations before the rounding regulariser starts")
+    beta: tuple[float, float] = Field((20.0, 2.0), description="regulariser beta annealed from start to end")
+    drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="qdrop/pdquant: probability that an element of the unit input is taken from the FP model instead of the quantized one")
+    preprocess: Preprocess = Preprocess()
+    cl_calib: ClCalib = ClCalib()
+    pdquant: PdQuant = PdQuant()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.beta[0] < self.beta[1] or self.beta[1] <= 0:
+            raise ValueError(f"beta must anneal downwards from a positive start, got {self.beta}")
+        if self.cl_calib.enabled and not self.method.reconstructs:
+            raise ValueError(
+                f"cl_calib needs a reconstruction method (adaround, brecq, qdrop, pdquant), got method={self.method.value}"
+            )
+        return self
+
+    def summary(self) -> str:
+        cl = "+CL" if self.cl_calib.enabled else ""
+        return f"{self.method.value}{cl} W{self.w_bits}A{self.a_bits} iters={self.iters} seed={self.seed}"

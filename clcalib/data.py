@@ -1,0 +1,268 @@
+"""Calibration and evaluation data: images from a folder, zip or tar, or a tensor file.
+
+Archives are read in place, never extracted, and are checked first: no absolute or ``..``
+member names, no links or devices, a cap on entries and on total decompressed size, and a
+pixel cap on every decoded image. Untrusted uploads pass through the same checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clcalib.config import Preprocess
+from clcalib.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+TENSOR_SUFFIXES = {".npy", ".safetensors"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_entries: int = 200_000
+    max_total_bytes: int = 8 << 30  # decompressed
+    max_member_bytes: int = 64 << 20
+    max_image_pixels: int = 40_000_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
+        raise DataError(f"archive member {name!r} points outside the archive (absolute path or '..'); repack it with relative paths")
+    return p
+
+
+def _wanted(p: PurePosixPath) -> bool:
+    return (
+        p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") or part == "__MACOSX" for part in p.parts)
+    )
+
+
+class ImageSource:
+    """The image files of a folder, zip or tar, by relative path; bytes are read on demand."""
+
+    def __init__(self, path: str | Path, limits: Limits = DEFAULT_LIMITS):
+        self.path = Path(path)
+        self.limits = limits
+        if not self.path.exists():
+            raise DataError(f"{self.path}: no such file or directory")
+        self._zip = self._tar = None
+        if self.path.is_dir():
+            self.names = self._scan_dir()
+        elif zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            self.names = self._scan_zip()
+        elif tarfile.is_tarfile(self.path):
+            self._tar = tarfile.open(self.path)
+            self.names = self._scan_tar()
+        else:
+            raise DataError(f"{self.path}: not a folder, zip or tar of images (nor .npy/.safetensors)")
+        if not self.names:
+            raise DataError(f"{self.path}: contains no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def _check_totals(self, count: int, total: int) -> None:
+        if count > self.limits.max_entries:
+            raise DataError(f"{self.path}: {count} entries, more than the limit of {self.limits.max_entries}")
+        if total > self.limits.max_total_bytes:
+            raise DataError(f"{self.path}: {total} bytes decompressed, more than the limit of {self.limits.max_total_bytes}")
+
+    def _scan_dir(self) -> list[str]:
+        names, total = [], 0
+        for f in sorted(self.path.rglob("*")):
+            if f.is_symlink():
+                raise DataError(f"{f}: symbolic links are not accepted in image folders")
+            rel = PurePosixPath(f.relative_to(self.path).as_posix())
+            if f.is_file() and _wanted(rel):
+                names.append(str(rel))
+                total += f.stat().st_size
+        self._check_totals(len(names), total)
+        return names
+
+    def _scan_zip(self) -> list[str]:
+        infos = self._zip.infolist()
+        self._check_totals(len(infos), sum(i.file_size for i in infos))
+        names = []
+        for i in infos:
+            p = _safe_name(i.filename)
+            mode = i.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise DataError(f"archive member {i.filename!r} is a symbolic link; links are not accepted")
+            if not i.is_dir() and _wanted(p):
+                if i.file_size > self.limits.max_member_bytes:
+                    raise DataError(f"archive member {i.filename!r} is {i.file_size} bytes, more than {self.limits.max_member_bytes}")
+                names.append(i.filename)
+        return sorted(names)
+
+    def _scan_tar(self) -> list[str]:
+        members = self._tar.getmembers()
+        self._check_totals(len(members), sum(m.size for m in members))
+        names = []
+        for m in members:
+            p = _safe_name(m.name)
+            if m.issym() or m.islnk():
+                raise DataError(f"archive member {m.name!r} is a link; links are not accepted")
+            if not (m.isfile() or m.isdir()):
+                raise DataError(f"archive member {m.name!r} is a device or special file; not accepted")
+            if m.isfile() and _wanted(p):
+                if m.size > self.limits.max_member_bytes:
+                    raise DataError(f"archive member {m.name!r} is {m.size} bytes, more than {self.limits.max_member_bytes}")
+                names.append(m.name)
+        return sorted(names)
+
+    def read(self, name: str) -> bytes:
+        cap = self.limits.max_member_bytes
+        if self._zip is not None:
+            with self._zip.open(name) as f:
+                data = f.read(cap + 1)
+        elif self._tar is not None:
+            data = self._tar.extractfile(name).read(cap + 1)
+        else:
+            data = (self.path / name).read_bytes()
+        if len(data) > cap:
+            raise DataError(f"{name}: larger than {cap} bytes once decompressed")
+        return data
+
+    def decode(self, name: str) -> Image.Image:
+        data = self.read(name)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > self.limits.max_image_pixels:
+                    raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {self.limits.max_image_pixels}")
+                return im.convert("RGB")
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises many types for broken files
+            raise DataError(f"{name}: not a readable image ({e})") from None
+
+    def close(self) -> None:
+        for h in (self._zip, self._tar):
+            if h is not None:
+                h.close()
+
+
+def make_transform(pre: Preprocess):
+    from torchvision import transforms as T
+
+    steps = []
+    if pre.resize:
+        steps.append(T.Resize(pre.resize))
+    if pre.crop:
+        steps.append(T.CenterCrop(pre.crop))
+    steps += [T.ToTensor(), T.Normalize(list(pre.mean), list(pre.std))]
+    return T.Compose(steps)
+
+
+def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
+    tf = make_transform(pre)
+    tensors = [tf(src.decode(n)) for n in names]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{src.path}: images come out in different sizes {sorted(shapes)[:3]}; set preprocess.resize and preprocess.crop"
+        )
+    return torch.stack(tensors)
+
+
+def load_tensor_file(path: Path) -> torch.Tensor:
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable .npy array ({e})") from None
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{path}: not a readable safetensors file ({e})") from None
+        if len(tensors) != 1:
+            raise DataError(f"{path}: expected exactly one tensor, found {len(tensors)}: {sorted(tensors)[:5]}")
+        t = next(iter(tensors.values()))
+    if t.ndim != 4 or t.shape[0] == 0 or not t.is_floating_point():
+        raise DataError(f"{path}: expected a float tensor N x C x H x W with N >= 1, got {t.dtype} {tuple(t.shape)}")
+    return t.float()
+
+
+def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0,
+                     limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Up to ``size`` preprocessed images (a seeded random subset when more are given)."""
+    path = Path(path)
+    if path.suffix.lower() in TENSOR_SUFFIXES and path.is_file():
+        t = load_tensor_file(path)
+        return t[_subset(len(t), size, seed)] if len(t) > size else t
+    src = ImageSource(path, limits)
+    try:
+        names = src.names
+        if len(names) > size:
+            names = [names[i] for i in _subset(len(names), size, seed).tolist()]
+        return _stack(src, names, pre)
+    finally:
+        src.close()
+
+
+def _subset(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:size].sort().values
+
+
+@dataclass
+class LabeledImages:
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+
+def class_names_to_indices(names: list[str]) -> dict[str, int]:
+    """Folders named 0..C-1 map to that index; otherwise sorted names map in order (ImageFolder)."""
+    uniq = sorted(set(names))
+    if all(n.isdigit() for n in uniq):
+        return {n: int(n) for n in uniq}
+    return {n: i for i, n in enumerate(uniq)}
+
+
+def _class_of(names: list[str]) -> list[str]:
+    parts = [PurePosixPath(n).parts for n in names]
+    # a single wrapping folder (zip of "test/0/x.png") is not a class level
+    while parts and all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]
+    if any(len(p) < 2 for p in parts):
+        raise DataError("evaluation images must sit in one folder per class (e.g. 0/img.png, 1/img.png)")
+    return [p[0] for p in parts]
+
+
+def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS) -> LabeledImages:
+    src = ImageSource(path, limits)
+    try:
+        classes = _class_of(src.names)
+        index = class_names_to_indices(classes)
+        labels = torch.tensor([index[c] for c in classes])
+        return LabeledImages(_stack(src, src.names, pre), labels, sorted(index, key=index.get))
+    finally:
+        src.close()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
+
+
+def batches(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(t), size):
+        yield t[i : i + size]

@@ -1,0 +1,35 @@
+"""The library's exception tree. Every error a user can cause is one of these.
+
+    CalibrationError
+     ├── ConfigError          a config value is invalid or inconsistent
+     ├── ModelMismatchError   a state_dict does not fit the architecture / unknown arch
+     ├── DataError            calibration or evaluation data unreadable, empty or malformed
+     ├── ExportError          a checkpoint cannot be written or read back
+     └── Canceled             the progress callback asked calibration to stop
+
+Messages say what was expected, what came, and what to do.
+"""
+
+
+class CalibrationError(Exception):
+    """Base of every error clcalib raises on purpose."""
+
+
+class ConfigError(CalibrationError, ValueError):
+    pass
+
+
+class ModelMismatchError(CalibrationError, ValueError):
+    pass
+
+
+class DataError(CalibrationError, ValueError):
+    pass
+
+
+class ExportError(CalibrationError):
+    pass
+
+
+class Canceled(CalibrationError):
+    """Raised from an ``on_progress`` callback to stop a calibration between iterations."""

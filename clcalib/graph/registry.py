@@ -1,0 +1,116 @@
+"""Supported architectures by name, and loading user weights into them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clcalib.errors import ModelMismatchError
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    build: Callable[[int], nn.Module]
+    mobile: bool  # depthwise/inverted-residual nets take the larger rounding regulariser
+
+
+def _tv(fn_name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, fn_name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in [
+        Arch("resnet18", _tv("resnet18"), mobile=False),
+        Arch("resnet34", _tv("resnet34"), mobile=False),
+        Arch("resnet50", _tv("resnet50"), mobile=False),
+        Arch("mobilenet_v2", _tv("mobilenet_v2"), mobile=True),
+        Arch("regnet_x_400mf", _tv("regnet_x_400mf"), mobile=False),
+        Arch("regnet_x_3_2gf", _tv("regnet_x_3_2gf"), mobile=False),
+        Arch("mnasnet1_0", _tv("mnasnet1_0"), mobile=True),
+    ]
+}
+
+
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ModelMismatchError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors, or from a PyTorch file read with ``weights_only=True``
+    (a pickle that carries code is refused by torch and never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelMismatchError(f"{path}: no such weights file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8 and int.from_bytes(head, "little") < (100 << 20) and path.suffix != ".pt":
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        except Exception:
+            pass  # not safetensors after all; try torch's format below
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelMismatchError(
+            f"{path.name}: not a safetensors file nor a plain PyTorch state_dict loadable with "
+            f"weights_only=True ({first[:300]}); save it with safetensors.torch.save_file(model.state_dict(), ...)"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelMismatchError(f"{path.name}: expected a dict of name -> tensor (a state_dict), got {type(obj).__name__}")
+    return obj
+
+
+def _list(keys, n: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def build_model(arch: str, num_classes: int, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The FP model in eval mode, float32; ``state_dict`` must fit it exactly."""
+    if not 1 <= num_classes <= 100_000:
+        raise ModelMismatchError(f"num_classes must be between 1 and 100000, got {num_classes}")
+    model = get_arch(arch).build(num_classes)
+    if state_dict is not None:
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        own = model.state_dict()
+        missing = own.keys() - state_dict.keys()
+        unexpected = state_dict.keys() - own.keys()
+        misshaped = [
+            f"{k} (expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)})"
+            for k in own.keys() & state_dict.keys()
+            if own[k].shape != state_dict[k].shape
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_list(unexpected)}")
+        if misshaped:
+            problems.append(f"mis-shaped: {_list(misshaped, 4)}")
+        if problems:
+            raise ModelMismatchError(
+                f"the weights do not fit {arch}(num_classes={num_classes}): " + "; ".join(problems)
+                + ". Check arch and num_classes, and upload model.state_dict()."
+            )
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    return model.eval()
