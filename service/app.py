@@ -1,0 +1,108 @@
+"""The FastAPI app: ``create_app(settings)``; ``uvicorn --factory service.app:create_app``.
+
+Importing this module imports no torch (pinned by tests/service/test_light_import.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from clcalib.config import CalibConfig
+from service.broker import Broker
+from service.errors import ApiError, ErrorBody
+from service.metrics import Metrics
+from service.routes import jobs, system
+from service.settings import Settings, env_summary, get_settings
+from service.storage import Storage
+from service.store import Store
+from service.sweeper import Sweeper
+from service.validation import Validator
+
+log = logging.getLogger("clcalib.service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st = app.state
+        st.storage = Storage(settings.data_dir)
+        st.store = Store(settings.store_url)
+        st.broker = Broker(settings)
+        st.validator = Validator(settings)
+        st.metrics = Metrics(st.store, st.broker)
+        st.sweeper = Sweeper(settings, st.store, st.storage, st.broker)
+        log.info("clcalib API starting: %s", env_summary(settings))
+        if not settings.api_keys:
+            log.warning("no API keys configured (CLCALIB_API_KEYS): single-tenant mode, "
+                        "serve only on loopback")
+        st.sweeper.start()
+        warm = asyncio.create_task(_warm(st.validator))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            st.sweeper.stop()
+            st.validator.close()
+            st.store.close()
+
+    app = FastAPI(
+        title="clcalib",
+        version="0.1.0",
+        summary="Post-training quantization calibration jobs",
+        description=(
+            "Upload an FP model and calibration images; a worker calibrates a low-bit quantized "
+            "model; download the checkpoint and report. All errors have the body "
+            "`{detail, code, field}`. Authentication: `Authorization: Bearer <key>` when "
+            "CLCALIB_API_KEYS is set; tenants see only their own jobs (404 for others')."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(jobs.router)
+    app.include_router(system.router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(map(str, e.get("loc", ()))), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(first["loc"][1:]) or ".".join(first["loc"])
+        body = ErrorBody(detail=f"{where}: {first['msg']}", code="invalid_request",
+                         field=first["loc"][-1] if first["loc"] else None, errors=errors)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=422)
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                             description=app.description, routes=app.routes)
+        defs = CalibConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps.update(defs.pop("$defs", {}))
+        comps["CalibConfig"] = defs
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+async def _warm(validator: Validator) -> None:
+    try:
+        await validator.archs()  # starts the validator child and imports torch there
+    except Exception as e:
+        log.warning("validator warm-up failed: %s", e)

@@ -1,0 +1,122 @@
+"""Upload checks that need torch. They run in the validator's child processes only (see
+``service.validation``); importing this module imports nothing heavy, calling it does.
+
+Each returns a plain dict: ``{"ok": True, ...}`` or ``{"ok": False, "field", "code", "message"}``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+def init_child(threads: int = 1) -> None:
+    import os
+
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the validator never touches a GPU
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def list_archs() -> list[str]:
+    from clcalib.graph.registry import ARCHS
+
+    return list(ARCHS)
+
+
+def _fail(field: str, code: str, message: str) -> dict:
+    return {"ok": False, "field": field, "code": code, "message": message}
+
+
+def check_job(*, model: str, arch: str, num_classes: int, calibration: str, evaluation: str | None,
+              config: dict, limits: dict, sample: int) -> dict:
+    import torch
+
+    from clcalib.config import CalibConfig
+    from clcalib.data import (
+        TENSOR_SUFFIXES,
+        DataError,
+        ImageSource,
+        Limits,
+        load_tensor_file,
+        make_transform,
+    )
+    from clcalib.errors import ModelMismatchError
+    from clcalib.graph.registry import build_model, read_state_dict
+
+    cfg = CalibConfig.model_validate(config)
+    lim = Limits(**limits)
+
+    # 1. the weights fit the arch
+    try:
+        net = build_model(arch, num_classes, read_state_dict(model))
+    except ModelMismatchError as e:
+        return _fail("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", ""))
+
+    # 2. the calibration data is readable, non-empty, and decodes (a seeded sample of it)
+    def images(path: str, field: str):
+        src = ImageSource(path, lim)
+        try:
+            names = src.names
+            pick = sorted(random.Random(0).sample(names, min(sample, len(names))))
+            tf = make_transform(cfg.preprocess)
+            ts = [tf(src.decode(n)) for n in pick]
+            shapes = {tuple(t.shape) for t in ts}
+            if len(shapes) > 1:
+                raise DataError(f"images come out in different sizes {sorted(shapes)[:3]}; "
+                                "set config.preprocess.resize and crop")
+            return src.names, torch.stack(ts)
+        finally:
+            src.close()
+
+    try:
+        if Path(calibration).suffix in TENSOR_SUFFIXES:
+            x = load_tensor_file(Path(calibration))
+            count = len(x)
+            x = x[:sample]
+        else:
+            names, x = images(calibration, "calibration")
+            count = len(names)
+    except DataError as e:
+        return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
+
+    # 3. the model runs on it
+    try:
+        with torch.no_grad():
+            y = net(x[:2].float())
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        return _fail("calibration", "model_cannot_run",
+                     f"{arch} cannot run on the calibration data of shape {tuple(x.shape[1:])} ({msg}); "
+                     "check config.preprocess and the image channels")
+    if tuple(y.shape) != (min(2, len(x)), num_classes):
+        return _fail("model", "model_mismatch",
+                     f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
+
+    # 4. the evaluation set: class folders that fit num_classes, decodable, same size
+    n_eval = 0
+    if evaluation is not None:
+        from clcalib.data import _class_of, class_names_to_indices
+
+        try:
+            names, ex = images(evaluation, "evaluation")
+            index = class_names_to_indices(_class_of(names))
+            if max(index.values()) >= num_classes:
+                raise DataError(f"class folders map to index {max(index.values())} but the model has "
+                                f"num_classes={num_classes}")
+            if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
+                raise DataError(f"images come out as {tuple(ex.shape[1:])}, the calibration images as "
+                                f"{tuple(x.shape[1:])}; both use config.preprocess")
+            n_eval = len(names)
+        except DataError as e:
+            return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
+    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval}
+
+
+def _strip(msg: str, path: str, role: str) -> str:
+    """Messages name the upload by its role, not by the server's storage path."""
+    return msg.replace(str(path), role)
+
+
+__all__ = ["check_job", "list_archs", "init_child"]

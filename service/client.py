@@ -1,0 +1,127 @@
+"""A small client of the clcalib API (httpx)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any):
+        self.status, self.body = status, body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class Client:
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
+        url = url or os.environ.get("CLCALIB_URL", "http://127.0.0.1:8000")
+        key = api_key if api_key is not None else os.environ.get("CLCALIB_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise ApiError(r.status_code, body)
+        return r
+
+    def submit(self, *, model: str | Path, calibration: str | Path, arch: str, num_classes: int,
+               config: dict | None = None, evaluation: str | Path | None = None) -> dict:
+        paths = {"model": model, "calibration": calibration}
+        if evaluation is not None:
+            paths["evaluation"] = evaluation
+        files = {}
+        try:
+            for role, p in paths.items():
+                files[role] = (Path(p).name, open(p, "rb"))  # noqa: SIM115 - closed below
+            data = {"arch": arch, "num_classes": str(num_classes), "config": json.dumps(config or {})}
+            return self._check(self.http.post("/v1/jobs", data=data, files=files, timeout=None)).json()
+        finally:
+            for _, f in files.values():
+                f.close()
+
+    def status(self, job_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def jobs(self, limit: int = 20, cursor: str | None = None) -> dict:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self._check(self.http.get("/v1/jobs", params=params)).json()
+
+    def cancel(self, job_id: str) -> dict:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+
+    def delete(self, job_id: str) -> None:
+        self._check(self.http.delete(f"/v1/jobs/{job_id}"))
+
+    def archs(self) -> list[str]:
+        return self._check(self.http.get("/v1/archs")).json()["archs"]
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts")).json()["artifacts"]
+
+    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / name
+        tmp = dest.with_name(dest.name + ".part")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+        os.replace(tmp, dest)
+        return dest
+
+    def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
+        """(event, data) from the server-sent-event stream, until the job ends."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(60, read=None)) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            event, data = "message", []
+            for line in r.iter_lines():
+                if not line:
+                    if data:
+                        yield event, json.loads("\n".join(data))
+                        if event in ("end", "deleted"):
+                            return
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+
+    def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0) -> dict:
+        end = time.monotonic() + timeout
+        while True:
+            j = self.status(job_id)
+            if j["state"] in TERMINAL:
+                return j
+            if time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} still {j['state']} after {timeout}s")
+            time.sleep(poll)

@@ -1,0 +1,48 @@
+"""Errors the API answers with. Every 4xx body has the same shape::
+
+    {"detail": "<what was wrong and what to do>", "code": "<stable id>", "field": "<form field or null>"}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what was expected, what came, and what to do")
+    code: str = Field(description="stable machine-readable error id, e.g. model_mismatch, too_large")
+    field: str | None = Field(None, description="the form field or parameter at fault, if any")
+    errors: list[dict[str, Any]] | None = Field(None, description="per-field details (config validation)")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, *, field: str | None = None,
+                 errors: list[dict] | None = None, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+        self.field, self.errors, self.headers = field, errors, headers
+
+    def body(self) -> dict:
+        return ErrorBody(detail=self.detail, code=self.code, field=self.field,
+                         errors=self.errors).model_dump(exclude_none=True)
+
+
+def not_found(what: str = "job") -> ApiError:
+    return ApiError(404, "not_found", f"no such {what} (or it belongs to another tenant)")
+
+
+def responses(*codes: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` entries for error codes, all with ErrorBody."""
+    text = {
+        400: "malformed request body",
+        401: "missing or unknown API key (Authorization: Bearer <key>)",
+        404: "no such job or file for this tenant (others' jobs are 404 too)",
+        409: "the job is not in a state that allows this",
+        413: "upload larger than CLCALIB_MAX_UPLOAD_BYTES",
+        415: "not multipart/form-data",
+        422: "invalid input; `detail` names the problem and `field` the form field",
+        503: "a dependency (store, broker, validator) is unavailable; retry later",
+    }
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}

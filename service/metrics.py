@@ -1,0 +1,48 @@
+"""Prometheus metrics: jobs by state, job duration, queue depth (read from the store and the
+broker at scrape time, so every API replica reports the same), and upload bytes."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+log = logging.getLogger("clcalib.service")
+BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, float("inf"))
+
+
+class _JobCollector:
+    def __init__(self, store, broker):
+        self.store, self.broker = store, broker
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("clcalib_jobs", "jobs in the store by state", labels=["state"])
+        for state, n in self.store.counts_by_state().items():
+            g.add_metric([state], n)
+        yield g
+        durations = self.store.durations()
+        counts = [sum(1 for d in durations if d <= b) for b in BUCKETS]
+        yield HistogramMetricFamily(
+            "clcalib_job_duration_seconds", "first start to finish of succeeded and failed jobs",
+            buckets=[(str(b) if b != float("inf") else "+Inf", c) for b, c in zip(BUCKETS, counts, strict=True)],
+            sum_value=sum(durations),
+        )
+        q = GaugeMetricFamily("clcalib_queue_depth", "messages waiting in the broker queue")
+        try:
+            q.add_metric([], self.broker.depth())
+        except Exception as e:  # scraping must not fail because the broker is down
+            log.warning("queue depth unavailable: %s", e)
+            q.add_metric([], float("nan"))
+        yield q
+
+
+class Metrics:
+    def __init__(self, store, broker):
+        self.registry = CollectorRegistry()
+        self.upload_bytes = Counter("clcalib_upload_bytes", "bytes received in job uploads",
+                                    registry=self.registry)
+        self.registry.register(_JobCollector(store, broker))

@@ -1,0 +1,231 @@
+"""Job routes. Every route that names a job goes through ``get_owned_job`` (404 for others')."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant
+from service.errors import ApiError, responses
+from service.schemas import Artifact, ArtifactList, JobList, JobOut
+from service.storage import ARTIFACT_TYPES
+from service.store import new_job_id
+from service.uploads import receive
+from service.validation import parse_arch, parse_config, parse_num_classes
+
+log = logging.getLogger("clcalib.service")
+router = APIRouter(tags=["jobs"])
+
+_FILE = {"type": "string", "format": "binary"}
+SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "arch", "num_classes", "calibration"],
+                    "properties": {
+                        "model": {**_FILE, "description": "the FP weights: a safetensors file, or a "
+                                  "PyTorch state_dict (read with torch.load(weights_only=True); a pickle "
+                                  "that carries code is refused)"},
+                        "arch": {"type": "string", "description": "architecture name, one of GET /v1/archs"},
+                        "num_classes": {"type": "integer", "minimum": 1, "maximum": 100000,
+                                        "description": "the model's number of output classes"},
+                        "calibration": {**_FILE, "description": "calibration images: a zip or tar of "
+                                        "image files (png/jpg/...), or an .npy/.safetensors float tensor "
+                                        "N x C x H x W already preprocessed"},
+                        "evaluation": {**_FILE, "description": "optional: a zip or tar of class-named "
+                                       "folders (0/…, 1/… or names sorted like ImageFolder) to measure "
+                                       "FP and quantized top-1 on"},
+                        "config": {"$ref": "#/components/schemas/CalibConfig",
+                                   "description": "the calibration config as JSON (the library's "
+                                   "CalibConfig; unknown keys are rejected; device is set by the worker)"},
+                    },
+                },
+                "encoding": {"config": {"contentType": "application/json"}},
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/jobs", status_code=202, response_model=JobOut, openapi_extra=SUBMIT_BODY,
+    summary="Submit a calibration job (multipart upload)",
+    responses=responses(400, 401, 413, 415, 422, 503),
+)
+async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store: StoreDep,
+                 storage: StorageDep, response: Response) -> JobOut:
+    """Streams the files to disk (capped; 413 above CLCALIB_MAX_UPLOAD_BYTES), checks every
+    input (config, arch, weights against the arch, a decoded sample of the images, one forward
+    pass) and only then commits the job row and enqueues its id. Any bad input is a 4xx with a
+    message naming the problem; nothing bad reaches a worker."""
+    app = request.app
+    job_id = new_job_id()
+    dest = storage.inputs_dir(job_id)
+    try:
+        up = await receive(request, dest, max_bytes=settings.max_upload_bytes,
+                           max_field_bytes=settings.max_field_bytes)
+        app.state.metrics.upload_bytes.inc(up.total_bytes)
+        config = parse_config(up.texts.get("config"))
+        num_classes = parse_num_classes(up.texts.get("num_classes"))
+        arch = parse_arch(up.texts.get("arch"), await app.state.validator.archs())
+        for role in ("model", "calibration"):
+            if role not in up.files:
+                raise ApiError(422, "missing_file", f"file field {role!r} is required", field=role)
+            if up.files[role].stat().st_size == 0:
+                raise ApiError(422, "empty_file", f"file field {role!r} is empty", field=role)
+        if "evaluation" in up.files and up.files["evaluation"].stat().st_size == 0:
+            raise ApiError(422, "empty_file", "file field 'evaluation' is empty", field="evaluation")
+        await app.state.validator.check_job(
+            model=str(up.files["model"]), arch=arch, num_classes=num_classes,
+            calibration=str(up.files["calibration"]),
+            evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,
+            config=config.model_dump(mode="json", by_alias=True),
+        )
+    except BaseException:
+        await run_in_threadpool(storage.delete_job, job_id)
+        raise
+    job = await run_in_threadpool(
+        store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
+        config=config.model_dump(mode="json", by_alias=True),
+        inputs={role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()},
+        upload_bytes=up.total_bytes,
+    )  # committed before the id is sent
+    try:
+        await run_in_threadpool(app.state.broker.enqueue, job.id)
+        await run_in_threadpool(store.mark_enqueued, job.id)
+    except Exception as e:  # the sweeper sends it once the broker is back
+        log.warning("job %s stored but not enqueued yet (%s); the sweeper will retry", job.id, e)
+    log.info("job %s queued for %s: %s %s", job.id, tenant, arch, config.summary())
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+router.add_api_route(
+    "/calibrate", submit, methods=["POST"], status_code=202, response_model=JobOut,
+    openapi_extra=SUBMIT_BODY, summary="Submit a calibration job (alias of POST /v1/jobs)",
+    responses=responses(400, 401, 413, 415, 422, 503),
+)
+
+
+@router.get("/v1/jobs", response_model=JobList, responses=responses(401, 422),
+            summary="The caller's jobs, newest first")
+def list_jobs(
+    tenant: Tenant, store: StoreDep,
+    limit: int = Query(20, ge=1, le=100, description="page size"),
+    cursor: str | None = Query(None, max_length=20, pattern=r"^[0-9]+$",
+                               description="next_cursor of the previous page"),
+    state: str | None = Query(None, pattern=r"^(queued|running|succeeded|failed|canceled)$"),
+) -> JobList:
+    before = int(cursor) if cursor else None
+    if before is not None and before > 2**62:
+        raise ApiError(422, "bad_cursor", "cursor out of range; use next_cursor from a previous page",
+                       field="cursor")
+    jobs = store.list(tenant, limit=limit, before_seq=before, state=state)
+    nxt = str(jobs[-1].seq) if len(jobs) == limit else None
+    return JobList(jobs=[JobOut.of(j) for j in jobs], next_cursor=nxt)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=responses(401, 404),
+            summary="Status, progress, metrics and error of a job")
+def get_job(job: OwnedJob) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events", responses={**responses(401, 404), 200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "server-sent events: `status` (a JobOut as JSON) whenever the job changes, "
+                       "then `end` once it is succeeded, failed or canceled (or `deleted`)"}},
+    summary="The job's status as a server-sent-event stream", response_class=StreamingResponse,
+)
+async def job_events(job: OwnedJob, request: Request, store: StoreDep,
+                     poll_s: float = Query(0.5, ge=0.1, le=10.0, description="poll period of the store")):
+    async def stream():
+        last, last_sent = None, time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            j = await run_in_threadpool(store.get, job.id)
+            if j is None:
+                yield "event: deleted\ndata: {}\n\n"
+                return
+            if j.updated_at != last or j.state != getattr(last, "state", None):
+                last = j.updated_at
+                data = JobOut.of(j).model_dump_json()
+                yield f"id: {j.updated_at:.6f}\nevent: status\ndata: {data}\n\n"
+                last_sent = time.monotonic()
+            if j.terminal:
+                yield f"event: end\ndata: {json.dumps({'state': j.state})}\n\n"
+                return
+            if time.monotonic() - last_sent > 15:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(poll_s)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _artifacts(job, storage) -> list[Artifact]:
+    out = []
+    for name in job.artifacts or []:
+        p = storage.artifact_path(job.id, name)
+        if p is not None:
+            out.append(Artifact(name=name, size=p.stat().st_size, url=f"/v1/jobs/{job.id}/artifacts/{name}"))
+    return out
+
+
+@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=responses(401, 404),
+            summary="The job's downloadable files (once succeeded)")
+def list_artifacts(job: OwnedJob, storage: StorageDep) -> ArtifactList:
+    return ArtifactList(artifacts=_artifacts(job, storage))
+
+
+@router.get(
+    "/v1/jobs/{job_id}/artifacts/{name}", responses={**responses(401, 404), 200: {
+        "content": {"application/octet-stream": {}, "application/json": {}, "text/html": {}},
+        "description": "the file, streamed"}},
+    summary="Download one artifact (quantized.safetensors, report.json, report.html)",
+    response_class=FileResponse,
+)
+def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
+    if job.files_deleted:
+        raise ApiError(404, "expired", "this job's files were deleted after the retention period")
+    p = storage.artifact_path(job.id, name) if name in (job.artifacts or []) else None
+    if p is None:
+        names = ", ".join(job.artifacts or []) or "none yet"
+        raise ApiError(404, "not_found", f"no artifact {name[:80]!r} for this job (available: {names})")
+    return FileResponse(p, media_type=ARTIFACT_TYPES.get(p.suffix, "application/octet-stream"),
+                        filename=name)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409),
+             summary="Cancel a queued or running job")
+def cancel_job(job: OwnedJob, store: StoreDep) -> JobOut:
+    """A queued job is never started; a running one stops at its worker's next progress
+    callback or heartbeat (seconds) and its worker takes the next job."""
+    if not store.cancel(job.id):
+        j = store.get(job.id)
+        raise ApiError(409, "not_cancelable", f"the job is already {j.state if j else 'deleted'}; nothing to cancel")
+    log.info("job %s canceled", job.id)
+    return JobOut.of(store.get(job.id))
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=204, responses=responses(401, 404),
+               summary="Delete a job and its files (canceling it first if needed)")
+def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> Response:
+    store.cancel(job.id)
+    store.delete(job.id)
+    storage.delete_job(job.id)
+    log.info("job %s deleted", job.id)
+    return Response(status_code=204)

@@ -1,0 +1,47 @@
+"""Health, readiness, metrics and the arch list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import Tenant
+from service.errors import responses
+from service.schemas import ArchList, Health
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+            summary="Readiness: store, broker and storage reachable")
+async def readyz(request: Request, response: Response) -> Health:
+    st = request.app.state
+    checks = {}
+    for name, fn in (("store", st.store.ping), ("broker", st.broker.ping), ("storage", st.storage.writable)):
+        try:
+            await run_in_threadpool(fn)
+            checks[name] = "ok"
+        except Exception as e:
+            checks[name] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+    ok = all(v == "ok" for v in checks.values())
+    response.status_code = 200 if ok else 503
+    return Health(status="ok" if ok else "unavailable", checks=checks)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    data = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/archs", response_model=ArchList, responses=responses(401, 503),
+            summary="Architectures a model can be uploaded as")
+async def archs(request: Request, tenant: Tenant) -> ArchList:
+    return ArchList(archs=await request.app.state.validator.archs())

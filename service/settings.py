@@ -1,0 +1,97 @@
+"""Service and worker settings, from ``CLCALIB_*`` environment variables (pydantic-settings).
+
+Nothing here imports torch: the API process reads these, and so does the worker before it
+imports the library.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLCALIB_", extra="ignore")
+
+    # where things live
+    data_dir: Path = Field(Path("data"), description="uploads, artifacts, the embedded store and queue")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store; default: SQLite file in data_dir"
+    )
+    redis_url: str | None = Field(
+        None, description="Celery broker; unset: the embedded file-backed queue in data_dir/queue"
+    )
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object api key -> tenant, e.g. {"k1": "acme"}; empty: loopback-only, one tenant',
+    )
+    max_upload_bytes: int = Field(4 << 30, ge=1, description="cap on one upload request (413 above)")
+    max_field_bytes: int = Field(1 << 20, ge=1, description="cap on one non-file form field")
+    retention_days: float = Field(7.0, ge=0, description="finished jobs' files are deleted after this")
+    sweep_interval_s: float = Field(30.0, gt=0, description="how often the reaper/retention sweep runs")
+
+    # validation of uploads (runs in a separate process: the API never imports torch)
+    validate_workers: int = Field(1, ge=1, le=64)
+    validate_timeout_s: float = Field(300.0, gt=0)
+    validate_sample: int = Field(16, ge=1, le=10000, description="images decoded per archive at upload")
+    max_archive_entries: int = Field(200_000, ge=1)
+    max_archive_bytes: int = Field(8 << 30, ge=1, description="total decompressed size of one archive")
+    max_member_bytes: int = Field(64 << 20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+    # worker and job lifecycle
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="worker device")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in the worker")
+    heartbeat_s: float = Field(5.0, gt=0, description="worker heartbeat and progress write period")
+    stale_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-queued")
+    max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one job before it fails")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600, ge=60, description="Redis redelivery of unacked messages; longer than any job"
+    )
+    queue_name: str = Field("clcalib", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v):
+        # also accept "key1:tenantA,key2:tenantB"
+        if isinstance(v, str) and v.strip() and not v.strip().startswith("{"):
+            pairs = [p.split(":", 1) for p in v.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("CLCALIB_API_KEYS: expected JSON {key: tenant} or key:tenant,key:tenant")
+            return {k.strip(): t.strip() for k, t in pairs}
+        return v
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def env_summary(s: Settings) -> str:
+    store = s.store_url.split("@")[-1] if "@" in s.store_url else s.store_url
+    broker = (s.redis_url or "").split("@")[-1] or f"embedded queue in {s.queue_dir}"
+    return f"store={store} broker={broker} data_dir={s.data_dir.resolve()} pid={os.getpid()}"

@@ -1,0 +1,81 @@
+"""The data directory: one folder per job under server-generated names.
+
+    <data_dir>/jobs/<job id>/inputs/{model,calibration,evaluation}.<kind>   uploads
+    <data_dir>/jobs/<job id>/out/                                           artifacts
+    <data_dir>/jobs/<job id>/resume/                                        per-unit state
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+INPUTS, OUT, RESUME = "inputs", "out", "resume"
+ARTIFACT_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".json": "application/json",
+    ".html": "text/html; charset=utf-8",
+}
+
+
+class Storage:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.jobs = self.root / "jobs"
+        self.tmp = self.root / "tmp"
+        for d in (self.jobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not job_id.isalnum():  # ids are uuid hex; never let a name walk out of jobs/
+            raise ValueError(f"bad job id {job_id!r}")
+        return self.jobs / job_id
+
+    def inputs_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / INPUTS
+
+    def out_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / OUT
+
+    def resume_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / RESUME
+
+    def artifacts(self, job_id: str) -> list[str]:
+        d = self.out_dir(job_id)
+        if not d.is_dir():
+            return []
+        return sorted(
+            p.name for p in d.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix in ARTIFACT_TYPES
+        )
+
+    def artifact_path(self, job_id: str, name: str) -> Path | None:
+        """The file of an artifact named in the job row, or None (never a path outside out/)."""
+        if "/" in name or "\\" in name or name.startswith(".") or name in ("", ".."):
+            return None
+        p = self.out_dir(job_id) / name
+        return p if p.is_file() else None
+
+    def delete_job(self, job_id: str) -> None:
+        d = self.job_dir(job_id)
+        if d.exists():
+            # rename first so a half-deleted folder is never mistaken for a job's files
+            trash = self.tmp / f"del-{job_id}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.replace(d, trash)
+            except OSError:
+                trash = d
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def delete_resume(self, job_id: str) -> None:
+        shutil.rmtree(self.resume_dir(job_id), ignore_errors=True)
+
+    def job_ids_on_disk(self) -> set[str]:
+        return {p.name for p in self.jobs.iterdir() if p.is_dir()} if self.jobs.is_dir() else set()
+
+    def writable(self) -> None:
+        probe = self.tmp / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()

@@ -1,0 +1,373 @@
+"""The job store: one SQLAlchemy table, the source of truth for every job.
+
+SQLite file by default, PostgreSQL by URL. Every state change is one conditional UPDATE, so
+concurrent API processes, workers and reapers cannot move a job backwards:
+
+    queued -> running -> succeeded | failed | canceled
+    queued -> canceled
+    running -> queued        only by the reaper, when the worker's heartbeat went stale
+
+A late progress write or a late ``finish`` from a worker that lost the job (canceled, deleted,
+re-queued to another worker) matches no row and is dropped; the worker sees that and stops.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "clcalib_jobs"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    arch: Mapped[str] = mapped_column(String(64))
+    num_classes: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict] = mapped_column(JSON)
+    inputs: Mapped[dict] = mapped_column(JSON)  # role -> path relative to the job folder
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    artifacts: Mapped[list] = mapped_column(JSON, default=list)
+    files_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    history: Mapped[list] = mapped_column(JSON, default=list)  # one entry per attempt/requeue
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one row (what routes and the worker pass around)."""
+
+    seq: int
+    id: str
+    owner: str
+    state: str
+    arch: str
+    num_classes: int
+    config: dict
+    inputs: dict
+    upload_bytes: int
+    progress: dict | None
+    attempts: int
+    worker: str | None
+    heartbeat_at: float | None
+    enqueued_at: float | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    metrics: dict | None
+    artifacts: list
+    files_deleted: bool
+    history: list
+
+    @classmethod
+    def of(cls, row: JobRow) -> Job:
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def normalize_url(url: str) -> str:
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Store:
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = normalize_url(url)
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as c:
+            c.execute(text("SELECT 1"))
+
+    # ---- API side ---------------------------------------------------------------------
+    def create(self, *, id: str, owner: str, arch: str, num_classes: int, config: dict,
+               inputs: dict, upload_bytes: int) -> Job:
+        now = time.time()
+        row = JobRow(
+            id=id, owner=owner, state=QUEUED, arch=arch, num_classes=num_classes, config=config,
+            inputs=inputs, upload_bytes=upload_bytes, attempts=0, created_at=now, updated_at=now,
+            artifacts=[], history=[], files_deleted=False,
+        )
+        with self.session.begin() as s:
+            s.add(row)
+        return Job.of(row)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=time.time()))
+
+    def get(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            return Job.of(row) if row else None
+
+    def list(self, owner: str, limit: int = 20, before_seq: int | None = None,
+             state: str | None = None) -> list[Job]:
+        """Newest first; ``before_seq`` is the cursor (the last seq of the previous page)."""
+        q = select(JobRow).where(JobRow.owner == owner)
+        if before_seq is not None:
+            q = q.where(JobRow.seq < before_seq)
+        if state is not None:
+            q = q.where(JobRow.state == state)
+        q = q.order_by(JobRow.seq.desc()).limit(limit)
+        with self.session() as s:
+            return [Job.of(r) for r in s.scalars(q)]
+
+    def cancel(self, job_id: str) -> bool:
+        """queued/running -> canceled. A running worker notices at its next heartbeat."""
+        now = time.time()
+        with self.session.begin() as s:
+            r = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state.in_((QUEUED, RUNNING)))
+                .values(state=CANCELED, finished_at=now, updated_at=now, error="canceled by the user")
+            )
+            return r.rowcount == 1
+
+    def delete(self, job_id: str) -> bool:
+        with self.session.begin() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+        out = dict.fromkeys(STATES, 0)
+        out.update({state: n for state, n in rows})
+        return out
+
+    def durations(self, limit: int = 10000) -> list[float]:
+        """Run time (first start to finish) of the most recent finished jobs."""
+        q = (
+            select(JobRow.finished_at - JobRow.started_at)
+            .where(JobRow.state.in_((SUCCEEDED, FAILED)), JobRow.started_at.is_not(None),
+                   JobRow.finished_at.is_not(None))
+            .order_by(JobRow.seq.desc())
+            .limit(limit)
+        )
+        with self.session() as s:
+            return [float(d) for d in s.scalars(q)]
+
+    # ---- worker side ------------------------------------------------------------------
+    def claim(self, job_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Job | None:
+        """queued -> running (or take over a running job whose heartbeat is stale), one
+        attempt more. None: someone else has it, or it is finished, canceled or gone."""
+        now = time.time()
+        with self.session.begin() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            if row is None:
+                return None
+            takeover = row.state == RUNNING and (row.heartbeat_at or 0) < now - stale_after_s
+            if row.state != QUEUED and not takeover:
+                return None
+            if row.attempts >= max_attempts:
+                self._fail_exhausted(s, row, now, max_attempts)
+                return None
+            r = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == row.state, JobRow.attempts == row.attempts)
+                .values(
+                    state=RUNNING, attempts=row.attempts + 1, worker=worker, heartbeat_at=now,
+                    started_at=func.coalesce(JobRow.started_at, now), updated_at=now,
+                    history=list(row.history or []) + [
+                        {"attempt": row.attempts + 1, "event": "claimed", "worker": worker, "at": now}
+                    ],
+                )
+            )
+            if r.rowcount != 1:
+                return None
+        return self.get(job_id)
+
+    def heartbeat(self, job_id: str, attempt: int, progress: dict | None = None) -> bool:
+        """False: this attempt no longer owns the job (canceled, deleted, re-queued)."""
+        now = time.time()
+        values: dict[str, Any] = {"heartbeat_at": now}
+        if progress is not None:
+            values.update(progress=progress, updated_at=now)
+        with self.session.begin() as s:
+            r = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == RUNNING, JobRow.attempts == attempt)
+                .values(**values)
+            )
+            return r.rowcount == 1
+
+    def note(self, job_id: str, attempt: int, entry: dict) -> None:
+        """Append to the job's history (e.g. the unit an attempt resumed from)."""
+        with self.session.begin() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.attempts == attempt))
+            if row is not None:
+                row.history = list(row.history or []) + [{"attempt": attempt, **entry, "at": time.time()}]
+
+    def finish(self, job_id: str, attempt: int, state: str, *, error: str | None = None,
+               metrics: dict | None = None, artifacts: list | None = None,
+               progress: dict | None = None) -> bool:
+        assert state in TERMINAL
+        now = time.time()
+        values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now,
+                                  "error": error, "heartbeat_at": now}
+        if metrics is not None:
+            values["metrics"] = metrics
+        if artifacts is not None:
+            values["artifacts"] = artifacts
+        if progress is not None:
+            values["progress"] = progress
+        with self.session.begin() as s:
+            r = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == RUNNING, JobRow.attempts == attempt)
+                .values(**values)
+            )
+            return r.rowcount == 1
+
+    # ---- reaper -----------------------------------------------------------------------
+    def reap_stale(self, *, stale_after_s: float, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Running jobs whose heartbeat is older than ``stale_after_s``: back to queued (to be
+        re-enqueued by the caller), or failed once ``max_attempts`` deliveries were used."""
+        now = time.time()
+        requeued, failed = [], []
+        with self.session.begin() as s:
+            rows = s.scalars(
+                select(JobRow).where(JobRow.state == RUNNING, JobRow.heartbeat_at < now - stale_after_s)
+            ).all()
+            for row in rows:
+                if row.attempts >= max_attempts:
+                    if self._fail_exhausted(s, row, now, max_attempts):
+                        failed.append(row.id)
+                    continue
+                r = s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == row.id, JobRow.state == RUNNING, JobRow.attempts == row.attempts,
+                           JobRow.heartbeat_at == row.heartbeat_at)
+                    .values(
+                        state=QUEUED, updated_at=now, enqueued_at=None, worker=None,
+                        history=list(row.history or []) + [{
+                            "attempt": row.attempts, "event": "requeued",
+                            "reason": f"no heartbeat from {row.worker} for {now - (row.heartbeat_at or now):.0f}s",
+                            "at": now,
+                        }],
+                    )
+                )
+                if r.rowcount == 1:
+                    requeued.append(row.id)
+        return requeued, failed
+
+    @staticmethod
+    def _fail_exhausted(s, row: JobRow, now: float, max_attempts: int) -> bool:
+        r = s.execute(
+            update(JobRow)
+            .where(JobRow.id == row.id, JobRow.state == row.state, JobRow.attempts == row.attempts)
+            .values(
+                state=FAILED, finished_at=now, updated_at=now,
+                error=(f"the worker running this job was lost {row.attempts} times "
+                       f"(max_attempts={max_attempts}); giving up"),
+            )
+        )
+        return r.rowcount == 1
+
+    def queued_not_enqueued(self, older_than_s: float = 0.0) -> list[str]:
+        """Queued jobs whose message was never sent (broker down at submit, or re-queued)."""
+        cutoff = time.time() - older_than_s
+        with self.session() as s:
+            return list(s.scalars(
+                select(JobRow.id).where(JobRow.state == QUEUED, JobRow.enqueued_at.is_(None),
+                                        JobRow.created_at <= cutoff).order_by(JobRow.seq)
+            ))
+
+    def queued_ids(self, older_than_s: float = 0.0) -> list[str]:
+        cutoff = time.time() - older_than_s
+        with self.session() as s:
+            return list(s.scalars(
+                select(JobRow.id).where(JobRow.state == QUEUED, JobRow.updated_at <= cutoff)
+                .order_by(JobRow.seq)
+            ))
+
+    def expired(self, retention_s: float) -> list[str]:
+        cutoff = time.time() - retention_s
+        with self.session() as s:
+            return list(s.scalars(
+                select(JobRow.id).where(JobRow.state.in_(TERMINAL), JobRow.finished_at < cutoff,
+                                        JobRow.files_deleted.is_(False))
+            ))
+
+    def mark_files_deleted(self, job_id: str) -> None:
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id)
+                      .values(files_deleted=True, artifacts=[], updated_at=time.time()))
+
+    def all_ids(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(JobRow.id)))
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()

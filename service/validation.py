@@ -1,0 +1,145 @@
+"""Upload validation before anything is queued.
+
+Cheap checks (form fields, config JSON against the library's ``CalibConfig``, arch name) run
+in the API process. Checks that need torch (weights vs arch, decoding a sample of images, one
+forward pass) run in a small pool of spawned child processes, so the API process never imports
+torch; a check that crashes or hangs its child costs that child, not the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from pydantic import ValidationError
+
+from clcalib.config import CalibConfig
+from service import checks
+from service.errors import ApiError
+from service.settings import Settings
+
+log = logging.getLogger("clcalib.service")
+
+
+class Validator:
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._archs: list[str] | None = None
+
+    def _get(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.s.validate_workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=checks.init_child,
+                    max_tasks_per_child=200,
+                )
+            return self._pool
+
+    def _reset(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        for p in list(getattr(pool, "_processes", {}).values()):
+            p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, fn, /, timeout: float | None = None, **kwargs):
+        pool = self._get()
+        fut = pool.submit(fn, **kwargs)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout or self.s.validate_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            self._reset(pool)
+            raise ApiError(422, "check_timeout",
+                           f"checking the upload took longer than {self.s.validate_timeout_s:.0f}s "
+                           "(CLCALIB_VALIDATE_TIMEOUT_S); send fewer or smaller images") from None
+        except BrokenProcessPool:
+            self._reset(pool)
+            raise ApiError(422, "check_crashed",
+                           "the process checking this upload died (a file that crashes the decoder, "
+                           "or out of memory); check the files decode locally") from None
+
+    async def archs(self) -> list[str]:
+        if self._archs is None:
+            try:
+                self._archs = await self._call(checks.list_archs, timeout=120)
+            except ApiError as e:
+                raise ApiError(503, "validator_unavailable", f"the validator did not start: {e.detail}") from None
+        return self._archs
+
+    async def check_job(self, **kwargs) -> dict:
+        s = self.s
+        limits = {"max_entries": s.max_archive_entries, "max_total_bytes": s.max_archive_bytes,
+                  "max_member_bytes": s.max_member_bytes, "max_image_pixels": s.max_image_pixels}
+        res = await self._call(checks.check_job, limits=limits, sample=s.validate_sample, **kwargs)
+        if not res["ok"]:
+            raise ApiError(422, res["code"], res["message"], field=res["field"])
+        return res
+
+
+def parse_num_classes(raw: str | None) -> int:
+    if raw is None or not raw.strip():
+        raise ApiError(422, "missing_field", "form field 'num_classes' is required (the model's output classes)",
+                       field="num_classes")
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        raise ApiError(422, "bad_num_classes", f"num_classes must be an integer, got {raw[:40]!r}",
+                       field="num_classes") from None
+    if not 1 <= n <= 100_000:
+        raise ApiError(422, "bad_num_classes", f"num_classes must be between 1 and 100000, got {n}",
+                       field="num_classes")
+    return n
+
+
+def parse_config(raw: str | None) -> CalibConfig:
+    if raw is None or not raw.strip():
+        return CalibConfig()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ApiError(422, "bad_config_json", f"config is not valid JSON ({e}); send a JSON object",
+                       field="config") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "bad_config", f"config must be a JSON object, got {type(data).__name__}",
+                       field="config")
+    try:
+        return CalibConfig.model_validate(data)
+    except ValidationError as e:
+        errors = [
+            {"loc": ["config", *map(str, err["loc"])], "msg": err["msg"], "type": err["type"]}
+            for err in e.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        first = errors[0]
+        where = ".".join(first["loc"][1:]) or "config"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ApiError(422, "bad_config", f"config.{where}: {first['msg']}{more}".replace("config.config", "config"),
+                       field="config", errors=errors) from None
+
+
+def parse_arch(raw: str | None, known: list[str]) -> str:
+    if raw is None or not raw.strip():
+        raise ApiError(422, "missing_field", f"form field 'arch' is required; one of {', '.join(known)}",
+                       field="arch")
+    arch = raw.strip()
+    if arch not in known:
+        raise ApiError(422, "unknown_arch", f"unknown arch {arch[:60]!r}; supported: {', '.join(known)} "
+                       "(GET /v1/archs)", field="arch")
+    return arch

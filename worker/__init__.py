@@ -1,0 +1,1 @@
+"""The Celery worker: carries job ids, runs ``clcalib.pipeline.run_calibration``."""

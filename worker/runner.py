@@ -1,0 +1,169 @@
+"""One job, start to finish, on this worker. Called by the Celery task; testable without it.
+
+The row is re-read and claimed (queued -> running, one attempt more) with a conditional
+update, so a duplicate delivery (a Redis redelivery, a re-send by the sweeper) finds nothing to
+do. While the library runs, a heartbeat thread writes the heartbeat and the latest progress
+every ``heartbeat_s``; if that write matches no row (canceled, deleted, or re-queued after the
+heartbeat went stale) the next progress callback raises ``Canceled`` and the job stops.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from service.settings import Settings
+from service.storage import Storage
+from service.store import CANCELED, FAILED, SUCCEEDED, Store
+
+log = logging.getLogger("clcalib.worker")
+_stores: dict[str, Store] = {}
+
+
+def store_for(settings: Settings) -> Store:
+    url = settings.store_url
+    if url not in _stores:
+        _stores[url] = Store(url)
+    return _stores[url]
+
+
+class Heartbeat:
+    def __init__(self, store: Store, job_id: str, attempt: int, period: float):
+        self.store, self.job_id, self.attempt, self.period = store, job_id, attempt, period
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._progress: dict | None = None
+        self._sent: dict | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def set_progress(self, p: dict) -> None:
+        with self._lock:
+            self._progress = p
+
+    def beat(self) -> None:
+        with self._lock:
+            p = self._progress
+        try:
+            ok = self.store.heartbeat(self.job_id, self.attempt, progress=p if p is not self._sent else None)
+        except Exception as e:  # store briefly unreachable: keep running, try again
+            log.warning("heartbeat of job %s failed: %s", self.job_id, e)
+            return
+        self._sent = p
+        if not ok:
+            self.lost.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.beat()
+            if self.lost.is_set():
+                return
+
+
+def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
+    store = store_for(settings)
+    storage = Storage(settings.data_dir)
+    job = store.claim(job_id, worker_name, stale_after_s=settings.stale_after_s,
+                      max_attempts=settings.max_attempts)
+    if job is None:
+        log.info("job %s: nothing to do (claimed elsewhere, finished, canceled or deleted)", job_id)
+        return "skipped"
+    attempt = job.attempts
+    log.info("job %s: attempt %d on %s", job_id, attempt, worker_name)
+    hb = Heartbeat(store, job_id, attempt, settings.heartbeat_s)
+    hb.start()
+    try:
+        state, error, report = _calibrate(job, settings, storage, store, hb, attempt)
+    finally:
+        hb.stop()
+    if state is None:  # canceled by the user, deleted, or taken over: someone else owns the row now
+        if store.get(job_id) is None:
+            storage.delete_job(job_id)
+        log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
+        return "stopped"
+    if state == SUCCEEDED:
+        _write_html(storage.out_dir(job_id), report)
+    final = dict(hb._progress or {}, stage="done" if state == SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
+                 attempt=attempt)
+    ok = store.finish(job_id, attempt, state, error=error,
+                      metrics=(report or {}).get("metrics") if state == SUCCEEDED else None,
+                      artifacts=storage.artifacts(job_id) if state == SUCCEEDED else [], progress=final)
+    if ok and state == SUCCEEDED:
+        storage.delete_resume(job_id)
+    if store.get(job_id) is None:  # deleted while finishing
+        storage.delete_job(job_id)
+    log.info("job %s: %s%s", job_id, state if ok else f"{state} (dropped: row moved on)", f" ({error})" if error else "")
+    return state
+
+
+def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Heartbeat, attempt: int):
+    """(state, error, report); state None when the job was taken from this attempt."""
+    from clcalib.config import CalibConfig
+    from clcalib.errors import CalibrationError, Canceled
+    from clcalib.pipeline import run_calibration
+
+    jd = storage.job_dir(job.id)
+    first = {"seen": False}
+    t0 = time.monotonic()
+
+    def on_progress(ev) -> None:
+        d = ev.to_dict()
+        d["attempt"] = attempt
+        hb.set_progress(d)
+        if not first["seen"] and ev.stage in ("reconstruct", "unit_done"):
+            first["seen"] = True
+            store.note(job.id, attempt, {"event": "first_progress", "stage": ev.stage, "unit": ev.unit,
+                                         "iteration": ev.iteration, "after_s": round(time.monotonic() - t0, 2)})
+        if hb.lost.is_set():
+            raise Canceled("the job was canceled, deleted or re-queued")
+
+    try:
+        config = CalibConfig.model_validate({**job.config, "device": settings.device})
+        report = run_calibration(
+            arch=job.arch, num_classes=job.num_classes, weights=jd / job.inputs["model"],
+            calibration=jd / job.inputs["calibration"], config=config, out_dir=storage.out_dir(job.id),
+            evaluation=jd / job.inputs["evaluation"] if job.inputs.get("evaluation") else None,
+            on_progress=on_progress, resume_dir=storage.resume_dir(job.id),
+        )
+    except Canceled:
+        hb.beat()
+        return (None, None, None) if hb.lost.is_set() else (CANCELED, "canceled", None)
+    except CalibrationError as e:
+        return FAILED, str(e).replace(str(jd) + "/", ""), None
+    except Exception as e:  # a bug or the machine (e.g. CUDA out of memory): fail the job, keep the worker
+        log.exception("job %s crashed", job.id)
+        return FAILED, f"internal error in the worker: {type(e).__name__}: {str(e)[:500]}", None
+    hb.beat()
+    if hb.lost.is_set():
+        return None, None, None
+    return SUCCEEDED, None, report
+
+
+def _write_html(out: Path, report: dict | None) -> None:
+    if not report:
+        return
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+        for k, v in (report.get("metrics") or {}).items()
+    )
+    body = (
+        "<!doctype html><meta charset=utf-8><title>clcalib report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:left}</style>"
+        f"<h1>clcalib report</h1><h2>Metrics</h2><table>{rows}</table>"
+        f"<h2>Full report</h2><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre>"
+    )
+    tmp = out / f".report.html.{os.getpid()}.tmp"
+    tmp.write_text(body)
+    os.replace(tmp, out / "report.html")
