@@ -55,11 +55,15 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
         return _fail("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", ""))
 
     # 2. the calibration data is readable, non-empty, and decodes (a seeded sample of it)
-    def images(path: str, field: str):
+    def images(path: str):
         src = ImageSource(path, lim)
         try:
             names = src.names
             pick = sorted(random.Random(0).sample(names, min(sample, len(names))))
+            chosen = set(pick)
+            for n in names:  # every image's header: readable, under the pixel cap
+                if n not in chosen:
+                    _header(src, n, lim.max_image_pixels, DataError)
             tf = make_transform(cfg.preprocess)
             ts = [tf(src.decode(n)) for n in pick]
             shapes = {tuple(t.shape) for t in ts}
@@ -76,7 +80,7 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
             count = len(x)
             x = x[:sample]
         else:
-            names, x = images(calibration, "calibration")
+            names, x = images(calibration)
             count = len(names)
     except DataError as e:
         return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
@@ -100,7 +104,7 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
         from clcalib.data import _class_of, class_names_to_indices
 
         try:
-            names, ex = images(evaluation, "evaluation")
+            names, ex = images(evaluation)
             index = class_names_to_indices(_class_of(names))
             if max(index.values()) >= num_classes:
                 raise DataError(f"class folders map to index {max(index.values())} but the model has "
@@ -112,6 +116,20 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
     return {"ok": True, "calibration_count": count, "evaluation_count": n_eval}
+
+
+def _header(src, name: str, max_pixels: int, DataError) -> None:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(src.read(name))) as im:
+            w, h = im.size
+    except Exception as e:
+        raise DataError(f"{name}: not a readable image ({e})") from None
+    if w * h > max_pixels:
+        raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {max_pixels}")
 
 
 def _strip(msg: str, path: str, role: str) -> str:

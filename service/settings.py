@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # validation of uploads (runs in a separate process: the API never imports torch)
     validate_workers: int = Field(1, ge=1, le=64)
     validate_timeout_s: float = Field(300.0, gt=0)
-    validate_sample: int = Field(16, ge=1, le=10000, description="images decoded per archive at upload")
+    validate_sample: int = Field(64, ge=1, le=10000, description="images decoded per archive at upload")
     max_archive_entries: int = Field(200_000, ge=1)
     max_archive_bytes: int = Field(8 << 30, ge=1, description="total decompressed size of one archive")
     max_member_bytes: int = Field(64 << 20, ge=1)

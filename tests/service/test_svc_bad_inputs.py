@@ -1,0 +1,265 @@
+"""Every bad input tried against a live API (uvicorn over HTTP, the real validator, no
+worker): each gets a 4xx naming the problem, nothing is stored or queued, nothing executes.
+
+Set CLCALIB_BAD_INPUT_TABLE=path to write the table of answers (docs/service.md has it)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from svc_fmnist import PREPROCESS, TINY, png
+
+MOBILENET = Path("/work/shared/reference/fmnist_mobilenet_v2.safetensors")
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def zip_of(entries: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    b = io.BytesIO()
+    with zipfile.ZipFile(b, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+        for n, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(n)
+            info.external_attr = (0o120777 << 16)
+            z.writestr(info, target)
+    return b.getvalue()
+
+
+def tar_with_symlink() -> bytes:
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w") as t:
+        data = png(np.zeros((28, 28), np.uint8))
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        t.addfile(link)
+    return b.getvalue()
+
+
+def npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
+    b = io.BytesIO()
+    np.save(b, arr, allow_pickle=allow_pickle)
+    return b.getvalue()
+
+
+def img_png(w: int, h: int) -> bytes:
+    b = io.BytesIO()
+    Image.new("L", (w, h)).save(b, format="PNG", optimize=False)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def good(fmnist, reference_model):
+    calib = fmnist["calib"].read_bytes()
+    return {"model": reference_model.read_bytes(), "calibration": calib, "eval": fmnist["eval"].read_bytes()}
+
+
+def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
+    """(what, request parts, expected status, expected code, a phrase the message must contain)"""
+    import torch
+
+    evil_raw = tmp / "evil_raw_ran"
+    evil_zip = tmp / "evil_torchsave_ran"
+    b = io.BytesIO()
+    torch.save({"conv1.weight": Evil(evil_zip)}, b)
+    fine_imgs = {f"{i}.png": png(np.full((28, 28), i, np.uint8)) for i in range(4)}
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.png", b"\0" * (80 << 20))
+    safetensors_bad = struct.pack("<Q", 40) + b'{"a": {"dtype": "F32", "shape": [99999' + b"\0" * 8
+    cfg = json.dumps(TINY)
+    base = {"model": good["model"], "calibration": good["calibration"], "arch": "resnet18",
+            "num_classes": "10", "config": cfg}
+
+    def w(**kw):
+        d = dict(base)
+        for k, v in kw.items():
+            if v is None:
+                d.pop(k, None)
+            else:
+                d[k] = v
+        return d
+
+    return [
+        ("model: pickle whose unpickling runs `touch` (raw pickle)",
+         w(model=pickle.dumps({"conv1.weight": Evil(evil_raw)})), 422, "model_mismatch", "weights_only"),
+        ("model: torch.save zip carrying a code-running object",
+         w(model=b.getvalue()), 422, "model_mismatch", "weights_only"),
+        ("model: not a weights file (random bytes)", w(model=os.urandom(4096)), 422, "model_mismatch",
+         "not a safetensors file"),
+        ("model: safetensors with a corrupt header", w(model=safetensors_bad), 422, "model_mismatch", "safetensors"),
+        ("model: empty file", w(model=b""), 422, "empty_file", "empty"),
+        ("model: MobileNetV2 weights uploaded as resnet18", w(model=MOBILENET.read_bytes()), 422,
+         "model_mismatch", "missing keys"),
+        ("model: resnet18 weights with num_classes=100", w(num_classes="100"), 422, "model_mismatch",
+         "fc.weight (expected (100, 512), got (10, 512))"),
+        ("arch: unknown name", w(arch="resnet1000"), 422, "unknown_arch", "supported: resnet18"),
+        ("arch: missing", w(arch=None), 422, "missing_field", "'arch' is required"),
+        ("num_classes: not an integer", w(num_classes="ten"), 422, "bad_num_classes", "integer"),
+        ("num_classes: 0", w(num_classes="0"), 422, "bad_num_classes", "between 1 and 100000"),
+        ("config: not JSON", w(config="{iters: 2"), 422, "bad_config_json", "not valid JSON"),
+        ("config: a JSON list", w(config="[1, 2]"), 422, "bad_config", "JSON object"),
+        ("config: unknown key (typo `iter`)", w(config=json.dumps({"iter": 5})), 422, "bad_config",
+         "config.iter: Extra inputs are not permitted"),
+        ("config: w_bits=1 (out of range)", w(config=json.dumps({"w_bits": 1})), 422, "bad_config",
+         "config.w_bits: Input should be greater than or equal to 2"),
+        ("config: a_bits=16 (out of range)", w(config=json.dumps({"a_bits": 16})), 422, "bad_config",
+         "config.a_bits: Input should be less than or equal to 8"),
+        ("config: cl_calib on a method without reconstruction",
+         w(config=json.dumps({"method": "minmax", "cl_calib": {"enabled": True}})), 422, "bad_config",
+         "cl_calib needs a reconstruction method"),
+        ("calibration: missing", w(calibration=None), 422, "missing_file", "'calibration' is required"),
+        ("calibration: zip with no images (empty set)", w(calibration=zip_of({"readme.txt": b"hi"})), 422,
+         "bad_data", "contains no images"),
+        ("calibration: zip member `../../evil.png` (path traversal)",
+         w(calibration=zip_of({**fine_imgs, "../../evil.png": fine_imgs["0.png"]})), 422, "bad_data",
+         "points outside the archive"),
+        ("calibration: zip member that is a symlink",
+         w(calibration=zip_of(fine_imgs, symlinks={"link.png": "/etc/passwd"})), 422, "bad_data",
+         "symbolic link"),
+        ("calibration: tar member that is a symlink to /etc/passwd", w(calibration=tar_with_symlink()), 422,
+         "bad_data", "is a link"),
+        ("calibration: 2001 entries (limit 2000)",
+         w(calibration=zip_of({f"{i}.png": fine_imgs["0.png"] for i in range(2001)})), 422, "bad_data",
+         "more than the limit of 2000"),
+        ("calibration: zip bomb (80 MiB of zeros in 80 KiB)", w(calibration=bomb.getvalue()), 422,
+         "bad_data", "decompressed"),
+        ("calibration: 3000x3000 image (pixel cap 4,000,000)",
+         w(calibration=zip_of({**fine_imgs, "huge.png": img_png(3000, 3000)})), 422, "bad_data",
+         "more than the cap of 4000000"),
+        ("calibration: truncated PNG",
+         w(calibration=zip_of({**fine_imgs, "bad.png": fine_imgs["0.png"][:40]})), 422, "bad_data",
+         "not a readable image"),
+        ("calibration: images of different sizes, no resize",
+         w(calibration=zip_of({**fine_imgs, "big.png": png(np.zeros((56, 56), np.uint8))})), 422, "bad_data",
+         "different sizes"),
+        ("calibration: a text file, not an archive", w(calibration=b"just text\n" * 10), 422, "bad_data",
+         "not a folder, zip or tar"),
+        ("calibration: .npy of shape (10, 784) (not N x C x H x W)",
+         w(calibration=npy(np.zeros((10, 784), np.float32))), 422, "bad_data", "N x C x H x W"),
+        ("calibration: .npy holding pickled objects", w(calibration=npy(np.array([{"a": 1}], dtype=object),
+                                                                         allow_pickle=True)), 422, "bad_data",
+         "not a readable .npy"),
+        ("calibration: 1-channel tensor for a 3-channel model",
+         w(calibration=npy(np.zeros((4, 1, 28, 28), np.float32))), 422, "model_cannot_run",
+         "cannot run on the calibration data of shape (1, 28, 28)"),
+        ("evaluation: images not in class folders", w(evaluation=zip_of(fine_imgs)), 422, "bad_data",
+         "one folder per class"),
+        ("evaluation: class folder `12` with num_classes=10",
+         w(evaluation=zip_of({f"12/{n}": d for n, d in fine_imgs.items()})), 422, "bad_data",
+         "num_classes=10"),
+        ("form: unknown field `weights`", {**base, "weights": b"x"}, 422, "unknown_field", "unknown form field"),
+    ]
+
+
+def post(stack, parts: dict, key: str | None = "key-a"):
+    files = [(k, (k + ".bin", v)) for k, v in parts.items() if isinstance(v, bytes)]
+    data = {k: v for k, v in parts.items() if isinstance(v, str)}
+    with stack.client(key) as c:
+        return c.post("/v1/jobs", files=files, data=data)
+
+
+def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
+    table, failures = [], []
+    # the payload is live: unpickling it here creates its marker file
+    control = tmp_path / "control_ran"
+    pickle.loads(pickle.dumps(Evil(control)))
+    assert control.exists()
+    all_cases = cases(good, tmp_path)
+    for what, parts, status, code, phrase in all_cases:
+        r = post(api_only, parts)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text}
+        table.append((what, r.status_code, body.get("code", ""), body.get("detail", "")))
+        if r.status_code != status or body.get("code") != code or phrase not in body.get("detail", ""):
+            failures.append(f"{what}: got {r.status_code} {body}")
+    # transport-level cases
+    with api_only.client() as c:
+        r = c.post("/v1/jobs", json={"arch": "resnet18"})
+        table.append(("body: JSON instead of multipart", r.status_code, r.json()["code"], r.json()["detail"]))
+        if r.status_code != 415:
+            failures.append(f"json body: {r.status_code}")
+    for key, what in ((None, "auth: no API key"), ("nope", "auth: unknown API key")):
+        r = post(api_only, {"arch": "resnet18"}, key=key)
+        table.append((what, r.status_code, r.json()["code"], r.json()["detail"]))
+        if r.status_code != 401:
+            failures.append(f"{what}: {r.status_code}")
+    r = _too_large(api_only, chunked=False)
+    table.append(("upload: 80 MiB with Content-Length (cap 64 MiB)", r.status_code, r.json()["code"], r.json()["detail"]))
+    if r.status_code != 413:
+        failures.append(f"too large: {r.status_code} {r.text}")
+    r = _too_large(api_only, chunked=True)
+    table.append(("upload: 80 MiB chunked, no Content-Length (cap 64 MiB)", r.status_code, r.json()["code"],
+                  r.json()["detail"]))
+    if r.status_code != 413:
+        failures.append(f"too large chunked: {r.status_code} {r.text}")
+
+    if os.environ.get("CLCALIB_BAD_INPUT_TABLE"):
+        with open(os.environ["CLCALIB_BAD_INPUT_TABLE"], "w") as f:
+            f.write("| bad input | status | code | message |\n|---|---|---|---|\n")
+            for what, st, code, detail in table:
+                f.write(f"| {what} | {st} | `{code}` | {detail.replace('|', '/')} |\n")
+    assert not failures, "\n".join(failures)
+
+    # nothing executed, nothing stored, nothing queued, no upload left behind
+    assert not (tmp_path / "evil_raw_ran").exists() and not (tmp_path / "evil_torchsave_ran").exists()
+    with api_only.client() as c:
+        assert c.get("/v1/jobs").json()["jobs"] == []
+        assert "clcalib_queue_depth 0.0" in c.get("/metrics").text
+    data = Path(api_only.env["CLCALIB_DATA_DIR"])
+    assert list((data / "jobs").iterdir()) == []
+    assert api_only.api.alive()
+
+
+def _too_large(stack, chunked: bool):
+    boundary = "xyzzy"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    size = 80 << 20
+
+    def body():
+        yield head
+        chunk = b"\0" * (1 << 20)
+        for _ in range(size >> 20):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    with stack.client() as c:
+        if chunked:
+            return c.post("/v1/jobs", content=body(), headers=headers)
+        return c.post("/v1/jobs", content=b"".join(body()), headers=headers)
+
+
+def test_a_valid_upload_is_accepted_and_queued(api_only, good):
+    """The control: the same API accepts the real model and images (no worker runs here)."""
+    r = post(api_only, {"model": good["model"], "calibration": good["calibration"], "evaluation": good["eval"],
+                        "arch": "resnet18", "num_classes": "10",
+                        "config": json.dumps({**TINY, "preprocess": PREPROCESS})})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and r.headers["location"] == f"/v1/jobs/{job['id']}"
+    with api_only.client() as c:
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "canceled"
+        assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204

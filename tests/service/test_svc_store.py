@@ -1,0 +1,79 @@
+"""The job store's lifecycle rules, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.store import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, Store, new_job_id
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    s = Store(url)
+    yield s
+    if request.param == "postgres":
+        from service.store import Base
+
+        Base.metadata.drop_all(s.engine)
+    s.close()
+
+
+def make(store: Store, owner: str = "t") -> str:
+    jid = new_job_id()
+    store.create(id=jid, owner=owner, arch="resnet18", num_classes=10, config={}, inputs={}, upload_bytes=1)
+    return jid
+
+
+def test_forward_only_lifecycle(store):
+    jid = make(store)
+    assert store.get(jid).state == QUEUED
+    job = store.claim(jid, "w1", stale_after_s=60, max_attempts=3)
+    assert job.state == RUNNING and job.attempts == 1
+    assert store.claim(jid, "w2", stale_after_s=60, max_attempts=3) is None  # a duplicate delivery
+    assert store.heartbeat(jid, 1, {"stage": "reconstruct", "unit": 1})
+    assert store.finish(jid, 1, SUCCEEDED, metrics={"quant_top1": 0.9}, artifacts=["report.json"])
+    # late writes from the same or an older attempt change nothing
+    assert not store.heartbeat(jid, 1, {"stage": "reconstruct", "unit": 0})
+    assert not store.finish(jid, 1, FAILED, error="late")
+    assert not store.cancel(jid)
+    j = store.get(jid)
+    assert (j.state, j.metrics, j.error) == (SUCCEEDED, {"quant_top1": 0.9}, None)
+
+
+def test_cancel_queued_and_running(store):
+    a, b = make(store), make(store)
+    assert store.cancel(a)
+    assert store.claim(a, "w", stale_after_s=60, max_attempts=3) is None  # never starts
+    store.claim(b, "w", stale_after_s=60, max_attempts=3)
+    assert store.cancel(b)
+    assert not store.heartbeat(b, 1)  # the worker learns it lost the job
+    assert not store.finish(b, 1, SUCCEEDED)
+    assert store.get(b).state == CANCELED
+
+
+def test_stale_heartbeat_requeues_then_fails_after_max_attempts(store):
+    jid = make(store)
+    for attempt in (1, 2):
+        assert store.claim(jid, f"w{attempt}", stale_after_s=0.2, max_attempts=2).attempts == attempt
+        time.sleep(0.3)
+        requeued, failed = store.reap_stale(stale_after_s=0.2, max_attempts=2)
+        if attempt == 1:
+            assert requeued == [jid] and store.get(jid).state == QUEUED
+            assert not store.heartbeat(jid, 1)  # the lost worker, if it comes back, stops
+    assert failed == [jid]
+    j = store.get(jid)
+    assert j.state == FAILED and "lost 2 times" in j.error
+    assert [h["event"] for h in j.history] == ["claimed", "requeued", "claimed"]
+
+
+def test_list_is_per_owner_newest_first_with_cursor(store):
+    mine = [make(store, "a") for _ in range(5)]
+    make(store, "b")
+    page1 = store.list("a", limit=2)
+    page2 = store.list("a", limit=2, before_seq=page1[-1].seq)
+    page3 = store.list("a", limit=2, before_seq=page2[-1].seq)
+    assert [j.id for j in page1 + page2 + page3] == mine[::-1]
+    assert store.counts_by_state()[QUEUED] == 6
