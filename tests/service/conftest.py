@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from svc_fmnist import FMNIST, REFERENCE, write_zip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +37,8 @@ def wait_until(cond, timeout: float, what: str, period: float = 0.1):
             v = cond()
             if v:
                 return v
+        except AssertionError:
+            raise
         except Exception as e:  # not up yet
             last = e
         time.sleep(period)
@@ -189,7 +190,8 @@ class Stack:
             "CLCALIB_API_KEYS": '{"key-a": "tenant-a", "key-b": "tenant-b"}',
             "CLCALIB_HEARTBEAT_S": "0.5", "CLCALIB_STALE_AFTER_S": "5", "CLCALIB_SWEEP_INTERVAL_S": "1",
             "CLCALIB_DEVICE": "cpu", "CLCALIB_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
-            "CLCALIB_VALIDATE_TIMEOUT_S": "120", "PYTHONPATH": str(ROOT),
+            "CLCALIB_VALIDATE_TIMEOUT_S": "120",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
             "CUDA_VISIBLE_DEVICES": "",
         })
         self.env.update({k: str(v) for k, v in env.items()})
