@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -14,9 +14,9 @@ class ProgressEvent:
     unit_name: str = ""
     iteration: int = 0  # iterations done in this unit
     iters: int = 0  # iterations per unit
-    loss: Optional[float] = None  # mean total loss over the last reporting window
+    loss: float | None = None  # mean total loss over the last reporting window
     elapsed_s: float = 0.0
-    eta_s: Optional[float] = None
+    eta_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

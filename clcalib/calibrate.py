@@ -1,0 +1,116 @@
+"""The one entry point: ``calibrate(model, calibration_data, config, on_progress)``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from clcalib.config import CalibConfig, Method
+from clcalib.data import tensor_sha256
+from clcalib.errors import ConfigError, DataError
+from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.progress import ProgressCallback, ProgressEvent
+from clcalib.recon.engine import ExtraLossFactory, Reconstructor, UnitReport
+from clcalib.recon.resume import ResumeStore
+
+
+@dataclass
+class CalibrationResult:
+    model: QuantModel  # quantized, integer weights, eval mode, on the calibration device
+    config: CalibConfig
+    units: list[UnitReport]
+    calibration_seconds: float
+    calib_sha256: str
+    device: str
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or auto")
+    return dev
+
+
+def is_mobile_like(model: nn.Module) -> bool:
+    """Depthwise convolutions: the nets for which AdaRound's regulariser weight is 0.1."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
+    if cfg.round_weight is not None:
+        return cfg.round_weight
+    return 0.1 if is_mobile_like(model) else 0.01
+
+
+def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
+    h = hashlib.sha256(calib_sha.encode())
+    h.update(cfg.model_dump_json(exclude={"device"}).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibrate(
+    model: nn.Module,
+    calibration_data: Tensor,
+    config: CalibConfig | dict | None = None,
+    on_progress: ProgressCallback | None = None,
+    *,
+    resume_dir: str | Path | None = None,
+    extra_losses: ExtraLossFactory | None = None,
+) -> CalibrationResult:
+    """Quantize ``model`` (a float classifier) by ``config.method`` on ``calibration_data``
+    (N x C x H x W, already preprocessed). ``on_progress`` receives ProgressEvents and may raise
+    Canceled. With ``resume_dir``, state is saved after each unit and a rerun on the same
+    inputs continues after the last finished unit."""
+    cfg = config if isinstance(config, CalibConfig) else CalibConfig.model_validate(config or {})
+    if not isinstance(calibration_data, Tensor) or calibration_data.ndim != 4 or len(calibration_data) == 0:
+        shape = tuple(calibration_data.shape) if isinstance(calibration_data, Tensor) else type(calibration_data).__name__
+        raise DataError(f"calibration data must be a non-empty N x C x H x W tensor, got {shape}")
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    data = calibration_data[: cfg.calib_size].float()
+    calib_sha = tensor_sha256(data)
+    torch.manual_seed(cfg.seed)
+    data = data.to(device)
+    qm = QuantModel(model.cpu(), QuantSpec.from_config(cfg), data[:1].cpu()).to(device)
+    mse = cfg.method is not Method.MINMAX
+    for layer in qm.layers():
+        layer.wq.init_range(layer.weight, mse=mse)
+    for unit in qm.units():
+        for q in unit.act_quantizers():
+            q.mse = mse
+
+    extra = extra_losses
+    if extra is None and (cfg.cl_calib.enabled or cfg.method is Method.PDQUANT):
+        from clcalib.recon.added_losses import added_losses  # CL-Calib / PD-Quant terms
+
+        extra = added_losses
+    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, model), on_progress, extra)
+    store = ResumeStore(resume_dir, _resume_key(model, calib_sha, cfg)) if resume_dir else None
+    done, reports = store.load(qm) if store else (0, [])
+    units = [UnitReport(**r) for r in reports]
+    for k in range(done, len(rec.units)):
+        units.append(rec.run_unit(k))
+        if store:
+            store.save(qm, k + 1, [u.to_dict() for u in units])
+    qm.eval()
+    seconds = time.perf_counter() - t0
+    if on_progress:
+        on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
+    return CalibrationResult(qm, cfg, units, seconds, calib_sha, str(device),
+                             metrics={"calibration_seconds": seconds, "resumed_units": done})
+
+
+def config_json(cfg: CalibConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True)

@@ -1,0 +1,177 @@
+"""Turn a float model into a quantized one and split it into reconstruction units.
+
+Residual blocks (ResNet BasicBlock/Bottleneck, MobileNetV2 InvertedResidual, RegNet
+ResBottleneckBlock, MnasNet inverted residual) become one unit each; every other Conv2d or
+Linear (with its BatchNorm and ReLU/ReLU6) becomes a unit of its own. Quantizer placement
+follows BRECQ/QDrop: a unit quantizes its output; inside a block, a conv followed by an
+activation quantizes its output, a conv feeding the residual sum does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clcalib.config import CalibConfig
+from clcalib.quant.layer import QuantLayer, QuantUnit
+
+ACTS = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    w_bits: int
+    a_bits: int
+    first_last_bits: int | None
+    w_symmetric: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: CalibConfig) -> QuantSpec:
+        return cls(cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.w_symmetric)
+
+
+# --- block registry ------------------------------------------------------------------------
+BlockConverter = Callable[[nn.Module, QuantSpec], None]
+_BLOCKS: dict[type, BlockConverter] = {}
+
+
+def register_block(*types: type):
+    """Register how a residual block type has its layers quantized (in place)."""
+
+    def deco(fn: BlockConverter) -> BlockConverter:
+        for t in types:
+            _BLOCKS[t] = fn
+        return fn
+
+    return deco
+
+
+def _ql(conv, bn, act, spec: QuantSpec, out_bits):
+    return QuantLayer(conv, bn, copy.deepcopy(act) if act is not None else None, spec.w_bits, out_bits, spec.w_symmetric)
+
+
+def _resnet_block(block: nn.Module, spec: QuantSpec) -> None:
+    # conv_i + bn_i by name: torchvision's Bottleneck registers its one ReLU after bn3, so the
+    # registration order does not say which convs the ReLU follows.
+    convs = sorted(n for n, _ in block.named_children() if n.startswith("conv"))
+    for i, name in enumerate(convs):
+        last = i == len(convs) - 1
+        act = None if last else nn.ReLU()  # the block's self.relu after a quantized ReLU output is a no-op
+        setattr(block, name, _ql(getattr(block, name), getattr(block, "bn" + name[4:]), act, spec, None if last else spec.a_bits))
+        setattr(block, "bn" + name[4:], nn.Identity())
+    if block.downsample is not None:
+        _convert_children(block.downsample, spec, in_block=True, units=None)
+
+
+def _generic_block(block: nn.Module, spec: QuantSpec) -> None:
+    _convert_children(block, spec, in_block=True, units=None)
+
+
+def _register_torchvision_blocks() -> None:
+    from torchvision.models.mnasnet import _InvertedResidual as MnasBlock
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.regnet import ResBottleneckBlock
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    register_block(BasicBlock, Bottleneck)(_resnet_block)
+    register_block(InvertedResidual, MnasBlock, ResBottleneckBlock)(_generic_block)
+
+
+_register_torchvision_blocks()
+
+
+# --- conversion ----------------------------------------------------------------------------
+def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units: list | None) -> None:
+    children = list(parent.named_children())
+    sequential = isinstance(parent, nn.Sequential)
+    i = 0
+    while i < len(children):
+        name, m = children[i]
+        if type(m) in _BLOCKS and not in_block:
+            _BLOCKS[type(m)](m, spec)
+            unit = QuantUnit(m, spec.a_bits)
+            setattr(parent, name, unit)
+            units.append(unit)
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            bn = act = None
+            j = i + 1
+            if j < len(children) and isinstance(children[j][1], nn.BatchNorm2d) and isinstance(m, nn.Conv2d):
+                bn = children[j][1]
+                setattr(parent, children[j][0], nn.Identity())
+                j += 1
+            if j < len(children) and isinstance(children[j][1], ACTS):
+                act = children[j][1]
+                if sequential:
+                    setattr(parent, children[j][0], nn.Identity())
+                elif type(act) is not nn.ReLU:
+                    raise NotImplementedError(f"{type(act).__name__} outside a Sequential after {name}")
+                j += 1
+            # outside blocks every layer quantizes its output; inside, only before an activation
+            out_bits = spec.a_bits if (act is not None or not in_block) else None
+            ql = _ql(m, bn, act, spec, out_bits)
+            if in_block:
+                setattr(parent, name, ql)
+            else:
+                unit = QuantUnit(ql, None)
+                setattr(parent, name, unit)
+                units.append(unit)
+            i = j
+            continue
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise NotImplementedError(f"BatchNorm {name} does not follow a conv; cannot fold it")
+        else:
+            _convert_children(m, spec, in_block, units)
+        i += 1
+
+
+class QuantModel(nn.Module):
+    """The converted model and its reconstruction units in execution order."""
+
+    def __init__(self, model: nn.Module, spec: QuantSpec, example_input: torch.Tensor):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().float()
+        self.spec = spec
+        found: list[QuantUnit] = []
+        _convert_children(self.model, spec, in_block=False, units=found)
+        self.unit_names = self._execution_order(found, example_input)
+        self._apply_first_last_bits()
+
+    def _execution_order(self, found: list[QuantUnit], x: torch.Tensor) -> list[str]:
+        names = {id(u): n for n, u in self.model.named_modules() if isinstance(u, QuantUnit)}
+        order: list[str] = []
+        hooks = [u.register_forward_pre_hook(lambda mod, inp: order.append(names[id(mod)])) for u in found]
+        try:
+            with torch.no_grad():
+                self.model(x[:1].to(next(self.model.buffers()).device))
+        finally:
+            for h in hooks:
+                h.remove()
+        if sorted(order) != sorted(names.values()):
+            raise NotImplementedError("every unit must run exactly once per forward pass; this model reuses or skips modules")
+        return order
+
+    def _apply_first_last_bits(self) -> None:
+        units = self.units()
+        last = units[-1]
+        if not (isinstance(last.body, QuantLayer) and not last.body.is_conv):
+            raise NotImplementedError("the model must end in a Linear classifier")
+        last.body.out_quant = None  # logits stay FP
+        fl = self.spec.first_last_bits
+        if fl is not None:
+            units[0].layers()[0].wq.bits = fl
+            last.body.wq.bits = fl
+            units[-2].output_quantizer().bits = fl
+
+    def units(self) -> list[QuantUnit]:
+        mods = dict(self.model.named_modules())
+        return [mods[n] for n in self.unit_names]
+
+    def layers(self) -> list[QuantLayer]:
+        return [m for m in self.model.modules() if isinstance(m, QuantLayer)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

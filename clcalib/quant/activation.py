@@ -1,0 +1,38 @@
+"""Per-tensor activation quantizer: step size initialised by MSE search, learned with LSQ
+(straight-through rounding, gradient to the step size); zero point fixed after init."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from clcalib.quant.primitives import fake_quantize, search_qparams
+
+
+class ActQuantizer(nn.Module):
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero", torch.tensor(0.0))
+        self.initialized = False  # set from data by observe()
+        self.active = True  # switched off to run the FP model (see quant.switch)
+        self.observing = False
+        self.mse = True
+
+    def observe(self, x: Tensor) -> None:
+        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.mse)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero.copy_(zero)
+        self.initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self.observe(x)
+        if not (self.active and self.initialized):
+            return x
+        return fake_quantize(x, self.scale, self.zero, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"

@@ -1,0 +1,82 @@
+"""Pure uniform-affine quantization math. Integers live in [0, 2^bits - 1]; the zero point is
+an integer in that range (symmetric = zero point fixed at 2^(bits-1))."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def qmax_of(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes (as a float tensor holding integers)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, qmax_of(bits))
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    return (q - zero) * scale
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """quantize + dequantize, differentiable in x and scale (STE through the rounding)."""
+    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax_of(bits))
+    return dequantize(q, scale, zero)
+
+
+def choose_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point covering [lo, hi] (which is widened to contain 0)."""
+    qmax = qmax_of(bits)
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        half = 1 << (bits - 1)
+        amax = torch.maximum(-lo, hi)
+        # negative side has `half` steps, positive side `half - 1`
+        scale = torch.clamp(torch.maximum(amax / half, hi / max(half - 1, 1)), min=1e-8)
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = torch.clamp((hi - lo) / qmax, min=1e-8)
+        zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero
+
+
+@torch.no_grad()
+def search_qparams(
+    x: Tensor, bits: int, *, symmetric: bool = False, per_channel: bool = False,
+    p: float = 2.0, steps: int = 100, mse: bool = True, max_samples: int = 1 << 18,
+) -> tuple[Tensor, Tensor]:
+    """Clipping range minimising the Lp quantization error (``mse=False``: plain min/max).
+
+    Per channel: one (scale, zero) per index of dim 0, shaped to broadcast against x.
+    The candidate ranges are [a*min, a*max] for a in (0, 1]. Per tensor, the error is
+    measured on a fixed random subset of ``max_samples`` elements (min/max use all)."""
+    x = x.detach()
+    flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    best_scale, best_zero = choose_qparams(lo, hi, bits, symmetric)
+    if mse and not per_channel and flat.shape[1] > max_samples:
+        g = torch.Generator().manual_seed(0)
+        flat = flat[:, torch.randperm(flat.shape[1], generator=g)[:max_samples].to(flat.device)]
+    if mse:
+        best_err = torch.full_like(lo, float("inf"))
+        for i in range(steps, 0, -1):
+            a = i / steps
+            s, z = choose_qparams(lo * a, hi * a, bits, symmetric)
+            s_, z_ = s[:, None], z[:, None]
+            # quantize-dequantize minus x, in place: this search is the bulk of start-up time
+            diff = (flat / s_).round_().add_(z_).clamp_(0, qmax_of(bits)).sub_(z_).mul_(s_).sub_(flat).abs_()
+            err = (diff.square_() if p == 2.0 else diff.pow_(p)).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, s, best_scale)
+            best_zero = torch.where(better, z, best_zero)
+    shape = (-1,) + (1,) * (x.dim() - 1) if per_channel else ()
+    return best_scale.reshape(shape), best_zero.reshape(shape)

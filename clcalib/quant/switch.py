@@ -1,0 +1,50 @@
+"""State changes that undo themselves: quantization on/off, observing, requires_grad."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from clcalib.quant.activation import ActQuantizer
+from clcalib.quant.layer import QuantLayer
+
+
+@contextmanager
+def quantization(model: nn.Module, enabled: bool):
+    """Run ``model`` with all weight and activation quantization on or off, then restore."""
+    mods = [m for m in model.modules() if isinstance(m, (ActQuantizer, QuantLayer))]
+    saved = [m.active for m in mods]
+    for m in mods:
+        m.active = enabled
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, saved):
+            m.active = s
+
+
+@contextmanager
+def observing(quantizers: list[ActQuantizer]):
+    """The next forward pass sets each quantizer's range from the tensor it sees."""
+    for q in quantizers:
+        q.observing = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.observing = False
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """No gradients to the model's own parameters while the block is active."""
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.requires_grad_(s)
