@@ -4,6 +4,7 @@ check (``get_owned_job``) every job route goes through."""
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -16,6 +17,46 @@ from service.storage import Storage
 from service.store import Job, Store
 
 LOCAL_TENANT = "local"
+ROW_TTL_S = 0.2  # many pollers of one job share one read of its row per TTL, per API process
+
+
+class RowCache:
+    """A tiny time-bounded cache of job rows: 200 clients polling the same job cost one store
+    read per 0.2 s. Writes through this process (cancel, delete) drop the entry."""
+
+    def __init__(self, ttl: float = ROW_TTL_S, size: int = 4096):
+        self.ttl, self.size = ttl, size
+        self._d: dict[str, tuple[float, Job | None]] = {}
+
+    def get(self, job_id: str):
+        hit = self._d.get(job_id)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return hit
+        return None
+
+    def put(self, job_id: str, job: Job | None) -> None:
+        if len(self._d) >= self.size:
+            self._d.clear()
+        self._d[job_id] = (time.monotonic(), job)
+
+    def drop(self, job_id: str) -> None:
+        self._d.pop(job_id, None)
+
+
+_cache = RowCache()
+
+
+async def store_get(store: Store, job_id: str) -> Job | None:
+    hit = _cache.get(job_id)
+    if hit is not None:
+        return hit[1]
+    job = await run_in_threadpool(store.get, job_id)
+    _cache.put(job_id, job)
+    return job
+
+
+def forget(job_id: str) -> None:
+    _cache.drop(job_id)
 bearer = HTTPBearer(auto_error=False, description="API key, mapped to a tenant by CLCALIB_API_KEYS")
 
 
@@ -59,7 +100,7 @@ async def get_owned_job(
     tenant: Tenant,
     store: Annotated[Store, Depends(get_store)],
 ) -> Job:
-    job = await run_in_threadpool(store.get, job_id) if job_id.isalnum() else None
+    job = await store_get(store, job_id) if job_id.isalnum() else None
     if job is None or not hmac.compare_digest(job.owner.encode(), tenant.encode()):
         raise not_found()
     return job

@@ -94,7 +94,8 @@ def serve(*, host: str | None = None, port: int | None = None, worker: bool | No
         local = LocalWorker(env)
         local.start()
     try:
-        uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                    timeout_keep_alive=30)
     finally:
         if local is not None:
             local.stop()

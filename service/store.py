@@ -124,9 +124,11 @@ def new_job_id() -> str:
 class Store:
     def __init__(self, url: str, *, create: bool = True):
         self.url = normalize_url(url)
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"pool_size": 10, "max_overflow": 40}
         if self.url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True  # survive a database restart
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant
+from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, forget, store_get
 from service.errors import ApiError, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
 from service.storage import ARTIFACT_TYPES
@@ -136,7 +136,7 @@ def list_jobs(
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=responses(401, 404),
             summary="Status, progress, metrics and error of a job")
-def get_job(job: OwnedJob) -> JobOut:
+async def get_job(job: OwnedJob) -> JobOut:
     return JobOut.of(job)
 
 
@@ -153,7 +153,7 @@ async def job_events(job: OwnedJob, request: Request, store: StoreDep,
         last, last_sent = None, time.monotonic()
         yield "retry: 2000\n\n"
         while True:
-            j = await run_in_threadpool(store.get, job.id)
+            j = await store_get(store, job.id)
             if j is None:
                 yield "event: deleted\ndata: {}\n\n"
                 return
@@ -212,6 +212,7 @@ def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409),
              summary="Cancel a queued or running job")
 def cancel_job(job: OwnedJob, store: StoreDep) -> JobOut:
+    forget(job.id)
     """A queued job is never started; a running one stops at its worker's next progress
     callback or heartbeat (seconds) and its worker takes the next job."""
     if not store.cancel(job.id):
@@ -224,6 +225,7 @@ def cancel_job(job: OwnedJob, store: StoreDep) -> JobOut:
 @router.delete("/v1/jobs/{job_id}", status_code=204, responses=responses(401, 404),
                summary="Delete a job and its files (canceling it first if needed)")
 def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> Response:
+    forget(job.id)
     store.cancel(job.id)
     store.delete(job.id)
     storage.delete_job(job.id)

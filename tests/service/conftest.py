@@ -200,7 +200,8 @@ class Stack:
 
     def start_api(self) -> Stack:
         args = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                "--timeout-keep-alive", "30"]
         self.api = Proc(args, self.env, self.dir / "api.log")
         wait_until(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, 60,
                    f"the API at {self.url}\n{self.api.tail()}")
