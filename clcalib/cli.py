@@ -1,15 +1,188 @@
-"""``clcalib`` command line. (Minimal version by the service work: the service subcommands;
-the library's calibrate/evaluate subcommands are merged in by the library issue.)"""
+"""``clcalib`` command line: calibrate and evaluate here; serve/worker/submit/... talk to the service."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from clcalib.config import CalibConfig, Method
+from clcalib.errors import CalibrationError
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.replace(",", " ").split()]
+
+
+def _size(text: str) -> int | None:
+    return None if text.lower() in ("none", "0", "") else int(text)
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="quantize a model and write OUTDIR/quantized.safetensors + report.json")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--weights", required=True, help="state_dict: .safetensors or a torch file (weights_only)")
+    p.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    p.add_argument("--eval", help="folder or zip with one subfolder per class")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="JSON file with config fields; flags below override it")
+    p.add_argument("--resume-dir", help="keep per-unit state here; a rerun continues after the last finished unit")
+    p.add_argument("--method", choices=[m.value for m in Method])
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--first-last-bits", type=_size, help="bits of first conv / last linear; 'none': same as body")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--calib-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--round-weight", type=float)
+    p.add_argument("--drop-prob", type=float)
+    p.add_argument("--resize", type=_size, help="shorter side; 'none' to keep the size")
+    p.add_argument("--crop", type=_size, help="center crop; 'none' to skip")
+    p.add_argument("--mean", type=_floats, help="one or three values")
+    p.add_argument("--std", type=_floats, help="one or three values")
+    p.add_argument("--cl-calib", action="store_true", help="add the CL-Calib contrastive term")
+    p.add_argument("--cl-lambda", type=float)
+    p.add_argument("--cl-tau", type=float)
+    p.add_argument("--cl-mapping", choices=["fp_tail", "pool", "flatten"])
+    p.add_argument("--cl-critic", choices=["nce", "infonce"])
+    p.add_argument("--cl-negatives", choices=["batch", "bank"])
+    p.add_argument("--cl-rec-weight", type=float, help="weight of the reconstruction MSE (0: L_CL alone)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _given(a: argparse.Namespace, flag: str) -> bool:
+    """Was ``flag`` on the command line (needed where 'none' is a meaningful value)?"""
+    return flag in (arg.split("=")[0] for arg in getattr(a, "_argv", []))
+
+
+def config_from_args(a: argparse.Namespace) -> CalibConfig:
+    base = json.loads(Path(a.config).read_text()) if a.config else {}
+    top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
+           "device", "round_weight", "drop_prob"]
+    for k in top:
+        if getattr(a, k) is not None or (k == "first_last_bits" and _given(a, "--first-last-bits")):
+            base[k] = getattr(a, k)
+    pre = dict(base.get("preprocess", {}))
+    for k in ("resize", "crop", "mean", "std"):
+        if _given(a, f"--{k}"):
+            pre[k] = getattr(a, k)
+    if pre:
+        base["preprocess"] = pre
+    cl = dict(base.get("cl_calib", {}))
+    if a.cl_calib:
+        cl["enabled"] = True
+    for flag, key in (("cl_lambda", "lambda"), ("cl_tau", "tau"), ("cl_mapping", "mapping"),
+                      ("cl_critic", "critic"), ("cl_negatives", "negatives"), ("cl_rec_weight", "rec_weight")):
+        if getattr(a, flag) is not None:
+            cl[key] = getattr(a, flag)
+    if cl:
+        base["cl_calib"] = cl
+    return CalibConfig.model_validate(base)
+
+
+class _Bar:
+    """tqdm bar over all units x iterations, fed by ProgressEvents."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        self.quiet = quiet
+
+    def __call__(self, e) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None and e.num_units:
+            self.bar = tqdm(total=e.num_units * max(e.iters, 1), unit="it", dynamic_ncols=True, file=sys.stderr)
+        if self.bar is None:
+            return
+        if e.stage in ("reconstruct", "unit_done"):
+            done = e.unit * max(e.iters, 1) + (e.iteration if e.iters else 1)
+            self.bar.update(max(0, done - self.bar.n))
+        post = {"unit": f"{min(e.unit + 1, e.num_units)}/{e.num_units} {e.unit_name}", "stage": e.stage}
+        if e.loss is not None:
+            post["loss"] = f"{e.loss:.4g}"
+        self.bar.set_postfix(post, refresh=False)
+        if e.stage == "done":
+            self.bar.close()
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from clcalib.pipeline import run_calibration
+
+    cfg = config_from_args(a)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    report = run_calibration(arch=a.arch, num_classes=a.num_classes, weights=a.weights, calibration=a.calib,
+                             config=cfg, out_dir=a.out, evaluation=a.eval, on_progress=_Bar(a.quiet),
+                             resume_dir=a.resume_dir)
+    _print_table(report)
+    return 0
+
+
+def _fmt(v, unit="") -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+
+def _print_table(report: dict) -> None:
+    m, c = report["metrics"], report["config"]
+    rows = [
+        ("config", f"{report['arch']} {c['method']}{'+CL' if c['cl_calib']['enabled'] else ''} W{c['w_bits']}A{c['a_bits']} iters={c['iters']} seed={c['seed']}"),
+        ("FP top-1 %", _fmt(m["fp_top1"])),
+        ("quantized top-1 % (reloaded checkpoint)", _fmt(m["quant_top1"])),
+        ("top-1 agreement with FP %", _fmt(m["top1_agreement"])),
+        ("output SQNR", _fmt(m["sqnr_db"], " dB")),
+        ("weights", f"{m['weight_bytes'] / 1e6:.2f} MB vs {m['fp32_weight_bytes'] / 1e6:.2f} MB FP32 ({m['compression_vs_fp32']:.1f}x)"),
+        ("calibration time", _fmt(m["calibration_seconds"], " s")),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    print(f"{'unit':<28} {'loss before':>12} {'loss after':>12}")
+    for u in report["units"]:
+        print(f"{u['name']:<28} {u['loss_before']:>12.4g} {u['loss_after']:>12.4g}")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="re-measure a saved quantized checkpoint on a labeled folder/zip")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from clcalib.config import Preprocess
+    from clcalib.data import load_labeled
+    from clcalib.export import load_quantized
+    from clcalib.metrics import predict, top1
+
+    model = load_quantized(a.checkpoint, device=a.device)
+    header = model.header
+    data = load_labeled(a.eval, Preprocess.model_validate(header["preprocess"]))
+    acc = top1(predict(model, data.images, device=a.device), data.labels)
+    out = {"quant_top1": acc, "images": len(data.labels), "arch": header["arch"], "method": header["method"]}
+    print(json.dumps(out) if a.json else f"{header['arch']} {header['method']}: top-1 {acc:.2f}% on {len(data.labels)} images")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clcalib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_calibrate(sub)
+    _add_evaluate(sub)
     try:
         from service.cli import add_commands
     except ImportError as e:  # the library installed without the service
@@ -17,7 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         add_commands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    args._argv = list(argv if argv is not None else sys.argv[1:])
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        print(f"clcalib: invalid config: {errs}", file=sys.stderr)
+        return 2
+    except (CalibrationError, FileNotFoundError) as e:
+        print(f"clcalib: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

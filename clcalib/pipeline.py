@@ -1,17 +1,44 @@
 """Calibrate -> export -> reload -> evaluate -> report: the one path the CLI and the worker share.
 
-(STUB: signature fixed, body being written by the library issue.)
+Accuracy is always measured on the model reloaded from the written checkpoint, so the report
+describes exactly what a user downloads.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from pathlib import Path
 
+import torch
+
+from clcalib.calibrate import calibrate, resolve_device
 from clcalib.config import CalibConfig
-from clcalib.progress import ProgressCallback
+from clcalib.data import load_calibration, load_labeled
+from clcalib.export import load_quantized, save_quantized, versions
+from clcalib.graph.registry import build_model, read_state_dict
+from clcalib.metrics import compare, predict
+from clcalib.progress import ProgressCallback, ProgressEvent
 
 CHECKPOINT_NAME = "quantized.safetensors"
 REPORT_NAME = "report.json"
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _finite(x):
+    return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
 
 
 def run_calibration(
@@ -31,4 +58,54 @@ def run_calibration(
     inputs continues after the last fully reconstructed unit. ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
-    raise NotImplementedError
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fp_model = build_model(arch, num_classes, read_state_dict(weights))
+    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed)
+    evalset = load_labeled(evaluation, config.preprocess) if evaluation is not None else None
+    if evalset is not None and int(evalset.labels.max()) >= num_classes:
+        from clcalib.errors import DataError
+
+        raise DataError(f"evaluation has class index {int(evalset.labels.max())} but the model has {num_classes} classes")
+
+    result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
+    emit = on_progress or (lambda e: None)
+    emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
+    ckpt = out / CHECKPOINT_NAME
+    storage = save_quantized(result.model, ckpt, arch=arch, num_classes=num_classes, config=config,
+                             input_shape=(1, *calib.shape[1:]),
+                             extra={"calib_sha256": result.calib_sha256, "calib_images": len(calib)})
+
+    device = resolve_device(config.device)
+    reloaded = load_quantized(ckpt, device=str(device))
+    metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
+    if evalset is not None:
+        emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
+        fp_logits = predict(fp_model.to(device), evalset.images, device=device)
+        q_logits = predict(reloaded, evalset.images, device=device)
+        metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
+        metrics["eval_images"] = len(evalset.labels)
+    metrics.update({
+        "calibration_seconds": result.calibration_seconds,
+        "total_seconds": time.perf_counter() - t0,
+        "weight_bytes": storage.quantized_bytes,
+        "fp32_weight_bytes": storage.fp32_bytes,
+        "compression_vs_fp32": storage.ratio,
+        "resumed_units": result.metrics.get("resumed_units", 0),
+    })
+    report = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "config": config.model_dump(mode="json", by_alias=True),
+        "device": result.device,
+        "calib_images": len(calib),
+        "calib_sha256": result.calib_sha256,
+        "metrics": metrics,
+        "units": [u.to_dict() for u in result.units],
+        "checkpoint": CHECKPOINT_NAME,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json_atomic(report, out / REPORT_NAME)
+    return report

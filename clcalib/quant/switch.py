@@ -20,7 +20,7 @@ def quantization(model: nn.Module, enabled: bool):
     try:
         yield model
     finally:
-        for m, s in zip(mods, saved):
+        for m, s in zip(mods, saved, strict=True):
             m.active = s
 
 
@@ -46,5 +46,5 @@ def frozen(model: nn.Module):
     try:
         yield
     finally:
-        for p, s in zip(params, saved):
+        for p, s in zip(params, saved, strict=True):
             p.requires_grad_(s)

@@ -1,0 +1,124 @@
+"""Accuracy benchmark on real Fashion-MNIST with the reference models.
+
+Every run goes through the same path as the CLI and the service (calibrate -> checkpoint ->
+reload -> evaluate on the 10k test images); one JSON row per finished run is appended to
+--out, and runs already there are skipped, so a cut session keeps what completed.
+
+    python -m bench.accuracy --iters 200 --jobs 2 --out bench/results/cpu.jsonl
+    python -m bench.summarize bench/results/cpu.jsonl > bench/results/cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from bench.fmnist import PREPROCESS, REFERENCE, calibration_indices, write_zip
+
+WORK = Path(__file__).resolve().parent / "work"
+
+
+def prepare_data(work: Path = WORK, calib_n: int = 1024) -> tuple[Path, Path]:
+    """1024 train images (fixed random choice, seed 0) and the 10k test images, as PNG zips."""
+    calib = work / f"fmnist_train_{calib_n}.zip"
+    test = work / "fmnist_test_10k.zip"
+    if not calib.exists():
+        write_zip(calib, "train", calibration_indices(calib_n, seed=0), by_class=False)
+    if not test.exists():
+        write_zip(test, "t10k", range(10000), by_class=True)
+    return calib, test
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["bits"], row["method"], bool(row.get("cl", False)), row["seed"], row["iters"],
+            json.dumps(row.get("overrides", {}), sort_keys=True))
+
+
+def run_one(spec: dict) -> dict:
+    import torch
+
+    from clcalib.config import CalibConfig
+    from clcalib.pipeline import run_calibration
+
+    torch.set_num_threads(spec["threads"])
+    w, a = spec["bits"][1], spec["bits"][3]
+    cfg = {"method": spec["method"], "w_bits": int(w), "a_bits": int(a), "iters": spec["iters"], "seed": spec["seed"],
+           "device": spec["device"], "calib_size": 1024, "preprocess": PREPROCESS, **spec.get("overrides", {})}
+    if spec.get("cl"):
+        cfg["cl_calib"] = {**cfg.get("cl_calib", {}), "enabled": True}
+    out = WORK / "runs" / "_".join(str(x) for x in _key(spec)[:6]).replace("/", "-")
+    t = time.perf_counter()
+    report = run_calibration(arch=spec["model"], num_classes=10, weights=REFERENCE / f"fmnist_{spec['model']}.safetensors",
+                             calibration=spec["calib"], evaluation=spec["test"], config=CalibConfig.model_validate(cfg),
+                             out_dir=out)
+    m = report["metrics"]
+    return {**{k: spec[k] for k in ("model", "bits", "method", "seed", "iters", "device", "threads")},
+            "cl": bool(spec.get("cl")), "overrides": spec.get("overrides", {}),
+            "fp_top1": m["fp_top1"], "quant_top1": m["quant_top1"], "top1_agreement": m["top1_agreement"],
+            "sqnr_db": m["sqnr_db"], "calib_seconds": round(m["calibration_seconds"], 1),
+            "wall_seconds": round(time.perf_counter() - t, 1),
+            "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
+            "host": socket.gethostname(), "torch": report["versions"]["torch"], "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v2")
+    p.add_argument("--bits", default="W4A4,W2A4,W4A2,W2A2")
+    p.add_argument("--methods", default="qdrop,brecq,adaround,mse,minmax")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeded-methods", default="qdrop,brecq,pdquant", help="methods run at every seed; others at the first")
+    p.add_argument("--cl", default="off", choices=["off", "on", "both"], help="CL-Calib on top of the method")
+    p.add_argument("--overrides", default="{}", help="JSON merged into every run's config (ablations)")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    calib, test = prepare_data()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    seeded = set(a.seeded_methods.split(","))
+    cl_modes = {"off": [False], "on": [True], "both": [False, True]}[a.cl]
+    specs = []
+    for model in a.models.split(","):
+        for method in a.methods.split(","):
+            for bits in a.bits.split(","):
+                for seed in seeds if method in seeded else seeds[:1]:
+                    for cl in cl_modes:
+                        s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
+                             "device": a.device, "threads": a.threads, "overrides": json.loads(a.overrides),
+                             "calib": str(calib), "test": str(test)}
+                        if _key(s) not in done:
+                            specs.append(s)
+    print(f"{len(specs)} runs to do ({len(done)} already in {out})", file=sys.stderr, flush=True)
+    cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    with ProcessPoolExecutor(a.jobs) as pool:
+        futs = {pool.submit(run_one, s): s for s in specs}
+        for f in as_completed(futs):
+            s = futs[f]
+            try:
+                row = {**f.result(), "cmd": cmd, "cpu_count": os.cpu_count()}
+            except Exception as e:  # a failed run is a row too, so it is visible in the table
+                row = {**{k: s[k] for k in ("model", "bits", "method", "seed", "iters", "device", "cl", "overrides")},
+                       "error": f"{type(e).__name__}: {e}", "cmd": cmd}
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row.get(k) for k in ("model", "bits", "method", "cl", "seed", "quant_top1", "calib_seconds", "error")}),
+                  file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Mean and spread over seeds of benchmark rows (JSON lines) as a markdown table.
+
+    python -m bench.summarize bench/results/cpu.jsonl [more.jsonl ...]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BITS_ORDER = ["W4A4", "W2A4", "W4A2", "W2A2"]
+METHOD_ORDER = ["minmax", "mse", "adaround", "brecq", "qdrop", "pdquant"]
+
+
+def load(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def group(rows: list[dict]) -> dict:
+    g = defaultdict(list)
+    for r in rows:
+        if "error" in r:
+            continue
+        name = r["method"] + ("+CL" if r.get("cl") else "")
+        if r.get("overrides"):
+            name += " " + json.dumps(r["overrides"], sort_keys=True)
+        g[(r["model"], r["iters"], r["device"], name, r["bits"])].append(r)
+    return g
+
+
+def stat(vals: list[float]) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    g = group(rows)
+    out = []
+    for model, iters, device in sorted({k[:3] for k in g}):
+        bits = [b for b in BITS_ORDER if any(k[:3] == (model, iters, device) and k[4] == b for k in g)]
+        names = sorted({k[3] for k in g if k[:3] == (model, iters, device)},
+                       key=lambda n: (METHOD_ORDER.index(n.split("+")[0].split()[0]) if n.split("+")[0].split()[0] in METHOD_ORDER else 99, n))
+        fp = next(r["fp_top1"] for k, rs in g.items() if k[0] == model for r in rs)
+        out.append(f"\n### {model} (FP {fp:.2f}%), {iters} iterations per unit, {device}\n")
+        out.append("top-1 % on the 10k test set, mean ± std over seeds (n seeds); calibration seconds (mean)\n")
+        out.append("| method | " + " | ".join(bits) + " |")
+        out.append("|---|" + "---|" * len(bits))
+        for n in names:
+            cells = []
+            for b in bits:
+                rs = g.get((model, iters, device, n, b), [])
+                if not rs:
+                    cells.append("-")
+                    continue
+                secs = statistics.mean(r["calib_seconds"] for r in rs)
+                cells.append(f"{stat([r['quant_top1'] for r in rs])} (n={len(rs)}; {secs:.0f} s)")
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        out.append("\nFailed runs:\n")
+        out += [f"- {r['model']} {r['bits']} {r['method']} seed {r['seed']}: {r['error']}" for r in errors]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(table(load(sys.argv[1:])))

@@ -1,0 +1,157 @@
+"""The quantized checkpoint: one safetensors file with integer weights (bit-packed), per-channel
+scales and zero points, activation quantizer parameters, float biases and a JSON header.
+
+``load_quantized`` rebuilds the model from the registry and the header, and runs the same
+dequantize code as the calibrated model, so its outputs are bit-identical on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from clcalib.config import CalibConfig
+from clcalib.errors import ExportError
+from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.registry import build_model
+from clcalib.quant.activation import ActQuantizer
+from clcalib.quant.layer import QuantLayer
+from clcalib.quant.weight import WState
+from clcalib.recon.resume import atomic_save
+
+FORMAT = "clcalib.quantized/1"
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in [0, 2^bits) -> a dense uint8 bit stream (bits per value, MSB first)."""
+    codes = q.detach().cpu().reshape(-1).to(torch.uint8).numpy()
+    if bits == 8:
+        return torch.from_numpy(codes.copy())
+    planes = np.unpackbits(codes[:, None], axis=1)[:, 8 - bits :]
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    data = packed.numpy()
+    if bits == 8:
+        return torch.from_numpy(data[:count].astype(np.float32))
+    planes = np.unpackbits(data)[: count * bits].reshape(count, bits)
+    full = np.zeros((count, 8), np.uint8)
+    full[:, 8 - bits :] = planes
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(-1).astype(np.float32))
+
+
+@dataclass
+class Storage:
+    quantized_bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.quantized_bytes, 1)
+
+
+def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], Storage]:
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, list] = {}
+    qbytes = fbytes = 0
+    for name, m in qm.named_modules():
+        if isinstance(m, QuantLayer):
+            if m.wq.state is not WState.INT:
+                raise ExportError(f"{name}: weights are not in integer state ({m.wq.state.value}); calibrate first")
+            packed = pack_bits(m.wq.q, m.wq.bits)
+            tensors[f"{name}.qweight"] = packed
+            tensors[f"{name}.w_scale"] = m.wq.scale.float()
+            tensors[f"{name}.w_zero"] = m.wq.zero.to(torch.uint8)
+            tensors[f"{name}.bias"] = m.bias.float()
+            layers[name] = [m.wq.bits, list(m.weight.shape)]
+            qbytes += packed.numel() + 4 * m.wq.scale.numel() + m.wq.zero.numel() + 4 * m.bias.numel()
+            fbytes += 4 * (m.weight.numel() + m.bias.numel())
+        elif isinstance(m, ActQuantizer) and m.initialized:
+            tensors[f"{name}.a_scale"] = m.scale.detach().float().reshape(())
+            tensors[f"{name}.a_zero"] = m.zero.float().reshape(())
+    return tensors, layers, Storage(qbytes, fbytes)
+
+
+def storage_of(qm: QuantModel) -> Storage:
+    return _tensors(qm)[2]
+
+
+def save_quantized(qm: QuantModel, path: str | Path, *, arch: str, num_classes: int, config: CalibConfig,
+                   input_shape: tuple[int, ...], extra: dict | None = None) -> Storage:
+    """Write the checkpoint atomically. ``extra`` (metrics, hashes, ...) goes into the header."""
+    tensors, layers, storage = _tensors(qm)
+    header = {
+        "format": FORMAT,
+        "arch": arch,
+        "num_classes": num_classes,
+        "input_shape": list(input_shape),
+        "preprocess": config.preprocess.model_dump(mode="json"),
+        "method": config.method.value,
+        "config": config.model_dump(mode="json", by_alias=True),
+        "seed": config.seed,
+        "layers": layers,
+        "versions": versions(),
+        "storage": {"quantized_bytes": storage.quantized_bytes, "fp32_bytes": storage.fp32_bytes},
+        **(extra or {}),
+    }
+    atomic_save(tensors, Path(path), {"clcalib": json.dumps(header)})
+    return storage
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    from clcalib import __version__
+
+    return {"clcalib": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def read_header(path: str | Path) -> dict:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ExportError(f"{path}: not a readable safetensors file ({e})") from None
+    if "clcalib" not in meta:
+        raise ExportError(f"{path}: a safetensors file without a clcalib header; not a quantized checkpoint")
+    header = json.loads(meta["clcalib"])
+    if header.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {header.get('format')!r}, this clcalib reads {FORMAT!r}")
+    return header
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
+    """A runnable quantized model in eval mode; the checkpoint's header is ``model.header``."""
+    header = read_header(path)
+    cfg = CalibConfig.model_validate(header["config"])
+    fp = build_model(header["arch"], header["num_classes"])
+    qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(header["input_shape"]))
+    mods = dict(qm.named_modules())
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for name, (bits, shape) in header["layers"].items():
+            m = mods.get(name)
+            if not isinstance(m, QuantLayer) or list(m.weight.shape) != shape or m.wq.bits != bits:
+                raise ExportError(f"{path}: layer {name} does not match {header['arch']} as rebuilt; the file is damaged or from another version")
+            m.wq.scale = f.get_tensor(f"{name}.w_scale")
+            m.wq.zero = f.get_tensor(f"{name}.w_zero").float()
+            m.wq.q = unpack_bits(f.get_tensor(f"{name}.qweight"), bits, int(np.prod(shape))).reshape(shape)
+            m.wq.state = WState.INT
+            m.bias = f.get_tensor(f"{name}.bias")
+            m.weight = m.wq(m.weight)  # FP slot holds the dequantized weight: nothing FP survives
+        for name, m in mods.items():
+            if isinstance(m, ActQuantizer) and f"{name}.a_scale" in keys:
+                with torch.no_grad():
+                    m.scale.copy_(f.get_tensor(f"{name}.a_scale"))
+                    m.zero.copy_(f.get_tensor(f"{name}.a_zero"))
+                m.initialized = True
+    qm.header = header
+    return qm.to(device).eval()

@@ -1,0 +1,40 @@
+"""Accuracy and fidelity metrics of a quantized model against its FP original."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch: int = 500, device: str | torch.device = "cpu") -> Tensor:
+    """Logits for ``images`` (on CPU, float32)."""
+    model.eval()
+    outs = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    return torch.cat(outs)
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def agreement(logits_a: Tensor, logits_b: Tensor) -> float:
+    return 100.0 * float((logits_a.argmax(1) == logits_b.argmax(1)).float().mean())
+
+
+def sqnr_db(reference: Tensor, test: Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    noise = float((reference.double() - test.double()).pow(2).sum())
+    signal = float(reference.double().pow(2).sum())
+    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def compare(fp_logits: Tensor, q_logits: Tensor, labels: Tensor | None) -> dict:
+    return {
+        "fp_top1": top1(fp_logits, labels) if labels is not None else None,
+        "quant_top1": top1(q_logits, labels) if labels is not None else None,
+        "top1_agreement": agreement(fp_logits, q_logits),
+        "sqnr_db": sqnr_db(fp_logits, q_logits),
+    }
