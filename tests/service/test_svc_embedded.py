@@ -1,0 +1,94 @@
+"""The one-command default: ``clcalib serve`` with no Redis, no PostgreSQL and no API keys
+(SQLite store and file-backed queue in the data dir, a local worker started by serve), driven
+by the CLI subcommands. Jobs survive a crash and restart of the whole thing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+from conftest import ROOT, Proc, free_port, wait_until
+from svc_eval import evaluate
+from svc_fmnist import TINY
+
+from service.client import Client
+
+
+def _env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLCALIB_")}
+    env.update({
+        "CLCALIB_DATA_DIR": str(tmp_path / "data"), "CLCALIB_DEVICE": "cpu", "CLCALIB_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1", "CLCALIB_HEARTBEAT_S": "0.5", "CLCALIB_STALE_AFTER_S": "5",
+        "CLCALIB_SWEEP_INTERVAL_S": "1", "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    })
+    return env
+
+
+def _serve(env, port, log) -> Proc:
+    p = Proc([sys.executable, "-m", "clcalib.cli", "serve", "--host", "0.0.0.0", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200, 90, f"clcalib serve\n{p.tail()}")
+    wait_until(lambda: "worker ready" in log.read_text(errors="replace"), 90, f"the local worker\n{p.tail()}")
+    return p
+
+
+def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clcalib.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist, reference_model):
+    env = _env(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    serve = _serve(env, port, log)
+    try:
+        text = log.read_text()
+        assert "refusing to listen on 0.0.0.0" in text and "127.0.0.1 only" in text
+        assert (tmp_path / "data" / "jobs.db").is_file() and (tmp_path / "data" / "queue").is_dir()
+
+        # submit / watch / status / download through the CLI
+        common = ["--url", url]
+        r = cli(env, "submit", *common, "--model", str(reference_model), "--arch", "resnet18", "--num-classes", "10",
+                "--calibration", str(fmnist["calib"]), "--evaluation", str(fmnist["eval"]), "--config", json.dumps(TINY))
+        assert r.returncode == 0, r.stderr
+        jid = r.stdout.strip()
+        w = cli(env, "watch", *common, jid)
+        assert w.returncode == 0, (w.stdout, w.stderr, serve.tail())
+        metrics = json.loads(w.stdout)
+        st = json.loads(cli(env, "status", *common, jid).stdout)
+        assert st["state"] == "succeeded" and st["metrics"] == metrics
+        out = tmp_path / "out"
+        d = cli(env, "download", *common, jid, "-o", str(out))
+        assert d.returncode == 0, d.stderr
+        assert {p.name for p in out.iterdir()} >= {"quantized.safetensors", "report.json", "report.html"}
+        report = json.loads((out / "report.json").read_text())
+        got = evaluate(out / "quantized.safetensors", fmnist["eval"])
+        assert got["quant_top1"] == report["metrics"]["quant_top1"], (got, report["metrics"])
+
+        # crash everything (SIGKILL to serve, its worker and validator) with jobs queued and running
+        with Client(url) as c:
+            ids = [c.submit(model=reference_model, calibration=fmnist["calib"], arch="resnet18", num_classes=10,
+                            config={**TINY, "iters": 300 if i == 0 else 2})["id"] for i in range(3)]
+            before = [c.status(i)["state"] for i in ids]
+        serve.kill(signal.SIGKILL)
+        serve.p.wait(10)
+        assert "queued" in before, before  # at least one job waits in the file queue
+    finally:
+        serve.stop()
+
+    serve = _serve(env, port, tmp_path / "serve2.log")
+    try:
+        final = [wait_until(lambda i=i: (lambda j: j if j["state"] in ("succeeded", "failed") else None)(
+            httpx.get(f"{url}/v1/jobs/{i}").json()), 300, f"job {i} after the restart\n{serve.tail()}") for i in ids]
+        assert [j["state"] for j in final] == ["succeeded"] * 3, final
+        jobs = httpx.get(f"{url}/v1/jobs").json()["jobs"]
+        assert len(jobs) == 4 and {j["state"] for j in jobs} == {"succeeded"}
+    finally:
+        serve.stop()
