@@ -25,8 +25,8 @@ from clcalib.progress import ProgressEvent
 __version__ = "0.1.0"
 
 _LAZY = {
-    "calibrate": "clcalib.calibrate",
-    "CalibrationResult": "clcalib.calibrate",
+    "calibrate": "clcalib.calibration",
+    "CalibrationResult": "clcalib.calibration",
     "load_quantized": "clcalib.export",
     "save_quantized": "clcalib.export",
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clcalib.calibrate import calibrate, resolve_device
+from clcalib.calibration import calibrate, resolve_device
 from clcalib.config import CalibConfig
 from clcalib.data import load_calibration, load_labeled
 from clcalib.export import load_quantized, save_quantized, versions

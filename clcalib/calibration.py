@@ -1,4 +1,7 @@
-"""The one entry point: ``calibrate(model, calibration_data, config, on_progress)``."""
+"""The one entry point: ``clcalib.calibrate(model, calibration_data, config, on_progress)``.
+
+(Named calibration.py, not calibrate.py: a submodule named like the function would shadow
+``clcalib.calibrate`` once imported.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,54 @@
+"""Every registered arch: each Conv2d/Linear quantized exactly once, FP mode equals the original,
+and all-8-bit quantization keeps the reference models' accuracy."""
+
+import pytest
+import torch
+from torch import nn
+
+from clcalib.calibration import calibrate
+from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.registry import ARCHS, build_model
+from clcalib.metrics import predict, top1
+from clcalib.quant.layer import QuantLayer, QuantUnit
+from clcalib.quant.switch import quantization
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_conv_and_linear_quantized_exactly_once(arch):
+    torch.manual_seed(0)
+    fp = build_model(arch, 10)
+    originals = [m for m in fp.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    qm = QuantModel(fp, QuantSpec(4, 4, 8), torch.randn(1, 3, 32, 32))
+    layers = qm.layers()
+    assert len(layers) == len(originals)
+    assert [tuple(q.weight.shape) for q in layers] == [tuple(m.weight.shape) for m in originals]
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in qm.modules())  # none left unquantized
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())  # all folded
+    # every layer belongs to exactly one reconstruction unit
+    owner = {}
+    for name, unit in zip(qm.unit_names, qm.units(), strict=True):
+        assert isinstance(unit, QuantUnit)
+        for layer in unit.layers():
+            assert id(layer) not in owner, f"{name} shares a layer with {owner[id(layer)]}"
+            owner[id(layer)] = name
+    assert len(owner) == len(layers)
+    # first conv and last linear at 8 bits; logits not quantized
+    units = qm.units()
+    assert units[0].layers()[0].wq.bits == 8 and units[-1].layers()[0].wq.bits == 8
+    assert units[-1].output_quantizer() is None and units[-2].output_quantizer().bits == 8
+    assert all(q.wq.bits == 4 for q in layers[1:-1])
+    # with quantization off the converted model is the original (BN folding is exact up to rounding)
+    x = torch.randn(2, 3, 32, 32)
+    with quantization(qm, False), torch.no_grad():
+        assert torch.allclose(qm(x), fp(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_all_8_bit_keeps_fp_accuracy_on_fashion_mnist(arch, fmnist, reference):
+    model = reference(arch)
+    fp_acc = top1(predict(model, fmnist["test"]), fmnist["test_labels"])
+    res = calibrate(model, fmnist["train"][:256], {"method": "mse", "w_bits": 8, "a_bits": 8, "iters": 0, "device": "cpu"})
+    q_acc = top1(predict(res.model, fmnist["test"]), fmnist["test_labels"])
+    assert fp_acc > 89.5  # the reference checkpoints as documented (90.50 / 90.02)
+    assert abs(q_acc - fp_acc) <= 0.5, f"{arch}: FP {fp_acc:.2f} vs W8A8 {q_acc:.2f}"
+    assert all(isinstance(m, QuantLayer) for m in res.model.layers())
