@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -26,7 +27,8 @@ WORK = Path(__file__).resolve().parent / "work"
 
 
 def prepare_data(work: Path = WORK, calib_n: int = 1024) -> tuple[Path, Path]:
-    """1024 train images (fixed random choice, seed 0) and the 10k test images, as PNG zips."""
+    """1024 train images (fixed random choice, seed 0) and the 10k test images, as PNG zips
+    (made once; a machine without the dataset package can be handed the zips in ``work``)."""
     calib = work / f"fmnist_train_{calib_n}.zip"
     test = work / "fmnist_test_10k.zip"
     if not calib.exists():
@@ -55,7 +57,7 @@ def run_one(spec: dict) -> dict:
         cfg["cl_calib"] = {**cfg.get("cl_calib", {}), "enabled": True}
     out = WORK / "runs" / "_".join(str(x) for x in _key(spec)[:6]).replace("/", "-")
     t = time.perf_counter()
-    report = run_calibration(arch=spec["model"], num_classes=10, weights=REFERENCE / f"fmnist_{spec['model']}.safetensors",
+    report = run_calibration(arch=spec["model"], num_classes=10, weights=Path(spec["reference"]) / f"fmnist_{spec['model']}.safetensors",
                              calibration=spec["calib"], evaluation=spec["test"], config=CalibConfig.model_validate(cfg),
                              out_dir=out)
     m = report["metrics"]
@@ -82,9 +84,12 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", type=Path, default=WORK, help="where the PNG zips are (made if missing)")
+    p.add_argument("--reference-dir", type=Path, default=REFERENCE, help="where fmnist_<arch>.safetensors are")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which no new run starts")
     a = p.parse_args(argv)
 
-    calib, test = prepare_data()
+    calib, test = prepare_data(a.data_dir)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
@@ -99,15 +104,22 @@ def main(argv=None) -> int:
                     for cl in cl_modes:
                         s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
                              "device": a.device, "threads": a.threads, "overrides": json.loads(a.overrides),
-                             "calib": str(calib), "test": str(test)}
+                             "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
                         if _key(s) not in done:
                             specs.append(s)
     print(f"{len(specs)} runs to do ({len(done)} already in {out})", file=sys.stderr, flush=True)
     cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-    with ProcessPoolExecutor(a.jobs) as pool:
+    t0 = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")  # no CUDA state inherited through fork
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
         futs = {pool.submit(run_one, s): s for s in specs}
         for f in as_completed(futs):
+            if a.deadline is not None and time.monotonic() - t0 > a.deadline:
+                for other in futs:
+                    other.cancel()  # runs not started yet stay undone; they show up as missing
             s = futs[f]
+            if f.cancelled():
+                continue
             try:
                 row = {**f.result(), "cmd": cmd, "cpu_count": os.cpu_count()}
             except Exception as e:  # a failed run is a row too, so it is visible in the table
