@@ -12,12 +12,12 @@ def evaluate(checkpoint: Path, eval_zip: Path) -> dict:
 
     import clcalib
     from clcalib.config import Preprocess
-    from clcalib.data import batches, load_labeled
+    from clcalib.data import load_labeled
+    from clcalib.metrics import predict, top1
 
     torch.set_num_threads(1)
     model = clcalib.load_quantized(checkpoint)
     data = load_labeled(eval_zip, Preprocess(**PREPROCESS))
-    with torch.no_grad():
-        pred = torch.cat([model(b).argmax(1) for b in batches(data.images, 250)])
-    correct = int((pred == data.labels).sum())
-    return {"quant_top1": correct / len(data.labels), "correct": correct, "n": len(data.labels)}
+    logits = predict(model, data.images)
+    correct = int((logits.argmax(1) == data.labels).sum())
+    return {"quant_top1": top1(logits, data.labels), "correct": correct, "n": len(data.labels)}

@@ -39,3 +39,8 @@ def write_zip(dest: Path, split: str, n: int, by_class: bool, start: int = 0) ->
             name = f"{labels[i]}/{i:05d}.png" if by_class else f"{i:05d}.png"
             z.writestr(name, png(images[i]))
     return dest
+
+MOBILENET = Path("/work/shared/reference/fmnist_mobilenet_v2.safetensors")
+# jobs that only need to run (not the end-to-end accuracy check): the smaller reference model
+# and 64 calibration images, a few seconds each on one thread
+FAST = {**TINY, "calib_size": 64}

@@ -71,9 +71,9 @@ def img_png(w: int, h: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def good(fmnist, reference_model):
-    calib = fmnist["calib"].read_bytes()
-    return {"model": reference_model.read_bytes(), "calibration": calib, "eval": fmnist["eval"].read_bytes()}
+def good(fmnist_zips, reference_model):
+    calib = fmnist_zips["calib"].read_bytes()
+    return {"model": reference_model.read_bytes(), "calibration": calib, "eval": fmnist_zips["eval"].read_bytes()}
 
 
 def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:

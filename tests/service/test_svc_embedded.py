@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import httpx
-from conftest import ROOT, Proc, free_port, wait_until
 from svc_eval import evaluate
 from svc_fmnist import TINY
+from svc_helpers import ROOT, Proc, free_port, wait_until
 
 from service.client import Client
 
@@ -42,7 +42,7 @@ def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist, reference_model):
+def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_model):
     env = _env(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -56,7 +56,7 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist, reference_model
         # submit / watch / status / download through the CLI
         common = ["--url", url]
         r = cli(env, "submit", *common, "--model", str(reference_model), "--arch", "resnet18", "--num-classes", "10",
-                "--calibration", str(fmnist["calib"]), "--evaluation", str(fmnist["eval"]), "--config", json.dumps(TINY))
+                "--calibration", str(fmnist_zips["calib"]), "--evaluation", str(fmnist_zips["eval"]), "--config", json.dumps(TINY))
         assert r.returncode == 0, r.stderr
         jid = r.stdout.strip()
         w = cli(env, "watch", *common, jid)
@@ -69,12 +69,12 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist, reference_model
         assert d.returncode == 0, d.stderr
         assert {p.name for p in out.iterdir()} >= {"quantized.safetensors", "report.json", "report.html"}
         report = json.loads((out / "report.json").read_text())
-        got = evaluate(out / "quantized.safetensors", fmnist["eval"])
+        got = evaluate(out / "quantized.safetensors", fmnist_zips["eval"])
         assert got["quant_top1"] == report["metrics"]["quant_top1"], (got, report["metrics"])
 
         # crash everything (SIGKILL to serve, its worker and validator) with jobs queued and running
         with Client(url) as c:
-            ids = [c.submit(model=reference_model, calibration=fmnist["calib"], arch="resnet18", num_classes=10,
+            ids = [c.submit(model=reference_model, calibration=fmnist_zips["calib"], arch="resnet18", num_classes=10,
                             config={**TINY, "iters": 300 if i == 0 else 2})["id"] for i in range(3)]
             before = [c.status(i)["state"] for i in ids]
         serve.kill(signal.SIGKILL)

@@ -10,14 +10,14 @@ import json
 import os
 import time
 
-from conftest import wait_until
 from svc_fmnist import TINY
+from svc_helpers import wait_until
 
 N_JOBS = 20
 LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "300"))  # the job to be killed: slow units
 
 
-def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url, stack_factory, fmnist,
+def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url, stack_factory, fmnist_zips,
                                                       reference_model):
     redis = redis_server(appendonly=True)
     st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=postgres_url,
@@ -29,7 +29,7 @@ def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url
     ids = []
     for i in range(N_JOBS):
         cfg = {**TINY, "iters": LONG_ITERS} if i == 0 else TINY
-        r = st.submit(reference_model, fmnist["calib"], cfg)
+        r = st.submit(reference_model, fmnist_zips["calib"], cfg)
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
     victim = ids[0]

@@ -1,0 +1,208 @@
+"""Helpers of the service tests: subprocesses (uvicorn, Celery worker, redis-server) on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+PG_ADMIN = os.environ.get("CLCALIB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, timeout: float, what: str, period: float = 0.1):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            v = cond()
+            if v:
+                return v
+        except AssertionError:
+            raise
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(period)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+
+
+class Proc:
+    """A subprocess in its own process group, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        self.fh = open(log, "ab")  # noqa: SIM115
+        self.p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 15) -> None:
+        self.kill(signal.SIGTERM)
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            self.p.wait(5)
+        self.fh.close()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, appendonly: bool = True):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server); "
+                        "the service tests start their own instance")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always", "--daemonize", "no"]
+        self.proc = Proc(args, dict(os.environ), self.dir / "redis.log")
+        import redis
+
+        r = redis.Redis(port=self.port, socket_connect_timeout=1)
+        wait_until(lambda: r.ping(), 20, f"redis-server on port {self.port}\n{self.proc.tail()}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill(signal.SIGKILL)
+            self.proc.p.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def llen(self, key: str) -> int:
+        import redis
+
+        return redis.Redis(port=self.port).llen(key)
+
+
+class Stack:
+    """An API (uvicorn, real HTTP) and any number of workers, all subprocesses, sharing env."""
+
+    def __init__(self, workdir: Path, **env):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CLCALIB_")}
+        self.env.update({
+            "CLCALIB_DATA_DIR": str(self.dir / "data"),
+            "CLCALIB_API_KEYS": '{"key-a": "tenant-a", "key-b": "tenant-b"}',
+            "CLCALIB_HEARTBEAT_S": "0.5", "CLCALIB_STALE_AFTER_S": "5", "CLCALIB_SWEEP_INTERVAL_S": "1",
+            "CLCALIB_DEVICE": "cpu", "CLCALIB_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "CLCALIB_VALIDATE_TIMEOUT_S": "120",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            "CUDA_VISIBLE_DEVICES": "",
+        })
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.api: Proc | None = None
+        self.workers: list[Proc] = []
+
+    def start_api(self) -> Stack:
+        args = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                "--timeout-keep-alive", "30"]
+        self.api = Proc(args, self.env, self.dir / "api.log")
+        wait_until(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, 60,
+                   f"the API at {self.url}\n{self.api.tail()}")
+        # the validator child imports torch on first use; let it finish before timing anything
+        wait_until(lambda: self.client("key-a").get("/v1/archs", timeout=60).status_code == 200, 90,
+                   "the validator to start")
+        return self
+
+    def stop_api(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
+
+    def start_worker(self, wait: bool = True) -> Proc:
+        w = Proc([sys.executable, "-m", "worker"], self.env, self.dir / f"worker{len(self.workers)}.log")
+        self.workers.append(w)
+        if wait:
+            wait_until(lambda: "worker ready" in w.log.read_text(errors="replace") or not w.alive(), 90,
+                       "the worker to start")
+            assert w.alive(), f"worker exited at start:\n{w.tail()}"
+        return w
+
+    def client(self, key: str | None = "key-a", **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+    def submit(self, model: Path, calib: Path, config: dict, key: str = "key-a",
+               evaluation: Path | None = None, arch: str = "resnet18", num_classes: int = 10) -> httpx.Response:
+        import json
+
+        files = {"model": (model.name, model.read_bytes()), "calibration": (calib.name, calib.read_bytes())}
+        if evaluation is not None:
+            files["evaluation"] = (evaluation.name, evaluation.read_bytes())
+        with self.client(key) as c:
+            return c.post("/v1/jobs", files=files, data={"arch": arch, "num_classes": str(num_classes),
+                                                           "config": json.dumps(config)})
+
+    def job(self, job_id: str, key: str = "key-a") -> dict:
+        with self.client(key) as c:
+            r = c.get(f"/v1/jobs/{job_id}")
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    def wait_state(self, job_id: str, states=("succeeded", "failed", "canceled"), timeout: float = 120,
+                   key: str = "key-a") -> dict:
+        j = wait_until(lambda: (lambda j: j if j["state"] in states else None)(self.job(job_id, key)),
+                       timeout, f"job {job_id} to reach {states}\n--- api\n{self.api.tail() if self.api else ''}"
+                       + "".join(f"\n--- worker\n{w.tail()}" for w in self.workers), period=0.2)
+        return j
+
+    def logs(self) -> str:
+        out = f"--- api\n{self.api.tail(60) if self.api else ''}"
+        for i, w in enumerate(self.workers):
+            out += f"\n--- worker{i}\n{w.tail(60)}"
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.stop_api()
