@@ -59,7 +59,7 @@ def run_one(spec: dict) -> dict:
     t = time.perf_counter()
     report = run_calibration(arch=spec["model"], num_classes=10, weights=Path(spec["reference"]) / f"fmnist_{spec['model']}.safetensors",
                              calibration=spec["calib"], evaluation=spec["test"], config=CalibConfig.model_validate(cfg),
-                             out_dir=out)
+                             out_dir=out, resume_dir=out / "resume")  # a restarted benchmark resumes mid-run
     m = report["metrics"]
     return {**{k: spec[k] for k in ("model", "bits", "method", "seed", "iters", "device", "threads")},
             "cl": bool(spec.get("cl")), "overrides": spec.get("overrides", {}),
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--seeded-methods", default="qdrop,brecq,pdquant", help="methods run at every seed; others at the first")
     p.add_argument("--cl", default="off", choices=["off", "on", "both"], help="CL-Calib on top of the method")
-    p.add_argument("--overrides", default="{}", help="JSON merged into every run's config (ablations)")
+    p.add_argument("--overrides", default="{}",
+                   help="JSON object merged into every run's config, or a JSON list of them: one variant each (ablations)")
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2)
@@ -96,14 +97,16 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     seeded = set(a.seeded_methods.split(","))
     cl_modes = {"off": [False], "on": [True], "both": [False, True]}[a.cl]
+    variants = json.loads(a.overrides)
+    variants = variants if isinstance(variants, list) else [variants]
     specs = []
     for model in a.models.split(","):
         for method in a.methods.split(","):
             for bits in a.bits.split(","):
                 for seed in seeds if method in seeded else seeds[:1]:
-                    for cl in cl_modes:
+                    for cl, ov in ((c, v) for c in cl_modes for v in variants):
                         s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
-                             "device": a.device, "threads": a.threads, "overrides": json.loads(a.overrides),
+                             "device": a.device, "threads": a.threads, "overrides": ov,
                              "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
                         if _key(s) not in done:
                             specs.append(s)

@@ -94,6 +94,12 @@ def run_calibration(
         "compression_vs_fp32": storage.ratio,
         "resumed_units": result.metrics.get("resumed_units", 0),
     })
+    if config.cl_calib.enabled:
+        metrics["cl_calib"] = config.cl_calib.model_dump(mode="json", by_alias=True)
+    curves = {u.name: {k: {"first": v[0], "last": v[-1], "curve": v} for k, v in u.extra.items() if v}
+              for u in result.units if u.extra}
+    if curves:
+        metrics["added_loss_curves"] = curves  # per unit: CL / PD terms over the iterations
     report = {
         "arch": arch,
         "num_classes": num_classes,
