@@ -73,9 +73,13 @@ def run_calibration(
     emit = on_progress or (lambda e: None)
     emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
     ckpt = out / CHECKPOINT_NAME
-    storage = save_quantized(result.model, ckpt, arch=arch, num_classes=num_classes, config=config,
-                             input_shape=(1, *calib.shape[1:]),
-                             extra={"calib_sha256": result.calib_sha256, "calib_images": len(calib)})
+    header = {"calib_sha256": result.calib_sha256, "calib_images": len(calib)}
+
+    def save(extra: dict):
+        return save_quantized(result.model, ckpt, arch=arch, num_classes=num_classes, config=config,
+                              input_shape=(1, *calib.shape[1:]), extra={**header, **extra})
+
+    storage = save({})
 
     device = resolve_device(config.device)
     reloaded = load_quantized(ckpt, device=str(device))
@@ -113,5 +117,6 @@ def run_calibration(
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
     }
+    save({"metrics": metrics})  # same tensors, now with the measured metrics in the header
     write_json_atomic(report, out / REPORT_NAME)
     return report

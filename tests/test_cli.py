@@ -84,4 +84,8 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     e = clcalib("evaluate", "--checkpoint", out / "quantized.safetensors", "--eval", zips["eval"], "--json")
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["quant_top1"] == m["quant_top1"]
+    from clcalib.export import read_header
+
+    header = read_header(out / "quantized.safetensors")
+    assert header["metrics"]["quant_top1"] == m["quant_top1"] and header["calib_images"] == 128
     assert Path(out / "quantized.safetensors").stat().st_size < 0.2 * WEIGHTS.stat().st_size * 2
