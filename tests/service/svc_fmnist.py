@@ -43,4 +43,4 @@ def write_zip(dest: Path, split: str, n: int, by_class: bool, start: int = 0) ->
 MOBILENET = Path("/work/shared/reference/fmnist_mobilenet_v2.safetensors")
 # jobs that only need to run (not the end-to-end accuracy check): the smaller reference model
 # and 64 calibration images, a few seconds each on one thread
-FAST = {**TINY, "calib_size": 64}
+FAST = {**TINY, "method": "brecq", "calib_size": 64}
