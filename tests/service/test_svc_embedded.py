@@ -12,7 +12,7 @@ import sys
 
 import httpx
 from svc_eval import evaluate
-from svc_fmnist import TINY
+from svc_fmnist import FAST, MOBILENET, TINY
 from svc_helpers import ROOT, Proc, free_port, wait_until
 
 from service.client import Client
@@ -74,8 +74,9 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
 
         # crash everything (SIGKILL to serve, its worker and validator) with jobs queued and running
         with Client(url) as c:
-            ids = [c.submit(model=reference_model, calibration=fmnist_zips["calib"], arch="resnet18", num_classes=10,
-                            config={**TINY, "iters": 300 if i == 0 else 2})["id"] for i in range(3)]
+            ids = [c.submit(model=MOBILENET, calibration=fmnist_zips["calib"], arch="mobilenet_v2", num_classes=10,
+                            config={**FAST, "iters": 30} if i == 0 else {**FAST, "method": "minmax"})["id"]
+                   for i in range(3)]
             before = [c.status(i)["state"] for i in ids]
         serve.kill(signal.SIGKILL)
         serve.p.wait(10)
