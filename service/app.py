@@ -69,6 +69,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
 
+    if not settings.api_keys:
+        @app.middleware("http")
+        async def _loopback_only(request: Request, call_next):
+            """No API keys: whatever the bind address, only loopback clients are served."""
+            host = request.client.host if request.client else ""
+            if not _is_loopback(host):
+                body = ErrorBody(detail="this clcalib server has no API keys configured "
+                                 "(CLCALIB_API_KEYS) and only serves loopback clients", code="loopback_only")
+                return JSONResponse(body.model_dump(exclude_none=True), status_code=403)
+            return await call_next(request)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -99,6 +110,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi
     return app
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "testclient"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _warm(validator: Validator) -> None:
