@@ -62,11 +62,31 @@ def table(rows: list[dict]) -> str:
                 secs = statistics.mean(r["calib_seconds"] for r in rs)
                 cells.append(f"{stat([r['quant_top1'] for r in rs])} (n={len(rs)}; {secs:.0f} s)")
             out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out += ordering_checks(g)
     errors = [r for r in rows if "error" in r]
     if errors:
         out.append("\nFailed runs:\n")
         out += [f"- {r['model']} {r['bits']} {r['method']} seed {r['seed']}: {r['error']}" for r in errors]
     return "\n".join(out) + "\n"
+
+
+def ordering_checks(g: dict) -> list[str]:
+    """The issue's bar: minmax < adaround <= brecq <= qdrop at W2A4 and W4A2 (means over seeds)."""
+    lines = []
+    chain = ["minmax", "adaround", "brecq", "qdrop"]
+    for model, iters, device in sorted({k[:3] for k in g}):
+        for bits in ("W2A4", "W4A2"):
+            means = {}
+            for m in chain:
+                rs = g.get((model, iters, device, m, bits))
+                if rs:
+                    means[m] = statistics.mean(r["quant_top1"] for r in rs)
+            if len(means) < len(chain):
+                continue
+            ok = means["minmax"] < means["adaround"] <= means["brecq"] <= means["qdrop"]
+            txt = " < ".join(f"{m} {means[m]:.2f}" for m in chain)
+            lines.append(f"- {model} {bits} ({iters} it, {device}): {txt} -> {'holds' if ok else 'DOES NOT hold'}")
+    return (["\nOrdering minmax < adaround <= brecq <= qdrop (means):\n"] + lines) if lines else []
 
 
 if __name__ == "__main__":
