@@ -122,8 +122,9 @@ class Reconstructor:
             opt_a = torch.optim.Adam(act_scales, lr=cfg.lr_act, **_fast_adam(x_q))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0)
         terms = None
-        if self.extra_losses is not None and isinstance(module, QuantUnit):
-            terms = self.extra_losses(UnitContext(self.qm, k, module, y_f, cfg))
+        unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
+        if self.extra_losses is not None and (module is unit or module is unit.body):
+            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, cfg))
         rec_w = cfg.cl_calib.rec_weight if cfg.cl_calib.enabled else 1.0
         every = max(1, min(500, iters // 20))
         acc = torch.zeros((), device=x_q.device)

@@ -1,0 +1,153 @@
+"""The loss terms added to a unit's reconstruction loss: PD-Quant's prediction difference and
+CL-Calib's contrastive term. ``added_losses`` is the ``ExtraLossFactory`` that
+``clcalib.calibrate`` hands the engine when ``method == pdquant`` or ``cl_calib.enabled``.
+
+Per unit, the factory returns ``terms(out_q, target, idx) -> {name: weighted term}``; the engine
+adds every value to its loss (its own MSE weighted by ``cl_calib.rec_weight``) and reports each
+name's curve in ``UnitReport.extra``:
+
+* ``"pd"``   ``pdquant.pd_weight * KL(softmax(tail(z_f)/T) || softmax(tail(z_q)/T))``, with
+  ``tail`` the frozen FP rest of the network up to the logits and T ``pdquant.temperature``
+  (null: 4, or 1 for MobileNet-like nets, as PD-Quant's scripts). With the defaults
+  (pd_weight 10, reg_weight 0) a unit's loss is PD-Quant's ``rec + round + KL / 0.1``: the
+  engine's reconstruction MSE is PD-Quant's regulariser.
+* ``"pd_reg"`` only if ``pdquant.reg_weight > 0``: that much more of the same block-output
+  regulariser.
+* ``"cl"``   ``cl_calib.lambda * L_CL`` (clcalib.contrastive), embeddings ``embed(g(z))`` with
+  ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``).
+
+The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
+``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
+once per unit, and per iteration the tail runs once, on ``out_q``. PD and the ``fp_tail``
+mapping share that call: with ``tail_end = "features"`` the features are computed once and the
+final Linear (``fp_head``) turns them into the logits for PD.
+
+Deviation from PD-Quant's code: its KL is taken on the unit's output for the fully quantized
+input (a second forward pass), here on the engine's output for the QDrop-mixed input.
+
+Rules for units:
+
+* The final unit (the classifier): the logits tail is the identity, so PD compares the unit's
+  own logits, and the ``fp_tail`` mapping embeds the logits whatever ``tail_end`` says (there
+  are no features after the classifier).
+* CL is skipped (no ``"cl"`` term) where it is undefined: fewer than 2 calibration samples (no
+  other sample to be a negative), or ``negatives = batch`` with batches of 1; and where it adds
+  nothing: ``lambda = 0``. PD is skipped when ``pd_weight`` and ``reg_weight`` are both 0.
+* The engine asks only for whole units (and for one-layer units under layer-wise ``adaround``):
+  inside a multi-layer block reconstructed layer by layer no term is added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from clcalib.config import CalibConfig, Method
+from clcalib.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
+from clcalib.graph.partition import QuantModel
+from clcalib.graph.tail import apply_chunked, fp_head, fp_tail
+from clcalib.quant.layer import QuantLayer
+from clcalib.recon.engine import ExtraLoss, UnitContext
+from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
+
+__all__ = ["added_losses", "pd_temperature"]
+
+FP_CHUNK = 256  # samples per chunk when the FP side is mapped over the whole calibration set
+
+
+def _mobile_like(qmodel: QuantModel) -> bool:
+    """Depthwise convolutions (the rule of the entry point's is_mobile_like, on the converted model)."""
+    return any(
+        isinstance(m, QuantLayer) and m.is_conv and m.conv_args["groups"] > 1 and m.weight.shape[1] == 1
+        for m in qmodel.model.modules()
+    )
+
+
+def pd_temperature(cfg: CalibConfig, qmodel: QuantModel) -> float:
+    """``pdquant.temperature``, or PD-Quant's choice when null: 1 for MobileNet-like nets, else 4."""
+    if cfg.pdquant.temperature is not None:
+        return cfg.pdquant.temperature
+    return 1.0 if _mobile_like(qmodel) else 4.0
+
+
+class _UnitTerms:
+    """The added terms of one unit; FP-side values cached for the whole calibration set."""
+
+    def __init__(self, ctx: UnitContext, pd: bool, cl: bool):
+        cfg, qm, k = ctx.config, ctx.qmodel, ctx.index
+        self.fp_out = ctx.fp_out
+        self.pd = pd and cfg.pdquant.pd_weight > 0  # the KL term; pd_reg needs no tail
+        self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
+        self.cl_loss = None
+        last = k == len(qm.unit_names) - 1
+        cl_cfg = cfg.cl_calib
+        tail_mapping = cl and cl_cfg.mapping == "fp_tail"
+        want_features = tail_mapping and cl_cfg.tail_end == "features" and not last
+        # the one tail that runs per iteration, and what of its output each term uses
+        self.tail: nn.Module | None = None
+        self.head: nn.Module | None = None  # features -> logits, when CL stops at the features
+        if want_features:
+            self.tail = fp_tail(qm, k, "features")
+            self.head = fp_head(qm) if self.pd else None
+        elif self.pd or tail_mapping:
+            self.tail = fp_tail(qm, k, "logits")
+        fp_tail_out = apply_chunked(self.tail, self.fp_out, FP_CHUNK) if self.tail is not None else None
+        self.fp_logits = None
+        if self.pd:
+            self.temperature = pd_temperature(cfg, qm)
+            self.pd_weight = cfg.pdquant.pd_weight
+            self.fp_logits = apply_chunked(self.head, fp_tail_out, FP_CHUNK) if self.head is not None else fp_tail_out
+        if cl:
+            m = len(self.fp_out)
+            self.cl_loss = ContrastiveLoss.from_config(cl_cfg, calib_size=m)
+            self.cl_weight = cl_cfg.lambda_
+            self.mapping = None if tail_mapping else get_mapping(cl_cfg.mapping)
+            # FP embeddings of all M samples: the bank, and e_f of a batch by indexing
+            self.fp_embed = None
+            if tail_mapping:
+                self.fp_embed = embed(fp_tail_out)
+            elif self.cl_loss.use_bank or cl_cfg.mapping != "flatten":
+                self.fp_embed = build_bank(self.fp_out, self.mapping, batch_size=FP_CHUNK)
+            self.gen = None
+            if cl_cfg.num_negatives is not None:
+                self.gen = torch.Generator(device=self.fp_out.device).manual_seed(cfg.seed * 100_003 + k)
+        self._checked = False
+
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]:
+        if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
+            if not torch.equal(target, self.fp_out[idx]):
+                raise RuntimeError(
+                    "added_losses expects the engine's target to be ctx.fp_out[idx]; it is not, so "
+                    "the cached FP tail would be wrong"
+                )
+            self._checked = True
+        terms: dict[str, Tensor] = {}
+        tail_q = self.tail(out_q) if self.tail is not None else None
+        if self.pd:
+            logits_q = self.head(tail_q) if self.head is not None else tail_q
+            terms["pd"] = self.pd_weight * pd_loss(logits_q, self.fp_logits[idx], self.temperature)
+        if self.reg_weight > 0:
+            terms["pd_reg"] = self.reg_weight * pd_regularizer(out_q, target)
+        if self.cl_loss is not None:
+            e_q = embed(tail_q if self.mapping is None else self.mapping(out_q))
+            e_f = self.fp_embed[idx] if self.fp_embed is not None else embed(self.mapping(target))
+            bank = self.fp_embed if self.cl_loss.use_bank else None
+            # bank_index also keeps a sample drawn twice in one batch from being its own negative
+            terms["cl"] = self.cl_weight * self.cl_loss(e_q, e_f, bank=bank, bank_index=idx, generator=self.gen)
+        return terms
+
+
+def added_losses(ctx: UnitContext) -> ExtraLoss | None:
+    """The PD-Quant and CL-Calib terms of one unit (see the module doc), or None if it gets none."""
+    cfg = ctx.config
+    pd = cfg.method is Method.PDQUANT and (cfg.pdquant.pd_weight > 0 or cfg.pdquant.reg_weight > 0)
+    m = len(ctx.fp_out)
+    cl = (
+        cfg.cl_calib.enabled
+        and cfg.cl_calib.lambda_ > 0
+        and m >= 2
+        and not (cfg.cl_calib.negatives == "batch" and min(cfg.batch_size, m) < 2)
+    )
+    if not (pd or cl):
+        return None
+    return _UnitTerms(ctx, pd, cl)

@@ -1,0 +1,282 @@
+"""PD-Quant and CL-Calib terms in the reconstruction engine (clcalib.recon.added_losses)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import clcalib.recon.added_losses as al
+from bench.fmnist import REFERENCE, split
+from clcalib import calibrate
+from clcalib.config import CalibConfig
+from clcalib.contrastive import contrastive_loss, embed, pool
+from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.registry import build_model, read_state_dict
+from clcalib.graph.tail import fp_tail
+from clcalib.recon.engine import UnitContext
+from clcalib.recon.prediction_difference import pd_loss
+
+SMALL = {"iters": 3, "calib_size": 64, "batch_size": 16, "w_bits": 2, "a_bits": 4, "device": "cpu"}
+
+
+class _Counted(nn.Module):
+    """Counts forward calls of a tail, split by whether autograd is recording."""
+
+    def __init__(self, inner, log, key):
+        super().__init__()
+        self.inner, self.log, self.key = inner, log, key
+
+    def forward(self, z):
+        self.log.append((self.key, torch.is_grad_enabled(), len(z)))
+        return self.inner(z)
+
+
+def _counting(mp, log):
+    """Make added_losses build counted tails."""
+    real_tail, real_head = al.fp_tail, al.fp_head
+    mp.setattr(al, "fp_tail", lambda qm, k, end="logits": _Counted(real_tail(qm, k, end), log, ("tail", k, end)))
+    mp.setattr(al, "fp_head", lambda qm: _Counted(real_head(qm), log, ("head",)))
+
+
+@pytest.fixture(scope="module")
+def fmnist64():
+    torch.set_num_threads(1)
+    images, _ = split("train")
+    x = torch.from_numpy(images[:64].copy()).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+    return (x - 0.286) / 0.353
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return build_model("resnet18", 10, read_state_dict(REFERENCE / "fmnist_resnet18.safetensors"))
+
+
+def _run(model, data, cfg, factory=None):
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)
+        result = calibrate(model, data, {**SMALL, **cfg}, extra_losses=factory)
+    return result, log
+
+
+def _check_tail_once_per_iteration(result, log, iters):
+    """Per unit: one tail call with gradient per iteration, and the FP side once (no gradient)."""
+    by_unit = {}
+    for key, grad, n in log:
+        by_unit.setdefault(key[1] if key[0] == "tail" else "head", []).append((grad, n))
+    assert set(by_unit) == set(range(len(result.units)))
+    for k, calls in by_unit.items():
+        assert [n for g, n in calls if g] == [SMALL["batch_size"]] * iters, (k, calls)
+        assert [n for g, n in calls if not g] == [SMALL["calib_size"]], (k, calls)  # the bank/FP cache
+
+
+def _finite_curves(result, name):
+    for u in result.units:
+        assert name in u.extra, (u.name, u.extra)
+        assert u.extra[name] and all(math.isfinite(v) for v in u.extra[name]), (u.name, u.extra)
+
+
+@pytest.mark.slow
+def test_pdquant_end_to_end(resnet18, fmnist64):
+    result, log = _run(resnet18, fmnist64, {"method": "pdquant"})
+    _finite_curves(result, "pd")
+    assert all(set(u.extra) == {"pd"} for u in result.units)
+    assert all(math.isfinite(u.loss_after) for u in result.units)
+    _check_tail_once_per_iteration(result, log, SMALL["iters"])
+
+
+@pytest.mark.slow
+def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet18, fmnist64):
+    grads = {}
+
+    def factory(ctx: UnitContext):
+        terms = al.added_losses(ctx)
+        first = [True]
+
+        def wrapped(out_q, target, idx):
+            got = terms(out_q, target, idx)
+            if first[0]:  # gradients of the CL term alone, at the first iteration
+                first[0] = False
+                alphas = [layer.wq.alpha for layer in ctx.unit.layers()]
+                scales = [q.scale for q in ctx.unit.act_quantizers() if q.scale.requires_grad]
+                g = torch.autograd.grad(got["cl"], alphas + scales, retain_graph=True, allow_unused=True)
+                grads[ctx.index] = (g[: len(alphas)], g[len(alphas) :])
+            return got
+
+        return wrapped
+
+    result, log = _run(resnet18, fmnist64, {"method": "qdrop", "cl_calib": {"enabled": True}}, factory)
+    _finite_curves(result, "cl")
+    assert all(set(u.extra) == {"cl"} for u in result.units)
+    _check_tail_once_per_iteration(result, log, SMALL["iters"])
+    assert set(grads) == set(range(len(result.units)))
+    n_scales = 0
+    for k, (g_alpha, g_scale) in grads.items():
+        for g in g_alpha:
+            assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, result.units[k].name
+        for g in g_scale:
+            assert g is not None and torch.isfinite(g) and g != 0, result.units[k].name
+        n_scales += len(g_scale)
+    assert n_scales >= len(result.units) - 1  # every unit but the classifier has a learned step size
+
+
+# ------------------------------------------------------------------ one unit, without the engine
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10)
+    x = torch.randn(12, 3, 32, 32)
+    qm = QuantModel(model, QuantSpec(4, 4, 8), x)
+    for layer in qm.layers():
+        layer.wq.init_range(layer.weight, mse=False)
+    units = qm.units()
+    outs = {}
+    hooks = [u.register_forward_hook(lambda _m, _i, o, k=k: outs.__setitem__(k, o)) for k, u in enumerate(units)]
+    with torch.no_grad():
+        qm(x)
+    for h in hooks:
+        h.remove()
+    return qm, outs
+
+
+def _ctx(qm, outs, k, **cfg):
+    cfg = CalibConfig.model_validate({"batch_size": 4, **cfg})
+    return UnitContext(qm, k, qm.units()[k], outs[k], cfg)
+
+
+def test_terms_match_the_formulas_and_share_one_tail_call(small_net):
+    qm, outs = small_net
+    k = 3
+    cfg = {"method": "pdquant", "cl_calib": {"enabled": True, "lambda": 0.3, "tau": 0.2, "critic": "infonce", "negatives": "bank"}}
+    ctx = _ctx(qm, outs, k, **cfg)
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)
+        terms = al.added_losses(ctx)
+    idx = torch.tensor([0, 5, 7, 5])
+    out_q = (outs[k][idx] + 0.05 * torch.randn_like(outs[k][idx])).requires_grad_(True)
+    log.clear()
+    got = terms(out_q, outs[k][idx], idx)
+    assert [g for _, g, _ in log] == [True]  # the tail ran once, on out_q
+    tail = fp_tail(qm, k, "logits")
+    with torch.no_grad():
+        l_q, l_f, l_all = tail(out_q), tail(outs[k][idx]), tail(outs[k])
+    assert got["pd"].item() == pytest.approx(10.0 * pd_loss(l_q, l_f, 4.0).item(), rel=1e-5)
+    ref = contrastive_loss(embed(l_q), embed(l_f), tau=0.2, critic="infonce", bank=embed(l_all), bank_index=idx, calib_size=12)
+    assert got["cl"].item() == pytest.approx(0.3 * ref.item(), rel=1e-5)
+    (got["pd"] + got["cl"]).backward()
+    assert out_q.grad is not None and out_q.grad.abs().sum() > 0
+
+
+def test_default_cl_uses_batch_negatives_and_excludes_repeated_samples(small_net):
+    qm, outs = small_net
+    k = 3
+    terms = al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True}))
+    idx = torch.tensor([2, 9, 2, 4])
+    z_q = outs[k][idx] * 1.2
+    got = terms(z_q, outs[k][idx], idx)
+    tail = fp_tail(qm, k, "logits")
+    with torch.no_grad():
+        e_q, e_f = embed(tail(z_q)), embed(tail(outs[k][idx]))
+    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="nce", bank_index=idx, calib_size=12)
+    assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+
+
+def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net):
+    qm, outs = small_net
+    k = 4
+    ctx = _ctx(qm, outs, k, method="pdquant", cl_calib={"enabled": True, "tail_end": "features", "negatives": "batch"})
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)
+        terms = al.added_losses(ctx)
+        log.clear()
+        idx = torch.tensor([1, 2, 3, 4])
+        got = terms(outs[k][idx] * 1.1, outs[k][idx], idx)
+    assert [(key, g) for key, g, _ in log] == [(("tail", k, "features"), True), (("head",), True)]
+    with torch.no_grad():
+        expect = pd_loss(fp_tail(qm, k)(outs[k][idx] * 1.1), fp_tail(qm, k)(outs[k][idx]), 4.0)
+    assert got["pd"].item() == pytest.approx(10.0 * expect.item(), rel=1e-4)
+    assert set(got) == {"pd", "cl"}
+
+
+def test_final_unit_uses_the_logits_whatever_tail_end_says(small_net):
+    qm, outs = small_net
+    k = len(qm.unit_names) - 1
+    for end in ("features", "logits"):
+        terms = al.added_losses(_ctx(qm, outs, k, method="pdquant", cl_calib={"enabled": True, "tail_end": end}))
+        idx = torch.arange(4)
+        got = terms(outs[k][idx] + 0.1, outs[k][idx], idx)
+        assert set(got) == {"pd", "cl"} and all(torch.isfinite(v) for v in got.values())
+
+
+def test_pool_mapping_and_pd_regulariser(small_net):
+    qm, outs = small_net
+    k = 2
+    cfg = {"method": "pdquant", "pdquant": {"reg_weight": 0.5}, "cl_calib": {"enabled": True, "mapping": "pool", "critic": "nce", "lambda": 0.1, "tau": 0.5, "negatives": "bank"}}
+    terms = al.added_losses(_ctx(qm, outs, k, **cfg))
+    idx = torch.tensor([0, 1, 2, 3])
+    z_q = outs[k][idx] * 0.9
+    got = terms(z_q, outs[k][idx], idx)
+    assert set(got) == {"pd", "pd_reg", "cl"}
+    assert got["pd_reg"].item() == pytest.approx(0.5 * (z_q - outs[k][idx]).pow(2).sum(1).mean().item(), rel=1e-5)
+    bank = embed(pool(outs[k]))
+    ref = contrastive_loss(embed(pool(z_q)), bank[idx], tau=0.5, critic="nce", bank=bank, bank_index=idx, calib_size=12)
+    assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+
+
+def test_skip_rules(small_net):
+    qm, outs = small_net
+    k = 1
+    assert al.added_losses(_ctx(qm, outs, k, method="qdrop")) is None  # nothing enabled
+    assert al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "lambda": 0.0})) is None
+    one = {k: outs[k][:1]}
+    assert al.added_losses(_ctx(qm, one, k, method="qdrop", cl_calib={"enabled": True})) is None  # M = 1
+    ctx = _ctx(qm, outs, k, method="qdrop", batch_size=1, cl_calib={"enabled": True, "negatives": "batch"})
+    assert al.added_losses(ctx) is None  # no other sample in a batch of one
+    terms = al.added_losses(_ctx(qm, outs, k, method="pdquant", batch_size=1, cl_calib={"enabled": True, "negatives": "batch"}))
+    assert set(terms(outs[k][:1], outs[k][:1], torch.tensor([0]))) == {"pd"}
+    terms = al.added_losses(_ctx(qm, outs, k, method="pdquant"))
+    with pytest.raises(RuntimeError, match="ctx.fp_out"):
+        terms(outs[k][:2], outs[k][2:4], torch.tensor([0, 1]))
+
+
+def test_pdquant_defaults_reproduce_the_reference_recipe():
+    """PD-Quant: rec + round + KL / lamb_r, lamb_r = 0.1; T = 4 (ResNet/RegNet), 1 (MobileNet)."""
+    cfg = CalibConfig(method="pdquant")
+    assert (cfg.pdquant.pd_weight, cfg.pdquant.reg_weight, cfg.pdquant.temperature) == (10.0, 0.0, None)
+    x = torch.randn(1, 3, 32, 32)
+    resnet = QuantModel(build_model("resnet18", 10), QuantSpec(4, 4, 8), x)
+    mobile = QuantModel(build_model("mobilenet_v2", 10), QuantSpec(4, 4, 8), x)
+    assert al.pd_temperature(cfg, resnet) == 4.0
+    assert al.pd_temperature(cfg, mobile) == 1.0
+    assert al.pd_temperature(CalibConfig(method="pdquant", pdquant={"temperature": 2.5}), mobile) == 2.5
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_adaround_gets_the_terms_on_one_layer_units():
+    torch.manual_seed(0)
+    seen = []
+
+    def factory(ctx):
+        seen.append(ctx.index)
+        return al.added_losses(ctx)
+
+    result = calibrate(_Tiny().eval(), torch.randn(8, 3, 6, 6), {**SMALL, "method": "adaround", "calib_size": 8, "batch_size": 4,
+                                                                 "cl_calib": {"enabled": True}}, extra_losses=factory)
+    assert seen == [0, 1]
+    assert all("cl" in u.extra for u in result.units)
