@@ -75,7 +75,7 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         # crash everything (SIGKILL to serve, its worker and validator) with jobs queued and running
         with Client(url) as c:
             ids = [c.submit(model=MOBILENET, calibration=fmnist_zips["calib"], arch="mobilenet_v2", num_classes=10,
-                            config={**FAST, "iters": 30} if i == 0 else {**FAST, "method": "minmax"})["id"]
+                            config={**FAST, "iters": 30} if i == 0 else {**FAST, "method": "minmax", "calib_size": 16})["id"]
                    for i in range(3)]
             before = [c.status(i)["state"] for i in ids]
         serve.kill(signal.SIGKILL)

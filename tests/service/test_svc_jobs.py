@@ -102,7 +102,8 @@ def test_load_cancel_running_and_queued(stack, fmnist_zips):
         assert c.post(f"/v1/jobs/{a}/cancel").json()["state"] == "canceled"
         assert c.post(f"/v1/jobs/{a}/cancel").status_code == 409
     # the worker stops the canceled job within seconds and takes the next one
-    nxt = stack.submit(MOBILENET, fmnist_zips["calib"], FAST, arch="mobilenet_v2").json()["id"]
+    nxt = stack.submit(MOBILENET, fmnist_zips["calib"], {**FAST, "method": "minmax", "calib_size": 16},
+                       arch="mobilenet_v2").json()["id"]
     assert stack.wait_state(nxt, timeout=120)["state"] == "succeeded", stack.logs()
     jb = stack.job(b)
     assert jb["state"] == "canceled" and jb["attempts"] == 0 and jb["started_at"] is None

@@ -16,14 +16,15 @@ from svc_helpers import wait_until
 from service.store import Store
 
 N_JOBS = 20
-FILLER = {**FAST, "method": "minmax"}  # the other 19: no reconstruction, ~4 s each on one core
-LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "60"))  # the job to be killed: slow units
+FILLER = {**FAST, "method": "minmax", "calib_size": 16}  # the other 19: no reconstruction, ~3 s each
+LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "40"))  # the job to be killed: slow units
 
 
 def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url, stack_factory, fmnist_zips):
     redis = redis_server(appendonly=True)
     st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=postgres_url,
-                       CLCALIB_STALE_AFTER_S=4, CLCALIB_MAX_ATTEMPTS=3)
+                       CLCALIB_STALE_AFTER_S=4, CLCALIB_MAX_ATTEMPTS=3,
+                       CLCALIB_VALIDATE_SAMPLE=8)
     st.start_api()
     w1 = st.start_worker()
     t0 = time.monotonic()
