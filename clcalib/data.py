@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import stat
 import tarfile
 import zipfile
@@ -147,7 +148,8 @@ class ImageSource:
         except DataError:
             raise
         except Exception as e:  # PIL raises many types for broken files
-            raise DataError(f"{name}: not a readable image ({e})") from None
+            why = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", str(e))  # PIL names the BytesIO object
+            raise DataError(f"{name}: not a readable image ({type(e).__name__}: {why})") from None
 
     def close(self) -> None:
         for h in (self._zip, self._tar):
@@ -238,7 +240,7 @@ def class_names_to_indices(names: list[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(uniq)}
 
 
-def _class_of(names: list[str]) -> list[str]:
+def class_of(names: list[str]) -> list[str]:
     parts = [PurePosixPath(n).parts for n in names]
     # a single wrapping folder (zip of "test/0/x.png") is not a class level
     while parts and all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
@@ -251,7 +253,7 @@ def _class_of(names: list[str]) -> list[str]:
 def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS) -> LabeledImages:
     src = ImageSource(path, limits)
     try:
-        classes = _class_of(src.names)
+        classes = class_of(src.names)
         index = class_names_to_indices(classes)
         labels = torch.tensor([index[c] for c in classes])
         return LabeledImages(_stack(src, src.names, pre), labels, sorted(index, key=index.get))

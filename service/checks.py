@@ -101,11 +101,11 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
     # 4. the evaluation set: class folders that fit num_classes, decodable, same size
     n_eval = 0
     if evaluation is not None:
-        from clcalib.data import _class_of, class_names_to_indices
+        from clcalib.data import class_names_to_indices, class_of
 
         try:
             names, ex = images(evaluation)
-            index = class_names_to_indices(_class_of(names))
+            index = class_names_to_indices(class_of(names))
             if max(index.values()) >= num_classes:
                 raise DataError(f"class folders map to index {max(index.values())} but the model has "
                                 f"num_classes={num_classes}")

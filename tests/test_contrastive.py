@@ -361,7 +361,7 @@ def test_gradients_reach_step_sizes_and_rounding_variables():
 
 
 def test_from_config_carries_settings_and_requires_a_bank():
-    cfg = ClCalib(enabled=True, **{"lambda": 0.3}, tau=0.2, critic="infonce", num_negatives=7)
+    cfg = ClCalib(enabled=True, **{"lambda": 0.3}, tau=0.2, critic="infonce", negatives="bank", num_negatives=7)
     loss = ContrastiveLoss.from_config(cfg, calib_size=128)
     assert (loss.tau, loss.critic, loss.use_bank, loss.num_negatives) == (0.2, "infonce", True, 7)
     assert (loss.weight, loss.calib_size, loss.mapping) == (0.3, 128, "fp_tail")

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from clcalib.errors import ModelMismatchError
+
+if TYPE_CHECKING:  # the API process lists archs without importing torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception:
             pass  # not safetensors after all; try torch's format below
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message goes on to suggest weights_only=False, which would run the pickle's code
+        text = str(e).strip()
+        if "Weights only load failed" in text or "weights_only" in text:
+            why = "it is a pickle that needs more than tensors (code or custom objects) to load"
+        else:
+            why = (text.splitlines() or [type(e).__name__])[0][:200]
         raise ModelMismatchError(
             f"{path.name}: not a safetensors file nor a plain PyTorch state_dict loadable with "
-            f"weights_only=True ({first[:300]}); save it with safetensors.torch.save_file(model.state_dict(), ...)"
+            f"weights_only=True: {why}. Save it with safetensors.torch.save_file(model.state_dict(), ...)"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
