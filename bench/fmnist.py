@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import numpy as np
 from PIL import Image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# the shared reference checkpoints sit beside the checkout (../shared/reference); override with
+# CLCALIB_REFERENCE_DIR where they live elsewhere
+REFERENCE = Path(os.environ.get("CLCALIB_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 # the reference models' preprocessing: 28x28 gray -> RGB, no resize or crop
 PREPROCESS = {"resize": None, "crop": None, "mean": [0.286], "std": [0.353]}
 
