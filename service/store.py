@@ -251,6 +251,10 @@ class Store:
         values: dict[str, Any] = {"heartbeat_at": now}
         if progress is not None:
             values.update(progress=progress, updated_at=now)
+        return self._update_running(job_id, attempt, values)
+
+    def _update_running(self, job_id: str, attempt: int, values: dict[str, Any]) -> bool:
+        """Update the row only while this attempt still owns it (running, same attempt)."""
         with self.session.begin() as s:
             r = s.execute(
                 update(JobRow)
@@ -279,13 +283,7 @@ class Store:
             values["artifacts"] = artifacts
         if progress is not None:
             values["progress"] = progress
-        with self.session.begin() as s:
-            r = s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state == RUNNING, JobRow.attempts == attempt)
-                .values(**values)
-            )
-            return r.rowcount == 1
+        return self._update_running(job_id, attempt, values)
 
     # ---- reaper -----------------------------------------------------------------------
     def reap_stale(self, *, stale_after_s: float, max_attempts: int) -> tuple[list[str], list[str]]:
