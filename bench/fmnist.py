@@ -13,9 +13,17 @@ import numpy as np
 from PIL import Image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-# the shared reference checkpoints sit beside the checkout (../shared/reference); override with
-# CLCALIB_REFERENCE_DIR where they live elsewhere
-REFERENCE = Path(os.environ.get("CLCALIB_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+# the shared reference checkpoints: $CLCALIB_REFERENCE_DIR, else ../shared/reference beside the
+# checkout, else /work/shared/reference (where this project's machines keep them)
+def _reference_dir() -> Path:
+    for cand in (os.environ.get("CLCALIB_REFERENCE_DIR"), Path(__file__).resolve().parents[2] / "shared" / "reference",
+                 "/work/shared/reference"):
+        if cand and (Path(cand) / "fmnist_resnet18.safetensors").is_file():
+            return Path(cand)
+    return Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+REFERENCE = _reference_dir()
 # the reference models' preprocessing: 28x28 gray -> RGB, no resize or crop
 PREPROCESS = {"resize": None, "crop": None, "mean": [0.286], "std": [0.353]}
 
