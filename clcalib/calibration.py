@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig, Method
@@ -32,6 +34,20 @@ class CalibrationResult:
     calib_sha256: str
     device: str
     metrics: dict = field(default_factory=dict)
+
+
+@contextmanager
+def exact_numerics():
+    """FP32 convolutions and matmuls (no TF32) and deterministic cuDNN kernels while calibrating
+    and measuring: the reported accuracy must be what an FP32 runtime of the checkpoint gives,
+    and a resumed run must equal an uninterrupted one. Restores the previous settings."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, False, True, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,7 +72,7 @@ def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
 
 def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
     h = hashlib.sha256(calib_sha.encode())
-    h.update(cfg.model_dump_json(exclude={"device"}).encode())
+    h.update(cfg.model_dump_json().encode())  # device included: CPU and GPU runs differ in the last bits
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -76,7 +92,25 @@ def calibrate(
     (N x C x H x W, already preprocessed). ``on_progress`` receives ProgressEvents and may raise
     Canceled. With ``resume_dir``, state is saved after each unit and a rerun on the same
     inputs continues after the last finished unit."""
-    cfg = config if isinstance(config, CalibConfig) else CalibConfig.model_validate(config or {})
+    with exact_numerics():
+        return _calibrate(model, calibration_data, config, on_progress, resume_dir, extra_losses)
+
+
+def _calibrate(
+    model: nn.Module,
+    calibration_data: Tensor,
+    config: CalibConfig | dict | None,
+    on_progress: ProgressCallback | None,
+    resume_dir: str | Path | None,
+    extra_losses: ExtraLossFactory | None,
+) -> CalibrationResult:
+    if isinstance(config, CalibConfig):
+        cfg = config
+    else:
+        try:
+            cfg = CalibConfig.model_validate(config or {})
+        except ValidationError as e:
+            raise ConfigError(f"invalid config: {e}") from None
     if not isinstance(calibration_data, Tensor) or calibration_data.ndim != 4 or len(calibration_data) == 0:
         shape = tuple(calibration_data.shape) if isinstance(calibration_data, Tensor) else type(calibration_data).__name__
         raise DataError(f"calibration data must be a non-empty N x C x H x W tensor, got {shape}")
@@ -86,7 +120,9 @@ def calibrate(
     calib_sha = tensor_sha256(data)
     torch.manual_seed(cfg.seed)
     data = data.to(device)
-    qm = QuantModel(model.cpu(), QuantSpec.from_config(cfg), data[:1].cpu()).to(device)
+    if not torch.isfinite(data).all():
+        raise DataError("calibration data holds NaN or infinite values")
+    qm = QuantModel(model, QuantSpec.from_config(cfg), data[:1]).to(device)  # a copy: the caller's model stays
     mse = cfg.method is not Method.MINMAX
     for layer in qm.layers():
         layer.wq.init_range(layer.weight, mse=mse)

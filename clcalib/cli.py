@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from clcalib.config import CalibConfig, Method
-from clcalib.errors import CalibrationError
+from clcalib.errors import CalibrationError, ConfigError
 
 
 def _floats(text: str) -> list[float]:
@@ -22,7 +22,9 @@ def _size(text: str) -> int | None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="quantize a model and write OUTDIR/quantized.safetensors + report.json")
+    # allow_abbrev=False: _given() looks for the exact flags ('none' is a value for some)
+    p = sub.add_parser("calibrate", help="quantize a model and write OUTDIR/quantized.safetensors + report.json",
+                       allow_abbrev=False)
     p.add_argument("--arch", required=True)
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--weights", required=True, help="state_dict: .safetensors or a torch file (weights_only)")
@@ -64,7 +66,12 @@ def _given(a: argparse.Namespace, flag: str) -> bool:
 
 
 def config_from_args(a: argparse.Namespace) -> CalibConfig:
-    base = json.loads(Path(a.config).read_text()) if a.config else {}
+    try:
+        base = json.loads(Path(a.config).read_text()) if a.config else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {a.config}: not a readable JSON file ({e})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"--config {a.config}: expected a JSON object of config fields")
     top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
            "device", "round_weight", "drop_prob"]
     for k in top:
@@ -164,15 +171,20 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from clcalib.calibration import resolve_device
     from clcalib.config import Preprocess
     from clcalib.data import load_labeled
+    from clcalib.errors import DataError
     from clcalib.export import load_quantized
     from clcalib.metrics import predict, top1
 
-    model = load_quantized(a.checkpoint, device=a.device)
+    device = str(resolve_device(a.device))
+    model = load_quantized(a.checkpoint, device=device)
     header = model.header
     data = load_labeled(a.eval, Preprocess.model_validate(header["preprocess"]))
-    acc = top1(predict(model, data.images, device=a.device), data.labels)
+    if int(data.labels.max()) >= header["num_classes"]:
+        raise DataError(f"{a.eval}: class index {int(data.labels.max())} but the model has {header['num_classes']} classes")
+    acc = top1(predict(model, data.images, device=device), data.labels)
     out = {"quant_top1": acc, "images": len(data.labels), "arch": header["arch"], "method": header["method"]}
     print(json.dumps(out) if a.json else f"{header['arch']} {header['method']}: top-1 {acc:.2f}% on {len(data.labels)} images")
     return 0
@@ -185,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate(sub)
     try:
         from service.cli import add_commands
-    except ImportError as e:  # the library installed without the service
-        print(f"(service commands unavailable: {e})", file=sys.stderr)
+    except ImportError:  # the library without the service: calibrate/evaluate only
+        pass
     else:
         add_commands(sub)
     args = parser.parse_args(argv)

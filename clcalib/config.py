@@ -115,8 +115,8 @@ class CalibConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.beta[0] < self.beta[1] or self.beta[1] <= 0:
-            raise ValueError(f"beta must anneal downwards from a positive start, got {self.beta}")
+        if self.beta[0] < self.beta[1] or self.beta[1] < 1:
+            raise ValueError(f"beta must anneal downwards and stay >= 1 (|2h-1|^(beta-1) is infinite at h=0.5 below 1), got {self.beta}")
         if self.cl_calib.enabled and not self.method.reconstructs:
             raise ValueError(
                 f"cl_calib needs a reconstruction method (adaround, brecq, qdrop, pdquant), got method={self.method.value}"

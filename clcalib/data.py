@@ -13,6 +13,7 @@ import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,9 @@ from PIL import Image
 from clcalib.config import Preprocess
 from clcalib.errors import DataError
 
+# what a damaged or hostile archive raises from the standard library while being read
+BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, RuntimeError,
+                  NotImplementedError, KeyError, ValueError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 TENSOR_SUFFIXES = {".npy", ".safetensors"}
 
@@ -34,6 +38,7 @@ class Limits:
     max_total_bytes: int = 8 << 30  # decompressed
     max_member_bytes: int = 64 << 20
     max_image_pixels: int = 40_000_000
+    max_tensor_bytes: int = 16 << 30  # all decoded images of one set, as float32
 
 
 DEFAULT_LIMITS = Limits()
@@ -62,16 +67,24 @@ class ImageSource:
         if not self.path.exists():
             raise DataError(f"{self.path}: no such file or directory")
         self._zip = self._tar = None
-        if self.path.is_dir():
-            self.names = self._scan_dir()
-        elif zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
-            self.names = self._scan_zip()
-        elif tarfile.is_tarfile(self.path):
-            self._tar = tarfile.open(self.path)
-            self.names = self._scan_tar()
-        else:
-            raise DataError(f"{self.path}: not a folder, zip or tar of images (nor .npy/.safetensors)")
+        self._members: dict[str, tarfile.TarInfo] = {}
+        try:
+            if self.path.is_dir():
+                self.names = self._scan_dir()
+            elif zipfile.is_zipfile(self.path):
+                self._zip = zipfile.ZipFile(self.path)
+                self.names = self._scan_zip()
+            elif tarfile.is_tarfile(self.path):
+                self._tar = tarfile.open(self.path)
+                self.names = self._scan_tar()
+            else:
+                raise DataError(f"{self.path}: not a folder, zip or tar of images (nor .npy/.safetensors)")
+        except DataError:
+            self.close()
+            raise
+        except BROKEN_ARCHIVE as e:
+            self.close()
+            raise DataError(f"{self.path.name}: damaged or unsupported archive ({type(e).__name__}: {e})") from None
         if not self.names:
             raise DataError(f"{self.path}: contains no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
@@ -109,10 +122,13 @@ class ImageSource:
         return sorted(names)
 
     def _scan_tar(self) -> list[str]:
-        members = self._tar.getmembers()
-        self._check_totals(len(members), sum(m.size for m in members))
-        names = []
-        for m in members:
+        # streamed, with the caps checked as we go: getmembers() would first read (and for
+        # .tar.gz decompress) the whole archive, however many entries it holds
+        names, count, total = [], 0, 0
+        for m in self._tar:
+            count += 1
+            total += m.size
+            self._check_totals(count, total)
             p = _safe_name(m.name)
             if m.issym() or m.islnk():
                 raise DataError(f"archive member {m.name!r} is a link; links are not accepted")
@@ -122,17 +138,22 @@ class ImageSource:
                 if m.size > self.limits.max_member_bytes:
                     raise DataError(f"archive member {m.name!r} is {m.size} bytes, more than {self.limits.max_member_bytes}")
                 names.append(m.name)
-        return sorted(names)
+                self._members[m.name] = m
+        # archive order, not sorted: seeking backwards in a compressed tar re-reads it from the start
+        return names
 
     def read(self, name: str) -> bytes:
         cap = self.limits.max_member_bytes
-        if self._zip is not None:
-            with self._zip.open(name) as f:
-                data = f.read(cap + 1)
-        elif self._tar is not None:
-            data = self._tar.extractfile(name).read(cap + 1)
-        else:
-            data = (self.path / name).read_bytes()
+        try:
+            if self._zip is not None:
+                with self._zip.open(name) as f:
+                    data = f.read(cap + 1)
+            elif self._tar is not None:
+                data = self._tar.extractfile(self._members[name]).read(cap + 1)
+            else:
+                data = (self.path / name).read_bytes()
+        except BROKEN_ARCHIVE as e:
+            raise DataError(f"{name}: cannot be read from the archive ({type(e).__name__}: {e})") from None
         if len(data) > cap:
             raise DataError(f"{name}: larger than {cap} bytes once decompressed")
         return data
@@ -171,7 +192,12 @@ def make_transform(pre: Preprocess):
 
 def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
     tf = make_transform(pre)
-    tensors = [tf(src.decode(n)) for n in names]
+    first = tf(src.decode(names[0]))
+    need = first.numel() * 4 * len(names)
+    if need > src.limits.max_tensor_bytes:
+        raise DataError(f"{src.path.name}: {len(names)} images of {tuple(first.shape)} need {need >> 20} MiB, more than "
+                        f"the {src.limits.max_tensor_bytes >> 20} MiB allowed; send fewer or smaller images (preprocess.resize/crop)")
+    tensors = [first] + [tf(src.decode(n)) for n in names[1:]]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise DataError(
@@ -200,6 +226,8 @@ def load_tensor_file(path: Path) -> torch.Tensor:
         t = next(iter(tensors.values()))
     if t.ndim != 4 or t.shape[0] == 0 or not t.is_floating_point():
         raise DataError(f"{path}: expected a float tensor N x C x H x W with N >= 1, got {t.dtype} {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise DataError(f"{path}: the tensor holds NaN or infinite values")
     return t.float()
 
 

@@ -23,6 +23,10 @@ class ModelMismatchError(CalibrationError, ValueError):
     pass
 
 
+class UnsupportedModel(ModelMismatchError, NotImplementedError):
+    """The model's structure is outside what the partitioner handles."""
+
+
 class DataError(CalibrationError, ValueError):
     pass
 

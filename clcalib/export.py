@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from clcalib.config import CalibConfig
 from clcalib.errors import ExportError
@@ -122,8 +122,11 @@ def read_header(path: str | Path) -> dict:
         raise ExportError(f"{path}: not a readable safetensors file ({e})") from None
     if "clcalib" not in meta:
         raise ExportError(f"{path}: a safetensors file without a clcalib header; not a quantized checkpoint")
-    header = json.loads(meta["clcalib"])
-    if header.get("format") != FORMAT:
+    try:
+        header = json.loads(meta["clcalib"])
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: the clcalib header is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ExportError(f"{path}: format {header.get('format')!r}, this clcalib reads {FORMAT!r}")
     return header
 
@@ -131,10 +134,29 @@ def read_header(path: str | Path) -> dict:
 def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
     """A runnable quantized model in eval mode; the checkpoint's header is ``model.header``."""
     header = read_header(path)
-    cfg = CalibConfig.model_validate(header["config"])
-    fp = build_model(header["arch"], header["num_classes"])
-    qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(header["input_shape"]))
+    try:
+        cfg = CalibConfig.model_validate(header["config"])
+        fp = build_model(header["arch"], header["num_classes"])
+        qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(header["input_shape"]))
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"{path}: the header does not describe a model this clcalib can rebuild ({e})") from None
     mods = dict(qm.named_modules())
+    layers = {n for n, m in mods.items() if isinstance(m, QuantLayer)}
+    if set(header["layers"]) != layers:
+        raise ExportError(f"{path}: the checkpoint has {len(header['layers'])} layers, {header['arch']} has {len(layers)}; "
+                          "the file is damaged or from another version")
+    try:
+        _load_tensors(path, header, mods)
+    except SafetensorError as e:
+        raise ExportError(f"{path}: missing or damaged tensors ({e})") from None
+    missing = [n for n, m in mods.items() if isinstance(m, ActQuantizer) and not m.initialized]
+    if missing:
+        raise ExportError(f"{path}: no activation parameters for {missing[:3]}; the file is damaged or incomplete")
+    qm.header = header
+    return qm.to(device).eval()
+
+
+def _load_tensors(path, header: dict, mods: dict) -> None:
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
         for name, (bits, shape) in header["layers"].items():
@@ -153,5 +175,3 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
                     m.scale.copy_(f.get_tensor(f"{name}.a_scale"))
                     m.zero.copy_(f.get_tensor(f"{name}.a_zero"))
                 m.initialized = True
-    qm.header = header
-    return qm.to(device).eval()

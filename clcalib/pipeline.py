@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from clcalib.calibration import calibrate, resolve_device
+from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig
 from clcalib.data import load_calibration, load_labeled
+from clcalib.errors import DataError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict
@@ -28,9 +29,13 @@ REPORT_NAME = "report.json"
 
 def write_json_atomic(obj: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o):
@@ -65,9 +70,10 @@ def run_calibration(
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed)
     evalset = load_labeled(evaluation, config.preprocess) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
-        from clcalib.errors import DataError
-
         raise DataError(f"evaluation has class index {int(evalset.labels.max())} but the model has {num_classes} classes")
+    if evalset is not None and evalset.images.shape[1:] != calib.shape[1:]:
+        raise DataError(f"evaluation images come out {tuple(evalset.images.shape[1:])} but calibration data is "
+                        f"{tuple(calib.shape[1:])}; use the same preprocessing (resize/crop) for both")
 
     result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
     emit = on_progress or (lambda e: None)
@@ -86,8 +92,9 @@ def run_calibration(
     metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
     if evalset is not None:
         emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
-        fp_logits = predict(fp_model.to(device), evalset.images, device=device)
-        q_logits = predict(reloaded, evalset.images, device=device)
+        with exact_numerics():
+            fp_logits = predict(fp_model.to(device), evalset.images, device=device)
+            q_logits = predict(reloaded, evalset.images, device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
     metrics.update({
@@ -100,7 +107,8 @@ def run_calibration(
     })
     if config.cl_calib.enabled:
         metrics["cl_calib"] = config.cl_calib.model_dump(mode="json", by_alias=True)
-    curves = {u.name: {k: {"first": v[0], "last": v[-1], "curve": v} for k, v in u.extra.items() if v}
+    curves = {u.name: {k: {"first": _finite(v[0]), "last": _finite(v[-1]), "curve": [_finite(x) for x in v]}
+                       for k, v in u.extra.items() if v}
               for u in result.units if u.extra}
     if curves:
         metrics["added_loss_curves"] = curves  # per unit: CL / PD terms over the iterations
@@ -112,7 +120,7 @@ def run_calibration(
         "calib_images": len(calib),
         "calib_sha256": result.calib_sha256,
         "metrics": metrics,
-        "units": [u.to_dict() for u in result.units],
+        "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
         "checkpoint": CHECKPOINT_NAME,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from clcalib.config import CalibConfig
+from clcalib.errors import UnsupportedModel
 from clcalib.quant.layer import QuantLayer, QuantUnit
 
 ACTS = (nn.ReLU, nn.ReLU6)
@@ -108,7 +109,7 @@ def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units:
                 if sequential:
                     setattr(parent, children[j][0], nn.Identity())
                 elif type(act) is not nn.ReLU:
-                    raise NotImplementedError(f"{type(act).__name__} outside a Sequential after {name}")
+                    raise UnsupportedModel(f"{type(act).__name__} outside a Sequential after {name}")
                 j += 1
             # outside blocks every layer quantizes its output; inside, only before an activation
             out_bits = spec.a_bits if (act is not None or not in_block) else None
@@ -122,7 +123,7 @@ def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units:
             i = j
             continue
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise NotImplementedError(f"BatchNorm {name} does not follow a conv; cannot fold it")
+            raise UnsupportedModel(f"BatchNorm {name} does not follow a conv; cannot fold it")
         else:
             _convert_children(m, spec, in_block, units)
         i += 1
@@ -147,18 +148,20 @@ class QuantModel(nn.Module):
         try:
             with torch.no_grad():
                 self.model(x[:1].to(next(self.model.buffers()).device))
+        except RuntimeError as e:  # wrong channel count or size for this arch
+            raise UnsupportedModel(f"the model cannot run on inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
         finally:
             for h in hooks:
                 h.remove()
         if sorted(order) != sorted(names.values()):
-            raise NotImplementedError("every unit must run exactly once per forward pass; this model reuses or skips modules")
+            raise UnsupportedModel("every unit must run exactly once per forward pass; this model reuses or skips modules")
         return order
 
     def _apply_first_last_bits(self) -> None:
         units = self.units()
         last = units[-1]
-        if not (isinstance(last.body, QuantLayer) and not last.body.is_conv):
-            raise NotImplementedError("the model must end in a Linear classifier")
+        if len(units) < 2 or not (isinstance(last.body, QuantLayer) and not last.body.is_conv):
+            raise UnsupportedModel("the model must end in a Linear classifier")
         last.body.out_quant = None  # logits stay FP
         fl = self.spec.first_last_bits
         if fl is not None:

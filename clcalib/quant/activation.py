@@ -32,7 +32,8 @@ class ActQuantizer(nn.Module):
             self.observe(x)
         if not (self.active and self.initialized):
             return x
-        return fake_quantize(x, self.scale, self.zero, self.bits)
+        # |s| floored: LSQ may push a step size through zero; a zero step would give NaN
+        return fake_quantize(x, self.scale.abs().clamp_min(1e-8), self.zero, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

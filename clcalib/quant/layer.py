@@ -39,7 +39,9 @@ class QuantLayer(nn.Module):
         if self.is_conv:
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             if layer.padding_mode != "zeros":
-                raise NotImplementedError(f"padding_mode={layer.padding_mode} is not supported")
+                from clcalib.errors import UnsupportedModel
+
+                raise UnsupportedModel(f"padding_mode={layer.padding_mode} is not supported")
         self.act = act if act is not None else nn.Identity()
         self.wq = WeightQuantizer(w.shape, w_bits, w_symmetric)
         self.out_quant = ActQuantizer(out_bits) if out_bits is not None else None

@@ -67,7 +67,7 @@ def search_qparams(
     if mse:
         if not per_channel and flat.shape[1] > max_samples:
             g = torch.Generator().manual_seed(0)
-            flat = flat[:, torch.randperm(flat.shape[1], generator=g)[:max_samples].to(flat.device)]
+            flat = flat[:, torch.randint(flat.shape[1], (max_samples,), generator=g).to(flat.device)]
         best_err = torch.full_like(lo, float("inf"))
         best_a = torch.ones_like(lo)
 

@@ -125,7 +125,8 @@ class Reconstructor:
         unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
         if self.extra_losses is not None and (module is unit or module is unit.body):
             terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, cfg))
-        rec_w = cfg.cl_calib.rec_weight if cfg.cl_calib.enabled else 1.0
+        # rec_weight trades MSE for L_CL; a unit that gets no CL term keeps its full MSE
+        rec_w = cfg.cl_calib.rec_weight if cfg.cl_calib.enabled and terms is not None else 1.0
         every = max(1, min(500, iters // 20))
         acc = torch.zeros((), device=x_q.device)
         extra_acc: dict[str, Tensor] = {}

@@ -1,0 +1,111 @@
+"""Calibration/evaluation data: archive safety and damaged inputs are DataErrors with a message."""
+
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from bench.fmnist import png, split
+from clcalib import ConfigError, DataError, calibrate
+from clcalib.config import Preprocess
+from clcalib.data import ImageSource, Limits, class_names_to_indices, load_calibration, load_labeled
+
+PRE = Preprocess(resize=None, crop=None, mean=(0.286,) * 3, std=(0.353,) * 3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    x, y = split("t10k")
+    return [png(x[i]) for i in range(12)], y[:12]
+
+
+def _zip(path, entries, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return path
+
+
+def test_labeled_zip_maps_class_folders(images, tmp_path):
+    pngs, labels = images
+    names = [f"test/{labels[i]}/{i}.png" for i in range(12)]
+    p = _zip(tmp_path / "e.zip", list(zip(names, pngs, strict=True)))
+    data = load_labeled(p, PRE)
+    expected = [int(n.split("/")[1]) for n in sorted(names)]  # images come in sorted name order
+    assert data.images.shape == (12, 3, 28, 28) and data.labels.tolist() == expected
+    assert class_names_to_indices(["cat", "ant", "dog"]) == {"ant": 0, "cat": 1, "dog": 2}
+
+
+def test_calibration_subset_is_seeded(images, tmp_path):
+    pngs, _ = images
+    p = _zip(tmp_path / "c.zip", [(f"{i}.png", pngs[i]) for i in range(12)])
+    a, b = load_calibration(p, PRE, 5, seed=1), load_calibration(p, PRE, 5, seed=1)
+    assert a.shape == (5, 3, 28, 28) and torch.equal(a, b)
+    assert not torch.equal(a, load_calibration(p, PRE, 5, seed=2))
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("../evil.png", b"x")], "points outside the archive"),
+    ([("/abs.png", b"x")], "points outside the archive"),
+    ([("notes.txt", b"x")], "contains no images"),
+    ([("a.png", b"not a png")], "not a readable image"),
+])
+def test_bad_zip_entries(entries, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        src = ImageSource(_zip(tmp_path / "x.zip", entries))
+        [src.decode(n) for n in src.names]
+
+
+def test_damaged_archives_are_data_errors(images, tmp_path):
+    pngs, _ = images
+    z = _zip(tmp_path / "d.zip", [(f"{i}.png", pngs[i] * 20) for i in range(3)], zipfile.ZIP_DEFLATED)
+    raw = bytearray(z.read_bytes())
+    raw[60:90] = bytes(30)
+    z.write_bytes(bytes(raw))
+    with pytest.raises(DataError):
+        src = ImageSource(z)
+        [src.decode(n) for n in src.names]
+    t = tmp_path / "t.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        for i in range(5):
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(pngs[i])
+            tf.addfile(info, io.BytesIO(pngs[i]))
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+    with pytest.raises(DataError, match="damaged"):
+        src = ImageSource(t)
+        [src.decode(n) for n in src.names]
+
+
+def test_tar_links_and_caps(images, tmp_path):
+    pngs, _ = images
+    t = tmp_path / "l.tar"
+    with tarfile.open(t, "w") as tf:
+        info = tarfile.TarInfo("a.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    with pytest.raises(DataError, match="is a link"):
+        ImageSource(t)
+    with pytest.raises(DataError, match="more than the limit of 3"):
+        ImageSource(_zip(tmp_path / "m.zip", [(f"{i}.png", pngs[i]) for i in range(5)]), Limits(max_entries=3))
+    with pytest.raises(DataError, match="MiB allowed"):
+        load_calibration(_zip(tmp_path / "n.zip", [(f"{i}.png", pngs[i]) for i in range(5)]), PRE, 5,
+                         limits=Limits(max_tensor_bytes=10_000))
+
+
+def test_tensor_files_are_checked(tmp_path):
+    p = tmp_path / "c.npy"
+    np.save(p, np.full((2, 3, 4, 4), np.nan, np.float32))
+    with pytest.raises(DataError, match="NaN"):
+        load_calibration(p, PRE, 2)
+    np.save(p, np.zeros((3, 4, 4), np.float32))
+    with pytest.raises(DataError, match="N x C x H x W"):
+        load_calibration(p, PRE, 2)
+
+
+def test_calibrate_rejects_bad_config_as_config_error():
+    with pytest.raises(ConfigError, match="w_bits"):
+        calibrate(torch.nn.Linear(2, 2), torch.zeros(1, 3, 4, 4), {"w_bits": 1})
