@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from clcalib.config import CalibConfig, Method
 from clcalib.data import tensor_sha256
-from clcalib.errors import ConfigError, DataError
+from clcalib.errors import ConfigError, DataError, UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.progress import ProgressCallback, ProgressEvent
+from clcalib.quant.switch import quantization
 from clcalib.recon.engine import ExtraLossFactory, Reconstructor, UnitReport
 from clcalib.recon.resume import ResumeStore
 
@@ -62,6 +63,26 @@ def resolve_device(name: str) -> torch.device:
 def is_mobile_like(model: nn.Module) -> bool:
     """Depthwise convolutions: the nets for which AdaRound's regulariser weight is 0.1."""
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+@torch.no_grad()
+def _check_conversion(model: nn.Module, qm: QuantModel, x: Tensor) -> None:
+    """With quantization off, the converted model must compute what the original computes;
+    outside the registered blocks, BN/activation fusion follows module order, which a custom
+    model's forward need not."""
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+        ref = model(x.to(dev)).float().cpu()
+    finally:
+        model.train(was_training)
+    with quantization(qm, False):
+        got = qm(x).float().cpu()
+    err = float((got - ref).abs().max())
+    if not err <= 1e-3 * max(1.0, float(ref.abs().max())):
+        raise UnsupportedModel(f"after folding BatchNorm and fusing activations the model's outputs differ by {err:.3g}; "
+                               "its forward does not follow its module order (only the registered architectures are supported)")
 
 
 def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
@@ -123,6 +144,7 @@ def _calibrate(
     if not torch.isfinite(data).all():
         raise DataError("calibration data holds NaN or infinite values")
     qm = QuantModel(model, QuantSpec.from_config(cfg), data[:1]).to(device)  # a copy: the caller's model stays
+    _check_conversion(model, qm, data[:4])
     mse = cfg.method is not Method.MINMAX
     for layer in qm.layers():
         layer.wq.init_range(layer.weight, mse=mse)

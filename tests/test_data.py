@@ -109,3 +109,23 @@ def test_tensor_files_are_checked(tmp_path):
 def test_calibrate_rejects_bad_config_as_config_error():
     with pytest.raises(ConfigError, match="w_bits"):
         calibrate(torch.nn.Linear(2, 2), torch.zeros(1, 3, 4, 4), {"w_bits": 1})
+
+
+def test_a_model_whose_forward_does_not_follow_module_order_is_refused():
+    from torch import nn
+
+    from clcalib.errors import UnsupportedModel
+
+    class Odd(nn.Module):  # ReLU registered after the conv but applied after an add
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+            self.c2, self.fc = nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.relu(self.conv(x) - 0.5 + x)
+            return self.fc(self.c2(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModel, match="does not follow its module order"):
+        calibrate(Odd(), torch.randn(8, 3, 8, 8), {"method": "mse", "iters": 0, "device": "cpu"})
