@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,7 +170,3 @@ def _calibrate(
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
     return CalibrationResult(qm, cfg, units, seconds, calib_sha, str(device),
                              metrics={"calibration_seconds": seconds, "resumed_units": done})
-
-
-def config_json(cfg: CalibConfig) -> str:
-    return json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True)

@@ -14,7 +14,6 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -291,8 +290,3 @@ def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIM
 
 def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
-
-
-def batches(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, len(t), size):
-        yield t[i : i + size]

@@ -79,10 +79,6 @@ def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], 
     return tensors, layers, Storage(qbytes, fbytes)
 
 
-def storage_of(qm: QuantModel) -> Storage:
-    return _tensors(qm)[2]
-
-
 def save_quantized(qm: QuantModel, path: str | Path, *, arch: str, num_classes: int, config: CalibConfig,
                    input_shape: tuple[int, ...], extra: dict | None = None) -> Storage:
     """Write the checkpoint atomically. ``extra`` (metrics, hashes, ...) goes into the header."""

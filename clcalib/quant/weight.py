@@ -93,16 +93,9 @@ class WeightQuantizer(nn.Module):
         self.set_regularizer(None, 0.0)
 
     def set_regularizer(self, beta: float | None, coef: float) -> None:
-        """The next forward also computes ``coef * round_reg(beta)`` (read it from ``last_reg``)."""
+        """The next forward also computes AdaRound's regulariser ``coef * sum(1 - |2h - 1|^beta)``
+        (read it from ``last_reg``); ``beta=None``: no regulariser (warm-up)."""
         self._beta, self._reg_coef = (beta or 1.0), (coef if beta is not None else 0.0)
-
-    def h(self) -> Tensor:
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-    def round_reg(self, beta: float) -> Tensor:
-        """AdaRound regulariser: pushes h towards 0 or 1 (reference formula; the forward pass
-        computes the same value fused, see set_regularizer)."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     def harden(self) -> None:
         """Fix the learned rounding into integer codes and drop the AdaRound variables."""
