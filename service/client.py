@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from clcalib.atomic import atomic_path
+
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
@@ -86,15 +88,13 @@ class Client:
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / name
-        tmp = dest.with_name(dest.name + ".part")
         with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
-            with open(tmp, "wb") as f:
+            with atomic_path(dest) as tmp, open(tmp, "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
                     f.write(chunk)
-        os.replace(tmp, dest)
         return dest
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict]]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
+from clcalib.atomic import atomic_path
 from service.settings import Settings
 from service.storage import Storage
 from service.store import CANCELED, FAILED, SUCCEEDED, Store
@@ -164,6 +164,5 @@ def _write_html(out: Path, report: dict | None) -> None:
         f"<h1>clcalib report</h1><h2>Metrics</h2><table>{rows}</table>"
         f"<h2>Full report</h2><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre>"
     )
-    tmp = out / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(body)
-    os.replace(tmp, out / "report.html")
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(body)
