@@ -11,6 +11,7 @@ reload -> evaluate on the 10k test images); one JSON row per finished run is app
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,6 +44,27 @@ def _key(row: dict) -> tuple:
             json.dumps(row.get("overrides", {}), sort_keys=True))
 
 
+def run_dir(spec: dict) -> Path:
+    """One folder per run key, overrides included: two variants of one setting running at the
+    same time must not share a checkpoint (each reloads its own for evaluation) or resume state."""
+    name = "_".join(str(x) for x in _key(spec)[:6]).replace("/", "-")
+    if spec.get("overrides"):
+        name += "_" + hashlib.sha256(_key(spec)[6].encode()).hexdigest()[:10]
+    return WORK / "runs" / name
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the same machine kind has come with different CPUs, and times
+    (even the last digits of accuracies) are comparable only on one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run_one(spec: dict) -> dict:
     import torch
 
@@ -55,7 +77,7 @@ def run_one(spec: dict) -> dict:
            "device": spec["device"], "calib_size": 1024, "preprocess": PREPROCESS, **spec.get("overrides", {})}
     if spec.get("cl"):
         cfg["cl_calib"] = {**cfg.get("cl_calib", {}), "enabled": True}
-    out = WORK / "runs" / "_".join(str(x) for x in _key(spec)[:6]).replace("/", "-")
+    out = run_dir(spec)
     t = time.perf_counter()
     report = run_calibration(arch=spec["model"], num_classes=10, weights=Path(spec["reference"]) / f"fmnist_{spec['model']}.safetensors",
                              calibration=spec["calib"], evaluation=spec["test"], config=CalibConfig.model_validate(cfg),
@@ -65,9 +87,10 @@ def run_one(spec: dict) -> dict:
             "cl": bool(spec.get("cl")), "overrides": spec.get("overrides", {}),
             "fp_top1": m["fp_top1"], "quant_top1": m["quant_top1"], "top1_agreement": m["top1_agreement"],
             "sqnr_db": m["sqnr_db"], "calib_seconds": round(m["calibration_seconds"], 1),
+            "resumed_units": m.get("resumed_units", 0),  # > 0: calib_seconds covers only the rest
             "wall_seconds": round(time.perf_counter() - t, 1),
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
-            "host": socket.gethostname(), "torch": report["versions"]["torch"], "python": platform.python_version()}
+            "host": socket.gethostname(), "cpu": cpu_model(), "torch": report["versions"]["torch"], "python": platform.python_version()}
 
 
 def main(argv=None) -> int:
