@@ -19,7 +19,6 @@ from collections import defaultdict
 
 from bench.summarize import BITS_ORDER, load
 
-SWEEP_BITS = "W2A4"
 SWEEP_MODEL = "resnet18"
 
 
@@ -68,7 +67,7 @@ def main_table(rows: list[dict], cl: dict) -> str:
     g = _groups(rows)
     key_cl = json.dumps(cl, sort_keys=True)
     out = [f"CL setting: `{json.dumps(cl)}` on top of the base; top-1 % on the 10k test set, mean ± std over seeds.\n",
-           "| model | bits | base | base | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
+           "| model | bits | method | base | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for model, iters in sorted({(k[0], k[1]) for k in g}):
         for bits in BITS_ORDER:
@@ -80,15 +79,22 @@ def main_table(rows: list[dict], cl: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def sweep_table(rows: list[dict], cl: dict) -> str:
+def sweep_bits(rows: list[dict], cl: dict) -> list[str]:
+    """Bit settings with CL rows other than the table's own setting."""
+    key_cl = json.dumps(cl, sort_keys=True)
+    return [b for b in BITS_ORDER if any(k[0] == SWEEP_MODEL and k[2] == b and k[4] not in ("null", key_cl)
+                                         for k in _groups(rows))]
+
+
+def sweep_table(rows: list[dict], cl: dict, bits: str) -> str:
     g = _groups(rows)
-    out = [f"{SWEEP_MODEL} {SWEEP_BITS}, qdrop base; each row moves one knob of `{json.dumps(cl)}`.\n",
+    out = [f"{SWEEP_MODEL} {bits}, qdrop base; each row moves one knob of `{json.dumps(cl)}`.\n",
            "| CL setting | base (qdrop) | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|"]
-    for (model, iters, bits, method, key), rs in sorted(g.items()):
-        if (model, bits, method) != (SWEEP_MODEL, SWEEP_BITS, "qdrop") or key == "null":
+    for (model, iters, b, method, key), rs in sorted(g.items()):
+        if (model, b, method) != (SWEEP_MODEL, bits, "qdrop") or key == "null":
             continue
-        base = g.get((model, iters, bits, method, "null"))
+        base = g.get((model, iters, b, method, "null"))
         if not base:
             continue
         block = json.loads(key)
@@ -105,7 +111,12 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     rows = load(a.files)
     cl = json.loads(a.cl)
-    print("### Base vs base + CL-Calib\n\n" + main_table(rows, cl) + "\n### Sweeps\n\n" + sweep_table(rows, cl))
+    print(report(rows, cl))
+
+
+def report(rows: list[dict], cl: dict) -> str:
+    sweeps = "\n".join(sweep_table(rows, cl, b) for b in sweep_bits(rows, cl))
+    return "### Base vs base + CL-Calib\n\n" + main_table(rows, cl) + "\n### Sweeps\n\n" + sweeps
 
 
 if __name__ == "__main__":

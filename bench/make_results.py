@@ -9,11 +9,14 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.cl_ablation import report as cl_report
 from bench.summarize import load, table
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_anchor.json"
+# the cl_calib block of the CL-Calib table (bench/cl_table.sh's CL)
+CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negatives": "batch", "lambda": 0.1, "tau": 0.5}
 
 
 def anchor_rows(gpu_rows: list[dict]) -> str:
@@ -33,6 +36,23 @@ def anchor_rows(gpu_rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def side_by_side() -> str:
+    """clcalib and the official QDrop code started together on one machine (results/cpu_side_by_side*)."""
+    ours_path, peer_path = RES / "cpu_side_by_side.jsonl", RES / "cpu_side_by_side_peer.json"
+    if not (ours_path.exists() and peer_path.exists()):
+        return "(not run)\n"
+    ours, peer = load([ours_path])[0], json.loads(peer_path.read_text())
+    out = ["| code | bits | iterations | seed | calibration s | top-1 % (10k test) |", "|---|---|---|---|---|---|",
+           f"| clcalib qdrop | {ours['bits']} | {ours['iters']} | {ours['seed']} | **{ours['calib_seconds']:.0f}** | {ours['quant_top1']:.2f} |",
+           f"| official QDrop | {peer['bits']} | {peer['iters']} | {peer['seed']} | {peer['calib_seconds']:.0f} | {peer['quant_top1']:.2f} |"]
+    d = peer["diagnostics"]
+    out.append(f"\nRatio {ours['calib_seconds'] / peer['calib_seconds']:.2f}x. CPU: {ours.get('cpu', '?')}. Official: "
+               f"{d['before_recon_s']:.0f} s before reconstruction + {d['recon_cache_s']:.0f} s caching + "
+               f"{d['loop_s_per_iter_all_units']:.3f} s per iteration (all units), so about "
+               f"{d['before_recon_s'] + d['recon_cache_s'] + 20000 * d['loop_s_per_iter_all_units']:.0f} s at 20000 iterations.")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     cpu = load([RES / "cpu_iters200.jsonl"])
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
@@ -40,6 +60,11 @@ def main() -> None:
     text = (HERE / "RESULTS.head.md").read_text()
     text = text.replace("{{ANCHOR}}", anchor_rows(gpu)).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
     text = text.replace("{{CPU2000}}", table(cpu2000) if cpu2000 else "(not finished)\n")
+    text = text.replace("{{SIDE}}", side_by_side())
+    cl_rows = RES / "cpu_cl_iters200.jsonl"
+    text = text.replace("{{CL}}", cl_report(load([cl_rows]), CL_TABLE) if cl_rows.exists() else "(not run)\n")
+    cpu20000 = load([RES / "cpu_iters20000.jsonl"]) if (RES / "cpu_iters20000.jsonl").exists() else []
+    text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
     (HERE / "RESULTS.md").write_text(text)
 
 
