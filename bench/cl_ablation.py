@@ -69,7 +69,8 @@ def main_table(rows: list[dict], cl: dict) -> str:
     out = [f"CL setting: `{json.dumps(cl)}` on top of the base; top-1 % on the 10k test set, mean ± std over seeds.\n",
            "| model | bits | method | base | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for model, iters in sorted({(k[0], k[1]) for k in g}):
+    order = ["resnet18", "mobilenet_v2"]
+    for model, iters in sorted({(k[0], k[1]) for k in g}, key=lambda m: (order.index(m[0]) if m[0] in order else 9, m)):
         for bits in BITS_ORDER:
             for method in ("qdrop", "pdquant"):
                 base = g.get((model, iters, bits, method, "null"))
@@ -91,17 +92,18 @@ def sweep_table(rows: list[dict], cl: dict, bits: str) -> str:
     out = [f"{SWEEP_MODEL} {bits}, qdrop base; each row moves one knob of `{json.dumps(cl)}`.\n",
            "| CL setting | base (qdrop) | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|"]
-    for (model, iters, b, method, key), rs in sorted(g.items()):
+    lines = []
+    for (model, iters, b, method, key), rs in g.items():
         if (model, b, method) != (SWEEP_MODEL, bits, "qdrop") or key == "null":
             continue
         base = g.get((model, iters, b, method, "null"))
         if not base:
             continue
         block = json.loads(key)
-        moved = {k: v for k, v in block.items() if cl.get(k) != v} or {"(table setting)": ""}
-        label = ", ".join(f"{k} {v}" for k, v in moved.items())
-        out.append(f"| {label} | " + " | ".join(compare(base, rs)) + " |")
-    return "\n".join(out) + "\n"
+        moved = {k: v for k, v in block.items() if cl.get(k) != v}
+        label = ", ".join(f"{k} {v}" for k, v in moved.items()) or "(the table's setting)"
+        lines.append((bool(moved), label, f"| {label} | " + " | ".join(compare(base, rs)) + " |"))
+    return "\n".join(out + [line for *_, line in sorted(lines)]) + "\n"
 
 
 def main(argv=None) -> None:
