@@ -4,7 +4,7 @@
 # its meaning whatever the shipped defaults become.
 #   CL='{"mapping":"fp_tail","tail_end":"logits","critic":"nce","negatives":"batch","lambda":0.1,"tau":0.5}' \
 #     bench/cl_table.sh [all|table|sweeps|w4a4]
-# Phases: the 2-bit table (both models), the sweeps (resnet18 W2A4), then W4A4.
+# Phases: the 2-bit table (both models), the sweeps (resnet18 W2A4, and the mappings at W4A2), then W4A4.
 set -u
 cd "$(dirname "$0")/.."
 ITERS=${ITERS:-200}
@@ -32,6 +32,9 @@ print(json.dumps([{"cl_calib": {**base, **m}} for m in moves if any(base.get(k) 
 PY
 )
   run --models resnet18 --bits W2A4 --methods qdrop --cl on --overrides "$V"
+  # where CL does help (W4A2): does the gain need the FP tail? the two cheap mappings there
+  M=$(python -c 'import json,sys; b=json.loads(sys.argv[1]); print(json.dumps([{"cl_calib": {**b, "mapping": m}} for m in ("pool", "flatten")]))' "$CL")
+  run --models resnet18 --bits W4A2 --methods qdrop --cl on --overrides "$M"
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = w4a4 ]; then
   for model in resnet18 mobilenet_v2; do pair $model W4A4; done
