@@ -35,7 +35,9 @@ def stack(tmp_path_factory):
 
 
 def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tmp_path):
-    r = stack.submit(reference_model, fmnist_zips["calib"], TINY, evaluation=fmnist_zips["eval"])
+    # with CL-Calib on: the service takes the library's cl_calib block as is and reports it
+    cfg = {**TINY, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}}
+    r = stack.submit(reference_model, fmnist_zips["calib"], cfg, evaluation=fmnist_zips["eval"])
     assert r.status_code == 202, r.text
     jid = r.json()["id"]
     SHARED["job"] = jid
@@ -72,6 +74,10 @@ def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tm
                     f.write(chunk)
         report = c.get(f"/v1/jobs/{jid}/artifacts/report.json").json()
     assert report["metrics"] == job["metrics"]
+    m = job["metrics"]
+    assert m["cl_calib"]["enabled"] is True and m["cl_calib"]["lambda"] == 0.2, m["cl_calib"]
+    curves = m["added_loss_curves"]  # per reconstructed unit: the weighted CL term per iteration
+    assert len(curves) == 10 and all(len(c["cl"]["curve"]) >= 1 and c["cl"]["first"] > 0 for c in curves.values()), curves
     got = evaluate(ckpt, fmnist_zips["eval"])
     assert got["n"] == report["metrics"]["eval_images"] == 1000
     assert got["quant_top1"] == report["metrics"]["quant_top1"], (got, report["metrics"])
