@@ -47,9 +47,10 @@ def _key(row: dict) -> tuple:
 def run_dir(spec: dict) -> Path:
     """One folder per run key, overrides included: two variants of one setting running at the
     same time must not share a checkpoint (each reloads its own for evaluation) or resume state."""
-    name = "_".join(str(x) for x in _key(spec)[:6]).replace("/", "-")
+    key = _key(spec)
+    name = "_".join(str(x) for x in key[:6]).replace("/", "-")
     if spec.get("overrides"):
-        name += "_" + hashlib.sha256(_key(spec)[6].encode()).hexdigest()[:10]
+        name += "_" + hashlib.sha256(key[6].encode()).hexdigest()[:10]
     return WORK / "runs" / name
 
 

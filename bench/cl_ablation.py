@@ -1,13 +1,15 @@
 """The CL-Calib ablation of issue 4 as markdown: each base against base+CL, and the sweeps.
 
-    python -m bench.cl_ablation --cl '{"mapping": "pool"}' bench/results/cpu_iters200.jsonl \
-        bench/results/cpu_cl_iters200.jsonl
+    python -m bench.cl_ablation --cl '{"mapping": "fp_tail", ...}' bench/results/cpu_cl_iters200.jsonl
+
+(give only files whose base rows ran beside the CL rows: a base from another file would mix
+machines and loads into the time ratio).
 
 A CL row is identified by its ``overrides["cl_calib"]`` block (bench/cl_table.sh names every
 setting it moves), a base row by ``cl: false`` and no overrides. "Beyond noise" is the issue's
 test: |difference of means| > the larger of the two standard deviations. Time is the mean
-calibration seconds of the rows (the benchmark ran two runs at a time on the 2 cores, base and
-CL rows under the same load).
+calibration seconds of the rows; bench/cl_table.sh runs base and CL rows of a setting one after
+the other, under the same load.
 """
 
 from __future__ import annotations
@@ -63,8 +65,7 @@ def compare(base: list[dict], cl: list[dict]) -> list[str]:
             f"{tb:.0f}", f"{tc:.0f}", f"{tc / tb:.2f}x"]
 
 
-def main_table(rows: list[dict], cl: dict) -> str:
-    g = _groups(rows)
+def main_table(g: dict, cl: dict) -> str:
     key_cl = json.dumps(cl, sort_keys=True)
     out = [f"CL setting: `{json.dumps(cl)}` on top of the base; top-1 % on the 10k test set, mean ± std over seeds.\n",
            "| model | bits | method | base | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
@@ -80,15 +81,13 @@ def main_table(rows: list[dict], cl: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def sweep_bits(rows: list[dict], cl: dict) -> list[str]:
+def sweep_bits(g: dict, cl: dict) -> list[str]:
     """Bit settings with CL rows other than the table's own setting."""
     key_cl = json.dumps(cl, sort_keys=True)
-    return [b for b in BITS_ORDER if any(k[0] == SWEEP_MODEL and k[2] == b and k[4] not in ("null", key_cl)
-                                         for k in _groups(rows))]
+    return [b for b in BITS_ORDER if any(k[0] == SWEEP_MODEL and k[2] == b and k[4] not in ("null", key_cl) for k in g)]
 
 
-def sweep_table(rows: list[dict], cl: dict, bits: str) -> str:
-    g = _groups(rows)
+def sweep_table(g: dict, cl: dict, bits: str) -> str:
     out = [f"{SWEEP_MODEL} {bits}, qdrop base; each row moves one knob of `{json.dumps(cl)}`.\n",
            "| CL setting | base (qdrop) | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|"]
@@ -117,8 +116,9 @@ def main(argv=None) -> None:
 
 
 def report(rows: list[dict], cl: dict) -> str:
-    sweeps = "\n".join(sweep_table(rows, cl, b) for b in sweep_bits(rows, cl))
-    return "### Base vs base + CL-Calib\n\n" + main_table(rows, cl) + "\n### Sweeps\n\n" + sweeps
+    g = _groups(rows)
+    sweeps = "\n".join(sweep_table(g, cl, b) for b in sweep_bits(g, cl))
+    return "### Base vs base + CL-Calib\n\n" + main_table(g, cl) + "\n### Sweeps\n\n" + sweeps
 
 
 if __name__ == "__main__":

@@ -18,22 +18,20 @@ pair() {
   run --models "$1" --bits "$2" --methods qdrop,pdquant --cl off
   run --models "$1" --bits "$2" --methods qdrop,pdquant --cl on --overrides "{\"cl_calib\":$CL}"
 }
+# $CL with each move of the JSON list $1 applied (moves that change nothing dropped): an --overrides list
+moved() {
+  python -c 'import json, sys; b = json.loads(sys.argv[1])
+print(json.dumps([{"cl_calib": {**b, **m}} for m in json.loads(sys.argv[2]) if any(b.get(k) != v for k, v in m.items())]))' "$CL" "$1"
+}
 if [ "$PHASE" = all ] || [ "$PHASE" = table ]; then
   for model in resnet18 mobilenet_v2; do pair $model W2A4,W4A2,W2A2; done
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = sweeps ]; then
   # resnet18 W2A4, each knob of $CL moved on its own
-  V=$(python - "$CL" <<'PY'
-import json, sys
-base = json.loads(sys.argv[1])
-moves = [{"mapping": "pool"}, {"mapping": "flatten"}, {"critic": "infonce"}, {"negatives": "bank"},
-         {"rec_weight": 0.0}, {"lambda": 0.01}, {"lambda": 1.0}, {"tau": 0.1}, {"tau": 2.0}]
-print(json.dumps([{"cl_calib": {**base, **m}} for m in moves if any(base.get(k) != v for k, v in m.items())]))
-PY
-)
-  run --models resnet18 --bits W2A4 --methods qdrop --cl on --overrides "$V"
+  run --models resnet18 --bits W2A4 --methods qdrop --cl on --overrides "$(moved '[{"mapping": "pool"}, {"mapping": "flatten"},
+    {"critic": "infonce"}, {"negatives": "bank"}, {"rec_weight": 0.0}, {"lambda": 0.01}, {"lambda": 1.0}, {"tau": 0.1}, {"tau": 2.0}]')"
   # where CL does help (W4A2): does the gain need the FP tail? the two cheap mappings there
-  M=$(python -c 'import json,sys; b=json.loads(sys.argv[1]); print(json.dumps([{"cl_calib": {**b, "mapping": m}} for m in ("pool", "flatten")]))' "$CL")
+  M=$(moved '[{"mapping": "pool"}, {"mapping": "flatten"}]')
   run --models resnet18 --bits W4A2 --methods qdrop --cl on --overrides "$M"
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = w4a4 ]; then

@@ -53,17 +53,22 @@ def side_by_side() -> str:
     return "\n".join(out) + "\n"
 
 
+def _rows(name: str) -> list[dict]:
+    """Rows of results/<name>, none if the file was not made yet."""
+    return load([RES / name]) if (RES / name).exists() else []
+
+
 def main() -> None:
     cpu = load([RES / "cpu_iters200.jsonl"])
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
-    cpu2000 = load([RES / "cpu_iters2000.jsonl"]) if (RES / "cpu_iters2000.jsonl").exists() else []
+    cpu2000 = _rows("cpu_iters2000.jsonl")
     text = (HERE / "RESULTS.head.md").read_text()
     text = text.replace("{{ANCHOR}}", anchor_rows(gpu)).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
     text = text.replace("{{CPU2000}}", table(cpu2000) if cpu2000 else "(not finished)\n")
     text = text.replace("{{SIDE}}", side_by_side())
-    cl_rows = RES / "cpu_cl_iters200.jsonl"
-    text = text.replace("{{CL}}", cl_report(load([cl_rows]), CL_TABLE) if cl_rows.exists() else "(not run)\n")
-    cpu20000 = load([RES / "cpu_iters20000.jsonl"]) if (RES / "cpu_iters20000.jsonl").exists() else []
+    cl_rows = _rows("cpu_cl_iters200.jsonl")
+    text = text.replace("{{CL}}", cl_report(cl_rows, CL_TABLE) if cl_rows else "(not run)\n")
+    cpu20000 = _rows("cpu_iters20000.jsonl")
     text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
     (HERE / "RESULTS.md").write_text(text)
 
