@@ -44,6 +44,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--round-weight", type=float)
     p.add_argument("--drop-prob", type=float)
+    p.add_argument("--drop-scope", choices=["input", "all"], help="qdrop: drop at the unit input only, or at every activation quantizer too")
     p.add_argument("--resize", type=_size, help="shorter side; 'none' to keep the size")
     p.add_argument("--crop", type=_size, help="center crop; 'none' to skip")
     p.add_argument("--mean", type=_floats, help="one or three values")
@@ -73,7 +74,7 @@ def config_from_args(a: argparse.Namespace) -> CalibConfig:
     if not isinstance(base, dict):
         raise ConfigError(f"--config {a.config}: expected a JSON object of config fields")
     top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
-           "device", "round_weight", "drop_prob"]
+           "device", "round_weight", "drop_prob", "drop_scope"]
     for k in top:
         if getattr(a, k) is not None or (k == "first_last_bits" and _given(a, "--first-last-bits")):
             base[k] = getattr(a, k)

@@ -108,7 +108,12 @@ class CalibConfig(Strict):
     )
     warmup: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of iterations before the rounding regulariser starts")
     beta: tuple[float, float] = Field((20.0, 2.0), description="regulariser beta annealed from start to end")
-    drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="qdrop/pdquant: probability that an element of the unit input is taken from the FP model instead of the quantized one")
+    drop_prob: float = Field(0.5, ge=0.0, le=1.0, description="qdrop/pdquant: probability that an element is kept FP instead of quantized during reconstruction")
+    drop_scope: Literal["input", "all"] = Field(
+        "input",
+        description="qdrop/pdquant: where quantization is dropped: the unit's input only, or also at every "
+        "activation quantizer inside the unit, its output included (the official QDrop code)",
+    )
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()
     pdquant: PdQuant = PdQuant()

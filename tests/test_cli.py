@@ -50,6 +50,21 @@ def test_config_defaults_are_the_papers():
     assert CalibConfig.model_validate({"preprocess": {"mean": 0.5}}).preprocess.mean == (0.5, 0.5, 0.5)
 
 
+def test_qdrop_flags_reach_the_config_fields_of_the_same_name():
+    import argparse
+
+    from clcalib.cli import _add_calibrate, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_calibrate(parser.add_subparsers())
+    argv = ["calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", "w", "--calib", "c", "--out", "o",
+            "--drop-scope", "all", "--drop-prob", "0.3"]
+    c = config_from_args(parser.parse_args(argv))
+    assert (c.drop_scope, c.drop_prob, CalibConfig().drop_scope) == ("all", 0.3, "input")
+    with pytest.raises(SystemExit):  # argparse names the choices on stderr
+        parser.parse_args([*argv[:-4], "--drop-scope", "inside"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet19"], "unknown arch 'resnet19'; known: resnet18, resnet34"),
     (["--weights", "/nonexistent.safetensors"], "no such weights file"),

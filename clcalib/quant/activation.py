@@ -19,6 +19,7 @@ class ActQuantizer(nn.Module):
         self.active = True  # switched off to run the FP model (see quant.switch)
         self.observing = False
         self.mse = True
+        self.drop: tuple[float, torch.Generator] | None = None  # QDrop during reconstruction (quant.switch)
 
     def observe(self, x: Tensor) -> None:
         scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.mse)
@@ -33,7 +34,12 @@ class ActQuantizer(nn.Module):
         if not (self.active and self.initialized):
             return x
         # |s| floored: LSQ may push a step size through zero; a zero step would give NaN
-        return fake_quantize(x, self.scale.abs().clamp_min(1e-8), self.zero, self.bits)
+        q = fake_quantize(x, self.scale.abs().clamp_min(1e-8), self.zero, self.bits)
+        if self.drop is None:
+            return q
+        p, gen = self.drop
+        keep_fp = torch.rand(x.shape, generator=gen, device=x.device) < p
+        return torch.where(keep_fp, x, q)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from clcalib.quant.activation import ActQuantizer
@@ -34,6 +35,18 @@ def observing(quantizers: list[ActQuantizer]):
     finally:
         for q in quantizers:
             q.observing = False
+
+
+@contextmanager
+def dropping(quantizers: list[ActQuantizer], prob: float, generator: torch.Generator):
+    """QDrop: each element a quantizer sees stays FP with probability ``prob`` until exit."""
+    for q in quantizers:
+        q.drop = (prob, generator)
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.drop = None
 
 
 @contextmanager

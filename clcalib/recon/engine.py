@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from clcalib.config import CalibConfig, Method
 from clcalib.graph.partition import QuantModel
 from clcalib.progress import ProgressCallback, ProgressEvent
+from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
-from clcalib.quant.switch import frozen, observing
+from clcalib.quant.switch import dropping, frozen, observing
 from clcalib.recon.capture import capture
 from clcalib.recon.losses import beta_at, rec_loss
 
@@ -131,46 +132,49 @@ class Reconstructor:
         acc = torch.zeros((), device=x_q.device)
         extra_acc: dict[str, Tensor] = {}
         t = time.perf_counter()
+        # official QDrop drops at every activation quantizer of the unit, not only its input
+        inner = [q for q in module.modules() if isinstance(q, ActQuantizer)] if x_fp is not None and cfg.drop_scope == "all" else []
         try:
-            for it in range(iters):
-                idx = torch.randint(n, (bs,), generator=gen, device=x_q.device)
-                inp = x_q[idx]
-                if x_fp is not None:
-                    keep_fp = torch.rand(inp.shape, generator=gen, device=inp.device) < cfg.drop_prob
-                    inp = torch.where(keep_fp, x_fp[idx], inp)
-                beta = beta_at(it, iters, cfg.warmup, *cfg.beta)
-                for layer in layers:
-                    layer.wq.set_regularizer(beta, self.round_weight)
-                out = module(inp)
-                target = y_f[idx]
-                rec = rec_loss(out, target)
-                loss = rec_w * rec
-                if terms is not None:
-                    for key, val in terms(out, target, idx).items():
-                        loss = loss + val
-                        extra_acc[key] = extra_acc.get(key, 0) + val.detach()
-                if beta is not None and self.round_weight > 0:
-                    loss = loss + sum(layer.wq.last_reg for layer in layers)
-                opt_w.zero_grad(set_to_none=True)
-                if opt_a is not None:
-                    opt_a.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_w.step()
-                if opt_a is not None:
-                    opt_a.step()
-                    sched.step()
-                acc += rec.detach()
-                if (it + 1) % every == 0 or it + 1 == iters:
-                    done = (it % every) + 1
-                    mean = float(acc) / done  # one host sync per reporting window, not per iteration
-                    for key, v in extra_acc.items():
-                        extra.setdefault(key, []).append(float(v) / done)
-                    acc.zero_()
-                    extra_acc.clear()
-                    rate = (time.perf_counter() - t) / (it + 1)
-                    remaining = (iters - it - 1) * rate + (len(self.units) - k - 1) * iters * rate
-                    self._emit(stage="reconstruct", unit=k, unit_name=self.qm.unit_names[k],
-                               iteration=it + 1, loss=mean, eta_s=remaining)
+            with dropping(inner, cfg.drop_prob, gen):
+                for it in range(iters):
+                    idx = torch.randint(n, (bs,), generator=gen, device=x_q.device)
+                    inp = x_q[idx]
+                    if x_fp is not None:
+                        keep_fp = torch.rand(inp.shape, generator=gen, device=inp.device) < cfg.drop_prob
+                        inp = torch.where(keep_fp, x_fp[idx], inp)
+                    beta = beta_at(it, iters, cfg.warmup, *cfg.beta)
+                    for layer in layers:
+                        layer.wq.set_regularizer(beta, self.round_weight)
+                    out = module(inp)
+                    target = y_f[idx]
+                    rec = rec_loss(out, target)
+                    loss = rec_w * rec
+                    if terms is not None:
+                        for key, val in terms(out, target, idx).items():
+                            loss = loss + val
+                            extra_acc[key] = extra_acc.get(key, 0) + val.detach()
+                    if beta is not None and self.round_weight > 0:
+                        loss = loss + sum(layer.wq.last_reg for layer in layers)
+                    opt_w.zero_grad(set_to_none=True)
+                    if opt_a is not None:
+                        opt_a.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_w.step()
+                    if opt_a is not None:
+                        opt_a.step()
+                        sched.step()
+                    acc += rec.detach()
+                    if (it + 1) % every == 0 or it + 1 == iters:
+                        done = (it % every) + 1
+                        mean = float(acc) / done  # one host sync per reporting window, not per iteration
+                        for key, v in extra_acc.items():
+                            extra.setdefault(key, []).append(float(v) / done)
+                        acc.zero_()
+                        extra_acc.clear()
+                        rate = (time.perf_counter() - t) / (it + 1)
+                        remaining = (iters - it - 1) * rate + (len(self.units) - k - 1) * iters * rate
+                        self._emit(stage="reconstruct", unit=k, unit_name=self.qm.unit_names[k],
+                                   iteration=it + 1, loss=mean, eta_s=remaining)
         finally:
             for p in act_scales:
                 p.requires_grad_(False)
