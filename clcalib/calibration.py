@@ -149,7 +149,7 @@ def _calibrate(
         layer.wq.init_range(layer.weight, mse=mse)
     for unit in qm.units():
         for q in unit.act_quantizers():
-            q.mse = mse
+            q.mse, q.p = mse, cfg.act_range_p
 
     extra = extra_losses
     if extra is None and (cfg.cl_calib.enabled or cfg.method is Method.PDQUANT):

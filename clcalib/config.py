@@ -114,6 +114,9 @@ class CalibConfig(Strict):
         description="qdrop/pdquant: where quantization is dropped: the unit's input only, or also at every "
         "activation quantizer inside the unit, its output included (the official QDrop code)",
     )
+    act_range_p: float = Field(
+        2.0, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (the official QDrop code uses 2.4)"
+    )
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()
     pdquant: PdQuant = PdQuant()

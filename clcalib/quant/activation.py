@@ -19,10 +19,11 @@ class ActQuantizer(nn.Module):
         self.active = True  # switched off to run the FP model (see quant.switch)
         self.observing = False
         self.mse = True
+        self.p = 2.0  # Lp norm of the range search (config.act_range_p)
         self.drop: tuple[float, torch.Generator] | None = None  # QDrop during reconstruction (quant.switch)
 
     def observe(self, x: Tensor) -> None:
-        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.mse)
+        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.mse, p=self.p)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero.copy_(zero)
