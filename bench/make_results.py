@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
+from bench.cl_ablation import compare
 from bench.cl_ablation import report as cl_report
-from bench.summarize import load, table
+from bench.summarize import BITS_ORDER, load, table
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
@@ -19,20 +21,29 @@ ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_an
 CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negatives": "batch", "lambda": 0.1, "tau": 0.5}
 
 
-def anchor_rows(gpu_rows: list[dict]) -> str:
+def _default_qdrop(r: dict) -> bool:
+    """A qdrop row with the shipped defaults (drop_scope "input" is the default, named or not)."""
+    return (r.get("method") == "qdrop" and not r.get("cl") and "error" not in r
+            and r.get("overrides", {}) in ({}, {"drop_scope": "input"}))
+
+
+def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
     if not ANCHOR.is_file():
         return "(peer_anchor.json not found beside the checkout)\n"
     peers = json.loads(ANCHOR.read_text())["runs"]
-    out = ["| bits | official QDrop, 2000 it (1 run) | clcalib qdrop, 2000 it, GPU (mean ± std, n) | difference |", "|---|---|---|---|"]
+    out = ["| bits | official QDrop, 2000 it, CPU (1 run) | clcalib qdrop, 2000 it, GPU | difference | clcalib qdrop, 2000 it, CPU | difference |",
+           "|---|---|---|---|---|---|"]
     for p in peers:
-        ours = [r["quant_top1"] for r in gpu_rows if r.get("method") == "qdrop" and r.get("bits") == p["bits"]
-                and r.get("iters") == p["iters"] and not r.get("cl") and "error" not in r]
-        if not ours:
-            out.append(f"| {p['bits']} | {p['quant_acc']:.2f} | - | - |")
-            continue
-        m = statistics.mean(ours)
-        sd = f" ± {statistics.stdev(ours):.2f}" if len(ours) > 1 else ""
-        out.append(f"| {p['bits']} | {p['quant_acc']:.2f} | {m:.2f}{sd} (n={len(ours)}) | {m - p['quant_acc']:+.2f} |")
+        cells = [f"{p['quant_acc']:.2f}"]
+        for rows in (gpu_rows, cpu_rows):
+            ours = [r["quant_top1"] for r in rows if _default_qdrop(r) and r.get("bits") == p["bits"] and r.get("iters") == p["iters"]]
+            if not ours:
+                cells += ["-", "-"]
+                continue
+            m = statistics.mean(ours)
+            sd = f" ± {statistics.stdev(ours):.2f}" if len(ours) > 1 else ""
+            cells += [f"{m:.2f}{sd} (n={len(ours)})", f"{m - p['quant_acc']:+.2f}"]
+        out.append(f"| {p['bits']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -53,6 +64,25 @@ def side_by_side() -> str:
     return "\n".join(out) + "\n"
 
 
+def drop_scope(rows: list[dict], brecq: list[dict]) -> str:
+    """qdrop with quantization dropped at the unit input only against dropped at every activation
+    quantizer of the unit too (the official code), same file, same machine; brecq beside them."""
+    g = defaultdict(list)
+    for r in rows + brecq:
+        if "error" not in r and not r.get("cl"):
+            g[(r["model"], r["iters"], r["bits"], r["method"], r["overrides"].get("drop_scope"))].append(r)
+    out = ["| model | bits | qdrop, input | qdrop, all | difference | beyond noise | input s | all s | time ratio | brecq |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, iters in sorted({k[:2] for k in g}, key=lambda m: (m[0] != "resnet18", m)):
+        for bits in BITS_ORDER:
+            base, var = g.get((model, iters, bits, "qdrop", "input")), g.get((model, iters, bits, "qdrop", "all"))
+            if base and var:
+                b = [r["quant_top1"] for r in g.get((model, iters, bits, "brecq", None), [])]
+                ref = f"{statistics.mean(b):.2f}" + (f" ± {statistics.stdev(b):.2f}" if len(b) > 1 else "") + f" (n={len(b)})" if b else "-"
+                out.append(f"| {model} ({iters} it) | {bits} | " + " | ".join(compare(base, var)) + f" | {ref} |")
+    return "\n".join(out) + "\n"
+
+
 def _rows(name: str) -> list[dict]:
     """Rows of results/<name>, none if the file was not made yet."""
     return load([RES / name]) if (RES / name).exists() else []
@@ -63,13 +93,15 @@ def main() -> None:
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
     cpu2000 = _rows("cpu_iters2000.jsonl")
     text = (HERE / "RESULTS.head.md").read_text()
-    text = text.replace("{{ANCHOR}}", anchor_rows(gpu)).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
+    text = text.replace("{{ANCHOR}}", anchor_rows(gpu, cpu2000 + _rows("cpu_side_by_side.jsonl"))).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
     text = text.replace("{{CPU2000}}", table(cpu2000) if cpu2000 else "(not finished)\n")
     text = text.replace("{{SIDE}}", side_by_side())
     cl_rows = _rows("cpu_cl_iters200.jsonl")
     text = text.replace("{{CL}}", cl_report(cl_rows, CL_TABLE) if cl_rows else "(not run)\n")
     cpu20000 = _rows("cpu_iters20000.jsonl")
     text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
+    scope = _rows("cpu_qdrop_drop_scope_iters200.jsonl")
+    text = text.replace("{{DROP}}", drop_scope(scope, [r for r in cpu if r["method"] == "brecq"]) if scope else "(not run)\n")
     (HERE / "RESULTS.md").write_text(text)
 
 
