@@ -21,22 +21,28 @@ ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_an
 CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negatives": "batch", "lambda": 0.1, "tau": 0.5}
 
 
-def _default_qdrop(r: dict) -> bool:
-    """A qdrop row with the shipped defaults (drop_scope "input" is the default, named or not)."""
-    return (r.get("method") == "qdrop" and not r.get("cl") and "error" not in r
-            and r.get("overrides", {}) in ({}, {"drop_scope": "input"}))
+def _qdrop_range_p(r: dict) -> float | None:
+    """act_range_p of a qdrop row with default settings otherwise; None for any other row.
+    Rows without a recorded config ran before the default moved from 2.0 to 2.4."""
+    if r.get("method") != "qdrop" or r.get("cl") or "error" in r:
+        return None
+    ov = {k: v for k, v in r.get("overrides", {}).items() if (k, v) != ("drop_scope", "input")}
+    if set(ov) - {"act_range_p"}:
+        return None
+    return ov.get("act_range_p", r.get("config", {}).get("act_range_p", 2.0))
 
 
 def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
     if not ANCHOR.is_file():
         return "(peer_anchor.json not found beside the checkout)\n"
     peers = json.loads(ANCHOR.read_text())["runs"]
-    out = ["| bits | official QDrop, 2000 it, CPU (1 run) | clcalib qdrop, 2000 it, GPU | difference | clcalib qdrop, 2000 it, CPU | difference |",
-           "|---|---|---|---|---|---|"]
+    columns = [("GPU, act_range_p 2.0", gpu_rows, 2.0), ("CPU, act_range_p 2.0", cpu_rows, 2.0), ("CPU, act_range_p 2.4 (default)", cpu_rows, 2.4)]
+    out = ["| bits | official QDrop, 2000 it, CPU (1 run) | " + " | ".join(f"clcalib qdrop, {c[0]} | difference" for c in columns) + " |",
+           "|---|---|" + "---|---|" * len(columns)]
     for p in peers:
         cells = [f"{p['quant_acc']:.2f}"]
-        for rows in (gpu_rows, cpu_rows):
-            ours = [r["quant_top1"] for r in rows if _default_qdrop(r) and r.get("bits") == p["bits"] and r.get("iters") == p["iters"]]
+        for _, rows, range_p in columns:
+            ours = [r["quant_top1"] for r in rows if _qdrop_range_p(r) == range_p and r.get("bits") == p["bits"] and r.get("iters") == p["iters"]]
             if not ours:
                 cells += ["-", "-"]
                 continue
@@ -64,22 +70,23 @@ def side_by_side() -> str:
     return "\n".join(out) + "\n"
 
 
-def drop_scope(rows: list[dict], brecq: list[dict]) -> str:
-    """qdrop with quantization dropped at the unit input only against dropped at every activation
-    quantizer of the unit too (the official code), same file, same machine; brecq beside them."""
+def variant_effect(rows: list[dict], base: dict, variant: dict, brecq: list[dict]) -> str:
+    """qdrop with the ``variant`` overrides against qdrop with the ``base`` ones, rows of one file
+    (same machine, same seeds); brecq beside them."""
     g = defaultdict(list)
     for r in rows + brecq:
         if "error" not in r and not r.get("cl"):
-            g[(r["model"], r["iters"], r["bits"], r["method"], r["overrides"].get("drop_scope"))].append(r)
-    out = ["| model | bits | qdrop, input | qdrop, all | difference | beyond noise | input s | all s | time ratio | brecq |",
+            g[(r["model"], r["iters"], r["bits"], r["method"], json.dumps(r.get("overrides", {}), sort_keys=True))].append(r)
+    b_key, v_key = json.dumps(base, sort_keys=True), json.dumps(variant, sort_keys=True)
+    out = [f"| model | bits | qdrop `{b_key}` | qdrop `{v_key}` | difference | beyond noise | base s | variant s | time ratio | brecq |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for model, iters in sorted({k[:2] for k in g}, key=lambda m: (m[0] != "resnet18", m)):
         for bits in BITS_ORDER:
-            base, var = g.get((model, iters, bits, "qdrop", "input")), g.get((model, iters, bits, "qdrop", "all"))
-            if base and var:
-                b = [r["quant_top1"] for r in g.get((model, iters, bits, "brecq", None), [])]
-                ref = f"{statistics.mean(b):.2f}" + (f" ± {statistics.stdev(b):.2f}" if len(b) > 1 else "") + f" (n={len(b)})" if b else "-"
-                out.append(f"| {model} ({iters} it) | {bits} | " + " | ".join(compare(base, var)) + f" | {ref} |")
+            rb, rv = g.get((model, iters, bits, "qdrop", b_key)), g.get((model, iters, bits, "qdrop", v_key))
+            if rb and rv:
+                acc = [r["quant_top1"] for r in g.get((model, iters, bits, "brecq", "{}"), [])]
+                ref = f"{statistics.mean(acc):.2f}" + (f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else "") + f" (n={len(acc)})" if acc else "-"
+                out.append(f"| {model} ({iters} it) | {bits} | " + " | ".join(compare(rb, rv)) + f" | {ref} |")
     return "\n".join(out) + "\n"
 
 
@@ -100,8 +107,11 @@ def main() -> None:
     text = text.replace("{{CL}}", cl_report(cl_rows, CL_TABLE) if cl_rows else "(not run)\n")
     cpu20000 = _rows("cpu_iters20000.jsonl")
     text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
-    scope = _rows("cpu_qdrop_drop_scope_iters200.jsonl")
-    text = text.replace("{{DROP}}", drop_scope(scope, [r for r in cpu if r["method"] == "brecq"]) if scope else "(not run)\n")
+    scope, brecq = _rows("cpu_qdrop_drop_scope_iters200.jsonl"), [r for r in cpu if r["method"] == "brecq"]
+    text = text.replace("{{DROP}}", variant_effect(scope, {"drop_scope": "input"}, {"drop_scope": "all"}, brecq))
+    text = text.replace("{{ACT_P}}", variant_effect(scope, {"drop_scope": "input"}, {"act_range_p": 2.4}, brecq))
+    p24 = _rows("cpu_iters200_p24.jsonl")
+    text = text.replace("{{CPU_P24}}", table(p24) if p24 else "(not run)\n")
     (HERE / "RESULTS.md").write_text(text)
 
 

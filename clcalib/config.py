@@ -115,7 +115,7 @@ class CalibConfig(Strict):
         "activation quantizer inside the unit, its output included (the official QDrop code)",
     )
     act_range_p: float = Field(
-        2.0, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (the official QDrop code uses 2.4)"
+        2.4, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (2.4 as BRECQ's and QDrop's code; 2: least squares)"
     )
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()

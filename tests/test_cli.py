@@ -45,8 +45,8 @@ def test_config_rejects_bad_values_with_a_message(bad, message):
 
 def test_config_defaults_are_the_papers():
     c = CalibConfig()
-    assert (c.iters, c.batch_size, c.calib_size, c.lr_round, c.lr_act, c.drop_prob, c.first_last_bits) == (
-        20000, 32, 1024, 3e-3, 4e-5, 0.5, 8)
+    assert (c.iters, c.batch_size, c.calib_size, c.lr_round, c.lr_act, c.drop_prob, c.first_last_bits, c.act_range_p) == (
+        20000, 32, 1024, 3e-3, 4e-5, 0.5, 8, 2.4)
     assert CalibConfig.model_validate({"preprocess": {"mean": 0.5}}).preprocess.mean == (0.5, 0.5, 0.5)
 
 

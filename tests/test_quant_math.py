@@ -113,6 +113,6 @@ def test_activation_range_search_minimises_the_configured_norm(fmnist, reference
         q.observe(x)
         ranges[p] = float(q.scale.detach()) * 3
     assert ranges[2.4] > 1.05 * ranges[2.0]  # a higher norm punishes clipping more: a wider range
-    cfg = {"method": "mse", "w_bits": 4, "a_bits": 2, "iters": 0, "calib_size": 64, "device": "cpu", "act_range_p": 2.4}
+    cfg = {"method": "mse", "w_bits": 4, "a_bits": 2, "iters": 0, "calib_size": 64, "device": "cpu", "act_range_p": 2.0}
     qm = calibrate(reference("resnet18"), fmnist["train"][:64], cfg).model
-    assert {q.p for q in qm.modules() if isinstance(q, ActQuantizer)} == {2.4}
+    assert {q.p for q in qm.modules() if isinstance(q, ActQuantizer)} == {2.0}  # not the default 2.4

@@ -19,7 +19,7 @@ class ActQuantizer(nn.Module):
         self.active = True  # switched off to run the FP model (see quant.switch)
         self.observing = False
         self.mse = True
-        self.p = 2.0  # Lp norm of the range search (config.act_range_p)
+        self.p = 2.4  # Lp norm of the range search (config.act_range_p)
         self.drop: tuple[float, torch.Generator] | None = None  # QDrop during reconstruction (quant.switch)
 
     def observe(self, x: Tensor) -> None:
