@@ -19,7 +19,7 @@ import json
 import statistics
 from collections import defaultdict
 
-from bench.summarize import BITS_ORDER, load
+from bench.summarize import BITS_ORDER, by_model, load
 
 SWEEP_MODEL = "resnet18"
 
@@ -70,8 +70,7 @@ def main_table(g: dict, cl: dict) -> str:
     out = [f"CL setting: `{json.dumps(cl)}` on top of the base; top-1 % on the 10k test set, mean ± std over seeds.\n",
            "| model | bits | method | base | base + CL | difference | beyond noise | base s | +CL s | time ratio |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["resnet18", "mobilenet_v2"]
-    for model, iters in sorted({(k[0], k[1]) for k in g}, key=lambda m: (order.index(m[0]) if m[0] in order else 9, m)):
+    for model, iters in sorted({(k[0], k[1]) for k in g}, key=by_model):
         for bits in BITS_ORDER:
             for method in ("qdrop", "pdquant"):
                 base = g.get((model, iters, bits, method, "null"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.cl_ablation import compare
 from bench.cl_ablation import report as cl_report
-from bench.summarize import BITS_ORDER, load, table
+from bench.summarize import BITS_ORDER, by_model, load, stat, table
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
@@ -46,9 +46,7 @@ def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
             if not ours:
                 cells += ["-", "-"]
                 continue
-            m = statistics.mean(ours)
-            sd = f" ± {statistics.stdev(ours):.2f}" if len(ours) > 1 else ""
-            cells += [f"{m:.2f}{sd} (n={len(ours)})", f"{m - p['quant_acc']:+.2f}"]
+            cells += [f"{stat(ours)} (n={len(ours)})", f"{statistics.mean(ours) - p['quant_acc']:+.2f}"]
         out.append(f"| {p['bits']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -80,12 +78,12 @@ def variant_effect(rows: list[dict], base: dict, variant: dict, brecq: list[dict
     b_key, v_key = json.dumps(base, sort_keys=True), json.dumps(variant, sort_keys=True)
     out = [f"| model | bits | qdrop `{b_key}` | qdrop `{v_key}` | difference | beyond noise | base s | variant s | time ratio | brecq |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for model, iters in sorted({k[:2] for k in g}, key=lambda m: (m[0] != "resnet18", m)):
+    for model, iters in sorted({k[:2] for k in g}, key=by_model):
         for bits in BITS_ORDER:
             rb, rv = g.get((model, iters, bits, "qdrop", b_key)), g.get((model, iters, bits, "qdrop", v_key))
             if rb and rv:
                 acc = [r["quant_top1"] for r in g.get((model, iters, bits, "brecq", "{}"), [])]
-                ref = f"{statistics.mean(acc):.2f}" + (f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else "") + f" (n={len(acc)})" if acc else "-"
+                ref = f"{stat(acc)} (n={len(acc)})" if acc else "-"
                 out.append(f"| {model} ({iters} it) | {bits} | " + " | ".join(compare(rb, rv)) + f" | {ref} |")
     return "\n".join(out) + "\n"
 

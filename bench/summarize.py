@@ -34,6 +34,14 @@ def group(rows: list[dict]) -> dict:
     return g
 
 
+MODEL_ORDER = ["resnet18", "mobilenet_v2"]
+
+
+def by_model(key: tuple) -> tuple:
+    """Sort key for tuples that start with a model name: the reference models first, in order."""
+    return (MODEL_ORDER.index(key[0]) if key[0] in MODEL_ORDER else len(MODEL_ORDER), key)
+
+
 def stat(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
