@@ -2,9 +2,10 @@
 # The issue's GPU figure: resnet18 qdrop W4A4 at 20000 iterations per unit, seed 0 and the
 # current defaults (the CPU twin's command, --device cuda), alone on the GPU so that its wall
 # time means something. A device call that ends first leaves the per-unit resume state in
-# bench/work (kept on a warm machine): the same command again continues after the last
-# finished unit. When it is done, the rest of the call runs the 2000-iteration resnet18 table
-# at the current defaults, several runs sharing the GPU (their seconds are not timings).
+# bench/work (kept on a warm machine) and in $OUT/units.safetensors (5 MB): the same command
+# again continues after the last finished unit, on a fresh machine too when that file is put
+# at .gpu/units.safetensors and carried. When it is done, the rest of the call runs the
+# 2000-iteration resnet18 table at the current defaults, several runs sharing the GPU (their seconds are not timings).
 # Needs .gpu/ (not committed): fmnist_resnet18.safetensors, the two PNG zips made by
 # bench.accuracy.prepare_data, and pydantic wheels for the device image's Python (3.12).
 set -u
@@ -18,11 +19,14 @@ c="--device ${DEVICE:-cuda} --threads 1 --data-dir .gpu --reference-dir .gpu --m
 R=bench/work/gpu_$I.jsonl
 # one line per finished unit: the resume store rewrites its file after each unit
 state=bench/work/runs/resnet18_W4A4_qdrop_False_0_$I/resume/units.safetensors
-( last=; while sleep 2; do m=$(stat -c %Y "$state" 2>/dev/null); [ -n "$m" ] && [ "$m" != "$last" ] && echo "unit saved $m" && last=$m; done ) > "$OUT/units.log" &
+mkdir -p "$(dirname "$state")"
+[ -f "$state" ] || [ ! -f .gpu/units.safetensors ] || cp .gpu/units.safetensors "$state"
+( last=$(stat -c %Y "$state" 2>/dev/null); while sleep 2; do m=$(stat -c %Y "$state" 2>/dev/null); [ -n "$m" ] && [ "$m" != "$last" ] && echo "unit saved $m" && last=$m; done ) > "$OUT/units.log" &
 mon=$!
 date +%s > "$OUT/start"
 timeout "$(left)" python3 -m bench.accuracy $c --bits W4A4 --methods qdrop --seeds 0 --iters $I --jobs 1 --out $R > "$OUT/q20000.log" 2>&1
 date +%s > "$OUT/end"
+cp "$state" "$OUT/" 2>/dev/null
 cp $R "$OUT/" 2>/dev/null && cat $R
 if [ -s $R ] && [ "$(left)" -gt 150 ]; then
   t() { timeout "$(left)" python3 -m bench.accuracy $c --iters $(( I / 10 )) --deadline $(( $(left) - 130 )) "$@"; }
