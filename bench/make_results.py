@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.cl_ablation import compare
 from bench.cl_ablation import report as cl_report
-from bench.summarize import BITS_ORDER, by_model, load, stat, table
+from bench.summarize import BITS_ORDER, by_model, defaults, load, settings, stat, table
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
@@ -22,14 +22,10 @@ CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negati
 
 
 def _qdrop_range_p(r: dict) -> float | None:
-    """act_range_p of a qdrop row with default settings otherwise; None for any other row.
-    Rows without a recorded config ran before the default moved from 2.0 to 2.4."""
-    if r.get("method") != "qdrop" or r.get("cl") or "error" in r:
+    """act_range_p of a qdrop row that ran with today's defaults otherwise; None for any other row."""
+    if r.get("method") != "qdrop" or r.get("cl") or "error" in r or set(settings(r)) - {"act_range_p"}:
         return None
-    ov = {k: v for k, v in r.get("overrides", {}).items() if (k, v) != ("drop_scope", "input")}
-    if set(ov) - {"act_range_p"}:
-        return None
-    return ov.get("act_range_p", r.get("config", {}).get("act_range_p", 2.0))
+    return settings(r).get("act_range_p", defaults()["act_range_p"])
 
 
 def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:

@@ -9,6 +9,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 BITS_ORDER = ["W4A4", "W2A4", "W4A2", "W2A2"]
@@ -22,15 +23,57 @@ def load(paths) -> list[dict]:
     return rows
 
 
+# fields a table shows in its headings and columns, or that every run sets for itself
+_SHOWN = {"method", "w_bits", "a_bits", "iters", "seed", "device", "calib_size", "preprocess"}
+# rows made before rows recorded their resolved config ran with these defaults of then
+_BEFORE_CONFIG = {"act_range_p": 2.0}
+
+
+@lru_cache(maxsize=1)
+def defaults() -> dict:
+    from clcalib.config import CalibConfig
+
+    return CalibConfig().model_dump(mode="json", by_alias=True)
+
+
+def _diff(cfg: dict, base: dict) -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            if d := _diff(v, base[k]):
+                out[k] = d
+        elif v != base.get(k):
+            out[k] = v
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def settings(r: dict) -> dict:
+    """What a row ran with beyond today's defaults (and beyond what a table shows): from its
+    resolved config where recorded, else its overrides on top of the defaults of then. So a row
+    keeps its meaning after a default moves, and rows that ran alike share a label whether
+    they asked for a setting or got it by default."""
+    cfg = r.get("config") or _merge({**defaults(), **_BEFORE_CONFIG}, r.get("overrides", {}))
+    d = _diff({k: v for k, v in cfg.items() if k not in _SHOWN}, defaults())
+    if d.get("cl_calib", {}).pop("enabled", None) is not None and not d["cl_calib"]:
+        del d["cl_calib"]  # "+CL" in the label says it
+    return d
+
+
+def label(r: dict) -> str:
+    s = settings(r)
+    return r["method"] + ("+CL" if r.get("cl") else "") + (" " + json.dumps(s, sort_keys=True) if s else "")
+
+
 def group(rows: list[dict]) -> dict:
     g = defaultdict(list)
     for r in rows:
-        if "error" in r:
-            continue
-        name = r["method"] + ("+CL" if r.get("cl") else "")
-        if r.get("overrides"):
-            name += " " + json.dumps(r["overrides"], sort_keys=True)
-        g[(r["model"], r["iters"], r["device"], name, r["bits"])].append(r)
+        if "error" not in r:
+            g[(r["model"], r["iters"], r["device"], label(r), r["bits"])].append(r)
     return g
 
 
@@ -82,18 +125,21 @@ def ordering_checks(g: dict) -> list[str]:
     """The issue's bar: minmax < adaround <= brecq <= qdrop at W2A4 and W4A2 (means over seeds)."""
     lines = []
     chain = ["minmax", "adaround", "brecq", "qdrop"]
-    for model, iters, device in sorted({k[:3] for k in g}):
+    # one check per group of settings the four methods share (their labels' common suffix)
+    suffixes = sorted({(k[:3], k[3][len("qdrop"):]) for k in g if k[3].startswith("qdrop") and not k[3].startswith("qdrop+")},
+                      key=lambda x: (by_model(x[0]), x[1]))
+    for (model, iters, device), suffix in suffixes:
         for bits in ("W2A4", "W4A2"):
             means = {}
             for m in chain:
-                rs = g.get((model, iters, device, m, bits))
+                rs = g.get((model, iters, device, m + suffix, bits))
                 if rs:
                     means[m] = statistics.mean(r["quant_top1"] for r in rs)
             if len(means) < len(chain):
                 continue
             ok = means["minmax"] < means["adaround"] <= means["brecq"] <= means["qdrop"]
             txt = " < ".join(f"{m} {means[m]:.2f}" for m in chain)
-            lines.append(f"- {model} {bits} ({iters} it, {device}): {txt} -> {'holds' if ok else 'DOES NOT hold'}")
+            lines.append(f"- {model} {bits} ({iters} it, {device}{',' + suffix if suffix else ''}): {txt} -> {'holds' if ok else 'DOES NOT hold'}")
     return (["\nOrdering minmax < adaround <= brecq <= qdrop (means):\n"] + lines) if lines else []
 
 

@@ -1,0 +1,29 @@
+"""Benchmark tables label each row by what it ran with, so rows keep their meaning after a
+default moves (bench.summarize.settings)."""
+
+from bench.summarize import defaults, label, table
+
+
+def _row(**kw):
+    base = {"model": "resnet18", "bits": "W4A2", "method": "qdrop", "seed": 0, "iters": 2000, "device": "cpu",
+            "cl": False, "overrides": {}, "fp_top1": 90.5, "quant_top1": 87.0, "calib_seconds": 1.0}
+    return {**base, **kw}
+
+
+def test_a_row_from_before_the_range_norm_moved_is_labelled_with_the_old_norm():
+    assert label(_row()) == 'qdrop {"act_range_p": 2.0}'
+    assert label(_row(overrides={"act_range_p": 2.4})) == "qdrop"
+
+
+def test_rows_that_ran_alike_share_a_label_however_they_asked_for_it():
+    cfg = dict(defaults())
+    asked = _row(overrides={"act_range_p": 2.4}, config=cfg)
+    by_default = _row(config=cfg)
+    assert label(asked) == label(by_default) == "qdrop"
+    assert "(n=2" in table([asked, by_default])
+
+
+def test_a_nested_setting_shows_only_what_differs_and_cl_is_said_once():
+    cfg = {**defaults(), "cl_calib": {**defaults()["cl_calib"], "enabled": True, "tau": 0.1}}
+    assert label(_row(cl=True, config=cfg)) == 'qdrop+CL {"cl_calib": {"tau": 0.1}}'
+    assert label(_row(method="brecq", overrides={"drop_scope": "all"})) == 'brecq {"act_range_p": 2.0, "drop_scope": "all"}'
