@@ -91,6 +91,7 @@ def run_one(spec: dict) -> dict:
             "resumed_units": m.get("resumed_units", 0),  # > 0: calib_seconds covers only the rest
             "wall_seconds": round(time.perf_counter() - t, 1),
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
+            "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
             "config": report["config"],  # resolved: a row stays readable after a default changes
             "host": socket.gethostname(), "cpu": cpu_model(), "torch": report["versions"]["torch"], "python": platform.python_version()}
 
