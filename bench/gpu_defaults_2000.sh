@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A short device call (about 4 minutes): resnet18 at the official QDrop figures' iteration
 # count (2000) with the current defaults, qdrop at every bit setting and 3 seeds, brecq at W4A2
-# and W2A4 (seed 0), every run in its own process on one GPU (the loop is bound by the host's
-# kernel launches, so runs barely slow each other; their seconds are still not timings).
+# and W2A4 (seed 0), every run in its own process on one GPU. On an H200 (fourth session) none
+# of the 14 finished in 225 s: processes sharing one GPU are time-sliced, so they slow each
+# other far more than the 12 sharing an H100 did in session 1. Alone a 2000-iteration run
+# takes about 2 minutes there; give it fewer runs (or a faster loop) before calling it again.
 # Needs .gpu/ as bench/gpu_20000.sh says.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 2
