@@ -4,16 +4,13 @@
 # time means something. A device call that ends first leaves the per-unit resume state in
 # bench/work (kept on a warm machine) and in $OUT/units.safetensors (5 MB): the same command
 # again continues after the last finished unit, on a fresh machine too when that file is put
-# at .gpu/units.safetensors and carried. When it is done, the rest of the call runs the
-# 2000-iteration resnet18 table at the current defaults, several runs sharing the GPU (their seconds are not timings).
+# at .gpu/units.safetensors and carried. (The 2000-iteration table is bench/gpu_defaults_2000.sh.)
 # Needs .gpu/ (not committed): fmnist_resnet18.safetensors, the two PNG zips made by
 # bench.accuracy.prepare_data, and pydantic wheels for the device image's Python (3.12).
 set -u
 [ -n "${DEVICE:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 2
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
-END=$(( $(date +%s) + ${BUDGET:-540} ))
-left() { echo $(( END - $(date +%s) )); }
 I=${ITERS:-20000}  # ITERS/DEVICE: a dry run here on the CPU with few iterations
 c="--device ${DEVICE:-cuda} --threads 1 --data-dir .gpu --reference-dir .gpu --models resnet18"
 R=bench/work/gpu_$I.jsonl
@@ -24,16 +21,9 @@ mkdir -p "$(dirname "$state")"
 ( last=$(stat -c %Y "$state" 2>/dev/null); while sleep 2; do m=$(stat -c %Y "$state" 2>/dev/null); [ -n "$m" ] && [ "$m" != "$last" ] && echo "unit saved $m" && last=$m; done ) > "$OUT/units.log" &
 mon=$!
 date +%s > "$OUT/start"
-timeout "$(left)" python3 -m bench.accuracy $c --bits W4A4 --methods qdrop --seeds 0 --iters $I --jobs 1 --out $R > "$OUT/q20000.log" 2>&1
+timeout "${BUDGET:-540}" python3 -m bench.accuracy $c --bits W4A4 --methods qdrop --seeds 0 --iters $I --jobs 1 --out $R > "$OUT/q20000.log" 2>&1
 date +%s > "$OUT/end"
 cp "$state" "$OUT/" 2>/dev/null
 cp $R "$OUT/" 2>/dev/null && cat $R
-if [ -s $R ] && [ "$(left)" -gt 150 ]; then
-  t() { timeout "$(left)" python3 -m bench.accuracy $c --iters $(( I / 10 )) --deadline $(( $(left) - 130 )) "$@"; }
-  t --methods qdrop --bits W4A4,W2A4,W4A2,W2A2 --seeds 0,1,2 --jobs 4 --out "$OUT/gpu_iters2000.jsonl" > "$OUT/t_qdrop.log" 2>&1 &
-  p1=$!
-  t --methods brecq,adaround --bits W2A4,W4A2 --seeds 0,1,2 --jobs 3 --out "$OUT/gpu_iters2000_b.jsonl" > "$OUT/t_brecq.log" 2>&1 &
-  wait $p1 $!
-fi
 kill $mon
 nvidia-smi --query-gpu=name,memory.used --format=csv

@@ -23,9 +23,10 @@ CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negati
 
 def _qdrop_range_p(r: dict) -> float | None:
     """act_range_p of a qdrop row that ran with today's defaults otherwise; None for any other row."""
-    if r.get("method") != "qdrop" or r.get("cl") or "error" in r or set(settings(r)) - {"act_range_p"}:
+    if r.get("method") != "qdrop" or r.get("cl") or "error" in r:
         return None
-    return settings(r).get("act_range_p", defaults()["act_range_p"])
+    s = settings(r)
+    return None if set(s) - {"act_range_p"} else s.get("act_range_p", defaults()["act_range_p"])
 
 
 def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
