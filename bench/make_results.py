@@ -18,6 +18,8 @@ HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_anchor.json"
 # the cl_calib block of the CL-Calib table (bench/cl_table.sh's CL)
+# the official runs in peer_anchor.json calibrated shared/reference/fmnist_resnet18 only
+PEER_MODEL = "resnet18"
 CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negatives": "batch", "lambda": 0.1, "tau": 0.5}
 
 
@@ -39,7 +41,8 @@ def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
     for p in peers:
         cells = [f"{p['quant_acc']:.2f}"]
         for _, rows, range_p in columns:
-            ours = [r["quant_top1"] for r in rows if _qdrop_range_p(r) == range_p and r.get("bits") == p["bits"] and r.get("iters") == p["iters"]]
+            ours = [r["quant_top1"] for r in rows
+                    if r.get("model") == PEER_MODEL and _qdrop_range_p(r) == range_p and r.get("bits") == p["bits"] and r.get("iters") == p["iters"]]
             if not ours:
                 cells += ["-", "-"]
                 continue
