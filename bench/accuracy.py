@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from bench.fmnist import PREPROCESS, REFERENCE, calibration_indices, write_zip
+from bench.summarize import settings
 
 WORK = Path(__file__).resolve().parent / "work"
 
@@ -39,18 +40,36 @@ def prepare_data(work: Path = WORK, calib_n: int = 1024) -> tuple[Path, Path]:
     return calib, test
 
 
-def _key(row: dict) -> tuple:
+def requested_config(spec: dict) -> dict:
+    """The config a run asks for: the table's fields, then its overrides (and CL-Calib on)."""
+    w, a = spec["bits"][1], spec["bits"][3]
+    cfg = {"method": spec["method"], "w_bits": int(w), "a_bits": int(a), "iters": spec["iters"], "seed": spec["seed"],
+           "device": spec["device"], "calib_size": 1024, "preprocess": PREPROCESS, **spec.get("overrides", {})}
+    if spec.get("cl"):
+        cfg["cl_calib"] = {**cfg.get("cl_calib", {}), "enabled": True}
+    return cfg
+
+
+def resolved_config(spec: dict) -> dict:
+    """What the run will record as its config (defaults filled in), without running it."""
+    from clcalib.config import CalibConfig
+
+    return CalibConfig.model_validate(requested_config(spec)).model_dump(mode="json", by_alias=True)
+
+
+def run_key(row: dict) -> tuple:
+    """Identity of a run for skipping what is done: by the settings it ran with, not by what it
+    asked for, so a row made under an older default does not stand in for today's default."""
     return (row["model"], row["bits"], row["method"], bool(row.get("cl", False)), row["seed"], row["iters"],
-            json.dumps(row.get("overrides", {}), sort_keys=True))
+            json.dumps(settings(row), sort_keys=True))
 
 
 def run_dir(spec: dict) -> Path:
     """One folder per run key, overrides included: two variants of one setting running at the
     same time must not share a checkpoint (each reloads its own for evaluation) or resume state."""
-    key = _key(spec)
-    name = "_".join(str(x) for x in key[:6]).replace("/", "-")
+    name = "_".join(str(spec[k]) for k in ("model", "bits", "method")) + f"_{bool(spec.get('cl', False))}_{spec['seed']}_{spec['iters']}"
     if spec.get("overrides"):
-        name += "_" + hashlib.sha256(key[6].encode()).hexdigest()[:10]
+        name += "_" + hashlib.sha256(json.dumps(spec["overrides"], sort_keys=True).encode()).hexdigest()[:10]
     return WORK / "runs" / name
 
 
@@ -73,11 +92,7 @@ def run_one(spec: dict) -> dict:
     from clcalib.pipeline import run_calibration
 
     torch.set_num_threads(spec["threads"])
-    w, a = spec["bits"][1], spec["bits"][3]
-    cfg = {"method": spec["method"], "w_bits": int(w), "a_bits": int(a), "iters": spec["iters"], "seed": spec["seed"],
-           "device": spec["device"], "calib_size": 1024, "preprocess": PREPROCESS, **spec.get("overrides", {})}
-    if spec.get("cl"):
-        cfg["cl_calib"] = {**cfg.get("cl_calib", {}), "enabled": True}
+    cfg = requested_config(spec)
     out = run_dir(spec)
     t = time.perf_counter()
     report = run_calibration(arch=spec["model"], num_classes=10, weights=Path(spec["reference"]) / f"fmnist_{spec['model']}.safetensors",
@@ -119,7 +134,7 @@ def main(argv=None) -> int:
     calib, test = prepare_data(a.data_dir)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    done = {run_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
     seeds = [int(s) for s in a.seeds.split(",")]
     seeded = set(a.seeded_methods.split(","))
     cl_modes = {"off": [False], "on": [True], "both": [False, True]}[a.cl]
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
                         s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
                              "device": a.device, "threads": a.threads, "overrides": ov,
                              "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
-                        if _key(s) not in done:
+                        if run_key({**s, "config": resolved_config(s)}) not in done:
                             specs.append(s)
     print(f"{len(specs)} runs to do ({len(done)} already in {out})", file=sys.stderr, flush=True)
     cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
                 row = {**f.result(), "cmd": cmd, "cpu_count": os.cpu_count()}
             except Exception as e:  # a failed run is a row too, so it is visible in the table
                 row = {**{k: s[k] for k in ("model", "bits", "method", "seed", "iters", "device", "cl", "overrides")},
-                       "error": f"{type(e).__name__}: {e}", "cmd": cmd}
+                       "config": resolved_config(s), "error": f"{type(e).__name__}: {e}", "cmd": cmd}
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps({k: row.get(k) for k in ("model", "bits", "method", "cl", "seed", "quant_top1", "calib_seconds", "error")}),

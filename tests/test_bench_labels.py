@@ -36,3 +36,14 @@ def test_the_official_comparison_uses_only_the_model_the_official_code_ran_on():
             _row(model="mobilenet_v2", bits="W2A4", overrides={"act_range_p": 2.4}, quant_top1=84.9)]
     w2a4 = next(line for line in anchor_rows([], ours).splitlines() if line.startswith("| W2A4"))
     assert "89.40 (n=1)" in w2a4 and "84.9" not in w2a4
+
+
+def test_a_run_under_an_older_default_is_not_taken_as_done_for_todays_default():
+    from bench.accuracy import resolved_config, run_key
+
+    spec = {"model": "resnet18", "bits": "W4A2", "method": "qdrop", "seed": 0, "iters": 2000, "device": "cpu",
+            "cl": False, "overrides": {}}
+    todays = run_key({**spec, "config": resolved_config(spec)})
+    assert run_key(_row()) != todays  # made when act_range_p defaulted to 2.0
+    assert run_key(_row(overrides={"act_range_p": 2.4})) == todays  # asked for what is now the default
+    assert run_key(_row(config=resolved_config(spec))) == todays
