@@ -5,8 +5,7 @@
 # bench/work (kept on a warm machine) and in $OUT/units.safetensors (5 MB): the same command
 # again continues after the last finished unit, on a fresh machine too when that file is put
 # at .gpu/units.safetensors and carried. (The 2000-iteration table is bench/gpu_defaults_2000.sh.)
-# Needs .gpu/ (not committed): fmnist_resnet18.safetensors, the two PNG zips made by
-# bench.accuracy.prepare_data, and pydantic wheels for the device image's Python (3.12).
+# Needs .gpu/ (not committed; `bash bench/make_gpu_carry.sh` makes it), carried by the call.
 set -u
 [ -n "${DEVICE:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 2
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1

@@ -4,8 +4,7 @@
 #  - the method table at 2000 iterations (the official QDrop figures are at 2000),
 #  - the CL-Calib / PD-Quant comparison at 2000 iterations.
 # Rows land in $OUT/*.jsonl as runs finish; no new run starts after $DEADLINE seconds.
-# Needs .gpu/ (not committed): the reference models, the two PNG zips made by
-# bench.accuracy.prepare_data, and pydantic wheels for the device image's Python.
+# Needs .gpu/ (not committed; `bash bench/make_gpu_carry.sh` makes it), carried by the call.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 2
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
