@@ -2,8 +2,8 @@
 # A short device call (about 4 minutes): resnet18 at the official QDrop figures' iteration
 # count (2000) with the current defaults, qdrop at every bit setting and 3 seeds, brecq at W4A2
 # and W2A4 (seed 0), every run in its own process on one GPU. On an H200 (fourth session) none
-# of the 14 finished in 225 s, where 12 sharing an H100 in session 1 (TF32 on, cuDNN free to
-# pick non-deterministic kernels) took 96-144 s each; which of the two differences, or the
+# of the 14 finished in 225 s, where 11 sharing an H100 in session 1 (TF32 on, cuDNN free to
+# pick non-deterministic kernels) took 136-148 s each; which of the two differences, or the
 # time-slicing of 14 processes, cost it is not measured (bench.gpu_profile is the next step).
 # Alone a 2000-iteration run takes about 2 minutes there; give it fewer runs before calling
 # it again.
