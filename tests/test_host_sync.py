@@ -1,0 +1,48 @@
+"""The reconstruction loop never waits on the device once per iteration: every read of a
+tensor's value on the host (``.item()``, ``float(t)``, ``if t:``) dispatches
+``aten._local_scalar_dense``, which on CUDA blocks until the queued kernels have run. Counted
+here on the CPU, where the same code dispatches the same ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import clcalib
+from clcalib.recon.engine import Reconstructor
+
+ITERS = 40
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "qdrop"},
+    {"method": "pdquant", "cl_calib": {"enabled": True}},
+    {"method": "adaround"},
+], ids=["qdrop", "pdquant+cl", "adaround"])
+def test_the_loop_reads_the_device_once_per_reporting_window_not_per_iteration(config, fmnist, reference, monkeypatch):
+    reads: list[tuple[int, int]] = []  # (host reads, values reported) per reconstruction
+    optimize = Reconstructor._optimize
+
+    def counted(self, k, module, layers, x_q, x_fp, y_f, gen, extra):
+        with _HostReads() as mode:
+            optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra)
+        reads.append((mode.n, 1 + len(extra)))  # the loss and each added term's curve
+
+    monkeypatch.setattr(Reconstructor, "_optimize", counted)
+    clcalib.calibrate(reference("resnet18"), fmnist["train"][:32],
+                      {**config, "w_bits": 4, "a_bits": 4, "iters": ITERS, "calib_size": 32, "seed": 0})
+    assert reads, "no reconstruction ran"
+    windows = 20  # progress is reported every ITERS // 20 iterations: one read per reported value
+    assert all(n == windows * values for n, values in reads), f"(host reads, values) per reconstruction of {ITERS} iterations: {reads}"
