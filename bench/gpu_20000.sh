@@ -4,7 +4,9 @@
 # time means something. A device call that ends first leaves the per-unit resume state in
 # bench/work (kept on a warm machine) and in $OUT/units.safetensors (5 MB): the same command
 # again continues after the last finished unit, on a fresh machine too when that file is put
-# at .gpu/units.safetensors and carried. (The 2000-iteration table is bench/gpu_defaults_2000.sh.)
+# at .gpu/units.safetensors and carried, or, for a later session (nothing outside the
+# repository survives a session), committed as bench/results/gpu_20000_units.safetensors.
+# (The 2000-iteration table is bench/gpu_defaults_2000.sh.)
 # Needs .gpu/ (not committed; `bash bench/make_gpu_carry.sh` makes it), carried by the call.
 set -u
 [ -n "${DEVICE:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 2
@@ -16,7 +18,9 @@ R=bench/work/gpu_$I.jsonl
 # one line per finished unit: the resume store rewrites its file after each unit
 state=bench/work/runs/resnet18_W4A4_qdrop_False_0_$I/resume/units.safetensors
 mkdir -p "$(dirname "$state")"
-[ -f "$state" ] || [ ! -f .gpu/units.safetensors ] || cp .gpu/units.safetensors "$state"
+for saved in .gpu/units.safetensors bench/results/gpu_20000_units.safetensors; do
+  [ -f "$state" ] || [ ! -f "$saved" ] || { cp "$saved" "$state"; echo "resuming from $saved"; }
+done
 ( last=$(stat -c %Y "$state" 2>/dev/null); while sleep 2; do m=$(stat -c %Y "$state" 2>/dev/null); [ -n "$m" ] && [ "$m" != "$last" ] && echo "unit saved $m" && last=$m; done ) > "$OUT/units.log" &
 mon=$!
 date +%s > "$OUT/start"
