@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -73,6 +74,19 @@ def run_dir(spec: dict) -> Path:
     return WORK / "runs" / name
 
 
+def code_version() -> str | None:
+    """The commit the run's code came from, "+dirty" when the checkout had changes: rows of one
+    table may span code changes, and this says which."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "clcalib"], cwd=here.parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def cpu_model() -> str:
     """The CPU's model name: the same machine kind has come with different CPUs, and times
     (even the last digits of accuracies) are comparable only on one."""
@@ -108,7 +122,7 @@ def run_one(spec: dict) -> dict:
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
             "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
             "config": report["config"],  # resolved: a row stays readable after a default changes
-            "host": socket.gethostname(), "cpu": cpu_model(), "torch": report["versions"]["torch"], "python": platform.python_version()}
+            "host": socket.gethostname(), "cpu": cpu_model(), "commit": code_version(), "torch": report["versions"]["torch"], "python": platform.python_version()}
 
 
 def main(argv=None) -> int:
