@@ -30,7 +30,7 @@ def _cl_block(row: dict) -> dict | None:
     return row.get("overrides", {}).get("cl_calib", {})
 
 
-def _groups(rows: list[dict]) -> dict:
+def groups(rows: list[dict]) -> dict:
     g = defaultdict(list)
     for r in rows:
         if "error" in r:
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
 
 
 def report(rows: list[dict], cl: dict) -> str:
-    g = _groups(rows)
+    g = groups(rows)
     sweeps = "\n".join(sweep_table(g, cl, b) for b in sweep_bits(g, cl))
     return "### Base vs base + CL-Calib\n\n" + main_table(g, cl) + "\n### Sweeps\n\n" + sweeps
 

@@ -10,7 +10,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from bench.cl_ablation import compare
+from bench.cl_ablation import compare, main_table
+from bench.cl_ablation import groups as cl_groups
 from bench.cl_ablation import report as cl_report
 from bench.summarize import BITS_ORDER, by_model, defaults, load, settings, stat, table
 
@@ -103,6 +104,8 @@ def main() -> None:
     text = text.replace("{{SIDE}}", side_by_side())
     cl_rows = _rows("cpu_cl_iters200.jsonl")
     text = text.replace("{{CL}}", cl_report(cl_rows, CL_TABLE) if cl_rows else "(not run)\n")
+    cl24 = _rows("cpu_cl_iters200_p24.jsonl")
+    text = text.replace("{{CL_P24}}", main_table(cl_groups(cl24), CL_TABLE) if cl24 else "(not run)\n")
     cpu20000 = _rows("cpu_iters20000.jsonl")
     text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
     scope, brecq = _rows("cpu_qdrop_drop_scope_iters200.jsonl"), [r for r in cpu if r["method"] == "brecq"]
