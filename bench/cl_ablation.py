@@ -19,7 +19,7 @@ import json
 import statistics
 from collections import defaultdict
 
-from bench.summarize import BITS_ORDER, by_model, load
+from bench.summarize import BITS_ORDER, by_model, load, mean_seconds
 
 SWEEP_MODEL = "resnet18"
 
@@ -42,10 +42,10 @@ def groups(rows: list[dict]) -> dict:
     return g
 
 
-def _stats(rs: list[dict]) -> tuple[float, float, float]:
+def _stats(rs: list[dict]) -> tuple[float, float, float | None]:
     acc = [r["quant_top1"] for r in rs]
     sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-    return statistics.mean(acc), sd, statistics.mean(r["calib_seconds"] for r in rs)
+    return statistics.mean(acc), sd, mean_seconds(rs)
 
 
 def _fmt(m: float, sd: float, n: int) -> str:
@@ -61,8 +61,8 @@ def compare(base: list[dict], cl: list[dict]) -> list[str]:
     verdict = "n/a (n=1)" if min(len(base), len(cl)) < 2 else ("**yes**" if abs(d) > noise else "no")
     if verdict == "**yes**" and d < 0:
         verdict = "**yes (worse)**"
-    return [_fmt(mb, sb, len(base)), _fmt(mc, sc, len(cl)), f"{d:+.2f}", f"{verdict} (noise {noise:.2f})",
-            f"{tb:.0f}", f"{tc:.0f}", f"{tc / tb:.2f}x"]
+    times = [f"{tb:.0f}", f"{tc:.0f}", f"{tc / tb:.2f}x"] if tb and tc else ["-", "-", "-"]
+    return [_fmt(mb, sb, len(base)), _fmt(mc, sc, len(cl)), f"{d:+.2f}", f"{verdict} (noise {noise:.2f})", *times]
 
 
 def main_table(g: dict, cl: dict) -> str:

@@ -85,6 +85,13 @@ def by_model(key: tuple) -> tuple:
     return (MODEL_ORDER.index(key[0]) if key[0] in MODEL_ORDER else len(MODEL_ORDER), key)
 
 
+def mean_seconds(rows: list[dict]) -> float | None:
+    """Mean calibration seconds of the rows that ran every unit (a resumed run's seconds cover
+    only the units after the resume point); None if there are none."""
+    secs = [r["calib_seconds"] for r in rows if not r.get("resumed_units")]
+    return statistics.mean(secs) if secs else None
+
+
 def stat(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
@@ -110,8 +117,8 @@ def table(rows: list[dict]) -> str:
                 if not rs:
                     cells.append("-")
                     continue
-                secs = statistics.mean(r["calib_seconds"] for r in rs)
-                cells.append(f"{stat([r['quant_top1'] for r in rs])} (n={len(rs)}; {secs:.0f} s)")
+                secs = mean_seconds(rs)
+                cells.append(f"{stat([r['quant_top1'] for r in rs])} (n={len(rs)}; {'-' if secs is None else f'{secs:.0f}'} s)")
             out.append(f"| {n} | " + " | ".join(cells) + " |")
     out += ordering_checks(g)
     errors = [r for r in rows if "error" in r]

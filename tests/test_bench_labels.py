@@ -47,3 +47,8 @@ def test_a_run_under_an_older_default_is_not_taken_as_done_for_todays_default():
     assert run_key(_row()) != todays  # made when act_range_p defaulted to 2.0
     assert run_key(_row(overrides={"act_range_p": 2.4})) == todays  # asked for what is now the default
     assert run_key(_row(config=resolved_config(spec))) == todays
+
+
+def test_a_resumed_run_counts_for_accuracy_but_not_for_time():
+    rows = [_row(calib_seconds=60.0), _row(seed=1, calib_seconds=1.3, resumed_units=10)]
+    assert "(n=2; 60 s)" in table(rows)
