@@ -113,6 +113,8 @@ def main() -> None:
     text = text.replace("{{ACT_P}}", variant_effect(scope, {"drop_scope": "input"}, {"act_range_p": 2.4}, brecq))
     p24 = _rows("cpu_iters200_p24.jsonl")
     text = text.replace("{{CPU_P24}}", table(p24) if p24 else "(not run)\n")
+    xeon = _rows("cpu_iters200_p24_xeon.jsonl")
+    text = text.replace("{{CPU_P24_XEON}}", table(xeon) if xeon else "(not run)\n")
     (HERE / "RESULTS.md").write_text(text)
 
 
