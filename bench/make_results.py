@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -116,6 +117,12 @@ def main() -> None:
     xeon = _rows("cpu_iters200_p24_xeon.jsonl")
     text = text.replace("{{CPU_P24_XEON}}", table(xeon) if xeon else "(not run)\n")
     (HERE / "RESULTS.md").write_text(text)
+    try:  # the figures RESULTS.md shows come from the same rows: keep them in step
+        from bench import plot
+    except ImportError:
+        print("figures not redrawn: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
+    else:
+        plot.main()
 
 
 if __name__ == "__main__":
