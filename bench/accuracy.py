@@ -53,17 +53,25 @@ def requested_config(spec: dict) -> dict:
 
 
 def resolved_config(spec: dict) -> dict:
-    """What the run will record as its config (defaults filled in), without running it."""
+    """What the run will record as its config (defaults filled in), without running it; what it
+    asked for where that is not a valid config (the run then fails and leaves an error row)."""
+    from pydantic import ValidationError
+
     from clcalib.config import CalibConfig
 
-    return CalibConfig.model_validate(requested_config(spec)).model_dump(mode="json", by_alias=True)
+    try:
+        return CalibConfig.model_validate(requested_config(spec)).model_dump(mode="json", by_alias=True)
+    except ValidationError:
+        return requested_config(spec)
 
 
 def run_key(row: dict) -> tuple:
     """Identity of a run for skipping what is done: by the settings it ran with, not by what it
     asked for, so a row made under an older default does not stand in for today's default."""
+    cfg = row.get("config") or {}
+    calib_size = cfg.get("calib_size", row.get("overrides", {}).get("calib_size", 1024))  # not in settings(): tables show it
     return (row["model"], row["bits"], row["method"], bool(row.get("cl", False)), row["seed"], row["iters"],
-            json.dumps(settings(row), sort_keys=True))
+            row.get("device", "cpu"), calib_size, json.dumps(settings(row), sort_keys=True))
 
 
 def run_dir(spec: dict) -> Path:
@@ -81,7 +89,7 @@ def code_version() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "clcalib"], cwd=here.parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "clcalib", "bench/*.py"], cwd=here.parent,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -126,7 +134,7 @@ def run_one(spec: dict) -> dict:
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
             "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
             "config": report["config"],  # resolved: a row stays readable after a default changes
-            "host": socket.gethostname(), "cpu": cpu_model(), "commit": code_version(), "torch": report["versions"]["torch"], "python": platform.python_version()}
+            "host": socket.gethostname(), "cpu": cpu_model(), "commit": spec.get("commit"), "torch": report["versions"]["torch"], "python": platform.python_version()}
 
 
 def main(argv=None) -> int:
@@ -152,7 +160,9 @@ def main(argv=None) -> int:
     calib, test = prepare_data(a.data_dir)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {run_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+    done = {run_key(r) for r in rows if "error" not in r}  # a failed run is tried again
+    commit = code_version()  # of the code the workers import now, not when they finish
     seeds = [int(s) for s in a.seeds.split(",")]
     seeded = set(a.seeded_methods.split(","))
     cl_modes = {"off": [False], "on": [True], "both": [False, True]}[a.cl]
@@ -165,9 +175,11 @@ def main(argv=None) -> int:
                 for seed in seeds if method in seeded else seeds[:1]:
                     for cl, ov in ((c, v) for c in cl_modes for v in variants):
                         s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
-                             "device": a.device, "threads": a.threads, "overrides": ov,
+                             "device": a.device, "threads": a.threads, "overrides": ov, "commit": commit,
                              "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
-                        if run_key({**s, "config": resolved_config(s)}) not in done:
+                        key = run_key({**s, "config": resolved_config(s)})
+                        if key not in done:
+                            done.add(key)  # two variants that resolve alike run once
                             specs.append(s)
     print(f"{len(specs)} runs to do ({len(done)} already in {out})", file=sys.stderr, flush=True)
     cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -5,7 +5,9 @@
 # bench/work (kept on a warm machine) and in $OUT/units.safetensors (5 MB): the same command
 # again continues after the last finished unit, on a fresh machine too when that file is put
 # at .gpu/units.safetensors and carried, or, for a later session (nothing outside the
-# repository survives a session), committed as bench/results/gpu_20000_units.safetensors.
+# repository survives a session), committed as bench/results/gpu_20000_units.safetensors
+# (delete it in the commit that adds the finished row: it would be resumed again, and its
+# resume key covers config, data and weights, not the code version).
 # (The 2000-iteration table is bench/gpu_defaults_2000.sh.)
 # Needs .gpu/ (not committed; `bash bench/make_gpu_carry.sh` makes it), carried by the call.
 set -u

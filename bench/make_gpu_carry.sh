@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY=${1:-3.12}
-mkdir -p .gpu/whl
+rm -rf .gpu/whl && mkdir -p .gpu/whl  # stale wheels of another version would clash at install
 # the versions installed here, so the device runs what the tests ran
 pins=$(python -c 'from importlib.metadata import version as v
 print(" ".join(f"{p}=={v(p)}" for p in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")))')

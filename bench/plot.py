@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -101,8 +102,12 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     rows = [r for r in load([RES / f for f in SCHEDULE_FILES if (RES / f).exists()]) if "error" not in r]
     peers = json.loads(ANCHOR.read_text())["runs"] if ANCHOR.is_file() else []
+    table = [r for r in rows if r["iters"] == 200]
+    if not any(r["model"] == PEER_MODEL for r in rows) or not table:
+        print("figures not drawn: no result rows yet", file=sys.stderr)
+        return
     schedule_figure(rows, peers).savefig(OUT / "resnet18_schedule.png", **SAVE)
-    methods_figure([r for r in load([RES / "cpu_iters200_p24.jsonl"]) if "error" not in r]).savefig(OUT / "methods_200.png", **SAVE)
+    methods_figure(table).savefig(OUT / "methods_200.png", **SAVE)
     print(f"wrote {OUT}/resnet18_schedule.png, {OUT}/methods_200.png")
 
 
