@@ -83,6 +83,19 @@ def run_dir(spec: dict) -> Path:
     return WORK / "runs" / name
 
 
+def to_do(wanted: list[dict], rows: list[dict]) -> list[dict]:
+    """The runs of ``wanted`` that no finished row covers (a failed run is tried again), each
+    once even where two variants resolve to the same settings."""
+    done = {run_key(r) for r in rows if "error" not in r}
+    out = []
+    for s in wanted:
+        key = run_key({**s, "config": resolved_config(s)})
+        if key not in done:
+            done.add(key)
+            out.append(s)
+    return out
+
+
 def code_version() -> str | None:
     """The commit the run's code came from, "+dirty" when the checkout had changes: rows of one
     table may span code changes, and this says which."""
@@ -161,27 +174,19 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    done = {run_key(r) for r in rows if "error" not in r}  # a failed run is tried again
     commit = code_version()  # of the code the workers import now, not when they finish
     seeds = [int(s) for s in a.seeds.split(",")]
     seeded = set(a.seeded_methods.split(","))
     cl_modes = {"off": [False], "on": [True], "both": [False, True]}[a.cl]
     variants = json.loads(a.overrides)
     variants = variants if isinstance(variants, list) else [variants]
-    specs = []
-    for model in a.models.split(","):
-        for method in a.methods.split(","):
-            for bits in a.bits.split(","):
-                for seed in seeds if method in seeded else seeds[:1]:
-                    for cl, ov in ((c, v) for c in cl_modes for v in variants):
-                        s = {"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
-                             "device": a.device, "threads": a.threads, "overrides": ov, "commit": commit,
-                             "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
-                        key = run_key({**s, "config": resolved_config(s)})
-                        if key not in done:
-                            done.add(key)  # two variants that resolve alike run once
-                            specs.append(s)
-    print(f"{len(specs)} runs to do ({len(done)} already in {out})", file=sys.stderr, flush=True)
+    wanted = [{"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
+               "device": a.device, "threads": a.threads, "overrides": ov, "commit": commit,
+               "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
+              for model in a.models.split(",") for method in a.methods.split(",") for bits in a.bits.split(",")
+              for seed in (seeds if method in seeded else seeds[:1]) for cl in cl_modes for ov in variants]
+    specs = to_do(wanted, rows)
+    print(f"{len(specs)} runs to do ({len(rows)} rows already in {out})", file=sys.stderr, flush=True)
     cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
     ctx = multiprocessing.get_context("spawn")  # no CUDA state inherited through fork

@@ -52,3 +52,16 @@ def test_a_run_under_an_older_default_is_not_taken_as_done_for_todays_default():
 def test_a_resumed_run_counts_for_accuracy_but_not_for_time():
     rows = [_row(calib_seconds=60.0), _row(seed=1, calib_seconds=1.3, resumed_units=10)]
     assert "(n=2; 60 s)" in table(rows)
+
+
+def test_the_benchmark_retries_failed_runs_and_runs_alike_variants_once():
+    from bench.accuracy import to_do
+
+    spec = {"model": "resnet18", "bits": "W4A2", "method": "qdrop", "seed": 0, "iters": 2000, "device": "cpu",
+            "cl": False, "overrides": {}}
+    failed = {**_row(overrides={"act_range_p": 2.4}), "error": "BrokenProcessPool"}
+    assert to_do([spec], [failed]) == [spec]
+    assert to_do([spec], [_row(overrides={"act_range_p": 2.4})]) == []
+    alike = [spec, {**spec, "overrides": {"act_range_p": 2.4}}]  # the second asks for today's default
+    assert to_do(alike, []) == [spec]
+    assert to_do([{**spec, "device": "cuda"}], [_row(overrides={"act_range_p": 2.4})]) != []
