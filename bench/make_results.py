@@ -95,7 +95,8 @@ def _rows(name: str) -> list[dict]:
     return load([RES / name]) if (RES / name).exists() else []
 
 
-def main() -> None:
+def render() -> str:
+    """RESULTS.md as the committed rows and RESULTS.head.md make it."""
     cpu = load([RES / "cpu_iters200.jsonl"])
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
     cpu2000 = _rows("cpu_iters2000.jsonl")
@@ -116,7 +117,11 @@ def main() -> None:
     text = text.replace("{{CPU_P24}}", table(p24) if p24 else "(not run)\n")
     xeon = _rows("cpu_iters200_p24_xeon.jsonl")
     text = text.replace("{{CPU_P24_XEON}}", table(xeon) if xeon else "(not run)\n")
-    (HERE / "RESULTS.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    (HERE / "RESULTS.md").write_text(render())
     try:  # the figures RESULTS.md shows come from the same rows: keep them in step
         from bench import plot
     except ModuleNotFoundError as e:

@@ -1,6 +1,8 @@
 """Benchmark tables label each row by what it ran with, so rows keep their meaning after a
 default moves (bench.summarize.settings)."""
 
+import pytest
+
 from bench.summarize import defaults, label, table
 
 
@@ -65,3 +67,12 @@ def test_the_benchmark_retries_failed_runs_and_runs_alike_variants_once():
     alike = [spec, {**spec, "overrides": {"act_range_p": 2.4}}]  # the second asks for today's default
     assert to_do(alike, []) == [spec]
     assert to_do([{**spec, "device": "cuda"}], [_row(overrides={"act_range_p": 2.4})]) != []
+
+
+def test_the_committed_results_page_is_what_the_committed_rows_make():
+    """RESULTS.md quotes tables; a row added or a head edited without regenerating fails here."""
+    from bench.make_results import ANCHOR, HERE, render
+
+    if not ANCHOR.is_file():
+        pytest.skip(f"{ANCHOR} is not beside the checkout")
+    assert render() == (HERE / "RESULTS.md").read_text(), "run `python -m bench.make_results` and commit RESULTS.md"
