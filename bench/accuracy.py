@@ -59,10 +59,11 @@ def resolved_config(spec: dict) -> dict:
 
     from clcalib.config import CalibConfig
 
+    cfg = requested_config(spec)
     try:
-        return CalibConfig.model_validate(requested_config(spec)).model_dump(mode="json", by_alias=True)
+        return CalibConfig.model_validate(cfg).model_dump(mode="json", by_alias=True)
     except ValidationError:
-        return requested_config(spec)
+        return cfg
 
 
 def run_key(row: dict) -> tuple:
