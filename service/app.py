@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from clcalib.config import CalibConfig
 from service.broker import Broker
+from service.docs import add_docs
 from service.errors import ApiError, ErrorBody
 from service.metrics import Metrics
 from service.routes import jobs, system
@@ -64,7 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "CLCALIB_API_KEYS is set; tenants see only their own jobs (404 for others')."
         ),
         lifespan=lifespan,
+        docs_url=None,  # served by add_docs from local assets, not a CDN
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings = settings
     app.include_router(jobs.router)
     app.include_router(system.router)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from service.settings import Settings
-from worker.celery_app import TASK_NAME, make_celery
+from worker.celery_app import TASK_NAME, ensure_queue_dirs, make_celery
 
 log = logging.getLogger("clcalib.service")
 
@@ -13,6 +13,7 @@ log = logging.getLogger("clcalib.service")
 class Broker:
     def __init__(self, settings: Settings):
         self.s = settings
+        ensure_queue_dirs(settings)
         self.celery = make_celery(settings)
 
     def enqueue(self, job_id: str) -> None:

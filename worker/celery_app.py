@@ -44,9 +44,7 @@ def make_celery(settings: Settings) -> Celery:
             task_send_sent_event=True,
         )
     else:
-        q = settings.queue_dir.resolve()
-        for sub in ("messages", "control"):
-            (q / sub).mkdir(parents=True, exist_ok=True)
+        q = settings.queue_dir.resolve()  # made by ensure_queue_dirs when a process starts
         conf.update(
             broker_url="filesystem://",
             broker_transport_options={
@@ -60,6 +58,13 @@ def make_celery(settings: Settings) -> Celery:
         )
     app.conf.update(conf)
     return app
+
+
+def ensure_queue_dirs(settings: Settings) -> None:
+    """The embedded queue's folders, made when the API or a worker starts (never on import)."""
+    if not settings.redis_url:
+        for sub in ("messages", "control"):
+            (settings.queue_dir / sub).mkdir(parents=True, exist_ok=True)
 
 
 app = make_celery(get_settings())

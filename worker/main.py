@@ -14,7 +14,9 @@ def run_worker(argv: list[str] | None = None) -> None:
     s = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("clcalib.worker").info("clcalib worker starting: %s device=%s", env_summary(s), s.device)
-    from worker.celery_app import app
+    from worker.celery_app import app, ensure_queue_dirs
+
+    ensure_queue_dirs(s)
 
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     name = f"clcalib-{s.device.replace(':', '')}{'-gpu' + gpu if gpu else ''}-{os.getpid()}@{socket.gethostname()}"
