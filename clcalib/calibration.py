@@ -19,6 +19,7 @@ from clcalib.config import CalibConfig, Method
 from clcalib.data import tensor_sha256
 from clcalib.errors import ConfigError, DataError, UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.trace import snap_biases
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.switch import quantization
 from clcalib.recon.engine import ExtraLossFactory, Reconstructor, UnitReport
@@ -165,6 +166,7 @@ def _calibrate(
         if store:
             store.save(qm, k + 1, [u.to_dict() for u in units])
     qm.eval()
+    snap_biases(qm)  # the integer runtime's biases, so ONNX Runtime computes what we report
     seconds = time.perf_counter() - t0
     if on_progress:
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from clcalib.config import CalibConfig, Method
+from clcalib.config import CalibConfig, ExportFormat, Method
 from clcalib.errors import CalibrationError, ConfigError
 
 
@@ -56,6 +56,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--cl-critic", choices=["nce", "infonce"])
     p.add_argument("--cl-negatives", choices=["batch", "bank"])
     p.add_argument("--cl-rec-weight", type=float, help="weight of the reconstruction MSE (0: L_CL alone)")
+    p.add_argument("--export", action="append", choices=[f.value for f in ExportFormat],
+                   help="also write OUTDIR/model.onnx (QDQ), checked in ONNX Runtime in the same run")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
@@ -74,7 +76,7 @@ def config_from_args(a: argparse.Namespace) -> CalibConfig:
     if not isinstance(base, dict):
         raise ConfigError(f"--config {a.config}: expected a JSON object of config fields")
     top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
-           "device", "round_weight", "drop_prob", "drop_scope"]
+           "device", "round_weight", "drop_prob", "drop_scope", "export"]
     for k in top:
         if getattr(a, k) is not None or (k == "first_last_bits" and _given(a, "--first-last-bits")):
             base[k] = getattr(a, k)
@@ -155,6 +157,9 @@ def _print_table(report: dict) -> None:
         ("weights", f"{m['weight_bytes'] / 1e6:.2f} MB vs {m['fp32_weight_bytes'] / 1e6:.2f} MB FP32 ({m['compression_vs_fp32']:.1f}x)"),
         ("calibration time", _fmt(m["calibration_seconds"], " s")),
     ]
+    if m.get("onnx_bytes") is not None:
+        rows.append(("ONNX (QDQ) in ONNX Runtime", f"{report['onnx']}: {m['onnx_bytes'] / 1e6:.2f} MB, top-1 {_fmt(m['onnx_top1'])}, "
+                     f"agreement with torch {_fmt(m['onnx_top1_agreement'])} % on {m['onnx_checked_images']} images"))
     w = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
     print(f"{'unit':<28} {'loss before':>12} {'loss after':>12}")
@@ -191,11 +196,52 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ), checked in ONNX Runtime")
+    p.add_argument("--checkpoint", required=True, help="quantized.safetensors written by calibrate or a job")
+    p.add_argument("--format", choices=[f.value for f in ExportFormat], default=ExportFormat.ONNX.value)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--eval", help="folder or zip with one subfolder per class: check top-1 there "
+                   "(default: agreement with the torch model on 256 random inputs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import torch
+
+    from clcalib.config import Preprocess
+    from clcalib.data import load_labeled
+    from clcalib.export import load_quantized
+    from clcalib.export.onnx_check import check_onnx
+    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.metrics import predict
+
+    model = load_quantized(a.checkpoint)
+    shape = tuple(model.header["input_shape"])
+    size = export_onnx(model, a.out, shape)
+    if a.eval:
+        data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]))
+        images, labels = data.images, data.labels
+    else:
+        images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
+    out = {"onnx": str(a.out), "onnx_bytes": size, **check_onnx(a.out, predict(model, images), images, labels)}
+    if a.json:
+        print(json.dumps(out))
+    else:
+        top = f", top-1 {out['onnx_top1']:.2f} %" if labels is not None else ""
+        print(f"{a.out}: {size / 1e6:.2f} MB{top}, agreement with the torch model {out['onnx_top1_agreement']:.2f} % "
+              f"on {out['onnx_checked_images']} {'images' if labels is not None else 'random inputs'}, "
+              f"max |logit diff| {out['onnx_max_abs_logit_diff']:.3g}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clcalib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_calibrate(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     try:
         from service.cli import add_commands
     except ImportError:  # the library without the service: calibrate/evaluate only

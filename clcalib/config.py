@@ -22,6 +22,10 @@ class Method(str, Enum):
         return self not in (Method.MINMAX, Method.MSE)
 
 
+class ExportFormat(str, Enum):
+    ONNX = "onnx"  # model.onnx in QDQ form, checked in ONNX Runtime in the same run
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -116,6 +120,9 @@ class CalibConfig(Strict):
     )
     act_range_p: float = Field(
         2.4, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (2.4 as BRECQ's and QDrop's code; 2: least squares)"
+    )
+    export: tuple[ExportFormat, ...] = Field(
+        (), description='extra artifacts beside the checkpoint: ["onnx"] writes model.onnx (QDQ), checked in ONNX Runtime'
     )
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()

@@ -14,7 +14,7 @@ import torch
 
 from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
-from clcalib.config import CalibConfig
+from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import load_calibration, load_labeled
 from clcalib.errors import DataError
 from clcalib.export import load_quantized, save_quantized, versions
@@ -24,6 +24,7 @@ from clcalib.progress import ProgressCallback, ProgressEvent
 
 CHECKPOINT_NAME = "quantized.safetensors"
 REPORT_NAME = "report.json"
+ONNX_NAME = "model.onnx"
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
@@ -37,6 +38,20 @@ def _json_default(o):
 
 def _finite(x):
     return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
+
+
+def _export_onnx(model, path: Path, calib, evalset, q_logits, device) -> dict:
+    """model.onnx from the reloaded checkpoint, checked in ONNX Runtime on the evaluation set
+    (else on the calibration images, without labels); raises ExportError on a mismatch."""
+    from clcalib.export.onnx_check import check_onnx
+    from clcalib.export.onnx_qdq import export_onnx
+
+    size = export_onnx(model, path, (1, *calib.shape[1:]))
+    images, labels = (evalset.images, evalset.labels) if evalset is not None else (calib, None)
+    if q_logits is None:
+        with exact_numerics():
+            q_logits = predict(model, images, device=device)
+    return {"onnx_bytes": size, **check_onnx(path, q_logits, images, labels)}
 
 
 def run_calibration(
@@ -90,6 +105,10 @@ def run_calibration(
             q_logits = predict(reloaded, evalset.images, device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
+    if ExportFormat.ONNX in config.export:
+        emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
+        metrics.update(_export_onnx(reloaded, out / ONNX_NAME, calib, evalset,
+                                    q_logits if evalset is not None else None, device))
     metrics.update({
         "calibration_seconds": result.calibration_seconds,
         "total_seconds": time.perf_counter() - t0,
@@ -115,6 +134,7 @@ def run_calibration(
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
         "checkpoint": CHECKPOINT_NAME,
+        "onnx": ONNX_NAME if ExportFormat.ONNX in config.export else None,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
     }

@@ -17,6 +17,7 @@ ARTIFACT_TYPES = {
     ".safetensors": "application/octet-stream",
     ".json": "application/json",
     ".html": "text/html; charset=utf-8",
+    ".onnx": "application/octet-stream",
 }
 
 

@@ -1,0 +1,156 @@
+"""ONNX export benchmark: for each reference model and bit setting, calibrate (qdrop, short
+schedule) through the same pipeline as the CLI with ``export: ["onnx"]``, then hold ONNX Runtime
+against the reloaded torch checkpoint on the 10k test images; at W8A8 also time the QDQ file
+against the FP32 ONNX export of the same model in ONNX Runtime (same run, interleaved).
+
+One JSON row per finished run is appended to --out; runs already there are skipped.
+
+    python -m bench.onnx_export --out bench/results/onnx_export.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.accuracy import prepare_data
+from bench.fmnist import PREPROCESS, REFERENCE
+
+
+def latency_ms(path: Path, batch: int, shape: tuple[int, ...], threads: int, repeats: int,
+               config: dict | None = None) -> list[float]:
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
+    for _ in range(5):
+        s.run(None, {"input": x})
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s.run(None, {"input": x})
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def timing(fp_onnx: Path, q_onnx: Path, shape, threads: int, repeats: int = 60) -> dict:
+    """Median ms per batch: the FP32 file, the QDQ file as ONNX Runtime runs it by default
+    (integer kernels where its QDQ fusion applies), and the QDQ file with that fusion off
+    (``session.disable_quant_qdq``: weights dequantized once, float kernels); interleaved in
+    rounds so drift hits all alike."""
+    import statistics
+
+    variants = {"fp32": (fp_onnx, None), "qdq": (q_onnx, None),
+                "qdq_float_kernels": (q_onnx, {"session.disable_quant_qdq": "1"})}
+    res: dict = {}
+    for batch in (1, 32):
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(3):
+            for k, (path, config) in variants.items():
+                times[k] += latency_ms(path, batch, shape, threads, repeats // 3, config)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        res[f"b{batch}"] = {**{f"{k}_ms": v for k, v in med.items()},
+                            **{f"{k}_over_fp32": med[k] / med["fp32"] for k in variants if k != "fp32"}}
+    return res
+
+
+def ort_node_counts(path: Path, threads: int) -> dict:
+    """Which ops ONNX Runtime runs after its graph optimisations (QLinearConv = integer conv)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return dict(collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node))
+
+
+def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads: int) -> dict:
+    import torch
+
+    from clcalib.config import CalibConfig
+    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.pipeline import ONNX_NAME, run_calibration
+
+    torch.set_num_threads(threads)
+    cfg = CalibConfig.model_validate({"method": "qdrop", "w_bits": int(bits[1]), "a_bits": int(bits[3]), "iters": iters,
+                                      "seed": 0, "device": "cpu", "calib_size": 1024, "preprocess": PREPROCESS,
+                                      "export": ["onnx"]})
+    weights = REFERENCE / f"fmnist_{model}.safetensors"
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        t0 = time.perf_counter()
+        report = run_calibration(arch=model, num_classes=10, weights=weights, calibration=calib, config=cfg,
+                                 out_dir=out, evaluation=test)
+        m = report["metrics"]
+        fp = QuantModel(build_model(model, 10, read_state_dict(weights)), QuantSpec.from_config(cfg),
+                        torch.zeros(1, 3, 28, 28))
+        fp_bytes = export_onnx(fp, out / "fp32.onnx", (1, 3, 28, 28), quantized=False)
+        row = {"model": model, "bits": bits, "method": "qdrop", "iters": iters, "seed": 0, "threads": threads,
+               "fp_top1": m["fp_top1"], "torch_top1": m["quant_top1"], "onnx_top1": m["onnx_top1"],
+               "onnx_top1_agreement": m["onnx_top1_agreement"], "onnx_max_abs_logit_diff": m["onnx_max_abs_logit_diff"],
+               "eval_images": m["eval_images"], "onnx_bytes": m["onnx_bytes"], "fp32_onnx_bytes": fp_bytes,
+               "checkpoint_bytes": (out / "quantized.safetensors").stat().st_size,
+               "calib_seconds": round(m["calibration_seconds"], 1), "wall_seconds": round(time.perf_counter() - t0, 1)}
+        if bits == "W8A8":
+            row["latency"] = timing(out / "fp32.onnx", out / ONNX_NAME, (1, 3, 28, 28), threads)
+            row["ort_ops_qdq"] = ort_node_counts(out / ONNX_NAME, threads)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v2")
+    p.add_argument("--bits", default="W8A8,W4A4,W2A4,W4A2")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    import platform
+
+    import onnxruntime
+    import torch
+
+    out = Path(a.out)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["bits"], r["iters"]))
+    calib, test = prepare_data()
+    cmd = "python -m bench.onnx_export " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    for model in a.models.split(","):
+        for bits in a.bits.split(","):
+            if (model, bits, a.iters) in done:
+                continue
+            row = run_one(model, bits, a.iters, calib, test, a.threads)
+            row.update({"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "cmd": cmd})
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("model", "bits", "torch_top1", "onnx_top1", "onnx_top1_agreement")}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Run an exported ONNX file in ONNX Runtime (CPU) and hold it against the torch model's logits
+on the same images: what a user's runtime gives must be what the report says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clcalib.errors import ExportError
+from clcalib.metrics import agreement, top1
+
+# An export whose top-1 agrees with the torch model's on fewer images than this (%) fails. Below
+# 100 because ONNX Runtime's float kernels sum in another order than torch's: a value that lands
+# on a rounding boundary of a 2-4-bit activation quantizer can move by one step (measured: 99.9 %+
+# on the reference models, bench/results/onnx_export.jsonl).
+MIN_AGREEMENT = 99.0
+
+
+def session(path: str | Path, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'clcalib[onnx]'") from None
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # warnings about hardware-specific optimisations are not the user's concern
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"{path}: ONNX Runtime cannot load the file ({str(e).splitlines()[0][:300]})") from None
+
+
+def onnx_predict(path: str | Path, images: Tensor, batch: int = 250, threads: int | None = None) -> Tensor:
+    """Logits of the ONNX model at ``path`` for ``images`` (N x C x H x W), float32 on CPU."""
+    s = session(path, threads)
+    name = s.get_inputs()[0].name
+    x = images.detach().cpu().float()
+    outs = [s.run(None, {name: x[i : i + batch].numpy()})[0] for i in range(0, len(x), batch)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor, labels: Tensor | None = None,
+               threads: int | None = None) -> dict:
+    """``onnx_top1`` (with labels), ``onnx_top1_agreement`` with the torch model and
+    ``onnx_max_abs_logit_diff``; raises ExportError below MIN_AGREEMENT."""
+    ort_logits = onnx_predict(path, images, threads=threads)
+    ref = torch_logits.detach().cpu().float()
+    if ort_logits.shape != ref.shape:
+        raise ExportError(f"{path}: ONNX Runtime gives logits of shape {tuple(ort_logits.shape)}, "
+                          f"the torch model {tuple(ref.shape)}")
+    out = {
+        "onnx_top1": top1(ort_logits, labels) if labels is not None else None,
+        "onnx_top1_agreement": agreement(ref, ort_logits),
+        "onnx_max_abs_logit_diff": float((ref - ort_logits).abs().max()),
+        "onnx_checked_images": len(images),
+    }
+    if not out["onnx_top1_agreement"] >= MIN_AGREEMENT:
+        raise ExportError(
+            f"{path}: ONNX Runtime's top-1 agrees with the torch model's on only {out['onnx_top1_agreement']:.2f} % "
+            f"of {len(images)} images (at least {MIN_AGREEMENT} % expected; max |logit diff| "
+            f"{out['onnx_max_abs_logit_diff']:.3g}); the export is wrong, please report it")
+    return out
