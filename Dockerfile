@@ -18,12 +18,12 @@ RUN apt-get update \
  && mkdir -p /data && chown clcalib /data
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY clcalib ./clcalib
 COPY service ./service
 COPY worker ./worker
-RUN pip install --extra-index-url "${TORCH_INDEX}" torch torchvision \
- && pip install ".[postgres]"
+RUN pip install -c constraints.txt --extra-index-url "${TORCH_INDEX}" torch torchvision \
+ && pip install -c constraints.txt ".[postgres,onnx]"
 
 USER clcalib
 VOLUME ["/data"]

@@ -212,6 +212,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     from clcalib.config import Preprocess
     from clcalib.data import load_labeled
+    from clcalib.errors import DataError
     from clcalib.export import load_quantized
     from clcalib.export.onnx_check import check_onnx
     from clcalib.export.onnx_qdq import export_onnx
@@ -223,6 +224,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.eval:
         data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]))
         images, labels = data.images, data.labels
+        if tuple(images.shape[1:]) != shape[1:]:
+            raise DataError(f"--eval {a.eval}: images come out {tuple(images.shape[1:])} with the checkpoint's "
+                            f"preprocessing, but the model was calibrated on {shape[1:]}")
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
     out = {"onnx": str(a.out), "onnx_bytes": size, **check_onnx(a.out, predict(model, images), images, labels)}

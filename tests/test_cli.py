@@ -86,7 +86,8 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     out = tmp_path / "out"
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS,
                 "--calib", zips["calib"], "--eval", zips["eval"], "--method", "qdrop", "--w-bits", "4", "--a-bits", "4",
-                "--iters", "5", "--calib-size", "128", "--device", "cpu", "--seed", "1", *FMNIST_PRE, "--out", out, "--quiet")
+                "--iters", "5", "--calib-size", "128", "--device", "cpu", "--seed", "1", *FMNIST_PRE, "--out", out, "--quiet",
+                "--export", "onnx")
     assert r.returncode == 0, r.stderr
     assert "quantized top-1 % (reloaded checkpoint)" in r.stdout
     report = json.loads((out / "report.json").read_text())
@@ -99,6 +100,10 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     e = clcalib("evaluate", "--checkpoint", out / "quantized.safetensors", "--eval", zips["eval"], "--json")
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["quant_top1"] == m["quant_top1"]
+    # model.onnx beside the checkpoint, checked in ONNX Runtime on the same 500 images
+    assert report["onnx"] == "model.onnx" and m["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    assert m["onnx_checked_images"] == 500 and m["onnx_top1_agreement"] >= 99.0, m
+    assert abs(m["onnx_top1"] - m["quant_top1"]) <= 0.6, m
     from clcalib.export import read_header
 
     header = read_header(out / "quantized.safetensors")

@@ -122,8 +122,13 @@ def read_header(path: str | Path) -> dict:
         header = json.loads(meta["clcalib"])
     except json.JSONDecodeError as e:
         raise ExportError(f"{path}: the clcalib header is not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ExportError(f"{path}: format {header.get('format')!r}, this clcalib reads {FORMAT!r}")
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt != FORMAT:
+        name, _, version = str(fmt).rpartition("/")
+        if name == FORMAT.rpartition("/")[0] and version.isdigit() and int(version) > int(FORMAT.rpartition("/")[2]):
+            raise ExportError(f"{path}: written by a newer clcalib (format {fmt!r}; this one reads {FORMAT!r}); "
+                              "upgrade clcalib to read it")
+        raise ExportError(f"{path}: format {fmt!r} is not a clcalib checkpoint format (this clcalib reads {FORMAT!r})")
     return header
 
 
@@ -137,6 +142,10 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
     except (KeyError, ValueError) as e:
         raise ExportError(f"{path}: the header does not describe a model this clcalib can rebuild ({e})") from None
     mods = dict(qm.named_modules())
+    for name, spec in header.get("layers", {}).items():
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], int) and 2 <= spec[0] <= 8):
+            raise ExportError(f"{path}: layer {name} has {spec[0] if isinstance(spec, list) and spec else spec!r}-bit "
+                              "weights; clcalib reads 2 to 8 bits (the file is damaged or from another tool)")
     layers = {n for n, m in mods.items() if isinstance(m, QuantLayer)}
     if set(header["layers"]) != layers:
         raise ExportError(f"{path}: the checkpoint has {len(header['layers'])} layers, {header['arch']} has {len(layers)}; "

@@ -12,11 +12,13 @@ from torch import Tensor
 from clcalib.errors import ExportError
 from clcalib.metrics import agreement, top1
 
-# An export whose top-1 agrees with the torch model's on fewer images than this (%) fails. Below
-# 100 because ONNX Runtime's float kernels sum in another order than torch's: a value that lands
-# on a rounding boundary of a 2-4-bit activation quantizer can move by one step (measured: 99.9 %+
-# on the reference models, bench/results/onnx_export.jsonl).
-MIN_AGREEMENT = 99.0
+# An export whose top-1 agrees with the torch model's on fewer images than this (%) fails. Not
+# 100: ONNX Runtime's conv kernels sum in another order than torch's, so a value on a rounding
+# boundary of an activation quantizer can land one step away, and at 2-3-bit activations such
+# steps cascade (resnet18 W2A3 without reconstruction: 98.7-99.3 % agreement; W8A8 and W4A4
+# after qdrop: 99.98-100 %, bench/results/onnx_export.jsonl). A wrong export falls far below:
+# an eighth of one layer's channel scales off by 1.5x gave 86-90 % (tests/test_onnx_export.py).
+MIN_AGREEMENT = 97.0
 
 
 def session(path: str | Path, threads: int | None = None):

@@ -83,7 +83,7 @@ class _Graph:
         else:
             if elem_type == TP.INT8:
                 array = array.astype(np.int8)
-            self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+            self.inits.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), name))  # 0-d stays 0-d
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:

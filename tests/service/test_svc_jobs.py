@@ -36,7 +36,7 @@ def stack(tmp_path_factory):
 
 def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tmp_path):
     # with CL-Calib on: the service takes the library's cl_calib block as is and reports it
-    cfg = {**TINY, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}}
+    cfg = {**TINY, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}, "export": ["onnx"]}
     r = stack.submit(reference_model, fmnist_zips["calib"], cfg, evaluation=fmnist_zips["eval"])
     assert r.status_code == 202, r.text
     jid = r.json()["id"]
@@ -62,7 +62,7 @@ def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tm
 
     job = stack.job(jid)
     assert job["state"] == "succeeded", (job, stack.logs())
-    assert {"quantized.safetensors", "report.json", "report.html"} <= set(job["artifacts"])
+    assert {"quantized.safetensors", "model.onnx", "report.json", "report.html"} <= set(job["artifacts"])
     with stack.client() as c:
         listed = c.get(f"/v1/jobs/{jid}/artifacts").json()["artifacts"]
         assert {a["name"] for a in listed} == set(job["artifacts"])
@@ -73,6 +73,8 @@ def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tm
                 for chunk in resp.iter_bytes():
                     f.write(chunk)
         report = c.get(f"/v1/jobs/{jid}/artifacts/report.json").json()
+        model_onnx = tmp_path / "model.onnx"
+        model_onnx.write_bytes(c.get(f"/v1/jobs/{jid}/artifacts/model.onnx").content)
     assert report["metrics"] == job["metrics"]
     m = job["metrics"]
     assert m["cl_calib"]["enabled"] is True and m["cl_calib"]["lambda"] == 0.2, m["cl_calib"]
@@ -81,6 +83,14 @@ def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tm
     got = evaluate(ckpt, fmnist_zips["eval"])
     assert got["n"] == report["metrics"]["eval_images"] == 1000
     assert got["quant_top1"] == report["metrics"]["quant_top1"], (got, report["metrics"])
+    # the downloaded model.onnx gives the report's onnx_top1 in ONNX Runtime on the same images
+    from clcalib.config import Preprocess
+    from clcalib.data import load_labeled
+    from clcalib.export.onnx_check import onnx_predict
+    from clcalib.metrics import top1
+
+    data = load_labeled(fmnist_zips["eval"], Preprocess.model_validate(report["config"]["preprocess"]))
+    assert top1(onnx_predict(model_onnx, data.images), data.labels) == m["onnx_top1"], m
 
 
 def test_load_cancel_running_and_queued(stack, fmnist_zips):

@@ -1,0 +1,154 @@
+"""ONNX QDQ export of the reference model on real Fashion-MNIST images: the graph is the
+quantized network (integer weights in the narrowest ONNX type, QDQ activations clipped to their
+calibrated bit width), ONNX Runtime reproduces the torch model, and broken inputs give one-line
+errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.torch import load_file, save_file
+from test_cli import WEIGHTS, clcalib
+
+import clcalib as lib
+from bench.fmnist import PREPROCESS, calibration_indices, split
+from clcalib.errors import ExportError
+from clcalib.export import load_quantized, read_header, save_quantized
+from clcalib.export.onnx_check import check_onnx, onnx_predict
+from clcalib.export.onnx_qdq import build_onnx, export_onnx
+from clcalib.graph.registry import build_model, read_state_dict
+from clcalib.quant.activation import ActQuantizer
+
+SHAPE = (1, 3, 28, 28)
+
+
+def images(name: str, idx) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = split(name)
+    t = torch.from_numpy(x[np.asarray(idx)].astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
+    return ((t - 0.286) / 0.353).contiguous(), torch.from_numpy(y[np.asarray(idx)].astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """resnet18 at W4A3 (mse ranges, no reconstruction: fast), first/last layer at 8 bits."""
+    torch.manual_seed(0)
+    fp = build_model("resnet18", 10, read_state_dict(WEIGHTS))
+    calib, _ = images("train", calibration_indices(128))
+    res = lib.calibrate(fp, calib, {"method": "mse", "w_bits": 4, "a_bits": 3, "device": "cpu", "calib_size": 128,
+                                      "preprocess": PREPROCESS})
+    d = tmp_path_factory.mktemp("onnx")
+    ckpt = d / "q.safetensors"
+    save_quantized(res.model, ckpt, arch="resnet18", num_classes=10, config=res.config, input_shape=SHAPE)
+    model = load_quantized(ckpt)
+    path = d / "model.onnx"
+    export_onnx(model, path, SHAPE)
+    return {"model": model, "ckpt": ckpt, "onnx": path, "fp": fp, "dir": d}
+
+
+def test_graph_is_qdq_with_integer_weights_of_the_calibrated_widths(calibrated):
+    proto = onnx.load(calibrated["onnx"])
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    layers = calibrated["model"].layers()
+    weighted = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weighted) == len(layers) == 21
+    for node, layer in zip(weighted, layers, strict=True):  # the trace keeps execution order
+        dq = producer[node.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in inits, node.name
+        w = inits[dq.input[0]]
+        want = onnx.TensorProto.INT4 if layer.wq.bits <= 4 else onnx.TensorProto.INT8
+        assert w.data_type == want, (node.name, layer.wq.bits, w.data_type)
+        # the codes, shifted into the signed container, are exactly the checkpoint's
+        offset = 8 if layer.wq.bits <= 4 else 128
+        assert np.array_equal(numpy_helper.to_array(w).astype(np.int32), layer.wq.q.numpy().astype(np.int32) - offset)
+        assert len(numpy_helper.to_array(inits[dq.input[1]])) == layer.weight.shape[0]  # per output channel
+    bits = sorted({layers[0].wq.bits, layers[-1].wq.bits, layers[1].wq.bits})
+    assert bits == [4, 8], bits  # body 4-bit, first conv and last linear 8-bit as calibrated
+    # one QuantizeLinear per activation quantizer; codes clipped to [0, 2^bits - 1]
+    acts = [m for m in calibrated["model"].modules() if isinstance(m, ActQuantizer) and m.initialized]
+    qs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == len(acts)
+    clip_max = sorted(int(numpy_helper.to_array(inits[n.input[2]])) for n in proto.graph.node
+                      if n.op_type == "Clip" and producer.get(n.input[0], n).op_type == "QuantizeLinear")
+    assert clip_max == sorted(2**q.bits - 1 for q in acts if q.bits < 8)
+    assert set(clip_max) == {7}  # 3-bit activations stay 3-bit; the 8-bit one needs no clip
+    fp_bytes = len(build_onnx(calibrated["model"], SHAPE, quantized=False).SerializeToString())
+    assert calibrated["onnx"].stat().st_size < fp_bytes / 7, (calibrated["onnx"].stat().st_size, fp_bytes)
+
+
+def test_onnx_runtime_reproduces_the_torch_model_on_real_images(calibrated):
+    x, y = images("t10k", range(0, 10000, 20))
+    with torch.no_grad():
+        ref = calibrated["model"](x)
+    got = check_onnx(calibrated["onnx"], ref, x, y)
+    # 3-bit activations without reconstruction: boundary-sensitive (see MIN_AGREEMENT)
+    assert got["onnx_top1_agreement"] >= 98.5, got
+    assert abs(got["onnx_top1"] - 100.0 * float((ref.argmax(1) == y).float().mean())) <= 1.0, got
+    # a subtly wrong file (an eighth of one layer's channel scales off by 1.5x) fails the check
+    proto = onnx.load(calibrated["onnx"])
+    zs = [t for t in proto.graph.initializer if "wscale" in t.name]
+    arr = numpy_helper.to_array(zs[3]).copy()
+    arr[: len(arr) // 8] *= 1.5
+    zs[3].CopyFrom(numpy_helper.from_array(arr, zs[3].name))
+    bad = calibrated["dir"] / "tampered.onnx"
+    onnx.save(proto, bad)
+    with pytest.raises(ExportError, match="agrees with the torch model's on only"):
+        check_onnx(bad, ref, x, y)
+
+
+def test_fp32_export_matches_the_float_model(calibrated, tmp_path):
+    from clcalib.config import CalibConfig
+    from clcalib.graph.partition import QuantModel, QuantSpec
+
+    qm = QuantModel(calibrated["fp"], QuantSpec.from_config(CalibConfig()), torch.zeros(SHAPE))
+    path = tmp_path / "fp32.onnx"
+    export_onnx(qm, path, SHAPE, quantized=False)
+    x, _ = images("t10k", range(64))
+    with torch.no_grad():
+        ref = calibrated["fp"].eval()(x)
+    assert float((onnx_predict(path, x) - ref).abs().max()) < 1e-3
+
+
+def _rewrite_header(src, dst, edit):
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    header = json.loads(meta["clcalib"])
+    edit(header)
+    save_file(load_file(str(src)), str(dst), {"clcalib": json.dumps(header)})
+
+
+def test_bad_checkpoints_give_one_line_errors(calibrated, tmp_path):
+    newer = tmp_path / "newer.safetensors"
+    _rewrite_header(calibrated["ckpt"], newer, lambda h: h.update(format="clcalib.quantized/2"))
+    bits = tmp_path / "bits.safetensors"
+    first = next(iter(read_header(calibrated["ckpt"])["layers"]))
+    _rewrite_header(calibrated["ckpt"], bits, lambda h: h["layers"][first].__setitem__(0, 9))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(calibrated["ckpt"].read_bytes()[: 5000])
+    cases = [(newer, "newer clcalib"), (bits, "9-bit"), (broken, "not a readable safetensors file")]
+    for path, message in cases:
+        r = clcalib("export", "--checkpoint", path, "--out", tmp_path / "m.onnx")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (path, r.stderr)
+    assert not (tmp_path / "m.onnx").exists()
+    model = load_quantized(calibrated["ckpt"])
+    model.layers()[4].wq.bits = 1
+    with pytest.raises(ExportError, match="1-bit quantization cannot be exported"):
+        build_onnx(model, SHAPE)
+
+
+def test_cli_export_checks_against_a_labeled_folder(calibrated, tmp_path):
+    from bench.fmnist import write_zip
+
+    ev = write_zip(tmp_path / "eval.zip", "t10k", range(300), by_class=True)
+    r = clcalib("export", "--checkpoint", calibrated["ckpt"], "--out", tmp_path / "m.onnx", "--eval", ev, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["onnx_checked_images"] == 300 and out["onnx_top1_agreement"] >= 98.0 and out["onnx_top1"] > 50, out
