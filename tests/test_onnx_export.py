@@ -152,3 +152,25 @@ def test_cli_export_checks_against_a_labeled_folder(calibrated, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["onnx_checked_images"] == 300 and out["onnx_top1_agreement"] >= 98.0 and out["onnx_top1"] > 50, out
+
+
+def test_relu6_before_a_quantizer_becomes_its_top_code(tmp_path):
+    """mobilenet_v2: Conv -> ReLU6 -> quantizer is written Conv -> Q -> Clip(codes) -> DQ (exact,
+    zero point 0), so integer runtimes see the Conv -> Q they fuse; ONNX Runtime agrees."""
+    fp = build_model("mobilenet_v2", 10, read_state_dict(WEIGHTS.parent / "fmnist_mobilenet_v2.safetensors"))
+    calib, _ = images("train", calibration_indices(64))
+    res = lib.calibrate(fp, calib, {"method": "mse", "w_bits": 8, "a_bits": 8, "device": "cpu", "calib_size": 64,
+                                    "preprocess": PREPROCESS})
+    path = tmp_path / "mb.onnx"
+    export_onnx(res.model, path, SHAPE)
+    proto = onnx.load(path)
+    consumers = {i: n for n in proto.graph.node for i in n.input}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    after = {consumers[n.output[0]].op_type for n in convs}
+    assert "Relu" not in after and "Clip" not in after, after  # no float activation between conv and Q
+    assert sum(consumers[n.output[0]].op_type == "QuantizeLinear" for n in convs) >= 34, len(convs)
+    x, y = images("t10k", range(0, 10000, 50))
+    with torch.no_grad():
+        ref = res.model(x)
+    got = check_onnx(path, ref, x, y)
+    assert got["onnx_top1_agreement"] >= 99.0, got

@@ -92,7 +92,9 @@ class _Graph:
         return out
 
     # --- quantization ------------------------------------------------------------------------
-    def act_quant(self, x: Value, q: ActQuantizer, hint: str) -> Value:
+    def act_quant(self, x: Value, q: ActQuantizer, hint: str, clamp_max: float | None = None) -> Value:
+        """Q -> Clip -> DQ. ``clamp_max``: a ReLU6-style clamp before the quantizer, folded into
+        the code range (exact when the zero point is 0, see ``layer``)."""
         if not self.quantized:
             return Value(x.name)
         if not q.initialized:
@@ -103,9 +105,12 @@ class _Graph:
         s = self.const(hint + ".scale", np.array(scale, np.float32))
         z = self.const(hint + ".zero", np.array(zero, np.uint8))
         y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")
-        if q.bits < 8:  # narrow codes: the integer range of the calibrated bit width
+        code_max = qmax_of(q.bits)
+        if clamp_max is not None:  # round(min(x, c) / s) == min(round(x / s), round(c / s)): round is monotone
+            code_max = min(code_max, int(np.round(np.float32(clamp_max) / scale)))
+        if code_max < 255:  # narrow codes: the integer range of the calibrated bit width
             lo = self.const(hint + ".qmin", np.array(0, np.uint8))
-            hi = self.const(hint + ".qmax", np.array(qmax_of(q.bits), np.uint8))
+            hi = self.const(hint + ".qmax", np.array(code_max, np.uint8))
             y = self.op("Clip", [y, lo, hi], hint + ".clip")
         return Value(self.op("DequantizeLinear", [y, s, z], hint + ".dq"), q)
 
@@ -138,8 +143,14 @@ class _Graph:
                         kernel_shape=list(layer.weight.shape[2:]))
         else:
             y = self.op("Gemm", [x.name, w, b], hint + ".gemm", transB=1)
+        q = layer.out_quant
+        if self.quantized and q is not None and int(q.zero.item()) == 0 and type(layer.act) in (nn.ReLU, nn.ReLU6):
+            # a quantizer with zero point 0 already maps x < 0 to code 0: the ReLU is in the
+            # codes' range, and ReLU6's upper clamp becomes the top code (exact). Conv -> Q with
+            # nothing between is what integer runtimes fuse into one integer conv.
+            return self.act_quant(Value(y), q, hint + ".out", 6.0 if isinstance(layer.act, nn.ReLU6) else None)
         y = self.activation(layer.act, Value(y), hint)
-        return self.act_quant(y, layer.out_quant, hint + ".out") if layer.out_quant is not None else y
+        return self.act_quant(y, q, hint + ".out") if q is not None else y
 
     def activation(self, act: nn.Module, x: Value, hint: str) -> Value:
         if isinstance(act, nn.Identity):
