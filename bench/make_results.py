@@ -14,11 +14,12 @@ from pathlib import Path
 from bench.cl_ablation import compare, main_table
 from bench.cl_ablation import groups as cl_groups
 from bench.cl_ablation import report as cl_report
+from bench.fmnist import REFERENCE
 from bench.summarize import BITS_ORDER, by_model, defaults, load, settings, stat, table
 
 HERE = Path(__file__).resolve().parent
 RES = HERE / "results"
-ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "peer_anchor.json"
+ANCHOR = REFERENCE / "peer_anchor.json"  # found where the reference models are (bench.fmnist)
 # the cl_calib block of the CL-Calib table (bench/cl_table.sh's CL)
 # the official runs in peer_anchor.json calibrated shared/reference/fmnist_resnet18 only
 PEER_MODEL = "resnet18"
