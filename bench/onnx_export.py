@@ -83,7 +83,8 @@ def ort_node_counts(path: Path, threads: int) -> dict:
         return dict(collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node))
 
 
-def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads: int) -> dict:
+def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads: int, w_symmetric: bool,
+            placement: str) -> dict:
     import torch
 
     from clcalib.config import CalibConfig
@@ -95,7 +96,8 @@ def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads:
     torch.set_num_threads(threads)
     cfg = CalibConfig.model_validate({"method": "qdrop", "w_bits": int(bits[1]), "a_bits": int(bits[3]), "iters": iters,
                                       "seed": 0, "device": "cpu", "calib_size": 1024, "preprocess": PREPROCESS,
-                                      "export": ["onnx"]})
+                                      "export": ["onnx"], "w_symmetric": w_symmetric,
+                                      "act_placement": placement})
     weights = REFERENCE / f"fmnist_{model}.safetensors"
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
@@ -106,7 +108,8 @@ def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads:
         fp = QuantModel(build_model(model, 10, read_state_dict(weights)), QuantSpec.from_config(cfg),
                         torch.zeros(1, 3, 28, 28))
         fp_bytes = export_onnx(fp, out / "fp32.onnx", (1, 3, 28, 28), quantized=False)
-        row = {"model": model, "bits": bits, "method": "qdrop", "iters": iters, "seed": 0, "threads": threads,
+        row = {"model": model, "bits": bits, "w_symmetric": w_symmetric, "act_placement": placement, "method": "qdrop", "iters": iters, "seed": 0,
+               "threads": threads,
                "fp_top1": m["fp_top1"], "torch_top1": m["quant_top1"], "onnx_top1": m["onnx_top1"],
                "onnx_top1_agreement": m["onnx_top1_agreement"], "onnx_max_abs_logit_diff": m["onnx_max_abs_logit_diff"],
                "eval_images": m["eval_images"], "onnx_bytes": m["onnx_bytes"], "fp32_onnx_bytes": fp_bytes,
@@ -116,6 +119,12 @@ def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads:
             row["latency"] = timing(out / "fp32.onnx", out / ONNX_NAME, (1, 3, 28, 28), threads)
             row["ort_ops_qdq"] = ort_node_counts(out / ONNX_NAME, threads)
     return row
+
+
+def _variant(r: dict) -> str:
+    parts = (["sym. weights"] if r.get("w_symmetric") else []) + (
+        ["every_layer"] if r.get("act_placement", "block") != "block" else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def table(rows: list[dict]) -> str:
@@ -131,7 +140,7 @@ def table(rows: list[dict]) -> str:
            "| .onnx MB | FP32 .onnx MB | ratio |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['bits']} | {r['fp_top1']:.2f} | {r['torch_top1']:.2f} | {r['onnx_top1']:.2f} | "
+        out.append(f"| {r['model']} | {r['bits']}{_variant(r)} | {r['fp_top1']:.2f} | {r['torch_top1']:.2f} | {r['onnx_top1']:.2f} | "
                    f"{r['onnx_top1_agreement']:.2f} | {r['onnx_max_abs_logit_diff']:.3f} | {r['onnx_bytes'] / 1e6:.2f} | "
                    f"{r['fp32_onnx_bytes'] / 1e6:.2f} | {r['fp32_onnx_bytes'] / r['onnx_bytes']:.1f}x |")
     out += ["", "## W8A8 latency in ONNX Runtime (median ms per batch, interleaved in one run)", "",
@@ -143,7 +152,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for b, lat in (r.get("latency") or {}).items():
             ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ort_ops_qdq"].items()) if k in ("QLinearConv", "Conv", "FusedConv", "DequantizeLinear", "Transpose"))
-            out.append(f"| {r['model']} | {b[1:]} | {lat['fp32_ms']:.2f} | {lat['qdq_ms']:.2f} ({lat['qdq_over_fp32']:.1f}x) | "
+            out.append(f"| {r['model']}{_variant(r)} | {b[1:]} | {lat['fp32_ms']:.2f} | {lat['qdq_ms']:.2f} ({lat['qdq_over_fp32']:.1f}x) | "
                        f"{lat['qdq_float_kernels_ms']:.2f} ({lat['qdq_float_kernels_over_fp32']:.1f}x) | {ops} |")
     return "\n".join(out) + "\n"
 
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="W8A8,W4A4,W2A4,W4A2")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    p.add_argument("--w-symmetric", action="store_true", help="symmetric weights (zero point 0, what INT8 engines want)")
+    p.add_argument("--placement", choices=["block", "every_layer"], default="block", help="config act_placement")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     import platform
@@ -169,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["bits"], r["iters"]))
+            done.add((r["model"], r["bits"], r["iters"], r.get("w_symmetric", False), r.get("act_placement", "block")))
     calib, test = prepare_data()
     cmd = "python -m bench.onnx_export " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     for model in a.models.split(","):
         for bits in a.bits.split(","):
-            if (model, bits, a.iters) in done:
+            if (model, bits, a.iters, a.w_symmetric, a.placement) in done:
                 continue
-            row = run_one(model, bits, a.iters, calib, test, a.threads)
+            row = run_one(model, bits, a.iters, calib, test, a.threads, a.w_symmetric, a.placement)
             row.update({"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "cmd": cmd})
             with out.open("a") as f:

@@ -22,6 +22,14 @@ class Method(str, Enum):
         return self not in (Method.MINMAX, Method.MSE)
 
 
+class ActPlacement(str, Enum):
+    # BRECQ/QDrop: a conv feeding a residual add keeps a float output (the add is FP)
+    BLOCK = "block"
+    # also quantize those conv outputs: every conv/linear output is integer, as INT8 engines
+    # (ONNX Runtime's QLinearConv/QLinearAdd, TensorRT) need to run the whole block in integers
+    EVERY_LAYER = "every_layer"
+
+
 class ExportFormat(str, Enum):
     ONNX = "onnx"  # model.onnx in QDQ form, checked in ONNX Runtime in the same run
 
@@ -100,6 +108,11 @@ class CalibConfig(Strict):
         8, ge=2, le=8, description="bits of the first conv and last linear (and the last linear's input); null: same as the body"
     )
     w_symmetric: bool = Field(False, description="symmetric weight quantization (zero point fixed at the middle)")
+    act_placement: ActPlacement = Field(
+        ActPlacement.BLOCK,
+        description="block: activation quantizers as BRECQ/QDrop (residual-branch outputs stay FP until the add); "
+        "every_layer: also at the outputs that feed a residual add (for INT8 runtimes, see docs/deploy.md)",
+    )
     iters: int = Field(20000, ge=0, le=200000, description="optimization iterations per reconstruction unit")
     batch_size: int = Field(32, ge=1, le=4096)
     calib_size: int = Field(1024, ge=1, le=100000, description="calibration images used (a seeded random subset if more are given)")

@@ -174,3 +174,29 @@ def test_relu6_before_a_quantizer_becomes_its_top_code(tmp_path):
         ref = res.model(x)
     got = check_onnx(path, ref, x, y)
     assert got["onnx_top1_agreement"] >= 99.0, got
+
+
+def test_w8a8_every_layer_runs_on_integer_kernels_in_onnx_runtime(tmp_path):
+    """W8A8, symmetric weights, act_placement every_layer: ONNX Runtime turns every conv but
+    the first (FP image input) into QLinearConv and every residual add into QLinearAdd."""
+    import collections
+
+    import onnxruntime as ort
+
+    fp = build_model("resnet18", 10, read_state_dict(WEIGHTS))
+    calib, _ = images("train", calibration_indices(64))
+    res = lib.calibrate(fp, calib, {"method": "mse", "w_bits": 8, "a_bits": 8, "w_symmetric": True,
+                                    "act_placement": "every_layer", "device": "cpu", "calib_size": 64,
+                                    "preprocess": PREPROCESS})
+    path = tmp_path / "r18.onnx"
+    export_onnx(res.model, path, SHAPE)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 8, ops
+    x, y = images("t10k", range(0, 10000, 50))
+    with torch.no_grad():
+        ref = res.model(x)
+    assert check_onnx(path, ref, x, y)["onnx_top1_agreement"] >= 99.0

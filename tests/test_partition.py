@@ -52,3 +52,22 @@ def test_all_8_bit_keeps_fp_accuracy_on_fashion_mnist(arch, fmnist, reference):
     assert fp_acc > 89.5  # the reference checkpoints as documented (90.50 / 90.02)
     assert abs(q_acc - fp_acc) <= 0.5, f"{arch}: FP {fp_acc:.2f} vs W8A8 {q_acc:.2f}"
     assert all(isinstance(m, QuantLayer) for m in res.model.layers())
+
+
+@pytest.mark.parametrize("arch, extra", [("resnet18", 11), ("resnet50", 20), ("mobilenet_v2", 10), ("mnasnet1_0", 10),
+                                         ("regnet_x_400mf", 26)])
+def test_every_layer_placement_quantizes_exactly_the_residual_branch_ends(arch, extra):
+    """act_placement every_layer: one more quantizer per conv that feeds a residual add (the
+    last conv of each residual block, each downsample/projection); none twice in a row."""
+    from clcalib.quant.activation import ActQuantizer
+
+    fp = build_model(arch, 10)
+    counts = [sum(isinstance(m, ActQuantizer) for m in QuantModel(fp, QuantSpec(4, 4, 8, every_layer=e),
+                                                                  torch.zeros(1, 3, 32, 32)).modules())
+              for e in (False, True)]
+    assert counts[1] - counts[0] == extra, counts
+    qm = QuantModel(fp, QuantSpec(4, 4, 8, every_layer=True), torch.zeros(1, 3, 32, 32))
+    no_residual = [u for u in qm.units() if not getattr(u.body, "use_res_connect", getattr(u.body, "apply_residual", True))]
+    assert (len(no_residual) > 0) == (arch in ("mobilenet_v2", "mnasnet1_0"))
+    for unit in no_residual:  # the unit's own output quantizer follows its last conv: not a second one
+        assert unit.out_quant is not None and unit.layers()[-1].out_quant is None, unit

@@ -10,13 +10,14 @@ activation quantizes its output, a conv feeding the residual sum does not.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from clcalib.config import CalibConfig
+from clcalib.config import ActPlacement, CalibConfig
 from clcalib.errors import UnsupportedModel
 from clcalib.quant.layer import QuantLayer, QuantUnit
 
@@ -29,10 +30,17 @@ class QuantSpec:
     a_bits: int
     first_last_bits: int | None
     w_symmetric: bool = False
+    every_layer: bool = False  # ActPlacement.EVERY_LAYER: residual-branch outputs quantized too
 
     @classmethod
     def from_config(cls, cfg: CalibConfig) -> QuantSpec:
-        return cls(cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.w_symmetric)
+        return cls(cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.w_symmetric,
+                   cfg.act_placement is ActPlacement.EVERY_LAYER)
+
+    def in_block_out_bits(self, followed_by_activation: bool) -> int | None:
+        """Bits of the output quantizer of a layer inside a block: quantized before an
+        activation (and everywhere with every_layer), FP where it feeds the residual sum."""
+        return self.a_bits if (followed_by_activation or self.every_layer) else None
 
 
 # --- block registry ------------------------------------------------------------------------
@@ -62,13 +70,18 @@ def _resnet_block(block: nn.Module, spec: QuantSpec) -> None:
     for i, name in enumerate(convs):
         last = i == len(convs) - 1
         act = None if last else nn.ReLU()  # the block's self.relu after a quantized ReLU output is a no-op
-        setattr(block, name, _ql(getattr(block, name), getattr(block, "bn" + name[4:]), act, spec, None if last else spec.a_bits))
+        setattr(block, name, _ql(getattr(block, name), getattr(block, "bn" + name[4:]), act, spec,
+                                 spec.in_block_out_bits(followed_by_activation=not last)))
         setattr(block, "bn" + name[4:], nn.Identity())
     if block.downsample is not None:
         _convert_children(block.downsample, spec, in_block=True, units=None)
 
 
 def _generic_block(block: nn.Module, spec: QuantSpec) -> None:
+    # a block without its residual add (MobileNetV2/MnasNet at a stride or width change) ends in
+    # the unit's own output quantizer: a second one on its last conv would quantize twice
+    if not getattr(block, "use_res_connect", getattr(block, "apply_residual", True)):
+        spec = dataclasses.replace(spec, every_layer=False)
     _convert_children(block, spec, in_block=True, units=None)
 
 
@@ -112,7 +125,7 @@ def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units:
                     raise UnsupportedModel(f"{type(act).__name__} outside a Sequential after {name}")
                 j += 1
             # outside blocks every layer quantizes its output; inside, only before an activation
-            out_bits = spec.a_bits if (act is not None or not in_block) else None
+            out_bits = spec.in_block_out_bits(act is not None) if in_block else spec.a_bits
             ql = _ql(m, bn, act, spec, out_bits)
             if in_block:
                 setattr(parent, name, ql)
