@@ -195,7 +195,7 @@ def list_artifacts(job: OwnedJob, storage: StorageDep) -> ArtifactList:
     "/v1/jobs/{job_id}/artifacts/{name}", responses={**responses(401, 404), 200: {
         "content": {"application/octet-stream": {}, "application/json": {}, "text/html": {}},
         "description": "the file, streamed"}},
-    summary="Download one artifact (quantized.safetensors, report.json, report.html)",
+    summary="Download one artifact (quantized.safetensors, model.onnx when config export has \"onnx\", report.json, report.html)",
     response_class=FileResponse,
 )
 def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
