@@ -92,8 +92,12 @@ def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
 
 
 def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
+    from clcalib import __version__
+
     h = hashlib.sha256(calib_sha.encode())
-    h.update(cfg.model_dump_json().encode())  # device included: CPU and GPU runs differ in the last bits
+    h.update(__version__.encode())  # an upgraded worker must not resume units an older version made
+    # device included: CPU and GPU runs differ in the last bits; export only decides extra artifacts
+    h.update(cfg.model_dump_json(exclude={"export"}).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())

@@ -74,3 +74,23 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     save_file({"a": torch.zeros(1)}, str(p))
     with pytest.raises(ExportError, match="without a clcalib header"):
         load_quantized(p)
+
+
+def test_resume_ignores_the_export_choice_but_not_the_clcalib_version(fmnist, reference, tmp_path, monkeypatch):
+    import clcalib
+
+    data = fmnist["train"][:64]
+
+    def stop_at_unit_2(e):
+        if e.stage == "prepare" and e.unit == 2:
+            raise Canceled("test")
+
+    for d in ("a", "b"):
+        with pytest.raises(Canceled):
+            calibrate(reference("resnet18"), data, TINY, stop_at_unit_2, resume_dir=tmp_path / d)
+    # asking for an ONNX file as well does not change what is calibrated: the units are reused
+    assert calibrate(reference("resnet18"), data, {**TINY, "export": ["onnx"]},
+                     resume_dir=tmp_path / "a").metrics["resumed_units"] == 2
+    # an upgraded clcalib calibrates afresh instead of trusting units an older one made
+    monkeypatch.setattr(clcalib, "__version__", "99.0.0")
+    assert calibrate(reference("resnet18"), data, TINY, resume_dir=tmp_path / "b").metrics["resumed_units"] == 0

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from clcalib.config import PdQuant
-from clcalib.recon.prediction_difference import pd_loss, pd_regularizer, pdquant_terms
+from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
 
 
 def _ref_kl(logits_q, logits_f, t):
@@ -70,16 +69,6 @@ def test_pd_regularizer_matches_formula():
     assert pd_regularizer(q, f, p=1.0).item() == pytest.approx(
         (q - f).abs().sum().item() / 32, rel=1e-12
     )
-
-
-def test_pdquant_terms_use_config_weights():
-    cfg = PdQuant(pd_weight=2.0, temperature=3.0, reg_weight=0.5)
-    lq, lf = torch.randn(4, 6), torch.randn(4, 6)
-    oq, of = torch.randn(4, 8), torch.randn(4, 8)
-    terms = pdquant_terms(lq, lf, oq, of, cfg)
-    torch.testing.assert_close(terms.pd, pd_loss(lq, lf, 3.0))
-    torch.testing.assert_close(terms.reg, pd_regularizer(oq, of))
-    torch.testing.assert_close(terms.total, 2.0 * terms.pd + 0.5 * terms.reg)
 
 
 def test_bad_arguments():

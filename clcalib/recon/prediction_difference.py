@@ -19,14 +19,10 @@ fully quantized input.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch.nn.functional as F
 from torch import Tensor
 
-from clcalib.config import PdQuant
-
-__all__ = ["PdTerms", "pd_loss", "pd_regularizer", "pdquant_terms"]
+__all__ = ["pd_loss", "pd_regularizer"]
 
 
 def pd_loss(logits_q: Tensor, logits_f: Tensor, temperature: float) -> Tensor:
@@ -57,20 +53,3 @@ def pd_regularizer(out_q: Tensor, out_f: Tensor, p: float = 2.0) -> Tensor:
         raise ValueError(f"p must be > 0, got {p}")
     return (out_q - out_f).abs().pow(p).sum(dim=1).mean()
 
-
-class PdTerms(NamedTuple):
-    """PD-Quant's part of a unit's loss: ``total = pd_weight * pd + reg_weight * reg`` and the
-    unweighted parts, for reporting."""
-
-    total: Tensor
-    pd: Tensor
-    reg: Tensor
-
-
-def pdquant_terms(
-    logits_q: Tensor, logits_f: Tensor, out_q: Tensor, out_f: Tensor, cfg: PdQuant
-) -> PdTerms:
-    """Both PD-Quant terms with the weights and temperature of ``cfg`` (``CalibConfig.pdquant``)."""
-    pd = pd_loss(logits_q, logits_f, cfg.temperature)
-    reg = pd_regularizer(out_q, out_f)
-    return PdTerms(total=cfg.pd_weight * pd + cfg.reg_weight * reg, pd=pd, reg=reg)
