@@ -15,10 +15,10 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from clcalib.config import CalibConfig, Method
+from clcalib.config import CalibConfig
 from clcalib.data import tensor_sha256
 from clcalib.errors import ConfigError, DataError, UnsupportedModel
-from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.partition import QuantModel, QuantSpec, is_mobile_like
 from clcalib.graph.trace import snap_biases
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.switch import quantization
@@ -60,11 +60,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def is_mobile_like(model: nn.Module) -> bool:
-    """Depthwise convolutions: the nets for which AdaRound's regulariser weight is 0.1."""
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
-
-
 @torch.no_grad()
 def _check_conversion(model: nn.Module, qm: QuantModel, x: Tensor) -> None:
     """With quantization off, the converted model must compute what the original computes;
@@ -88,7 +83,7 @@ def _check_conversion(model: nn.Module, qm: QuantModel, x: Tensor) -> None:
 def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
     if cfg.round_weight is not None:
         return cfg.round_weight
-    return 0.1 if is_mobile_like(model) else 0.01
+    return 0.1 if is_mobile_like(model) else 0.01  # AdaRound's weight for depthwise nets
 
 
 def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
@@ -149,7 +144,7 @@ def _calibrate(
         raise DataError("calibration data holds NaN or infinite values")
     qm = QuantModel(model, QuantSpec.from_config(cfg), data[:1]).to(device)  # a copy: the caller's model stays
     _check_conversion(model, qm, data[:4])
-    mse = cfg.method is not Method.MINMAX
+    mse = cfg.method.spec.range_search
     for layer in qm.layers():
         layer.wq.init_range(layer.weight, mse=mse)
     for unit in qm.units():
@@ -157,7 +152,7 @@ def _calibrate(
             q.mse, q.p = mse, cfg.act_range_p
 
     extra = extra_losses
-    if extra is None and (cfg.cl_calib.enabled or cfg.method is Method.PDQUANT):
+    if extra is None and (cfg.cl_calib.enabled or cfg.method.spec.prediction_difference):
         from clcalib.recon.added_losses import added_losses  # CL-Calib / PD-Quant terms
 
         extra = added_losses

@@ -3,6 +3,7 @@ all use these field names; the service embeds this model unchanged."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
@@ -18,8 +19,39 @@ class Method(str, Enum):
     PDQUANT = "pdquant"  # qdrop + prediction-difference loss through the FP tail
 
     @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self]
+
+    @property
     def reconstructs(self) -> bool:
-        return self not in (Method.MINMAX, Method.MSE)
+        return self.spec.granularity is not Granularity.NONE
+
+
+class Granularity(str, Enum):
+    NONE = "none"  # no reconstruction: ranges and nearest rounding only
+    LAYER = "layer"  # each Conv/Linear reconstructed on its own (inside its unit)
+    UNIT = "unit"  # each reconstruction unit (residual block or single layer) as a whole
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method does; the engine reads these, never the method's name."""
+
+    range_search: bool  # initial ranges by the Lp search (False: plain min/max)
+    granularity: Granularity
+    drops_input: bool = False  # QDrop: the unit's input randomly mixes FP and quantized values
+    prediction_difference: bool = False  # PD-Quant's KL term through the FP rest of the network
+
+
+METHODS: dict[Method, MethodSpec] = {
+    Method.MINMAX: MethodSpec(range_search=False, granularity=Granularity.NONE),
+    Method.MSE: MethodSpec(range_search=True, granularity=Granularity.NONE),
+    Method.ADAROUND: MethodSpec(range_search=True, granularity=Granularity.LAYER),
+    Method.BRECQ: MethodSpec(range_search=True, granularity=Granularity.UNIT),
+    Method.QDROP: MethodSpec(range_search=True, granularity=Granularity.UNIT, drops_input=True),
+    Method.PDQUANT: MethodSpec(range_search=True, granularity=Granularity.UNIT, drops_input=True,
+                               prediction_difference=True),
+}
 
 
 class ActPlacement(str, Enum):

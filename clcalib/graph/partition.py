@@ -142,6 +142,17 @@ def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units:
         i += 1
 
 
+def is_mobile_like(model: nn.Module) -> bool:
+    """Has depthwise convolutions (MobileNet, MnasNet, EfficientNet): the nets for which the
+    papers' scripts take other defaults. Reads a float model or a converted one alike."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+            return True
+        if isinstance(m, QuantLayer) and m.is_conv and m.conv_args["groups"] > 1 and m.weight.shape[1] == 1:
+            return True
+    return False
+
+
 class QuantModel(nn.Module):
     """The converted model and its reconstruction units in execution order."""
 

@@ -18,7 +18,6 @@ if TYPE_CHECKING:  # the API process lists archs without importing torch
 class Arch:
     name: str
     build: Callable[[int], nn.Module]
-    mobile: bool  # depthwise/inverted-residual nets take the larger rounding regulariser
 
 
 def _tv(fn_name: str) -> Callable[[int], nn.Module]:
@@ -33,13 +32,13 @@ def _tv(fn_name: str) -> Callable[[int], nn.Module]:
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in [
-        Arch("resnet18", _tv("resnet18"), mobile=False),
-        Arch("resnet34", _tv("resnet34"), mobile=False),
-        Arch("resnet50", _tv("resnet50"), mobile=False),
-        Arch("mobilenet_v2", _tv("mobilenet_v2"), mobile=True),
-        Arch("regnet_x_400mf", _tv("regnet_x_400mf"), mobile=False),
-        Arch("regnet_x_3_2gf", _tv("regnet_x_3_2gf"), mobile=False),
-        Arch("mnasnet1_0", _tv("mnasnet1_0"), mobile=True),
+        Arch("resnet18", _tv("resnet18")),
+        Arch("resnet34", _tv("resnet34")),
+        Arch("resnet50", _tv("resnet50")),
+        Arch("mobilenet_v2", _tv("mobilenet_v2")),
+        Arch("regnet_x_400mf", _tv("regnet_x_400mf")),
+        Arch("regnet_x_3_2gf", _tv("regnet_x_3_2gf")),
+        Arch("mnasnet1_0", _tv("mnasnet1_0")),
     ]
 }
 

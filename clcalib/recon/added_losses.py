@@ -42,11 +42,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from clcalib.config import CalibConfig, Method
+from clcalib.config import CalibConfig
 from clcalib.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
-from clcalib.graph.partition import QuantModel
+from clcalib.graph.partition import QuantModel, is_mobile_like
 from clcalib.graph.tail import apply_chunked, fp_head, fp_tail
-from clcalib.quant.layer import QuantLayer
 from clcalib.recon.engine import ExtraLoss, UnitContext
 from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
 
@@ -55,19 +54,11 @@ __all__ = ["added_losses", "pd_temperature"]
 FP_CHUNK = 256  # samples per chunk when the FP side is mapped over the whole calibration set
 
 
-def _mobile_like(qmodel: QuantModel) -> bool:
-    """Depthwise convolutions (the rule of the entry point's is_mobile_like, on the converted model)."""
-    return any(
-        isinstance(m, QuantLayer) and m.is_conv and m.conv_args["groups"] > 1 and m.weight.shape[1] == 1
-        for m in qmodel.model.modules()
-    )
-
-
 def pd_temperature(cfg: CalibConfig, qmodel: QuantModel) -> float:
     """``pdquant.temperature``, or PD-Quant's choice when null: 1 for MobileNet-like nets, else 4."""
     if cfg.pdquant.temperature is not None:
         return cfg.pdquant.temperature
-    return 1.0 if _mobile_like(qmodel) else 4.0
+    return 1.0 if is_mobile_like(qmodel) else 4.0
 
 
 class _UnitTerms:
@@ -140,7 +131,7 @@ class _UnitTerms:
 def added_losses(ctx: UnitContext) -> ExtraLoss | None:
     """The PD-Quant and CL-Calib terms of one unit (see the module doc), or None if it gets none."""
     cfg = ctx.config
-    pd = cfg.method is Method.PDQUANT and (cfg.pdquant.pd_weight > 0 or cfg.pdquant.reg_weight > 0)
+    pd = cfg.method.spec.prediction_difference and (cfg.pdquant.pd_weight > 0 or cfg.pdquant.reg_weight > 0)
     m = len(ctx.fp_out)
     cl = (
         cfg.cl_calib.enabled

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from clcalib.config import CalibConfig, Method
+from clcalib.config import CalibConfig, Granularity
 from clcalib.graph.partition import QuantModel
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.activation import ActQuantizer
@@ -88,13 +88,13 @@ class Reconstructor:
             extra: dict[str, list[float]] = {}
             if cfg.method.reconstructs and cfg.iters > 0:
                 gen = torch.Generator(device=self.data.device).manual_seed(cfg.seed * 100_003 + k)
-                if cfg.method is Method.ADAROUND:
+                if cfg.method.spec.granularity is Granularity.LAYER:
                     for layer in unit.layers():  # layer-wise inside the unit
                         lx_q, _ = capture(unit, layer, x_q, EVAL_BATCH, quant=True, outputs=False)
                         _, ly_f = capture(unit, layer, x_f, EVAL_BATCH, quant=False, outputs=True)
                         self._optimize(k, layer, [layer], lx_q, None, ly_f, gen, extra)
                 else:
-                    drop = x_f if cfg.method in (Method.QDROP, Method.PDQUANT) and cfg.drop_prob > 0 else None
+                    drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
                     self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra)
             after = self._unit_error(unit, x_q, y_f)
         report = UnitReport(name, before, after, time.perf_counter() - t, extra)
