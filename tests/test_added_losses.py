@@ -14,6 +14,7 @@ from clcalib.contrastive import contrastive_loss, embed, pool
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.graph.tail import fp_tail
+from clcalib.quant.switch import observing
 from clcalib.recon.engine import UnitContext
 from clcalib.recon.prediction_difference import pd_loss
 
@@ -136,7 +137,7 @@ def small_net():
     units = qm.units()
     outs = {}
     hooks = [u.register_forward_hook(lambda _m, _i, o, k=k: outs.__setitem__(k, o)) for k, u in enumerate(units)]
-    with torch.no_grad():
+    with torch.no_grad(), observing([q for u in units for q in u.act_quantizers()]):  # ranges from this batch
         qm(x)
     for h in hooks:
         h.remove()

@@ -71,3 +71,13 @@ def test_every_layer_placement_quantizes_exactly_the_residual_branch_ends(arch, 
     assert (len(no_residual) > 0) == (arch in ("mobilenet_v2", "mnasnet1_0"))
     for unit in no_residual:  # the unit's own output quantizer follows its last conv: not a second one
         assert unit.out_quant is not None and unit.layers()[-1].out_quant is None, unit
+
+
+def test_an_activation_quantizer_without_a_range_refuses_to_run():
+    """Before calibration the converted model runs only as FP; quantized, it raises instead of
+    silently passing activations through unquantized."""
+    qm = QuantModel(build_model("resnet18", 10), QuantSpec(4, 4, 8), torch.zeros(1, 3, 32, 32))
+    with quantization(qm, False):
+        assert qm(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(RuntimeError, match="used before its range was set"):
+        qm(torch.zeros(2, 3, 32, 32))

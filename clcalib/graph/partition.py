@@ -20,6 +20,7 @@ from torch import nn
 from clcalib.config import ActPlacement, CalibConfig
 from clcalib.errors import UnsupportedModel
 from clcalib.quant.layer import QuantLayer, QuantUnit
+from clcalib.quant.switch import quantization
 
 ACTS = (nn.ReLU, nn.ReLU6)
 
@@ -170,7 +171,7 @@ class QuantModel(nn.Module):
         order: list[str] = []
         hooks = [u.register_forward_pre_hook(lambda mod, inp: order.append(names[id(mod)])) for u in found]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), quantization(self.model, False):  # no ranges yet: run it as FP
                 self.model(x[:1].to(next(self.model.buffers()).device))
         except RuntimeError as e:  # wrong channel count or size for this arch
             raise UnsupportedModel(f"the model cannot run on inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None

@@ -32,8 +32,11 @@ class ActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observe(x)
-        if not (self.active and self.initialized):
+        if not self.active:
             return x
+        if not self.initialized:  # never pass data through silently as if it had been quantized
+            raise RuntimeError(f"a {self.bits}-bit activation quantizer was used before its range was set: calibrate "
+                               "first, or run the model inside quant.switch.quantization(model, False)")
         # |s| floored: LSQ may push a step size through zero; a zero step would give NaN
         q = fake_quantize(x, self.scale.abs().clamp_min(1e-8), self.zero, self.bits)
         if self.drop is None:
