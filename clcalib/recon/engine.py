@@ -110,74 +110,121 @@ class Reconstructor:
 
     def _optimize(self, k: int, module: nn.Module, layers: list[QuantLayer], x_q: Tensor,
                   x_fp: Tensor | None, y_f: Tensor, gen: torch.Generator, extra: dict) -> None:
-        cfg = self.cfg
-        n, bs, iters = len(x_q), min(cfg.batch_size, len(x_q)), cfg.iters
-        for layer in layers:
-            layer.wq.start_adaround(layer.weight)
-        act_scales = [q.scale for q in module.modules() if hasattr(q, "observing") and q.initialized]
-        opt_w = torch.optim.Adam([layer.wq.alpha for layer in layers], lr=cfg.lr_round, **_fast_adam(x_q))
-        opt_a = sched = None
-        if act_scales and cfg.lr_act > 0:
-            for p in act_scales:
-                p.requires_grad_(True)
-            opt_a = torch.optim.Adam(act_scales, lr=cfg.lr_act, **_fast_adam(x_q))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0.0)
-        terms = None
-        unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
-        if self.extra_losses is not None and (module is unit or module is unit.body):
-            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, cfg))
-        # rec_weight trades MSE for L_CL; a unit that gets no CL term keeps its full MSE
-        rec_w = cfg.cl_calib.rec_weight if cfg.cl_calib.enabled and terms is not None else 1.0
-        every = max(1, min(500, iters // 20))
-        acc = torch.zeros((), device=x_q.device)
-        extra_acc: dict[str, Tensor] = {}
-        t = time.perf_counter()
+        """Learn ``layers``' rounding and ``module``'s activation step sizes so that
+        ``module(x_q)`` matches ``y_f``, then harden the rounding. ``x_fp``: QDrop's FP inputs."""
+        cfg, iters = self.cfg, self.cfg.iters
+        step = _Step(module, layers, x_q, cfg)
+        terms, rec_w = self._added_terms(k, module, y_f)
+        progress = _Progress(self, k, x_q.device, iters)
         # official QDrop drops at every activation quantizer of the unit, not only its input
         inner = [q for q in module.modules() if isinstance(q, ActQuantizer)] if x_fp is not None and cfg.drop_scope == "all" else []
         try:
             with dropping(inner, cfg.drop_prob, gen):
                 for it in range(iters):
-                    idx = torch.randint(n, (bs,), generator=gen, device=x_q.device)
-                    inp = x_q[idx]
-                    if x_fp is not None:
-                        keep_fp = torch.rand(inp.shape, generator=gen, device=inp.device) < cfg.drop_prob
-                        inp = torch.where(keep_fp, x_fp[idx], inp)
+                    idx, inp = self._batch(x_q, x_fp, gen)
                     beta = beta_at(it, iters, cfg.warmup, *cfg.beta)
-                    for layer in layers:
-                        layer.wq.set_regularizer(beta, self.round_weight)
-                    out = module(inp)
-                    target = y_f[idx]
-                    rec = rec_loss(out, target)
-                    loss = rec_w * rec
-                    if terms is not None:
-                        for key, val in terms(out, target, idx).items():
-                            loss = loss + val
-                            extra_acc[key] = extra_acc.get(key, 0) + val.detach()
-                    if beta is not None and self.round_weight > 0:
-                        loss = loss + sum(layer.wq.last_reg for layer in layers)
-                    opt_w.zero_grad(set_to_none=True)
-                    if opt_a is not None:
-                        opt_a.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt_w.step()
-                    if opt_a is not None:
-                        opt_a.step()
-                        sched.step()
-                    acc += rec.detach()
-                    if (it + 1) % every == 0 or it + 1 == iters:
-                        done = (it % every) + 1
-                        mean = float(acc) / done  # one host sync per reporting window, not per iteration
-                        for key, v in extra_acc.items():
-                            extra.setdefault(key, []).append(float(v) / done)
-                        acc.zero_()
-                        extra_acc.clear()
-                        rate = (time.perf_counter() - t) / (it + 1)
-                        remaining = (iters - it - 1) * rate + (len(self.units) - k - 1) * iters * rate
-                        self._emit(stage="reconstruct", unit=k, unit_name=self.qm.unit_names[k],
-                                   iteration=it + 1, loss=mean, eta_s=remaining)
+                    rec, added = step.run(inp, y_f[idx], idx, beta, self.round_weight, terms, rec_w)
+                    progress.add(it, rec, added, extra)
         finally:
-            for p in act_scales:
-                p.requires_grad_(False)
-            for layer in layers:
-                if layer.wq.alpha is not None:
-                    layer.wq.harden()
+            step.close()
+
+    def _added_terms(self, k: int, module: nn.Module, y_f: Tensor):
+        """The unit's PD/CL terms (None when there are none) and the weight of its MSE."""
+        unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
+        terms = None
+        if self.extra_losses is not None and (module is unit or module is unit.body):
+            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, self.cfg))
+        # rec_weight trades MSE for L_CL; a unit that gets no CL term keeps its full MSE
+        rec_w = self.cfg.cl_calib.rec_weight if self.cfg.cl_calib.enabled and terms is not None else 1.0
+        return terms, rec_w
+
+    def _batch(self, x_q: Tensor, x_fp: Tensor | None, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
+        n = len(x_q)
+        idx = torch.randint(n, (min(self.cfg.batch_size, n),), generator=gen, device=x_q.device)
+        inp = x_q[idx]
+        if x_fp is not None:
+            keep_fp = torch.rand(inp.shape, generator=gen, device=inp.device) < self.cfg.drop_prob
+            inp = torch.where(keep_fp, x_fp[idx], inp)
+        return idx, inp
+
+
+class _Step:
+    """One optimisation step: AdaRound variables (Adam, lr_round) and activation step sizes
+    (Adam, lr_act, cosine to 0); ``close`` hardens the rounding and freezes the step sizes."""
+
+    def __init__(self, module: nn.Module, layers: list[QuantLayer], like: Tensor, cfg: CalibConfig):
+        self.module, self.layers = module, layers
+        for layer in layers:
+            layer.wq.start_adaround(layer.weight)
+        self.act_scales = [q.scale for q in module.modules() if isinstance(q, ActQuantizer) and q.initialized]
+        self.opt_w = torch.optim.Adam([layer.wq.alpha for layer in layers], lr=cfg.lr_round, **_fast_adam(like))
+        self.opt_a = self.sched = None
+        if self.act_scales and cfg.lr_act > 0:
+            for p in self.act_scales:
+                p.requires_grad_(True)
+            self.opt_a = torch.optim.Adam(self.act_scales, lr=cfg.lr_act, **_fast_adam(like))
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_a, T_max=cfg.iters, eta_min=0.0)
+
+    def run(self, inp: Tensor, target: Tensor, idx: Tensor, beta: float | None, round_weight: float,
+            terms, rec_w: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss = rec_w * MSE + added terms + rounding regulariser (after warm-up); one step of
+        each optimiser. Returns the MSE and the added terms, detached (no host sync)."""
+        for layer in self.layers:
+            layer.wq.set_regularizer(beta, round_weight)
+        out = self.module(inp)
+        rec = rec_loss(out, target)
+        loss = rec_w * rec
+        added: dict[str, Tensor] = {}
+        if terms is not None:
+            for key, val in terms(out, target, idx).items():
+                loss = loss + val
+                added[key] = val.detach()
+        if beta is not None and round_weight > 0:
+            loss = loss + sum(layer.wq.last_reg for layer in self.layers)
+        self.opt_w.zero_grad(set_to_none=True)
+        if self.opt_a is not None:
+            self.opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_w.step()
+        if self.opt_a is not None:
+            self.opt_a.step()
+            self.sched.step()
+        return rec.detach(), added
+
+    def close(self) -> None:
+        for p in self.act_scales:
+            p.requires_grad_(False)
+        for layer in self.layers:
+            if layer.wq.alpha is not None:
+                layer.wq.harden()
+
+
+class _Progress:
+    """Sums the losses on the device and reports their mean every ``every`` iterations: one
+    host sync per reporting window, not per iteration."""
+
+    def __init__(self, rec: Reconstructor, k: int, device: torch.device, iters: int):
+        self.rec, self.k, self.iters = rec, k, iters
+        self.every = max(1, min(500, iters // 20))
+        self.acc = torch.zeros((), device=device)
+        self.added: dict[str, Tensor] = {}
+        self.t = time.perf_counter()
+
+    def add(self, it: int, rec: Tensor, added: dict[str, Tensor], curves: dict) -> None:
+        self.acc += rec
+        for key, v in added.items():
+            self.added[key] = self.added.get(key, 0) + v
+        if (it + 1) % self.every and it + 1 != self.iters:
+            return
+        done = (it % self.every) + 1
+        mean = float(self.acc) / done
+        for key, v in self.added.items():
+            curves.setdefault(key, []).append(float(v) / done)
+        self.acc.zero_()
+        self.added.clear()
+        r = self.rec
+        rate = (time.perf_counter() - self.t) / (it + 1)
+        remaining = (self.iters - it - 1) * rate + (len(r.units) - self.k - 1) * self.iters * rate
+        r._emit(stage="reconstruct", unit=self.k, unit_name=r.qm.unit_names[self.k], iteration=it + 1, loss=mean,
+                eta_s=remaining)
