@@ -147,9 +147,6 @@ def _calibrate(
     mse = cfg.method.spec.range_search
     for layer in qm.layers():
         layer.wq.init_range(layer.weight, mse=mse)
-    for unit in qm.units():
-        for q in unit.act_quantizers():
-            q.mse, q.p = mse, cfg.act_range_p
 
     extra = extra_losses
     if extra is None and (cfg.cl_calib.enabled or cfg.method.spec.prediction_difference):

@@ -103,16 +103,15 @@ def test_harden_gives_integer_codes_within_one_step_of_the_weight():
 
 def test_activation_range_search_minimises_the_configured_norm(fmnist, reference):
     from clcalib import calibrate
-    from clcalib.quant.activation import ActQuantizer
+    from clcalib.quant.activation import ActQuantizer, RangeSearch
 
     x = torch.relu(torch.randn(100_000, generator=torch.Generator().manual_seed(0))) ** 1.5
     ranges = {}
     for p in (2.0, 2.4):
-        q = ActQuantizer(2)
-        q.p = p
+        q = ActQuantizer(2, RangeSearch(p=p))
         q.observe(x)
         ranges[p] = float(q.scale.detach()) * 3
     assert ranges[2.4] > 1.05 * ranges[2.0]  # a higher norm punishes clipping more: a wider range
     cfg = {"method": "mse", "w_bits": 4, "a_bits": 2, "iters": 0, "calib_size": 64, "device": "cpu", "act_range_p": 2.0}
     qm = calibrate(reference("resnet18"), fmnist["train"][:64], cfg).model
-    assert {q.p for q in qm.modules() if isinstance(q, ActQuantizer)} == {2.0}  # not the default 2.4
+    assert {q.search.p for q in qm.modules() if isinstance(q, ActQuantizer)} == {2.0}  # not the default 2.4

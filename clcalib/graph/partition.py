@@ -19,6 +19,7 @@ from torch import nn
 
 from clcalib.config import ActPlacement, CalibConfig
 from clcalib.errors import UnsupportedModel
+from clcalib.quant.activation import RangeSearch
 from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import quantization
 
@@ -32,11 +33,13 @@ class QuantSpec:
     first_last_bits: int | None
     w_symmetric: bool = False
     every_layer: bool = False  # ActPlacement.EVERY_LAYER: residual-branch outputs quantized too
+    act_search: RangeSearch = RangeSearch()  # how activation quantizers take their range
 
     @classmethod
     def from_config(cls, cfg: CalibConfig) -> QuantSpec:
         return cls(cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.w_symmetric,
-                   cfg.act_placement is ActPlacement.EVERY_LAYER)
+                   cfg.act_placement is ActPlacement.EVERY_LAYER,
+                   RangeSearch(cfg.method.spec.range_search, cfg.act_range_p))
 
     def in_block_out_bits(self, followed_by_activation: bool) -> int | None:
         """Bits of the output quantizer of a layer inside a block: quantized before an
@@ -61,7 +64,8 @@ def register_block(*types: type):
 
 
 def _ql(conv, bn, act, spec: QuantSpec, out_bits):
-    return QuantLayer(conv, bn, copy.deepcopy(act) if act is not None else None, spec.w_bits, out_bits, spec.w_symmetric)
+    return QuantLayer(conv, bn, copy.deepcopy(act) if act is not None else None, spec.w_bits, out_bits, spec.w_symmetric,
+                      spec.act_search)
 
 
 def _resnet_block(block: nn.Module, spec: QuantSpec) -> None:
@@ -108,7 +112,7 @@ def _convert_children(parent: nn.Module, spec: QuantSpec, in_block: bool, units:
         name, m = children[i]
         if type(m) in _BLOCKS and not in_block:
             _BLOCKS[type(m)](m, spec)
-            unit = QuantUnit(m, spec.a_bits)
+            unit = QuantUnit(m, spec.a_bits, spec.act_search)
             setattr(parent, name, unit)
             units.append(unit)
         elif isinstance(m, (nn.Conv2d, nn.Linear)):

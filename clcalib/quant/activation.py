@@ -3,27 +3,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from clcalib.quant.primitives import fake_quantize, search_qparams
 
 
+@dataclass(frozen=True)
+class RangeSearch:
+    """How an activation quantizer picks its range from data: the Lp-optimal clipping range
+    (``lp``, p = config.act_range_p) or plain min/max."""
+
+    lp: bool = True
+    p: float = 2.4
+
+
 class ActQuantizer(nn.Module):
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, search: RangeSearch = RangeSearch()):
         super().__init__()
         self.bits = bits
+        self.search = search
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("zero", torch.tensor(0.0))
         self.initialized = False  # set from data by observe()
         self.active = True  # switched off to run the FP model (see quant.switch)
         self.observing = False
-        self.mse = True
-        self.p = 2.4  # Lp norm of the range search (config.act_range_p)
         self.drop: tuple[float, torch.Generator] | None = None  # QDrop during reconstruction (quant.switch)
 
     def observe(self, x: Tensor) -> None:
-        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.mse, p=self.p)
+        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.search.lp, p=self.search.p)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero.copy_(zero)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clcalib.quant.activation import ActQuantizer
+from clcalib.quant.activation import ActQuantizer, RangeSearch
 from clcalib.quant.weight import WeightQuantizer
 
 
@@ -30,6 +30,7 @@ class QuantLayer(nn.Module):
         w_bits: int,
         out_bits: int | None,
         w_symmetric: bool = False,
+        search: RangeSearch = RangeSearch(),
     ):
         super().__init__()
         w, b = fold_bn(layer, bn)
@@ -44,7 +45,7 @@ class QuantLayer(nn.Module):
                 raise UnsupportedModel(f"padding_mode={layer.padding_mode} is not supported")
         self.act = act if act is not None else nn.Identity()
         self.wq = WeightQuantizer(w.shape, w_bits, w_symmetric)
-        self.out_quant = ActQuantizer(out_bits) if out_bits is not None else None
+        self.out_quant = ActQuantizer(out_bits, search) if out_bits is not None else None
         self.active = True  # False: FP weights (see quant.switch)
 
     def quant_weight(self) -> Tensor:
@@ -67,10 +68,10 @@ class QuantUnit(nn.Module):
     """A reconstruction unit: a residual block (its convs already QuantLayers) or a single
     QuantLayer, plus the quantizer of the unit's output (none for a QuantLayer, which owns it)."""
 
-    def __init__(self, body: nn.Module, out_bits: int | None):
+    def __init__(self, body: nn.Module, out_bits: int | None, search: RangeSearch = RangeSearch()):
         super().__init__()
         self.body = body
-        self.out_quant = ActQuantizer(out_bits) if out_bits is not None else None
+        self.out_quant = ActQuantizer(out_bits, search) if out_bits is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.body(x)
