@@ -214,13 +214,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     from clcalib.data import load_labeled
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
-    from clcalib.export.onnx_check import check_onnx
-    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.export.onnx_check import export_checked, require_onnx
     from clcalib.metrics import predict
 
+    require_onnx()
     model = load_quantized(a.checkpoint)
     shape = tuple(model.header["input_shape"])
-    size = export_onnx(model, a.out, shape)
     if a.eval:
         data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]))
         images, labels = data.images, data.labels
@@ -229,12 +228,12 @@ def cmd_export(a: argparse.Namespace) -> int:
                             f"preprocessing, but the model was calibrated on {shape[1:]}")
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-    out = {"onnx": str(a.out), "onnx_bytes": size, **check_onnx(a.out, predict(model, images), images, labels)}
+    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, predict(model, images), images, labels)}
     if a.json:
         print(json.dumps(out))
     else:
         top = f", top-1 {out['onnx_top1']:.2f} %" if labels is not None else ""
-        print(f"{a.out}: {size / 1e6:.2f} MB{top}, agreement with the torch model {out['onnx_top1_agreement']:.2f} % "
+        print(f"{a.out}: {out['onnx_bytes'] / 1e6:.2f} MB{top}, agreement with the torch model {out['onnx_top1_agreement']:.2f} % "
               f"on {out['onnx_checked_images']} {'images' if labels is not None else 'random inputs'}, "
               f"max |logit diff| {out['onnx_max_abs_logit_diff']:.3g}")
     return 0
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         errs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         print(f"clcalib: invalid config: {errs}", file=sys.stderr)
         return 2
-    except (CalibrationError, FileNotFoundError) as e:
+    except (CalibrationError, OSError) as e:  # OSError: a missing file, a folder given as --out, a full disk
         print(f"clcalib: {e}", file=sys.stderr)
         return 2
 

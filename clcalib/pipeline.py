@@ -43,15 +43,13 @@ def _finite(x):
 def _export_onnx(model, path: Path, calib, evalset, q_logits, device) -> dict:
     """model.onnx from the reloaded checkpoint, checked in ONNX Runtime on the evaluation set
     (else on the calibration images, without labels); raises ExportError on a mismatch."""
-    from clcalib.export.onnx_check import check_onnx
-    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.export.onnx_check import export_checked
 
-    size = export_onnx(model, path, (1, *calib.shape[1:]))
     images, labels = (evalset.images, evalset.labels) if evalset is not None else (calib, None)
     if q_logits is None:
         with exact_numerics():
             q_logits = predict(model, images, device=device)
-    return {"onnx_bytes": size, **check_onnx(path, q_logits, images, labels)}
+    return export_checked(model, path, (1, *calib.shape[1:]), q_logits, images, labels)
 
 
 def run_calibration(
@@ -74,6 +72,10 @@ def run_calibration(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if ExportFormat.ONNX in config.export:  # before hours of calibration, not after
+        from clcalib.export.onnx_check import require_onnx
+
+        require_onnx()
     fp_model = build_model(arch, num_classes, read_state_dict(weights))
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed)
     evalset = load_labeled(evaluation, config.preprocess) if evaluation is not None else None

@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 from test_cli import WEIGHTS, clcalib
+from torch import nn
 
 import clcalib as lib
 from bench.fmnist import PREPROCESS, calibration_indices, split
@@ -64,8 +65,8 @@ def test_graph_is_qdq_with_integer_weights_of_the_calibrated_widths(calibrated):
         w = inits[dq.input[0]]
         want = onnx.TensorProto.INT4 if layer.wq.bits <= 4 else onnx.TensorProto.INT8
         assert w.data_type == want, (node.name, layer.wq.bits, w.data_type)
-        # the codes, shifted into the signed container, are exactly the checkpoint's
-        offset = 8 if layer.wq.bits <= 4 else 128
+        # the codes, shifted by 2^(bits-1) into the signed type, are exactly the checkpoint's
+        offset = 1 << (layer.wq.bits - 1)
         assert np.array_equal(numpy_helper.to_array(w).astype(np.int32), layer.wq.q.numpy().astype(np.int32) - offset)
         assert len(numpy_helper.to_array(inits[dq.input[1]])) == layer.weight.shape[0]  # per output channel
     bits = sorted({layers[0].wq.bits, layers[-1].wq.bits, layers[1].wq.bits})
@@ -133,7 +134,18 @@ def test_bad_checkpoints_give_one_line_errors(calibrated, tmp_path):
     _rewrite_header(calibrated["ckpt"], bits, lambda h: h["layers"][first].__setitem__(0, 9))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(calibrated["ckpt"].read_bytes()[: 5000])
-    cases = [(newer, "newer clcalib"), (bits, "9-bit"), (broken, "not a readable safetensors file")]
+    no_layers = tmp_path / "no_layers.safetensors"
+    _rewrite_header(calibrated["ckpt"], no_layers, lambda h: h.update(layers=[]))
+    zero = tmp_path / "zero.safetensors"  # a 4-bit layer whose zero point is off the code range
+    second = list(read_header(calibrated["ckpt"])["layers"])[1]
+    tensors = load_file(str(calibrated["ckpt"]))
+    tensors[f"{second}.w_zero"] = torch.full_like(tensors[f"{second}.w_zero"], 20)
+    from safetensors import safe_open
+
+    with safe_open(str(calibrated["ckpt"]), "pt") as f:
+        save_file(tensors, str(zero), f.metadata())
+    cases = [(newer, "newer clcalib"), (bits, "9-bit"), (broken, "not a readable safetensors file"),
+             (no_layers, "lacks a valid layers"), (zero, "zero points must be integers in [0, 15]")]
     for path, message in cases:
         r = clcalib("export", "--checkpoint", path, "--out", tmp_path / "m.onnx")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (path, r.stderr)
@@ -142,6 +154,43 @@ def test_bad_checkpoints_give_one_line_errors(calibrated, tmp_path):
     model.layers()[4].wq.bits = 1
     with pytest.raises(ExportError, match="1-bit quantization cannot be exported"):
         build_onnx(model, SHAPE)
+
+
+def test_an_export_that_fails_its_check_leaves_no_file(calibrated, tmp_path, monkeypatch):
+    import clcalib.export.onnx_check as oc
+
+    x, y = images("t10k", range(100))
+    with torch.no_grad():
+        ref = calibrated["model"](x)
+    monkeypatch.setattr(oc, "MIN_AGREEMENT", 100.1)  # no file can pass: the check must fail
+    with pytest.raises(ExportError, match="agrees with the torch model's on only"):
+        oc.export_checked(calibrated["model"], tmp_path / "m.onnx", SHAPE, ref, x, y)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_forms_the_exporter_does_not_translate_are_refused_by_name():
+    class Net(nn.Module):
+        def __init__(self, train_dropout: bool):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 10)
+            self.train_dropout = train_dropout
+
+        def forward(self, x):
+            x = self.conv(x).mean(3).mean(dim=2)  # both spellings of a reduction over one dim
+            x = torch.nn.functional.dropout(x, 0.5, training=self.train_dropout)
+            return self.fc(x)
+
+    from clcalib.config import CalibConfig
+    from clcalib.graph.partition import QuantModel, QuantSpec
+
+    for train, ok in ((False, True), (True, False)):
+        qm = QuantModel(Net(train).eval(), QuantSpec.from_config(CalibConfig()), torch.zeros(1, 3, 8, 8))
+        if ok:
+            build_onnx(qm, (1, 3, 8, 8), quantized=False)
+        else:
+            with pytest.raises(ExportError, match="dropout in training mode"):
+                build_onnx(qm, (1, 3, 8, 8), quantized=False)
 
 
 def test_cli_export_checks_against_a_labeled_folder(calibrated, tmp_path):

@@ -135,14 +135,20 @@ def read_header(path: str | Path) -> dict:
 def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
     """A runnable quantized model in eval mode; the checkpoint's header is ``model.header``."""
     header = read_header(path)
+    shape = header.get("input_shape")
+    if not (isinstance(header.get("layers"), dict) and isinstance(header.get("num_classes"), int)
+            and isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ExportError(f"{path}: the header lacks a valid layers / num_classes / input_shape; the file is damaged "
+                          "or from another tool")
     try:
         cfg = CalibConfig.model_validate(header["config"])
         fp = build_model(header["arch"], header["num_classes"])
-        qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(header["input_shape"]))
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"{path}: the header does not describe a model this clcalib can rebuild ({e})") from None
+        qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(shape))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ExportError(f"{path}: the header does not describe a model this clcalib can rebuild "
+                          f"({str(e).splitlines()[0][:300]})") from None
     mods = dict(qm.named_modules())
-    for name, spec in header.get("layers", {}).items():
+    for name, spec in header["layers"].items():
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], int) and 2 <= spec[0] <= 8):
             raise ExportError(f"{path}: layer {name} has {spec[0] if isinstance(spec, list) and spec else spec!r}-bit "
                               "weights; clcalib reads 2 to 8 bits (the file is damaged or from another tool)")
@@ -152,8 +158,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
                           "the file is damaged or from another version")
     try:
         _load_tensors(path, header, mods)
-    except SafetensorError as e:
-        raise ExportError(f"{path}: missing or damaged tensors ({e})") from None
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as e:  # missing, mis-shaped, truncated
+        raise ExportError(f"{path}: missing or damaged tensors ({str(e).splitlines()[0][:300]})") from None
     missing = [n for n, m in mods.items() if isinstance(m, ActQuantizer) and not m.initialized]
     if missing:
         raise ExportError(f"{path}: no activation parameters for {missing[:3]}; the file is damaged or incomplete")
@@ -168,8 +174,9 @@ def _load_tensors(path, header: dict, mods: dict) -> None:
             m = mods.get(name)
             if not isinstance(m, QuantLayer) or list(m.weight.shape) != shape or m.wq.bits != bits:
                 raise ExportError(f"{path}: layer {name} does not match {header['arch']} as rebuilt; the file is damaged or from another version")
-            m.wq.scale = f.get_tensor(f"{name}.w_scale")
-            m.wq.zero = f.get_tensor(f"{name}.w_zero").float()
+            m.wq.scale = _shaped(f.get_tensor(f"{name}.w_scale"), m.wq.scale.shape, f"{name}.w_scale")
+            m.wq.zero = _integers(_shaped(f.get_tensor(f"{name}.w_zero"), m.wq.zero.shape, f"{name}.w_zero").float(),
+                                  bits, f"{name}.w_zero")
             m.wq.q = unpack_bits(f.get_tensor(f"{name}.qweight"), bits, int(np.prod(shape))).reshape(shape)
             m.wq.state = WState.INT
             m.bias = f.get_tensor(f"{name}.bias")
@@ -177,6 +184,20 @@ def _load_tensors(path, header: dict, mods: dict) -> None:
         for name, m in mods.items():
             if isinstance(m, ActQuantizer) and f"{name}.a_scale" in keys:
                 with torch.no_grad():
-                    m.scale.copy_(f.get_tensor(f"{name}.a_scale"))
-                    m.zero.copy_(f.get_tensor(f"{name}.a_zero"))
+                    m.scale.copy_(_shaped(f.get_tensor(f"{name}.a_scale"), (), f"{name}.a_scale"))
+                    m.zero.copy_(_integers(_shaped(f.get_tensor(f"{name}.a_zero"), (), f"{name}.a_zero"), m.bits,
+                                           f"{name}.a_zero"))
                 m.initialized = True
+
+
+def _shaped(t: torch.Tensor, shape, name: str) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape) or not torch.isfinite(t.float()).all():
+        raise ValueError(f"{name} has shape {tuple(t.shape)} (expected {tuple(shape)}) or non-finite values")
+    return t
+
+
+def _integers(t: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """Zero points must be whole numbers on the code range, or every value shifts."""
+    if not (torch.equal(t, t.round()) and bool(((t >= 0) & (t <= (1 << bits) - 1)).all())):
+        raise ValueError(f"{name}: zero points must be integers in [0, {(1 << bits) - 1}] for {bits} bits")
+    return t

@@ -21,6 +21,28 @@ from clcalib.metrics import agreement, top1
 MIN_AGREEMENT = 97.0
 
 
+def require_onnx() -> None:
+    """Fail now, with the install command, if the ONNX packages are missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx and onnxruntime packages: pip install 'clcalib[onnx]'") from None
+
+
+def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_logits: Tensor, images: Tensor,
+                   labels: Tensor | None = None, threads: int | None = None) -> dict:
+    """Export ``model`` to ``path`` and check it in ONNX Runtime first: the file appears only if
+    it passes (``onnx_bytes`` and check_onnx's fields), a failing one is removed."""
+    from clcalib.atomic import atomic_path
+    from clcalib.export.onnx_qdq import export_onnx
+
+    with atomic_path(Path(path)) as tmp:
+        size = export_onnx(model, tmp, input_shape)
+        out = {"onnx_bytes": size, **check_onnx(tmp, torch_logits, images, labels, threads=threads)}
+    return out
+
+
 def session(path: str | Path, threads: int | None = None):
     try:
         import onnxruntime as ort

@@ -3,9 +3,9 @@ writes, and TensorRT / OpenVINO read).
 
 - Weights: integer initializers (INT4 for 2-4 bits, INT8 for 5-8 bits), per-output-channel
   scale and zero point, feeding ``DequantizeLinear(axis=0)``. BatchNorm is already folded.
-  Codes are stored shifted into the signed container (code - 8 or code - 128, the zero point
-  shifted alike), which leaves ``(code - zero) * scale`` unchanged and makes symmetric weights
-  zero-point-0, as integer kernels want.
+  Codes are stored shifted by 2^(bits-1) into the signed type (the zero point shifted alike),
+  which leaves ``(code - zero) * scale`` unchanged and makes symmetric weights zero-point-0 at
+  every bit width, as integer kernels want.
 - Biases: float, as calibrated. (INT32 biases with scale = input x weight scale, as
   ``quantize_static`` writes them, moved 1e-3 of resnet18's W4A4 activations by a whole step
   and cost 1.5 % top-1 agreement with the torch model; ONNX Runtime fuses float-bias convs into
@@ -101,7 +101,7 @@ class _Graph:
             raise ExportError(f"{hint}: activation quantizer has no calibrated range; calibrate first")
         _check_bits(q.bits, hint)
         scale = np.float32(q.scale.detach().abs().clamp_min(1e-8).item())  # as ActQuantizer.forward
-        zero = int(q.zero.item())
+        zero = int(_codes(q.zero.detach().cpu().reshape(1), q.bits, hint + " zero point")[0])
         s = self.const(hint + ".scale", np.array(scale, np.float32))
         z = self.const(hint + ".zero", np.array(zero, np.uint8))
         y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")
@@ -122,9 +122,9 @@ class _Graph:
             raise ExportError(f"{hint}: weights are in state {wq.state.value!r}, not integer codes; calibrate first")
         _check_bits(wq.bits, hint)
         TP = self.onnx.TensorProto
-        elem, offset = (TP.INT4, 8) if wq.bits <= 4 else (TP.INT8, 128)
-        codes = wq.q.detach().cpu().numpy().astype(np.int32) - offset
-        zero = wq.zero.detach().cpu().reshape(-1).numpy().astype(np.int32) - offset
+        elem, offset = (TP.INT4 if wq.bits <= 4 else TP.INT8), 1 << (wq.bits - 1)
+        zero = _codes(wq.zero.detach().cpu().reshape(-1), wq.bits, hint + " weight zero point") - offset
+        codes = _codes(wq.q.detach().cpu(), wq.bits, hint + " weight codes") - offset
         q = self.const(hint + ".wq", codes, elem)
         z = self.const(hint + ".wzero", zero, elem)
         s = self.const(hint + ".wscale", wq.scale.detach().cpu().reshape(-1).numpy().astype(np.float32))
@@ -169,6 +169,14 @@ class _Graph:
         return Value(self.op("Relu", [x.name], hint + ".relu"))
 
 
+def _codes(t: torch.Tensor, bits: int, what: str) -> np.ndarray:
+    """Integer codes as int32, refused unless whole numbers in [0, 2^bits - 1] (a damaged file)."""
+    a = t.numpy().astype(np.float64)
+    if not (np.all(a == np.round(a)) and a.min(initial=0) >= 0 and a.max(initial=0) <= qmax_of(bits)):
+        raise ExportError(f"{what}: not integers in [0, {qmax_of(bits)}] for {bits} bits; the model is damaged")
+    return a.astype(np.int32)
+
+
 def _check_bits(bits: int, where: str) -> None:
     if not 2 <= bits <= 8:
         raise ExportError(f"{where}: {bits}-bit quantization cannot be exported; ONNX QDQ here takes 2 to 8 bits")
@@ -185,7 +193,7 @@ def _module(g: _Graph, m: nn.Module, args: list, hint: str) -> Value:
         return g.layer(m, x, hint)
     if isinstance(m, ActQuantizer):
         return g.act_quant(x, m, hint)
-    if isinstance(m, (nn.Identity, nn.Dropout)):
+    if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
         return x
     if isinstance(m, (nn.ReLU, nn.ReLU6)):
         return g.activation(m, x, hint)
@@ -212,9 +220,17 @@ def _add(g: _Graph, a: Value, b: Value, *, hint: str) -> Value:
     return Value(g.op("Add", [a.name, b.name], hint))
 
 
-def _mean(g: _Graph, x: Value, dims, keepdim=False, *, hint: str) -> Value:
-    axes = g.const(hint + ".axes", np.array(list(dims), np.int64))
+def _mean(g: _Graph, x: Value, dim=None, keepdim=False, *, hint: str) -> Value:
+    if dim is None:
+        raise ExportError(f"{hint}: mean over all dimensions is not exported; give the dims")
+    axes = g.const(hint + ".axes", np.array([dim] if isinstance(dim, int) else list(dim), np.int64))
     return Value(g.op("ReduceMean", [x.name, axes], hint, keepdims=int(keepdim)))
+
+
+def _no_training(x: Value, training: bool, hint: str) -> Value:
+    if training:
+        raise ExportError(f"{hint}: dropout in training mode is random; export the model in eval mode")
+    return x
 
 
 def _adaptive_avg_pool(g: _Graph, x: Value, size, *, hint: str) -> Value:
@@ -227,9 +243,17 @@ _FUNCTIONS = {
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     torch.flatten: _flatten, F.adaptive_avg_pool2d: _adaptive_avg_pool,
     F.relu: lambda g, x, inplace=False, *, hint: g.relu(x, hint),
-    F.dropout: lambda g, x, *a, hint, **k: x,
+    F.dropout: lambda g, x, p=0.5, training=True, inplace=False, *, hint: _no_training(x, training, hint),
 }
 _METHODS = {"flatten": _flatten, "add": _add, "mean": _mean, "relu": lambda g, x, *, hint: g.relu(x, hint)}
+
+
+def _call(fn, g: _Graph, args, kwargs, hint: str):
+    try:
+        return fn(g, *args, hint=hint, **kwargs)
+    except TypeError:  # an argument form the table does not take (alpha=, out=, ...)
+        raise ExportError(f"{hint}: this call's arguments have no ONNX export here: args {args}, kwargs "
+                          f"{sorted(kwargs)}") from None
 
 
 def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: bool = True, name: str = "clcalib"):
@@ -253,9 +277,9 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
         elif node.op == "call_module":
             env[node] = _module(g, mods[node.target], list(args), hint)
         elif node.op == "call_function" and node.target in _FUNCTIONS:
-            env[node] = _FUNCTIONS[node.target](g, *args, hint=hint, **kwargs)
+            env[node] = _call(_FUNCTIONS[node.target], g, args, kwargs, hint)
         elif node.op == "call_method" and node.target in _METHODS:
-            env[node] = _METHODS[node.target](g, *args, hint=hint, **kwargs)
+            env[node] = _call(_METHODS[node.target], g, args, kwargs, hint)
         elif node.op == "output":
             out = args[0]
         else:
@@ -275,7 +299,11 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
                                    producer_name="clcalib")
     proto.ir_version = 10  # opset 21's IR; the newest ONNX Runtime releases read
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # e.g. a Linear on 4-D input: the shapes do not type-check
+        raise ExportError(f"the exported graph is not valid ONNX ({str(e).splitlines()[0][:300]}); "
+                          "the model uses a form this exporter does not translate") from None
     return proto
 
 
