@@ -196,6 +196,45 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print the reconstruction units, their layers and every quantizer's place "
+                       "for a model and config, before calibrating", allow_abbrev=False)
+    p.add_argument("--arch", required=True, help="a registered architecture (see README)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default: 224)")
+    p.add_argument("--config", help="JSON file with config fields (bits, act_placement, ...)")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--first-last-bits", type=_size, help="'none': same as the body")
+    p.add_argument("--act-placement", choices=["block", "every_layer"])
+    p.add_argument("--json", action="store_true", help="print one JSON list of units")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import torch
+
+    from clcalib.graph.describe import describe, render
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.graph.registry import build_model
+
+    try:
+        base = json.loads(Path(a.config).read_text()) if a.config else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {a.config}: not a readable JSON file ({e})") from None
+    for k in ("w_bits", "a_bits", "act_placement"):
+        if getattr(a, k) is not None:
+            base[k] = getattr(a, k)
+    if _given(a, "--first-last-bits"):
+        base["first_last_bits"] = a.first_last_bits
+    cfg = CalibConfig.model_validate(base)
+    qm = QuantModel(build_model(a.arch, a.num_classes), QuantSpec.from_config(cfg),
+                    torch.zeros(1, 3, a.input_size, a.input_size))
+    units = describe(qm)
+    print(json.dumps(units) if a.json else render(units))
+    return 0
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ), checked in ONNX Runtime")
     p.add_argument("--checkpoint", required=True, help="quantized.safetensors written by calibrate or a job")
@@ -245,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_calibrate(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_inspect(sub)
     try:
         from service.cli import add_commands
     except ImportError:  # the library without the service: calibrate/evaluate only

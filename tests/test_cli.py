@@ -109,3 +109,23 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     header = read_header(out / "quantized.safetensors")
     assert header["metrics"]["quant_top1"] == m["quant_top1"] and header["calib_images"] == 128
     assert Path(out / "quantized.safetensors").stat().st_size < 0.2 * WEIGHTS.stat().st_size * 2
+
+
+def test_inspect_shows_units_layers_and_quantizers_before_calibrating():
+    r = clcalib("inspect", "--arch", "resnet18", "--num-classes", "10", "--input-size", "28", "--w-bits", "2",
+                "--a-bits", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    units = json.loads(r.stdout)
+    assert [u["unit"] for u in units][:3] == ["conv1", "layer1.0", "layer1.1"] and len(units) == 10
+    layers = [la for u in units for la in u["layers"]]
+    assert len(layers) == 21 and sum(la["params"] for la in layers) == 11_176_842  # BN folded into biases
+    assert layers[0]["w_bits"] == layers[-1]["w_bits"] == 8 and {la["w_bits"] for la in layers[1:-1]} == {2}
+    block = units[1]
+    assert block["kind"] == "BasicBlock" and block["out_bits"] == 4
+    assert [la["out_bits"] for la in block["layers"]] == [4, None]  # conv2 feeds the residual sum in FP
+    assert units[-2]["out_bits"] == 8 and units[-1]["layers"][0]["out_bits"] is None  # fc input 8-bit, logits FP
+    r = clcalib("inspect", "--arch", "resnet18", "--num-classes", "10", "--input-size", "28", "--act-placement",
+                "every_layer", "--json")
+    assert [la["out_bits"] for la in json.loads(r.stdout)[1]["layers"]] == [4, 4]
+    r = clcalib("inspect", "--arch", "resnet19", "--num-classes", "10")
+    assert r.returncode == 2 and "unknown arch 'resnet19'" in r.stderr
