@@ -27,14 +27,10 @@ from bench.fmnist import PREPROCESS, REFERENCE
 def latency_ms(path: Path, batch: int, shape: tuple[int, ...], threads: int, repeats: int,
                config: dict | None = None) -> list[float]:
     import numpy as np
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    for k, v in (config or {}).items():
-        so.add_session_config_entry(k, v)
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from clcalib.export.onnx_check import session
+
+    s = session(path, threads, config)
     x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
     for _ in range(5):
         s.run(None, {"input": x})

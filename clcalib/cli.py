@@ -68,13 +68,19 @@ def _given(a: argparse.Namespace, flag: str) -> bool:
     return flag in (arg.split("=")[0] for arg in getattr(a, "_argv", []))
 
 
-def config_from_args(a: argparse.Namespace) -> CalibConfig:
+def _config_file(path: str | None) -> dict:
+    """The --config JSON object of config fields ({} without one)."""
     try:
-        base = json.loads(Path(a.config).read_text()) if a.config else {}
+        base = json.loads(Path(path).read_text()) if path else {}
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--config {a.config}: not a readable JSON file ({e})") from None
+        raise ConfigError(f"--config {path}: not a readable JSON file ({e})") from None
     if not isinstance(base, dict):
-        raise ConfigError(f"--config {a.config}: expected a JSON object of config fields")
+        raise ConfigError(f"--config {path}: expected a JSON object of config fields")
+    return base
+
+
+def config_from_args(a: argparse.Namespace) -> CalibConfig:
+    base = _config_file(a.config)
     top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
            "device", "round_weight", "drop_prob", "drop_scope", "export"]
     for k in top:
@@ -218,10 +224,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from clcalib.graph.partition import QuantModel, QuantSpec
     from clcalib.graph.registry import build_model
 
-    try:
-        base = json.loads(Path(a.config).read_text()) if a.config else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--config {a.config}: not a readable JSON file ({e})") from None
+    base = _config_file(a.config)
     for k in ("w_bits", "a_bits", "act_placement"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)

@@ -43,7 +43,8 @@ def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_
     return out
 
 
-def session(path: str | Path, threads: int | None = None):
+def session(path: str | Path, threads: int | None = None, config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session; ``config``: session config entries (e.g. session.disable_quant_qdq)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -52,6 +53,8 @@ def session(path: str | Path, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # warnings about hardware-specific optimisations are not the user's concern
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
