@@ -30,32 +30,28 @@ def trace(model: nn.Module) -> fx.Graph:
 _ON_GRID_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten)
 _ON_GRID_FUNCTIONS = {torch.flatten, torch.nn.functional.dropout, operator.getitem}
 _ON_GRID_METHODS = {"flatten", "view", "reshape"}
-_RELUS = (nn.ReLU,)
 
 
 def _grid_source(node: fx.Node, mods: dict[str, nn.Module]) -> ActQuantizer | None:
     """The activation quantizer whose codes ``node``'s value still is, if any."""
-    while True:
-        if node.op == "call_module":
-            m = mods[node.target]
-            if isinstance(m, ActQuantizer):
-                return m
-            if isinstance(m, QuantLayer):
-                return m.out_quant
-            on_grid = isinstance(m, _ON_GRID_MODULES) or isinstance(m, _RELUS)
-        elif node.op == "call_function":
-            on_grid = node.target in _ON_GRID_FUNCTIONS or node.target is torch.nn.functional.relu
-        elif node.op == "call_method":
-            on_grid = node.target in _ON_GRID_METHODS or node.target == "relu"
-        else:
-            return None
-        if not on_grid or not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        is_relu = (node.op == "call_module" and isinstance(mods[node.target], _RELUS)) or node.target in (
-            torch.nn.functional.relu, "relu")
-        src = _grid_source(node.args[0], mods)
-        # a ReLU keeps codes on the grid only where they are all >= 0 already (zero point 0)
-        return src if not is_relu or (src is not None and int(src.zero.item()) == 0) else None
+    if node.op == "call_module":
+        m = mods[node.target]
+        if isinstance(m, ActQuantizer):
+            return m
+        if isinstance(m, QuantLayer):
+            return m.out_quant
+        on_grid, relu = isinstance(m, _ON_GRID_MODULES), isinstance(m, nn.ReLU)
+    elif node.op == "call_function":
+        on_grid, relu = node.target in _ON_GRID_FUNCTIONS, node.target is torch.nn.functional.relu
+    elif node.op == "call_method":
+        on_grid, relu = node.target in _ON_GRID_METHODS, node.target == "relu"
+    else:
+        return None
+    if not (on_grid or relu) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = _grid_source(node.args[0], mods)
+    # a ReLU keeps codes on the grid only where they are all >= 0 already (zero point 0)
+    return None if relu and (src is None or int(src.zero.item()) != 0) else src
 
 
 def input_quantizers(model: nn.Module) -> dict[QuantLayer, ActQuantizer | None]:
