@@ -67,7 +67,8 @@ class ExportFormat(str, Enum):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # allow_inf_nan=False: NaN/Infinity (which JSON parsers accept) are refused where they come in
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class Preprocess(Strict):

@@ -37,6 +37,9 @@ def zips(tmp_path_factory):
     ({"preprocess": {"std": [0, 1, 1]}}, "std must be positive"),
     ({"method": "mse", "cl_calib": {"enabled": True}}, "cl_calib needs a reconstruction method"),
     ({"device": "tpu"}, "String should match pattern"),
+    ({"preprocess": {"std": [float("nan")] * 3}}, "finite number"),
+    ({"preprocess": {"mean": [float("inf")] * 3}}, "finite number"),
+    ({"beta": [float("nan"), 2.0]}, "finite number"),
 ])
 def test_config_rejects_bad_values_with_a_message(bad, message):
     with pytest.raises(ValidationError, match=message):
