@@ -97,6 +97,8 @@ def build_model(arch: str, num_classes: int, state_dict: dict[str, torch.Tensor]
     """The FP model in eval mode, float32; ``state_dict`` must fit it exactly."""
     if not 1 <= num_classes <= 100_000:
         raise ModelMismatchError(f"num_classes must be between 1 and 100000, got {num_classes}")
+    import torch
+
     model = get_arch(arch).build(num_classes)
     if state_dict is not None:
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
@@ -115,6 +117,11 @@ def build_model(arch: str, num_classes: int, state_dict: dict[str, torch.Tensor]
             problems.append(f"unexpected keys: {_list(unexpected)}")
         if misshaped:
             problems.append(f"mis-shaped: {_list(misshaped, 4)}")
+        nonfinite = [k for k in own.keys() & state_dict.keys()
+                     if state_dict[k].is_floating_point() and state_dict[k].layout is torch.strided
+                     and state_dict[k].device.type != "meta" and not bool(torch.isfinite(state_dict[k]).all())]
+        if nonfinite:  # a diverged or damaged checkpoint: calibrating it would fail late and unclearly
+            problems.append(f"NaN or infinite values in: {_list(nonfinite, 4)}")
         if problems:
             raise ModelMismatchError(
                 f"the weights do not fit {arch}(num_classes={num_classes}): " + "; ".join(problems)

@@ -89,6 +89,12 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("big.png", b"\0" * (80 << 20))
     safetensors_bad = struct.pack("<Q", 40) + b'{"a": {"dtype": "F32", "shape": [99999' + b"\0" * 8
+    from safetensors.torch import load, save
+
+    with_nan = load(good["model"])
+    with_nan["layer2.0.conv1.weight"] = with_nan["layer2.0.conv1.weight"].clone()
+    with_nan["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    with_nan = save(with_nan)
     cfg = json.dumps(TINY)
     base = {"model": good["model"], "calibration": good["calibration"], "arch": "resnet18",
             "num_classes": "10", "config": cfg}
@@ -111,6 +117,8 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
          "not a safetensors file"),
         ("model: safetensors with a corrupt header", w(model=safetensors_bad), 422, "model_mismatch", "safetensors"),
         ("model: empty file", w(model=b""), 422, "empty_file", "empty"),
+        ("model: a NaN in one weight", w(model=with_nan), 422, "model_mismatch",
+         "NaN or infinite values in: layer2.0.conv1.weight"),
         ("model: MobileNetV2 weights uploaded as resnet18", w(model=MOBILENET.read_bytes()), 422,
          "model_mismatch", "missing keys"),
         ("model: resnet18 weights with num_classes=100", w(num_classes="100"), 422, "model_mismatch",
