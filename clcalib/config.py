@@ -66,6 +66,9 @@ class ExportFormat(str, Enum):
     ONNX = "onnx"  # model.onnx in QDQ form, checked in ONNX Runtime in the same run
 
 
+MIN_BITS, MAX_BITS = 2, 8  # the bit widths clcalib calibrates, stores and exports
+
+
 class Strict(BaseModel):
     # allow_inf_nan=False: NaN/Infinity (which JSON parsers accept) are refused where they come in
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
@@ -135,10 +138,10 @@ class CalibConfig(Strict):
     """Everything that decides a calibration result. Unknown keys are rejected."""
 
     method: Method = Method.QDROP
-    w_bits: int = Field(4, ge=2, le=8, description="weight bits")
-    a_bits: int = Field(4, ge=2, le=8, description="activation bits")
+    w_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS, description="weight bits")
+    a_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS, description="activation bits")
     first_last_bits: int | None = Field(
-        8, ge=2, le=8, description="bits of the first conv and last linear (and the last linear's input); null: same as the body"
+        8, ge=MIN_BITS, le=MAX_BITS, description="bits of the first conv and last linear (and the last linear's input); null: same as the body"
     )
     w_symmetric: bool = Field(False, description="symmetric weight quantization (zero point fixed at the middle)")
     act_placement: ActPlacement = Field(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from clcalib.config import CalibConfig
+from clcalib.config import MAX_BITS, MIN_BITS, CalibConfig
 from clcalib.errors import ExportError
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
@@ -149,9 +149,10 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
                           f"({str(e).splitlines()[0][:300]})") from None
     mods = dict(qm.named_modules())
     for name, spec in header["layers"].items():
-        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], int) and 2 <= spec[0] <= 8):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], int)
+                and MIN_BITS <= spec[0] <= MAX_BITS):
             raise ExportError(f"{path}: layer {name} has {spec[0] if isinstance(spec, list) and spec else spec!r}-bit "
-                              "weights; clcalib reads 2 to 8 bits (the file is damaged or from another tool)")
+                              f"weights; clcalib reads {MIN_BITS} to {MAX_BITS} bits (the file is damaged or from another tool)")
     layers = {n for n, m in mods.items() if isinstance(m, QuantLayer)}
     if set(header["layers"]) != layers:
         raise ExportError(f"{path}: the checkpoint has {len(header['layers'])} layers, {header['arch']} has {len(layers)}; "

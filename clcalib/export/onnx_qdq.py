@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from clcalib.config import MAX_BITS, MIN_BITS
 from clcalib.errors import ExportError, UnsupportedModel
 from clcalib.graph.trace import trace
 from clcalib.quant.activation import ActQuantizer
@@ -100,7 +101,7 @@ class _Graph:
         if not q.initialized:
             raise ExportError(f"{hint}: activation quantizer has no calibrated range; calibrate first")
         _check_bits(q.bits, hint)
-        scale = np.float32(q.scale.detach().abs().clamp_min(1e-8).item())  # as ActQuantizer.forward
+        scale = np.float32(q.step_size().item())
         zero = int(_codes(q.zero.detach().cpu().reshape(1), q.bits, hint + " zero point")[0])
         s = self.const(hint + ".scale", np.array(scale, np.float32))
         z = self.const(hint + ".zero", np.array(zero, np.uint8))
@@ -144,7 +145,7 @@ class _Graph:
         else:
             y = self.op("Gemm", [x.name, w, b], hint + ".gemm", transB=1)
         q = layer.out_quant
-        if self.quantized and q is not None and int(q.zero.item()) == 0 and type(layer.act) in (nn.ReLU, nn.ReLU6):
+        if self.quantized and q is not None and q.nonnegative and type(layer.act) in (nn.ReLU, nn.ReLU6):
             # a quantizer with zero point 0 already maps x < 0 to code 0: the ReLU is in the
             # codes' range, and ReLU6's upper clamp becomes the top code (exact). Conv -> Q with
             # nothing between is what integer runtimes fuse into one integer conv.
@@ -164,7 +165,7 @@ class _Graph:
         raise ExportError(f"{hint}: activation {type(act).__name__} has no ONNX export here")
 
     def relu(self, x: Value, hint: str) -> Value:
-        if x.quantizer is not None and int(x.quantizer.zero.item()) == 0:
+        if x.quantizer is not None and x.quantizer.nonnegative:
             return x  # dequantized codes with zero point 0 are already >= 0: the ReLU is a no-op
         return Value(self.op("Relu", [x.name], hint + ".relu"))
 
@@ -178,8 +179,9 @@ def _codes(t: torch.Tensor, bits: int, what: str) -> np.ndarray:
 
 
 def _check_bits(bits: int, where: str) -> None:
-    if not 2 <= bits <= 8:
-        raise ExportError(f"{where}: {bits}-bit quantization cannot be exported; ONNX QDQ here takes 2 to 8 bits")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ExportError(f"{where}: {bits}-bit quantization cannot be exported; ONNX QDQ here takes "
+                          f"{MIN_BITS} to {MAX_BITS} bits")
 
 
 # --- the op tables: fx node -> ONNX -----------------------------------------------------------

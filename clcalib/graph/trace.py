@@ -51,7 +51,7 @@ def _grid_source(node: fx.Node, mods: dict[str, nn.Module]) -> ActQuantizer | No
         return None
     src = _grid_source(node.args[0], mods)
     # a ReLU keeps codes on the grid only where they are all >= 0 already (zero point 0)
-    return None if relu and (src is None or int(src.zero.item()) != 0) else src
+    return None if relu and (src is None or not src.nonnegative) else src
 
 
 def input_quantizers(model: nn.Module) -> dict[QuantLayer, ActQuantizer | None]:
@@ -77,7 +77,7 @@ def snap_biases(model: nn.Module) -> int:
     for layer, q in input_quantizers(model).items():
         if q is None or not q.initialized:
             continue
-        scale = (q.scale.detach().abs().clamp_min(1e-8).float() * layer.wq.scale.reshape(-1).float())
+        scale = q.step_size().detach().float() * layer.wq.scale.reshape(-1).float()
         codes = torch.round(layer.bias.float() / scale)
         if bool((codes.abs() < 2**31 - 1).all()):
             layer.bias = codes * scale

@@ -39,6 +39,16 @@ class ActQuantizer(nn.Module):
             self.zero.copy_(zero)
         self.initialized = True
 
+    def step_size(self) -> Tensor:
+        """The step the quantizer uses: |s| floored (LSQ may push s through zero; a zero step
+        would give NaN). The ONNX export and the INT32 bias grid use this same value."""
+        return self.scale.abs().clamp_min(1e-8)
+
+    @property
+    def nonnegative(self) -> bool:
+        """Zero point 0: every dequantized value is >= 0, so a ReLU on them is a no-op."""
+        return int(self.zero.item()) == 0
+
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observe(x)
@@ -47,8 +57,7 @@ class ActQuantizer(nn.Module):
         if not self.initialized:  # never pass data through silently as if it had been quantized
             raise RuntimeError(f"a {self.bits}-bit activation quantizer was used before its range was set: calibrate "
                                "first, or run the model inside quant.switch.quantization(model, False)")
-        # |s| floored: LSQ may push a step size through zero; a zero step would give NaN
-        q = fake_quantize(x, self.scale.abs().clamp_min(1e-8), self.zero, self.bits)
+        q = fake_quantize(x, self.step_size(), self.zero, self.bits)
         if self.drop is None:
             return q
         p, gen = self.drop
