@@ -35,11 +35,11 @@ def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_
     """Export ``model`` to ``path`` and check it in ONNX Runtime first: the file appears only if
     it passes (``onnx_bytes`` and check_onnx's fields), a failing one is removed."""
     from clcalib.atomic import atomic_path
-    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.export.onnx_qdq import build_onnx
 
-    with atomic_path(Path(path)) as tmp:
-        size = export_onnx(model, tmp, input_shape)
-        out = {"onnx_bytes": size, **check_onnx(tmp, torch_logits, images, labels, threads=threads)}
+    with atomic_path(Path(path)) as tmp:  # one temporary file, renamed only once the check passed
+        tmp.write_bytes(build_onnx(model, tuple(input_shape)).SerializeToString())
+        out = {"onnx_bytes": tmp.stat().st_size, **check_onnx(tmp, torch_logits, images, labels, threads=threads)}
     return out
 
 
