@@ -65,22 +65,25 @@ def _check_conversion(model: nn.Module, qm: QuantModel, x: Tensor) -> None:
     """With quantization off, the converted model must compute what the original computes;
     outside the registered blocks, BN/activation fusion follows module order, which a custom
     model's forward need not."""
-    was_training = model.training
-    model.eval()
-    try:
-        dev = next(iter(model.parameters()), torch.empty(0)).device
-        ref = model(x.to(dev)).float().cpu()
-    finally:
-        model.train(was_training)
+    if isinstance(model, torch.export.ExportedProgram):
+        ref = model.module()(x.cpu()).float().cpu()
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            dev = next(iter(model.parameters()), torch.empty(0)).device
+            ref = model(x.to(dev)).float().cpu()
+        finally:
+            model.train(was_training)
     with quantization(qm, False):
         got = qm(x).float().cpu()
     err = float((got - ref).abs().max())
     if not err <= 1e-3 * max(1.0, float(ref.abs().max())):
         raise UnsupportedModel(f"after folding BatchNorm and fusing activations the model's outputs differ by {err:.3g}; "
-                               "its forward does not follow its module order (only the registered architectures are supported)")
+                               "its forward does not follow its module order; calibrate it with partition=graph")
 
 
-def default_round_weight(cfg: CalibConfig, model: nn.Module) -> float:
+def default_round_weight(cfg: CalibConfig, model: nn.Module | QuantModel) -> float:
     if cfg.round_weight is not None:
         return cfg.round_weight
     return 0.1 if is_mobile_like(model) else 0.01  # AdaRound's weight for depthwise nets
@@ -93,7 +96,8 @@ def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
     h.update(__version__.encode())  # an upgraded worker must not resume units an older version made
     # device included: CPU and GPU runs differ in the last bits; export only decides extra artifacts
     h.update(cfg.model_dump_json(exclude={"export"}).encode())
-    for k, v in model.state_dict().items():
+    state = model.state_dict if isinstance(model, torch.export.ExportedProgram) else model.state_dict()
+    for k, v in state.items():
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()
@@ -108,7 +112,8 @@ def calibrate(
     resume_dir: str | Path | None = None,
     extra_losses: ExtraLossFactory | None = None,
 ) -> CalibrationResult:
-    """Quantize ``model`` (a float classifier) by ``config.method`` on ``calibration_data``
+    """Quantize ``model`` (a float classifier: any nn.Module, or a torch.export program) by
+    ``config.method`` on ``calibration_data``
     (N x C x H x W, already preprocessed). ``on_progress`` receives ProgressEvents and may raise
     Canceled. With ``resume_dir``, state is saved after each unit and a rerun on the same
     inputs continues after the last finished unit."""
@@ -142,7 +147,7 @@ def _calibrate(
     data = data.to(device)
     if not torch.isfinite(data).all():
         raise DataError("calibration data holds NaN or infinite values")
-    qm = QuantModel(model, QuantSpec.from_config(cfg), data[:1]).to(device)  # a copy: the caller's model stays
+    qm = QuantModel(model, QuantSpec.from_config(cfg), data[:2], cfg.partition).to(device)  # a copy: the caller's model stays
     _check_conversion(model, qm, data[:4])
     mse = cfg.method.spec.range_search
     for layer in qm.layers():
@@ -153,7 +158,7 @@ def _calibrate(
         from clcalib.recon.added_losses import added_losses  # CL-Calib / PD-Quant terms
 
         extra = added_losses
-    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, model), on_progress, extra)
+    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, qm), on_progress, extra)
     store = ResumeStore(resume_dir, _resume_key(model, calib_sha, cfg)) if resume_dir else None
     done, reports = store.load(qm) if store else (0, [])
     units = [UnitReport(**r) for r in reports]

@@ -62,6 +62,13 @@ class ActPlacement(str, Enum):
     EVERY_LAYER = "every_layer"
 
 
+class Partition(str, Enum):
+    # registry architectures by their modules (bit-identical with earlier releases), others by graph
+    AUTO = "auto"
+    GRAPH = "graph"  # torch.export graph: units found from branch-and-merge regions (any model)
+    MODULES = "modules"  # the registered block types and module order (the 7 registry architectures)
+
+
 class ExportFormat(str, Enum):
     ONNX = "onnx"  # model.onnx in QDQ form, checked in ONNX Runtime in the same run
 
@@ -148,6 +155,11 @@ class CalibConfig(Strict):
         ActPlacement.BLOCK,
         description="block: activation quantizers as BRECQ/QDrop (residual-branch outputs stay FP until the add); "
         "every_layer: also at the outputs that feed a residual add (for INT8 runtimes, see docs/deploy.md)",
+    )
+    partition: Partition = Field(
+        Partition.AUTO,
+        description="how units are found: graph (from the torch.export graph, any model), modules (registered "
+        "block types), auto (modules for the registry architectures, graph otherwise)",
     )
     iters: int = Field(20000, ge=0, le=200000, description="optimization iterations per reconstruction unit")
     batch_size: int = Field(32, ge=1, le=4096)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clcalib.config import ActPlacement, CalibConfig
+from clcalib.config import ActPlacement, CalibConfig, Partition
 from clcalib.errors import UnsupportedModel
 from clcalib.quant.activation import RangeSearch
 from clcalib.quant.layer import QuantLayer, QuantUnit
@@ -158,15 +158,39 @@ def is_mobile_like(model: nn.Module) -> bool:
     return False
 
 
-class QuantModel(nn.Module):
-    """The converted model and its reconstruction units in execution order."""
+def _registry_types() -> tuple[type, ...]:
+    from torchvision.models import MNASNet, MobileNetV2, RegNet, ResNet
 
-    def __init__(self, model: nn.Module, spec: QuantSpec, example_input: torch.Tensor):
+    return (ResNet, MobileNetV2, RegNet, MNASNet)
+
+
+def uses_graph(model, partition: Partition) -> bool:
+    """Whether ``model`` (an nn.Module or a torch.export program) goes through the graph path."""
+    if partition is Partition.AUTO:
+        return not isinstance(model, _registry_types())
+    if partition is Partition.MODULES and not isinstance(model, nn.Module):
+        raise UnsupportedModel("partition=modules needs an nn.Module; an exported program is partitioned from its graph")
+    return partition is Partition.GRAPH
+
+
+class QuantModel(nn.Module):
+    """The converted model and its reconstruction units in execution order. ``model``: an
+    nn.Module, or a torch.export program (graph path only)."""
+
+    def __init__(self, model, spec: QuantSpec, example_input: torch.Tensor, partition: Partition = Partition.AUTO):
         super().__init__()
-        self.model = copy.deepcopy(model).eval().float()
         self.spec = spec
-        found: list[QuantUnit] = []
-        _convert_children(self.model, spec, in_block=False, units=found)
+        if uses_graph(model, partition):
+            from clcalib.graph.program import as_program, graph_module
+            from clcalib.graph.units import convert_graph
+
+            self.program = as_program(model, example_input)  # kept: the checkpoint rebuilds from it
+            self.model, _ = convert_graph(graph_module(self.program), spec)
+        else:
+            self.program = None
+            self.model = copy.deepcopy(model).eval().float()
+            _convert_children(self.model, spec, in_block=False, units=[])
+        found = [m for m in self.model.modules() if isinstance(m, QuantUnit)]
         self.unit_names = self._execution_order(found, example_input)
         self._apply_first_last_bits()
 
@@ -196,7 +220,9 @@ class QuantModel(nn.Module):
         if fl is not None:
             units[0].layers()[0].wq.bits = fl
             last.body.wq.bits = fl
-            units[-2].output_quantizer().bits = fl
+            before = units[-2].output_quantizer()
+            if before is not None:  # none where a LayerNorm sits before the classifier (transformers)
+                before.bits = fl
 
     def units(self) -> list[QuantUnit]:
         mods = dict(self.model.named_modules())

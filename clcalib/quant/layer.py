@@ -46,12 +46,17 @@ class QuantLayer(nn.Module):
         self.act = act if act is not None else nn.Identity()
         self.wq = WeightQuantizer(w.shape, w_bits, w_symmetric)
         self.out_quant = ActQuantizer(out_bits, search) if out_bits is not None else None
+        # the graph path quantizes an input that no quantizer before it has put on a grid
+        # (after a SiLU, GELU or LayerNorm); the registry path never sets it
+        self.in_quant: ActQuantizer | None = None
         self.active = True  # False: FP weights (see quant.switch)
 
     def quant_weight(self) -> Tensor:
         return self.wq(self.weight) if self.active else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.in_quant is not None:
+            x = self.in_quant(x)
         w = self.quant_weight()
         y = F.conv2d(x, w, self.bias, **self.conv_args) if self.is_conv else F.linear(x, w, self.bias)
         y = self.act(y)
@@ -61,7 +66,8 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         out = self.out_quant.bits if self.out_quant is not None else None
-        return f"{'conv' if self.is_conv else 'linear'} {tuple(self.weight.shape)} w_bits={self.wq.bits} out_bits={out}"
+        inp = f" in_bits={self.in_quant.bits}" if self.in_quant is not None else ""
+        return f"{'conv' if self.is_conv else 'linear'} {tuple(self.weight.shape)} w_bits={self.wq.bits}{inp} out_bits={out}"
 
 
 class QuantUnit(nn.Module):
