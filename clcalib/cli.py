@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from clcalib.config import CalibConfig, ExportFormat, Method
+from clcalib.config import CalibConfig, ExportFormat, Method, Partition
 from clcalib.errors import CalibrationError, ConfigError
 
 
@@ -25,9 +25,12 @@ def _add_calibrate(sub) -> None:
     # allow_abbrev=False: _given() looks for the exact flags ('none' is a value for some)
     p = sub.add_parser("calibrate", help="quantize a model and write OUTDIR/quantized.safetensors + report.json",
                        allow_abbrev=False)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--weights", required=True, help="state_dict: .safetensors or a torch file (weights_only)")
+    p.add_argument("--arch", help="a registered architecture (with --num-classes and --weights); or give --model")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--weights", help="state_dict: .safetensors or a torch file (weights_only)")
+    p.add_argument("--model", help="any model as a torch.export program (.pt2, dynamic batch), instead of --arch")
+    p.add_argument("--partition", choices=[v.value for v in Partition],
+                   help="units from the graph, from registered modules, or auto (default)")
     p.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
     p.add_argument("--eval", help="folder or zip with one subfolder per class")
     p.add_argument("--out", required=True, help="output folder")
@@ -82,7 +85,7 @@ def _config_file(path: str | None) -> dict:
 def config_from_args(a: argparse.Namespace) -> CalibConfig:
     base = _config_file(a.config)
     top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
-           "device", "round_weight", "drop_prob", "drop_scope", "export"]
+           "device", "round_weight", "drop_prob", "drop_scope", "export", "partition"]
     for k in top:
         if getattr(a, k) is not None or (k == "first_last_bits" and _given(a, "--first-last-bits")):
             base[k] = getattr(a, k)
@@ -131,6 +134,15 @@ class _Bar:
             self.bar.close()
 
 
+def _model_args(a: argparse.Namespace, weights: bool = True) -> None:
+    """Either --model, or --arch with --num-classes (and --weights): one line saying which."""
+    if a.model is not None and a.arch is not None:
+        raise CalibrationError("give --model (an exported program) or --arch, not both")
+    need = ["--arch", "--num-classes"] + (["--weights"] if weights else [])
+    if a.model is None and any(getattr(a, f[2:].replace("-", "_")) is None for f in need):
+        raise CalibrationError(f"give --model m.pt2, or {' '.join(need)}")
+
+
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from clcalib.pipeline import run_calibration
 
@@ -139,7 +151,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    report = run_calibration(arch=a.arch, num_classes=a.num_classes, weights=a.weights, calibration=a.calib,
+    _model_args(a)
+    report = run_calibration(arch=a.arch, num_classes=a.num_classes, weights=a.weights, model=a.model, calibration=a.calib,
                              config=cfg, out_dir=a.out, evaluation=a.eval, on_progress=_Bar(a.quiet),
                              resume_dir=a.resume_dir)
     _print_table(report)
@@ -205,7 +218,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print the reconstruction units, their layers and every quantizer's place "
                        "for a model and config, before calibrating", allow_abbrev=False)
-    p.add_argument("--arch", required=True, help="a registered architecture (see README)")
+    p.add_argument("--arch", help="a registered architecture (see README)")
+    p.add_argument("--model", help="a torch.export program (.pt2), instead of --arch")
+    p.add_argument("--partition", choices=[v.value for v in Partition], help="see calibrate")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default: 224)")
     p.add_argument("--config", help="JSON file with config fields (bits, act_placement, ...)")
@@ -225,14 +240,23 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from clcalib.graph.registry import build_model
 
     base = _config_file(a.config)
-    for k in ("w_bits", "a_bits", "act_placement"):
+    for k in ("w_bits", "a_bits", "act_placement", "partition"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
     if _given(a, "--first-last-bits"):
         base["first_last_bits"] = a.first_last_bits
     cfg = CalibConfig.model_validate(base)
-    qm = QuantModel(build_model(a.arch, a.num_classes), QuantSpec.from_config(cfg),
-                    torch.zeros(1, 3, a.input_size, a.input_size))
+    _model_args(a, weights=False)
+    if a.model is not None:
+        from clcalib.graph.program import read_program
+
+        model = read_program(a.model)
+        user_input = next(s.arg.name for s in model.graph_signature.input_specs if s.kind.name == "USER_INPUT")
+        shape = next(n for n in model.graph.nodes if n.name == user_input).meta["val"].shape
+        example = torch.zeros(2, *(int(d) for d in shape[1:]))
+    else:
+        model, example = build_model(a.arch, a.num_classes), torch.zeros(2, 3, a.input_size, a.input_size)
+    qm = QuantModel(model, QuantSpec.from_config(cfg), example, cfg.partition)
     units = describe(qm)
     print(json.dumps(units) if a.json else render(units))
     return 0

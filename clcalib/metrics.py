@@ -11,7 +11,10 @@ from torch import Tensor, nn
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch: int = 500, device: str | torch.device = "cpu") -> Tensor:
     """Logits for ``images`` (on CPU, float32)."""
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export program's module: its mode was fixed at export
+        pass
     outs = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(outs)
 

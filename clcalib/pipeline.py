@@ -16,7 +16,7 @@ from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import load_calibration, load_labeled
-from clcalib.errors import DataError
+from clcalib.errors import DataError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict
@@ -54,9 +54,10 @@ def _export_onnx(model, path: Path, calib, evalset, q_logits, device) -> dict:
 
 def run_calibration(
     *,
-    arch: str,
-    num_classes: int,
-    weights: str | Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    model: str | Path | None = None,
     calibration: str | Path,
     config: CalibConfig,
     out_dir: str | Path,
@@ -65,7 +66,8 @@ def run_calibration(
     resume_dir: str | Path | None = None,
 ) -> dict:
     """Writes out_dir/quantized.safetensors and out_dir/report.json (each atomically) and
-    returns the report dict. ``resume_dir`` keeps per-unit state so a rerun with the same
+    returns the report dict. The model: ``arch`` + ``num_classes`` + ``weights`` (a registry
+    architecture), or ``model``, a torch.export program (.pt2). ``resume_dir`` keeps per-unit state so a rerun with the same
     inputs continues after the last fully reconstructed unit. ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
@@ -76,7 +78,15 @@ def run_calibration(
         from clcalib.export.onnx_check import require_onnx
 
         require_onnx()
-    fp_model = build_model(arch, num_classes, read_state_dict(weights))
+    if model is not None:
+        from clcalib.graph.program import num_outputs, read_program
+
+        fp_model = read_program(model)
+        arch, num_classes = Path(model).name, num_outputs(fp_model)
+    elif arch is None or num_classes is None or weights is None:
+        raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
+    else:
+        fp_model = build_model(arch, num_classes, read_state_dict(weights))
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed)
     evalset = load_labeled(evaluation, config.preprocess) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
@@ -103,7 +113,8 @@ def run_calibration(
     if evalset is not None:
         emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
         with exact_numerics():
-            fp_logits = predict(fp_model.to(device), evalset.images, device=device)
+            runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
+            fp_logits = predict(runnable.to(device), evalset.images, device=device)
             q_logits = predict(reloaded, evalset.images, device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)

@@ -1,14 +1,18 @@
 """The quantized checkpoint: one safetensors file with integer weights (bit-packed), per-channel
 scales and zero points, activation quantizer parameters, float biases and a JSON header.
 
-``load_quantized`` rebuilds the model from the registry and the header, and runs the same
-dequantize code as the calibrated model, so its outputs are bit-identical on the same device.
+``load_quantized`` rebuilds the model from the registry and the header, or, for a model that
+came through the graph path, from the torch.export program stored in the file (tensor
+``graph.pt2.zlib``: the program with its Conv/Linear weights zeroed and no sample inputs,
+zlib-compressed, read back through the same checks as an upload). It runs the same dequantize
+code as the calibrated model, so its outputs are bit-identical on the same device.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from clcalib.config import MAX_BITS, MIN_BITS, CalibConfig
+from clcalib.config import MAX_BITS, MIN_BITS, CalibConfig, Partition
 from clcalib.errors import ExportError
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
@@ -26,6 +30,8 @@ from clcalib.quant.weight import WState
 from clcalib.recon.resume import atomic_save
 
 FORMAT = "clcalib.quantized/1"
+GRAPH_TENSOR = "graph.pt2.zlib"
+MAX_GRAPH_BYTES = 1 << 30  # the stored program, unpacked (its layer weights are zeros)
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,6 +89,11 @@ def save_quantized(qm: QuantModel, path: str | Path, *, arch: str, num_classes: 
                    input_shape: tuple[int, ...], extra: dict | None = None) -> Storage:
     """Write the checkpoint atomically. ``extra`` (metrics, hashes, ...) goes into the header."""
     tensors, layers, storage = _tensors(qm)
+    graph = {}
+    if qm.program is not None:
+        raw = _program_bytes(qm.program)
+        tensors[GRAPH_TENSOR] = torch.frombuffer(bytearray(zlib.compress(raw, 6)), dtype=torch.uint8)
+        graph = {"graph": {"bytes": len(raw)}}
     header = {
         "format": FORMAT,
         "arch": arch,
@@ -95,10 +106,57 @@ def save_quantized(qm: QuantModel, path: str | Path, *, arch: str, num_classes: 
         "layers": layers,
         "versions": versions(),
         "storage": {"quantized_bytes": storage.quantized_bytes, "fp32_bytes": storage.fp32_bytes},
+        **graph,
         **(extra or {}),
     }
     atomic_save(tensors, Path(path), {"clcalib": json.dumps(header)})
     return storage
+
+
+def _program_bytes(ep) -> bytes:
+    """The program without what the checkpoint holds better or must not leak: Conv/Linear
+    weights and biases (zeros; the quantized ones are loaded over them) and the sample inputs
+    (the user's calibration images)."""
+    from torch import fx
+
+    from clcalib.graph.program import program_to_bytes
+
+    params = ep.graph_signature.inputs_to_parameters
+    layer_ops = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+    names = {params[a.name] for n in ep.graph.nodes if n.op == "call_function" and n.target in layer_ops
+             for a in n.args[1:3] if isinstance(a, fx.Node) and a.name in params}
+    state = ep.state_dict
+    saved, example = {k: state[k] for k in names}, ep.example_inputs
+    try:
+        for k in names:
+            z = torch.zeros_like(saved[k])
+            state[k] = torch.nn.Parameter(z, saved[k].requires_grad) if isinstance(saved[k], torch.nn.Parameter) else z
+        ep.example_inputs = None
+        return program_to_bytes(ep)
+    finally:
+        state.update(saved)
+        ep.example_inputs = example
+
+
+def _stored_program(path, header: dict):
+    from clcalib.graph.program import BadProgram, program_from_bytes
+
+    size = header["graph"].get("bytes") if isinstance(header.get("graph"), dict) else None
+    if not (isinstance(size, int) and 0 < size <= MAX_GRAPH_BYTES):
+        raise ExportError(f"{path}: the header's graph size is missing or out of range; the file is damaged")
+    with safe_open(str(path), "pt") as f:
+        packed = f.get_tensor(GRAPH_TENSOR).numpy().tobytes()
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(packed, size + 1)  # bounded: a forged size cannot inflate without limit
+    except zlib.error as e:
+        raise ExportError(f"{path}: the stored graph does not decompress ({e}); the file is damaged") from None
+    if len(raw) != size:
+        raise ExportError(f"{path}: the stored graph is {len(raw)} bytes, the header says {size}; the file is damaged")
+    try:
+        return program_from_bytes(raw, "the stored graph")
+    except BadProgram as e:
+        raise ExportError(f"{path}: {e}") from None
 
 
 def versions() -> dict[str, str]:
@@ -142,8 +200,12 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
                           "or from another tool")
     try:
         cfg = CalibConfig.model_validate(header["config"])
-        fp = build_model(header["arch"], header["num_classes"])
-        qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(shape))
+        if "graph" in header:
+            qm = QuantModel(_stored_program(path, header), QuantSpec.from_config(cfg), torch.zeros(shape),
+                            Partition.GRAPH)
+        else:
+            fp = build_model(header["arch"], header["num_classes"])
+            qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(shape), cfg.partition)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ExportError(f"{path}: the header does not describe a model this clcalib can rebuild "
                           f"({str(e).splitlines()[0][:300]})") from None

@@ -132,6 +132,8 @@ class _Graph:
         return self.op("DequantizeLinear", [q, s, z], hint + ".w", axis=0)
 
     def layer(self, layer: QuantLayer, x: Value, hint: str) -> Value:
+        if layer.in_quant is not None:
+            x = self.act_quant(x, layer.in_quant, hint + ".in")
         w = self.weight(layer, hint)
         b = self.const(hint + ".bias", layer.bias.detach().cpu().float().numpy())
         if layer.is_conv:
@@ -241,7 +243,81 @@ def _adaptive_avg_pool(g: _Graph, x: Value, size, *, hint: str) -> Value:
     return Value(g.op("GlobalAveragePool", [x.name], hint))
 
 
+aten = torch.ops.aten
+
+
+def _size(g: _Graph, x: Value, dim: int, *, hint: str) -> _Dim:
+    return _Dim(x, dim)
+
+
+@dataclass(frozen=True)
+class _Dim:
+    """A size read from a tensor (the graph path's batch size): Reshape copies it with a 0
+    when it stands at the same position in the new shape."""
+
+    source: Value
+    dim: int
+
+
+def _reshape(g: _Graph, x: Value, shape, *, hint: str) -> Value:
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, _Dim):
+            if d.dim != i:
+                raise ExportError(f"{hint}: a reshape that moves the batch dimension is not exported")
+            dims.append(0)
+        elif isinstance(d, int):
+            dims.append(d)
+        else:
+            raise ExportError(f"{hint}: reshape to a computed size is not exported")
+    return Value(g.op("Reshape", [x.name, g.const(hint + ".shape", np.array(dims, np.int64))], hint))
+
+
+def _max_pool(g: _Graph, x: Value, kernel, stride=(), padding=0, dilation=1, ceil_mode=False, *, hint: str) -> Value:
+    pair = torch.nn.modules.utils._pair
+    k, p, d = pair(kernel), pair(padding), pair(dilation)
+    s = pair(stride) if stride else k
+    return Value(g.op("MaxPool", [x.name], hint, kernel_shape=list(k), strides=list(s), pads=list(p) * 2,
+                      dilations=list(d), ceil_mode=int(ceil_mode)))
+
+
+def _hardtanh(g: _Graph, x: Value, lo=-1.0, hi=1.0, *, hint: str) -> Value:
+    if (lo, hi) == (0.0, 6.0):
+        return g.activation(nn.ReLU6(), x, hint)
+    a, b = g.const(hint + ".lo", np.array(lo, np.float32)), g.const(hint + ".hi", np.array(hi, np.float32))
+    return Value(g.op("Clip", [x.name, a, b], hint))
+
+
+def _mul(g: _Graph, a: Value, b: Value, *, hint: str) -> Value:
+    if not (isinstance(a, Value) and isinstance(b, Value)):
+        raise ExportError(f"{hint}: mul with a constant is not exported")
+    return Value(g.op("Mul", [a.name, b.name], hint))
+
+
+def _silu(g: _Graph, x: Value, *, hint: str) -> Value:
+    return Value(g.op("Mul", [x.name, g.op("Sigmoid", [x.name], hint + ".sigmoid")], hint))
+
+
+def _unsqueeze(g: _Graph, x: Value, dim: int, *, hint: str) -> Value:
+    return Value(g.op("Unsqueeze", [x.name, g.const(hint + ".axes", np.array([dim], np.int64))], hint))
+
+
+def _slice(g: _Graph, x: Value, dim=0, start=None, end=None, step=1, *, hint: str) -> Value:
+    if start in (None, 0) and (end is None or end >= 2**62) and step == 1:
+        return x  # x[:, :]: the whole dimension
+    raise ExportError(f"{hint}: a partial slice is not exported")
+
+
 _FUNCTIONS = {
+    # the graph path's functional ATen ops
+    aten.add.Tensor: _add, aten.relu.default: lambda g, x, *, hint: g.relu(x, hint),
+    aten.hardtanh.default: _hardtanh, aten.max_pool2d.default: _max_pool,
+    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean,
+    aten.view.default: _reshape, aten.reshape.default: _reshape, aten.sym_size.int: _size,
+    aten.flatten.using_ints: _flatten, aten.clone.default: lambda g, x, memory_format=None, *, hint: x,
+    aten.mul.Tensor: _mul, aten.sigmoid.default: lambda g, x, *, hint: Value(g.op("Sigmoid", [x.name], hint)),
+    aten.silu.default: _silu, aten.unsqueeze.default: _unsqueeze, aten.slice.Tensor: _slice,
+
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     torch.flatten: _flatten, F.adaptive_avg_pool2d: _adaptive_avg_pool,
     F.relu: lambda g, x, inplace=False, *, hint: g.relu(x, hint),

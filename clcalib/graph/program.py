@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -79,7 +80,7 @@ def check_archive(data: bytes, name: str = "model.pt2") -> None:
             if pickled:
                 raise _refuse(name, f"{len(pickled)} pickled payload(s) ({pickled[0][:80]!r}, ...), which loading "
                                     "would unpickle with code execution allowed")
-        elif n.endswith(".pt"):  # sample inputs: torch retries unsafely when the safe load fails
+        elif n.endswith(".pt") and info.file_size:  # sample inputs: torch retries unsafely when the safe load fails
             try:
                 torch.load(io.BytesIO(zf.read(info)), weights_only=True)
             except Exception:
@@ -97,13 +98,28 @@ def read_program(path: str | Path) -> torch.export.ExportedProgram:
 
 def program_from_bytes(data: bytes, name: str = "model.pt2") -> torch.export.ExportedProgram:
     check_archive(data, name)
+    quiet = logging.getLogger("torch._export.serde.serialize")  # warns of unused size symbols
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         ep = torch.export.load(io.BytesIO(data))
     except Exception as e:  # a damaged or version-incompatible program
         raise _refuse(name, f"torch.export.load failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    finally:
+        quiet.setLevel(level)
     if not isinstance(ep, torch.export.ExportedProgram):
         raise _refuse(name, f"holds a {type(ep).__name__}, not an ExportedProgram")
     return ep
+
+
+def num_outputs(ep: torch.export.ExportedProgram) -> int:
+    """The size of the program's last output dimension: its number of classes."""
+    out = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    val = (out[0] if isinstance(out, (tuple, list)) else out).meta.get("val")
+    if val is None or val.dim() != 2 or not isinstance(val.shape[1], int):
+        raise UnsupportedModel(f"the program's output is {tuple(val.shape) if val is not None else 'unknown'}; "
+                               "clcalib calibrates classifiers returning N x classes logits")
+    return int(val.shape[1])
 
 
 def program_to_bytes(ep: torch.export.ExportedProgram) -> bytes:

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from clcalib.errors import UnsupportedModel
+from clcalib.graph.units import ON_GRID_OPS
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 
@@ -28,7 +29,8 @@ def trace(model: nn.Module) -> fx.Graph:
 # ops that leave every value on the grid of the quantizer before them (what ONNX Runtime's QDQ
 # propagation moves a Q/DQ pair across)
 _ON_GRID_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten)
-_ON_GRID_FUNCTIONS = {torch.flatten, torch.nn.functional.dropout, operator.getitem}
+_ON_GRID_FUNCTIONS = {torch.flatten, torch.nn.functional.dropout, operator.getitem, *ON_GRID_OPS}
+_RELU_FUNCTIONS = {torch.nn.functional.relu, torch.ops.aten.relu.default}
 _ON_GRID_METHODS = {"flatten", "view", "reshape"}
 
 
@@ -42,7 +44,7 @@ def _grid_source(node: fx.Node, mods: dict[str, nn.Module]) -> ActQuantizer | No
             return m.out_quant
         on_grid, relu = isinstance(m, _ON_GRID_MODULES), isinstance(m, nn.ReLU)
     elif node.op == "call_function":
-        on_grid, relu = node.target in _ON_GRID_FUNCTIONS, node.target is torch.nn.functional.relu
+        on_grid, relu = node.target in _ON_GRID_FUNCTIONS, node.target in _RELU_FUNCTIONS
     elif node.op == "call_method":
         on_grid, relu = node.target in _ON_GRID_METHODS, node.target == "relu"
     else:
@@ -62,8 +64,11 @@ def input_quantizers(model: nn.Module) -> dict[QuantLayer, ActQuantizer | None]:
     out: dict[QuantLayer, ActQuantizer | None] = {}
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(mods[node.target], QuantLayer):
-            arg = node.args[0]
-            out[mods[node.target]] = _grid_source(arg, mods) if isinstance(arg, fx.Node) else None
+            layer, arg = mods[node.target], node.args[0]
+            if layer.in_quant is not None:
+                out[layer] = layer.in_quant
+            else:
+                out[layer] = _grid_source(arg, mods) if isinstance(arg, fx.Node) else None
     return out
 
 

@@ -110,8 +110,13 @@ def _fuse_layers(gm: fx.GraphModule, spec) -> list[_Layer]:
             continue  # a product of two activations (attention's own matmuls): stays float
         if _LAYER_OPS[node.target] == "conv":
             stride, padding, dilation, groups = (args[3] or [1]), (args[4] or [0]), (args[5] or [1]), (args[6] or 1)
-            base = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
-                             padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=b is not None)
+            if isinstance(padding, str):
+                raise UnsupportedModel(f"{_weight_path(args[1].target)}: padding={padding!r}; export with explicit padding")
+            pair = nn.modules.utils._pair  # aten gives [1] for (1, 1)
+            base = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=pair(tuple(stride) if len(stride) > 1 else stride[0]),
+                             padding=pair(tuple(padding) if len(padding) > 1 else padding[0]),
+                             dilation=pair(tuple(dilation) if len(dilation) > 1 else dilation[0]), groups=groups,
+                             bias=b is not None)
         else:
             base = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         with torch.no_grad():

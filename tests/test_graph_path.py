@@ -1,0 +1,215 @@
+"""Any model in (issue 13): the torch.export graph path. The registry architectures give the
+same units, layers and quantized outputs as the module path; other architectures and a network
+written here calibrate, save, reload bit-identically and (CNNs) export to ONNX Runtime; bad
+programs are refused by name, and no pickle in an uploaded .pt2 ever runs."""
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import clcalib
+from bench.fmnist import REFERENCE, calibration_indices, write_zip
+from clcalib.config import CalibConfig, Partition
+from clcalib.errors import ExportError, UnsupportedModel
+from clcalib.export.checkpoint import load_quantized, save_quantized
+from clcalib.graph.partition import QuantModel, QuantSpec
+from clcalib.graph.program import BadProgram, check_archive, program_from_bytes, program_to_bytes
+from clcalib.graph.registry import ARCHS, build_model
+from clcalib.metrics import predict
+
+SPEC = QuantSpec.from_config(CalibConfig())
+
+
+class SkipNet(nn.Module):
+    """A user's network: a stem, a residual pair written in forward() (no registered block),
+    a squeeze-excitation-like gate and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.gate = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.b(torch.relu(self.a(x))))
+        g = torch.sigmoid(self.gate(x.mean((2, 3))))
+        return self.head((x * g[:, :, None, None]).mean((2, 3)))
+
+
+def _tiny_vit():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_registry_archs_get_the_same_units_and_layers_through_the_graph(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 10)
+    x = torch.randn(2, 3, 32, 32)
+    by_modules = QuantModel(model, SPEC, x, Partition.MODULES)
+    by_graph = QuantModel(model, SPEC, x, Partition.GRAPH)
+    assert by_graph.unit_names == by_modules.unit_names
+    shapes = {k: tuple(v.shape) for k, v in by_modules.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in by_graph.state_dict().items()} == shapes  # every quantizer in the same place
+
+
+def test_reference_resnet18_calibrates_to_the_same_model_through_the_graph(fmnist, reference):
+    model = reference("resnet18")
+    cfg = dict(method="qdrop", w_bits=4, a_bits=8, iters=30, calib_size=256, device="cpu")
+    by_modules = clcalib.calibrate(model, fmnist["train"], {**cfg, "partition": "modules"}).model
+    by_graph = clcalib.calibrate(model, fmnist["train"], {**cfg, "partition": "graph"}).model
+    x = fmnist["test"][:2000]
+    a, b = predict(by_modules, x), predict(by_graph, x)
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    assert (a.argmax(1) == fmnist["test_labels"][:2000]).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("make, size, onnx", [
+    (SkipNet, 16, True),
+    (lambda: torchvision.models.efficientnet_b0(num_classes=10), 32, True),
+    (lambda: torchvision.models.convnext_tiny(num_classes=10), 32, False),
+    (_tiny_vit, 32, False),
+    (lambda: torchvision.models.swin_t(num_classes=10), 32, False),
+])
+def test_other_architectures_calibrate_save_reload_and_export(make, size, onnx, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    data = torch.randn(48, 3, size, size)
+    cfg = CalibConfig(iters=3, calib_size=48, batch_size=8, device="cpu")
+    result = clcalib.calibrate(model, data, cfg)
+    assert len(result.units) >= 3
+    path = tmp_path / "q.safetensors"
+    save_quantized(result.model, path, arch="custom", num_classes=10, config=cfg, input_shape=(1, 3, size, size))
+    reloaded = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(result.model(data[:8]), reloaded(data[:8]))
+    from clcalib.export.onnx_qdq import export_onnx
+
+    if onnx:
+        from clcalib.export.onnx_check import session
+
+        export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size))
+        got = torch.from_numpy(session(tmp_path / "q.onnx").run(None, {"input": data[:8].numpy()})[0])
+        with torch.no_grad():
+            assert torch.allclose(got, reloaded(data[:8]), atol=1e-4)
+    else:  # transformer ops (layer_norm, attention, gelu) have no QDQ export yet: refused by name
+        with pytest.raises(ExportError, match="has no ONNX export here"):
+            export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size))
+
+
+def test_the_checkpoint_carries_no_float_layer_weights_and_no_calibration_images(tmp_path):
+    torch.manual_seed(0)
+    model = SkipNet().eval()
+    data = torch.randn(32, 3, 16, 16)
+    cfg = CalibConfig(iters=2, calib_size=32, device="cpu")
+    result = clcalib.calibrate(model, data, cfg)
+    path = tmp_path / "q.safetensors"
+    save_quantized(result.model, path, arch="custom", num_classes=10, config=cfg, input_shape=(1, 3, 16, 16))
+    from clcalib.export.checkpoint import _stored_program, read_header
+
+    ep = _stored_program(path, read_header(path))
+    for name in ("stem.weight", "a.weight", "b.weight", "gate.weight", "head.weight"):
+        assert not ep.state_dict[name].any(), name
+    assert not ep.example_inputs
+    assert result.model.program.state_dict["a.weight"].any()  # the caller's program is left as it was
+
+
+def _pt2(model, x, dynamic=True) -> bytes:
+    dyn = ({0: torch.export.Dim("batch")},) if dynamic else None
+    return program_to_bytes(torch.export.export(model.eval(), (x,), dynamic_shapes=dyn))
+
+
+def _rewrite(data: bytes, member_suffix: str, payload: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, payload if info.filename.endswith(member_suffix) else zin.read(info))
+    return out.getvalue()
+
+
+class Marker:  # a pickled object of a class torch's safe loader does not allow
+    def __reduce__(self):
+        return (print, ("pickle ran",))
+
+
+def test_bad_programs_are_refused_before_any_pickle_runs(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    good = _pt2(SkipNet(), x)
+    check_archive(good)  # a plain program passes
+    with pytest.raises(BadProgram, match="not a zip file"):
+        program_from_bytes(b"not a program at all")
+    buf = io.BytesIO()
+    torch.save({"a": Marker()}, buf)
+    with pytest.raises(BadProgram, match="sample inputs .* pickled objects"):
+        program_from_bytes(_rewrite(good, "sample_inputs/model.pt", buf.getvalue()))
+    cfg = json.dumps({"config": {"w": {"path_name": "weight_0", "use_pickle": True}}}).encode()
+    with pytest.raises(BadProgram, match="pickled payload"):
+        program_from_bytes(_rewrite(good, "model_weights_config.json", cfg))
+    extra = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(good)) as zin, zipfile.ZipFile(extra, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+        zout.writestr("archive/data/constants/custom_obj_0", buf.getvalue())
+    with pytest.raises(BadProgram, match="members a plain exported program does not have"):
+        program_from_bytes(extra.getvalue())
+
+
+def test_models_the_graph_cannot_take_are_refused_with_the_reason():
+    class DataDependent(SkipNet):
+        def forward(self, x):
+            return self.head(x.mean((2, 3)).repeat(1, 6)[:, :16]) if x.sum() > 0 else self.head(torch.zeros(len(x), 16))
+
+    with pytest.raises(UnsupportedModel, match="control flow depends on the input"):
+        clcalib.calibrate(DataDependent(), torch.randn(8, 3, 16, 16), dict(iters=1, device="cpu"))
+    static = program_from_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16), dynamic=False))
+    with pytest.raises(UnsupportedModel, match="dynamic batch"):
+        clcalib.calibrate(static, torch.randn(8, 3, 16, 16), dict(iters=1, device="cpu"))
+
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    with pytest.raises(UnsupportedModel, match="no Conv2d or Linear"):
+        clcalib.calibrate(NoLayers(), torch.randn(8, 3, 16, 16), dict(iters=1, device="cpu"))
+
+
+def test_cli_calibrates_an_exported_program_on_real_images(tmp_path, reference):
+    """The reference resnet18 exported as a .pt2: inspect it, calibrate it, evaluate the saved
+    checkpoint and export it: the reported accuracy is reproduced by the checkpoint."""
+    model = reference("resnet18")
+    (tmp_path / "m.pt2").write_bytes(_pt2(model, torch.randn(2, 3, 28, 28)))
+    calib = write_zip(tmp_path / "calib.zip", "train", calibration_indices(64, seed=0), by_class=False)
+    evalz = write_zip(tmp_path / "eval.zip", "t10k", range(300), by_class=True)
+    pre = ["--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "clcalib.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+    r = cli("inspect", "--model", tmp_path / "m.pt2", "--json")
+    assert r.returncode == 0, r.stderr
+    units = json.loads(r.stdout)
+    assert [u["unit"] for u in units][:3] == ["conv1", "layer1.0", "layer1.1"] and len(units) == 10
+    r = cli("calibrate", "--model", tmp_path / "m.pt2", "--calib", calib, "--eval", evalz, "--out", tmp_path / "out",
+            "--iters", "10", "--w-bits", "4", "--a-bits", "8", "--device", "cpu", "--export", "onnx", *pre)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metrics"]["quant_top1"] > 80
+    r = cli("evaluate", "--checkpoint", tmp_path / "out" / "quantized.safetensors", "--eval", evalz, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quant_top1"] == pytest.approx(report["metrics"]["quant_top1"])
+    assert report["metrics"]["onnx_top1_agreement"] >= 99.0
+    r = cli("calibrate", "--model", tmp_path / "m.pt2", "--arch", "resnet18", "--calib", calib, "--out", tmp_path / "x")
+    assert r.returncode != 0 and "not both" in r.stderr and "Traceback" not in r.stderr
+    assert REFERENCE.is_dir()
