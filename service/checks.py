@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from service.store import PROGRAM
+
 
 def init_child(threads: int = 1) -> None:
     import os
@@ -29,8 +31,11 @@ def _fail(field: str, code: str, message: str) -> dict:
     return {"ok": False, "field": field, "code": code, "message": message}
 
 
-def check_job(*, model: str, arch: str, num_classes: int, calibration: str, evaluation: str | None,
+def check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
               config: dict, limits: dict, sample: int) -> dict:
+    """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
+    torch.export program, converted here as calibration will convert it (so an unsupported
+    graph is a 422 now, not a failed job later). Returns ok, counts and num_classes."""
     import torch
 
     from clcalib.config import CalibConfig
@@ -48,9 +53,19 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
     cfg = CalibConfig.model_validate(config)
     lim = Limits(**limits)
 
-    # 1. the weights fit the arch
+    # 1. the weights fit the arch, or the program is one we read safely
+    program = None
     try:
-        net = build_model(arch, num_classes, read_state_dict(model))
+        if arch == PROGRAM:
+            from clcalib.graph.program import num_outputs, read_program
+
+            program = read_program(model)
+            classes = num_outputs(program)
+            if num_classes is not None and num_classes != classes:
+                raise ModelMismatchError(f"the program returns {classes} classes, num_classes says {num_classes}")
+            num_classes, net = classes, program.module()
+        else:
+            net = build_model(arch, num_classes, read_state_dict(model))
     except ModelMismatchError as e:
         return _fail("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", ""))
 
@@ -97,6 +112,14 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
     if tuple(y.shape) != (min(2, len(x)), num_classes):
         return _fail("model", "model_mismatch",
                      f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
+    if program is not None:  # the graph converts (units, supported ops) before a worker spends time
+        from clcalib.config import Partition
+        from clcalib.graph.partition import QuantModel, QuantSpec
+
+        try:
+            QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
+        except ModelMismatchError as e:
+            return _fail("model", "unsupported_model", str(e))
 
     # 4. the evaluation set: class folders that fit num_classes, decodable, same size
     n_eval = 0
@@ -115,7 +138,7 @@ def check_job(*, model: str, arch: str, num_classes: int, calibration: str, eval
             n_eval = len(names)
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
-    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval}
+    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes}
 
 
 def _header(src, name: str, max_pixels: int, DataError) -> None:

@@ -41,6 +41,9 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
 
 
+PROGRAM = "program"  # the arch of a job whose model is an uploaded torch.export program (.pt2)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -52,7 +55,7 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
-    arch: Mapped[str] = mapped_column(String(64))
+    arch: Mapped[str] = mapped_column(String(64))  # a registry name, or PROGRAM
     num_classes: Mapped[int] = mapped_column(Integer)
     config: Mapped[dict] = mapped_column(JSON)
     inputs: Mapped[dict] = mapped_column(JSON)  # role -> path relative to the job folder

@@ -136,7 +136,8 @@ def parse_config(raw: str | None) -> CalibConfig:
 
 def parse_arch(raw: str | None, known: list[str]) -> str:
     if raw is None or not raw.strip():
-        raise ApiError(422, "missing_field", f"form field 'arch' is required; one of {', '.join(known)}",
+        raise ApiError(422, "missing_field", f"form field 'arch' is required with state_dict weights; one of "
+                       f"{', '.join(known)}. Or upload the model as a torch.export program (.pt2) without arch",
                        field="arch")
     arch = raw.strip()
     if arch not in known:

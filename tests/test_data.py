@@ -111,7 +111,7 @@ def test_calibrate_rejects_bad_config_as_config_error():
         calibrate(torch.nn.Linear(2, 2), torch.zeros(1, 3, 4, 4), {"w_bits": 1})
 
 
-def test_a_model_whose_forward_does_not_follow_module_order_is_refused():
+def test_a_forward_that_does_not_follow_module_order_is_refused_by_modules_and_taken_by_the_graph():
     from torch import nn
 
     from clcalib.errors import UnsupportedModel
@@ -127,5 +127,9 @@ def test_a_model_whose_forward_does_not_follow_module_order_is_refused():
             return self.fc(self.c2(y).mean((2, 3)))
 
     torch.manual_seed(0)
+    model, x = Odd().eval(), torch.randn(8, 3, 8, 8)
     with pytest.raises(UnsupportedModel, match="does not follow its module order"):
-        calibrate(Odd(), torch.randn(8, 3, 8, 8), {"method": "mse", "iters": 0, "device": "cpu"})
+        calibrate(model, x, {"method": "mse", "iters": 0, "device": "cpu", "partition": "modules"})
+    q = calibrate(model, x, {"method": "mse", "iters": 0, "device": "cpu", "w_bits": 8, "a_bits": 8}).model  # graph
+    with torch.no_grad():
+        assert torch.allclose(q(x), model(x), atol=0.05)

@@ -19,7 +19,7 @@ from pathlib import Path
 from clcalib.atomic import atomic_path
 from service.settings import Settings
 from service.storage import Storage
-from service.store import CANCELED, FAILED, SUCCEEDED, Store
+from service.store import CANCELED, FAILED, PROGRAM, SUCCEEDED, Store
 
 log = logging.getLogger("clcalib.worker")
 _stores: dict[str, Store] = {}
@@ -131,8 +131,10 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
 
     try:
         config = CalibConfig.model_validate({**job.config, "device": settings.device})
+        model = {"model": jd / job.inputs["model"]} if job.arch == PROGRAM else \
+            {"arch": job.arch, "num_classes": job.num_classes, "weights": jd / job.inputs["model"]}
         report = run_calibration(
-            arch=job.arch, num_classes=job.num_classes, weights=jd / job.inputs["model"],
+            **model,
             calibration=jd / job.inputs["calibration"], config=config, out_dir=storage.out_dir(job.id),
             evaluation=jd / job.inputs["evaluation"] if job.inputs.get("evaluation") else None,
             on_progress=on_progress, resume_dir=storage.resume_dir(job.id),

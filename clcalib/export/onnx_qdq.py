@@ -66,6 +66,15 @@ class _Graph:
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
+        self.current: fx.Node | None = None  # the fx node being translated (for its input shapes)
+
+    def shape_of(self, arg: int, hint: str) -> tuple[int, ...]:
+        """The propagated shape of the current node's ``arg``-th input."""
+        node = self.current.args[arg] if self.current is not None and len(self.current.args) > arg else None
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        if meta is None:
+            raise ExportError(f"{hint}: the shape of its input is unknown here")
+        return tuple(meta.shape)
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -144,6 +153,9 @@ class _Graph:
             y = self.op("Conv", [x.name, w, b], hint + ".conv", strides=list(a["stride"]), pads=list(pad) * 2,
                         dilations=list(a["dilation"]), group=a["groups"],
                         kernel_shape=list(layer.weight.shape[2:]))
+        elif len(self.shape_of(0, hint)) != 2:  # tokens (N x L x C) or channels-last: MatMul + Add
+            wt = self.op("Transpose", [w], hint + ".wt", perm=[1, 0])
+            y = self.op("Add", [self.op("MatMul", [x.name, wt], hint + ".matmul"), b], hint + ".add")
         else:
             y = self.op("Gemm", [x.name, w, b], hint + ".gemm", transB=1)
         q = layer.out_quant
@@ -243,81 +255,7 @@ def _adaptive_avg_pool(g: _Graph, x: Value, size, *, hint: str) -> Value:
     return Value(g.op("GlobalAveragePool", [x.name], hint))
 
 
-aten = torch.ops.aten
-
-
-def _size(g: _Graph, x: Value, dim: int, *, hint: str) -> _Dim:
-    return _Dim(x, dim)
-
-
-@dataclass(frozen=True)
-class _Dim:
-    """A size read from a tensor (the graph path's batch size): Reshape copies it with a 0
-    when it stands at the same position in the new shape."""
-
-    source: Value
-    dim: int
-
-
-def _reshape(g: _Graph, x: Value, shape, *, hint: str) -> Value:
-    dims = []
-    for i, d in enumerate(shape):
-        if isinstance(d, _Dim):
-            if d.dim != i:
-                raise ExportError(f"{hint}: a reshape that moves the batch dimension is not exported")
-            dims.append(0)
-        elif isinstance(d, int):
-            dims.append(d)
-        else:
-            raise ExportError(f"{hint}: reshape to a computed size is not exported")
-    return Value(g.op("Reshape", [x.name, g.const(hint + ".shape", np.array(dims, np.int64))], hint))
-
-
-def _max_pool(g: _Graph, x: Value, kernel, stride=(), padding=0, dilation=1, ceil_mode=False, *, hint: str) -> Value:
-    pair = torch.nn.modules.utils._pair
-    k, p, d = pair(kernel), pair(padding), pair(dilation)
-    s = pair(stride) if stride else k
-    return Value(g.op("MaxPool", [x.name], hint, kernel_shape=list(k), strides=list(s), pads=list(p) * 2,
-                      dilations=list(d), ceil_mode=int(ceil_mode)))
-
-
-def _hardtanh(g: _Graph, x: Value, lo=-1.0, hi=1.0, *, hint: str) -> Value:
-    if (lo, hi) == (0.0, 6.0):
-        return g.activation(nn.ReLU6(), x, hint)
-    a, b = g.const(hint + ".lo", np.array(lo, np.float32)), g.const(hint + ".hi", np.array(hi, np.float32))
-    return Value(g.op("Clip", [x.name, a, b], hint))
-
-
-def _mul(g: _Graph, a: Value, b: Value, *, hint: str) -> Value:
-    if not (isinstance(a, Value) and isinstance(b, Value)):
-        raise ExportError(f"{hint}: mul with a constant is not exported")
-    return Value(g.op("Mul", [a.name, b.name], hint))
-
-
-def _silu(g: _Graph, x: Value, *, hint: str) -> Value:
-    return Value(g.op("Mul", [x.name, g.op("Sigmoid", [x.name], hint + ".sigmoid")], hint))
-
-
-def _unsqueeze(g: _Graph, x: Value, dim: int, *, hint: str) -> Value:
-    return Value(g.op("Unsqueeze", [x.name, g.const(hint + ".axes", np.array([dim], np.int64))], hint))
-
-
-def _slice(g: _Graph, x: Value, dim=0, start=None, end=None, step=1, *, hint: str) -> Value:
-    if start in (None, 0) and (end is None or end >= 2**62) and step == 1:
-        return x  # x[:, :]: the whole dimension
-    raise ExportError(f"{hint}: a partial slice is not exported")
-
-
 _FUNCTIONS = {
-    # the graph path's functional ATen ops
-    aten.add.Tensor: _add, aten.relu.default: lambda g, x, *, hint: g.relu(x, hint),
-    aten.hardtanh.default: _hardtanh, aten.max_pool2d.default: _max_pool,
-    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean,
-    aten.view.default: _reshape, aten.reshape.default: _reshape, aten.sym_size.int: _size,
-    aten.flatten.using_ints: _flatten, aten.clone.default: lambda g, x, memory_format=None, *, hint: x,
-    aten.mul.Tensor: _mul, aten.sigmoid.default: lambda g, x, *, hint: Value(g.op("Sigmoid", [x.name], hint)),
-    aten.silu.default: _silu, aten.unsqueeze.default: _unsqueeze, aten.slice.Tensor: _slice,
-
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     torch.flatten: _flatten, F.adaptive_avg_pool2d: _adaptive_avg_pool,
     F.relu: lambda g, x, inplace=False, *, hint: g.relu(x, hint),
@@ -342,6 +280,13 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
         traced = trace(model)
     except UnsupportedModel as e:
         raise ExportError(f"ONNX export: {e}") from None
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from clcalib.export.onnx_aten import ATEN_FUNCTIONS
+
+    functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
+    with torch.no_grad():  # shapes for the ops that need a rank or a head size
+        ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:]))
     g = _Graph(quantized)
     mods = dict(model.named_modules())
     env: dict[fx.Node, object] = {}
@@ -350,12 +295,16 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         hint = node.target if node.op == "call_module" else node.name
+        g.current = node
         if node.op == "placeholder":
             env[node] = Value(INPUT_NAME)
+        elif node.op == "get_attr":  # a float parameter between layers (LayerNorm, class token, ...)
+            t = model.get_parameter(node.target) if node.target in dict(model.named_parameters()) else model.get_buffer(node.target)
+            env[node] = Value(g.const(node.target, t.detach().cpu().float().numpy()))
         elif node.op == "call_module":
             env[node] = _module(g, mods[node.target], list(args), hint)
-        elif node.op == "call_function" and node.target in _FUNCTIONS:
-            env[node] = _call(_FUNCTIONS[node.target], g, args, kwargs, hint)
+        elif node.op == "call_function" and node.target in functions:
+            env[node] = _call(functions[node.target], g, args, kwargs, hint)
         elif node.op == "call_method" and node.target in _METHODS:
             env[node] = _call(_METHODS[node.target], g, args, kwargs, hint)
         elif node.op == "output":

@@ -23,6 +23,7 @@ def describe(qm: QuantModel) -> list[dict]:
                 "shape": list(m.weight.shape),
                 "params": m.weight.numel() + m.bias.numel(),
                 "w_bits": m.wq.bits,
+                "in_bits": m.in_quant.bits if m.in_quant is not None else None,
                 "out_bits": m.out_quant.bits if m.out_quant is not None else None,
             } for n, m in layers],
             "out_bits": unit.out_quant.bits if unit.out_quant is not None else None,
@@ -31,14 +32,15 @@ def describe(qm: QuantModel) -> list[dict]:
 
 
 def render(units: list[dict]) -> str:
-    rows = [("unit / layer", "kind", "weight shape", "params", "W bits", "output quantizer")]
+    rows = [("unit / layer", "kind", "weight shape", "params", "W bits", "input quantizer", "output quantizer")]
     total = 0
     for u in units:
-        rows.append((u["unit"], u["kind"], "", "", "", f"A{u['out_bits']}" if u["out_bits"] else ""))
+        rows.append((u["unit"], u["kind"], "", "", "", "", f"A{u['out_bits']}" if u["out_bits"] else ""))
         for la in u["layers"]:
             total += la["params"]
             rows.append(("  " + la["name"], la["kind"], "x".join(map(str, la["shape"])), f"{la['params']:,}",
-                         f"W{la['w_bits']}", f"A{la['out_bits']}" if la["out_bits"] else "FP"))
+                         f"W{la['w_bits']}", f"A{la['in_bits']}" if la["in_bits"] else "",
+                         f"A{la['out_bits']}" if la["out_bits"] else "FP"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     n_layers = sum(len(u["layers"]) for u in units)

@@ -15,7 +15,7 @@ from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, fo
 from service.errors import ApiError, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
 from service.storage import ARTIFACT_TYPES
-from service.store import new_job_id
+from service.store import PROGRAM, new_job_id
 from service.uploads import receive
 from service.validation import parse_arch, parse_config, parse_num_classes
 
@@ -30,14 +30,17 @@ SUBMIT_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["model", "arch", "num_classes", "calibration"],
+                    "required": ["model", "calibration"],
                     "properties": {
-                        "model": {**_FILE, "description": "the FP weights: a safetensors file, or a "
-                                  "PyTorch state_dict (read with torch.load(weights_only=True); a pickle "
-                                  "that carries code is refused)"},
-                        "arch": {"type": "string", "description": "architecture name, one of GET /v1/archs"},
+                        "model": {**_FILE, "description": "with arch: the FP weights, a safetensors file or "
+                                  "a PyTorch state_dict (read with torch.load(weights_only=True); a pickle "
+                                  "that carries code is refused). Without arch: any model as a torch.export "
+                                  "program (.pt2, dynamic batch); one holding pickled objects is refused"},
+                        "arch": {"type": "string", "description": "architecture name, one of GET /v1/archs; "
+                                 "leave out when model is a .pt2 program"},
                         "num_classes": {"type": "integer", "minimum": 1, "maximum": 100000,
-                                        "description": "the model's number of output classes"},
+                                        "description": "the model's number of output classes (required with "
+                                        "arch; read from the program otherwise)"},
                         "calibration": {**_FILE, "description": "calibration images: a zip or tar of "
                                         "image files (png/jpg/...), or an .npy/.safetensors float tensor "
                                         "N x C x H x W already preprocessed"},
@@ -54,6 +57,13 @@ SUBMIT_BODY = {
         },
     }
 }
+
+
+def _is_zip(path) -> bool:
+    if path is None:
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 @router.post(
@@ -75,8 +85,11 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
                            max_field_bytes=settings.max_field_bytes)
         app.state.metrics.upload_bytes.inc(up.total_bytes)
         config = parse_config(up.texts.get("config"))
-        num_classes = parse_num_classes(up.texts.get("num_classes"))
-        arch = parse_arch(up.texts.get("arch"), await app.state.validator.archs())
+        # no arch: the model must be a torch.export program (a zip archive); anything else needs an arch
+        program = not (up.texts.get("arch") or "").strip() and _is_zip(up.files.get("model"))
+        num_classes = None if program and not (up.texts.get("num_classes") or "").strip() else \
+            parse_num_classes(up.texts.get("num_classes"))
+        arch = PROGRAM if program else parse_arch(up.texts.get("arch"), await app.state.validator.archs())
         for role in ("model", "calibration"):
             if role not in up.files:
                 raise ApiError(422, "missing_file", f"file field {role!r} is required", field=role)
@@ -84,12 +97,13 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
                 raise ApiError(422, "empty_file", f"file field {role!r} is empty", field=role)
         if "evaluation" in up.files and up.files["evaluation"].stat().st_size == 0:
             raise ApiError(422, "empty_file", "file field 'evaluation' is empty", field="evaluation")
-        await app.state.validator.check_job(
+        checked = await app.state.validator.check_job(
             model=str(up.files["model"]), arch=arch, num_classes=num_classes,
             calibration=str(up.files["calibration"]),
             evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,
             config=config.model_dump(mode="json", by_alias=True),
         )
+        num_classes = checked["num_classes"]
     except BaseException:
         await run_in_threadpool(storage.delete_job, job_id)
         raise

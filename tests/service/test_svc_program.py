@@ -1,0 +1,84 @@
+"""Any model over HTTP (issue 13): a torch.export program uploaded without an arch is checked at
+upload (safe read, graph conversion), calibrated by a real worker and downloaded as a checkpoint
+that reloads; programs that are unsafe or unsupported are a 422 naming the reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from svc_fmnist import TINY
+
+from clcalib.graph.program import program_to_bytes
+from clcalib.graph.registry import build_model, read_state_dict
+
+
+def _program(path, dynamic=True):
+    from svc_fmnist import REFERENCE
+
+    model = build_model("resnet18", 10, read_state_dict(REFERENCE))
+    dyn = ({0: torch.export.Dim("batch")},) if dynamic else None
+    path.write_bytes(program_to_bytes(torch.export.export(model, (torch.randn(2, 3, 28, 28),), dynamic_shapes=dyn)))
+    return path
+
+
+def _post(stack, model_bytes: bytes, calib, config: dict, **fields):
+    with stack.client() as c:
+        return c.post("/v1/jobs", files={"model": ("m.pt2", model_bytes), "calibration": (calib.name, calib.read_bytes())},
+                      data={"config": json.dumps(config), **fields})
+
+
+class Marker:
+    def __reduce__(self):
+        return (print, ("pickle ran",))
+
+
+def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_factory, fmnist_zips, tmp_path):
+    st = stack_factory()
+    st.start_api()
+    pt2 = _program(tmp_path / "m.pt2")
+
+    # unsafe: sample inputs that only load by unpickling an arbitrary object
+    buf = io.BytesIO()
+    torch.save({"x": Marker()}, buf)
+    bad = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(pt2.read_bytes())) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, buf.getvalue() if info.filename.endswith("sample_inputs/model.pt") else zin.read(info))
+    r = _post(st, bad.getvalue(), fmnist_zips["calib"], TINY)
+    assert r.status_code == 422 and r.json()["field"] == "model" and "pickled objects" in r.json()["detail"], r.text
+    assert "pickle ran" not in st.logs()
+    # not a program at all, and a program exported with a fixed batch size
+    r = _post(st, b"PK\x03\x04 not really a zip", fmnist_zips["calib"], TINY)
+    assert r.status_code == 422 and "torch.export" in r.json()["detail"], r.text
+    r = _post(st, _program(tmp_path / "static.pt2", dynamic=False).read_bytes(), fmnist_zips["calib"], TINY)
+    assert r.status_code == 422 and "dynamic batch" in r.json()["detail"], r.text
+    r = _post(st, pt2.read_bytes(), fmnist_zips["calib"], TINY, num_classes="7")
+    assert r.status_code == 422 and "returns 10 classes" in r.json()["detail"], r.text
+
+    r = _post(st, pt2.read_bytes(), fmnist_zips["calib"], TINY)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["arch"] == "program" and job["num_classes"] == 10
+    st.start_worker()
+    done = st.wait_state(job["id"], timeout=300)
+    assert done["state"] == "succeeded", (done, st.logs())
+    with st.client() as c:
+        ckpt = c.get(f"/v1/jobs/{job['id']}/artifacts/quantized.safetensors")
+    assert ckpt.status_code == 200
+    (tmp_path / "q.safetensors").write_bytes(ckpt.content)
+    from clcalib.export import load_quantized
+
+    q = load_quantized(tmp_path / "q.safetensors")
+    assert q.unit_names[:2] == ["conv1", "layer1.0"]
+    with torch.no_grad():
+        assert q(torch.zeros(3, 3, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("fields", [{"arch": "resnet18"}, {"arch": "resnet18", "num_classes": ""}])
+def test_an_arch_without_num_classes_is_still_required_to_name_it(api_only, fmnist_zips, reference_model, fields):
+    r = _post(api_only, reference_model.read_bytes(), fmnist_zips["calib"], TINY, **fields)
+    assert r.status_code == 422 and r.json()["field"] == "num_classes", r.text
