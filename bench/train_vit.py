@@ -86,7 +86,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-        print(f"epoch {epoch + 1}/{a.epochs} loss {float(loss):.3f} test {accuracy(model, test_x, test_y):.2f}% "
+        print(f"epoch {epoch + 1}/{a.epochs} loss {loss.item():.3f} test {accuracy(model, test_x, test_y):.2f}% "
               f"{time.time() - t0:.0f}s", flush=True)
     model.eval()
     a.out.mkdir(parents=True, exist_ok=True)
