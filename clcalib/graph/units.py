@@ -69,6 +69,7 @@ class _Unit:
     inp: fx.Node
     out: fx.Node
     block: bool
+    kind: str = "UnitBody"  # the block's module class (EncoderBlock, MBConv, ...), for inspect
     layers: list[_Layer] = field(default_factory=list)
 
 
@@ -240,13 +241,13 @@ def _plan_units(segs, const: set[fx.Node], layers: dict[fx.Node, _Layer]) -> lis
             if path:
                 block_classes.add(cls)
 
-    def block_of(nodes) -> str | None:
+    def block_of(nodes) -> tuple[str, str] | None:
         stacks = [_stack(n) for n in dependent(nodes) if _stack(n)]
         if not stacks:
             return None
         for path, cls in stacks[0]:  # outermost first
             if path and cls in block_classes and all((path, cls) in s for s in stacks):
-                return path
+                return path, cls.rpartition(".")[2]
         return None
 
     plan: list = []
@@ -255,11 +256,11 @@ def _plan_units(segs, const: set[fx.Node], layers: dict[fx.Node, _Layer]) -> lis
         blk = block_of(nodes)
         if blk is not None:
             last = plan[-1] if plan else None
-            if isinstance(last, _Unit) and last.block and last.name == blk:
+            if isinstance(last, _Unit) and last.block and last.name == blk[0]:
                 last.nodes += nodes
                 last.out = out
                 continue
-            plan.append(_Unit(blk, list(nodes), inp, out, block=True))
+            plan.append(_Unit(blk[0], list(nodes), inp, out, block=True, kind=blk[1]))
         elif len(dependent(nodes)) >= 2 and has_layer:  # a skip connection written outside any module
             first = next(layers[n].path for n in nodes if n in layers)
             plan.append(_Unit(first + "_block", list(nodes), inp, out, block=True))
@@ -394,7 +395,7 @@ def _unit_body(gm: fx.GraphModule, u: _Unit) -> nn.Module:
         else:
             _copy_into(g, n, env, gm, attrs, u)
     g.output(env[u.out])
-    return fx.GraphModule(attrs, g, class_name="UnitBody")
+    return fx.GraphModule(attrs, g, class_name=u.kind if u.kind.isidentifier() else "UnitBody")
 
 
 def _batch_size_from_input(g: fx.Graph, n: fx.Node, u: _Unit, env: dict) -> fx.Node:
