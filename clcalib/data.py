@@ -57,6 +57,23 @@ def _wanted(p: PurePosixPath) -> bool:
     )
 
 
+def to_rgb(im: Image.Image, name: str) -> Image.Image:
+    """8-bit RGB, converting 16-bit and float images by value (PIL's own ``convert("RGB")``
+    clips them: a 16-bit image comes out saturated, a float one black)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{name}: 32-bit integer pixels outside 0..65535; save it as an 8- or 16-bit image")
+        im = Image.fromarray(np.round(a / 257.0).astype(np.uint8))  # 65535 -> 255
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            raise DataError(f"{name}: a float image with values outside [0, 1] (or NaN); its brightness scale is "
+                            "unknown: save it as an 8- or 16-bit image")
+        im = Image.fromarray(np.round(a * 255.0).astype(np.uint8))
+    return im.convert("RGB")
+
+
 class ImageSource:
     """The image files of a folder, zip or tar, by relative path; bytes are read on demand."""
 
@@ -164,7 +181,7 @@ class ImageSource:
                 w, h = im.size
                 if w * h > self.limits.max_image_pixels:
                     raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {self.limits.max_image_pixels}")
-                return im.convert("RGB")
+                return to_rgb(im, name)
         except DataError:
             raise
         except Exception as e:  # PIL raises many types for broken files

@@ -133,3 +133,29 @@ def test_a_forward_that_does_not_follow_module_order_is_refused_by_modules_and_t
     q = calibrate(model, x, {"method": "mse", "iters": 0, "device": "cpu", "w_bits": 8, "a_bits": 8}).model  # graph
     with torch.no_grad():
         assert torch.allclose(q(x), model(x), atol=0.05)
+
+
+def test_16_bit_and_float_images_decode_to_the_same_pixels_as_8_bit(tmp_path):
+    """Real Fashion-MNIST images stored as 16-bit PNG and as float TIFF in [0, 1] give the 8-bit
+    pixels (PIL's convert('RGB') alone saturates the first and blackens the second); a float
+    image on an unknown scale is refused by name."""
+    from PIL import Image
+
+    x, _ = split("t10k")
+    eight, sixteen, floats = tmp_path / "8", tmp_path / "16", tmp_path / "f"
+    for d in (eight, sixteen, floats):
+        d.mkdir()
+    for i in range(8):
+        img = x[i]
+        (eight / f"{i}.png").write_bytes(png(img))
+        Image.fromarray(img.astype(np.uint16) * 257).save(sixteen / f"{i}.png")  # 16-bit PNG
+        Image.fromarray(img.astype(np.float32) / 255.0).save(floats / f"{i}.tif")  # mode F TIFF
+    assert Image.open(sixteen / "0.png").mode.startswith("I") and Image.open(floats / "0.tif").mode == "F"
+    pre = Preprocess(resize=None, crop=None, mean=0.0, std=1.0)
+    ref = load_calibration(eight, pre, 8, seed=0)
+    assert ref.abs().max() > 0.5
+    assert torch.equal(load_calibration(sixteen, pre, 8, seed=0), ref)
+    assert torch.equal(load_calibration(floats, pre, 8, seed=0), ref)
+    Image.fromarray(np.full((28, 28), 3.5, np.float32)).save(floats / "bright.tif")
+    with pytest.raises(DataError, match="bright.tif: a float image with values outside"):
+        load_calibration(floats, pre, 9, seed=0)
