@@ -103,6 +103,14 @@ class Preprocess(Strict):
     def _positive(cls, v):
         if any(s <= 0 for s in v):
             raise ValueError(f"std must be positive on every channel, got {v}")
+        import numpy as np
+
+        # images are normalised in float32: a std that is 0 or infinite there divides by 0 / gives 0
+        with np.errstate(over="ignore", divide="ignore"):
+            f32 = [np.float32(s) for s in v]
+            bad = any(not (np.isfinite(f) and f > 0 and np.isfinite(np.float32(1.0) / f)) for f in f32)
+        if bad:
+            raise ValueError(f"std must be representable in float32 (about 1e-38 to 3e38), got {v}")
         return v
 
 

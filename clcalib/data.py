@@ -228,7 +228,11 @@ def load_tensor_file(path: Path) -> torch.Tensor:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:
             raise DataError(f"{path}: not a readable .npy array ({e})") from None
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+            what = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise DataError(f"{path.name}: expected a float16/32/64 array N x C x H x W, got dtype {what}")
+        # big-endian or other byte orders: to native float32 (torch reads native order only)
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -117,6 +117,12 @@ def parse_config(raw: str | None) -> CalibConfig:
     except json.JSONDecodeError as e:
         raise ApiError(422, "bad_config_json", f"config is not valid JSON ({e}); send a JSON object",
                        field="config") from None
+    except RecursionError:
+        raise ApiError(422, "bad_config_json", "config is nested too deeply; send a flat JSON object of config fields",
+                       field="config") from None
+    except ValueError as e:  # an integer of thousands of digits (Python's int conversion limit)
+        raise ApiError(422, "bad_config_json", f"config holds a number that cannot be read ({str(e)[:80]})",
+                       field="config") from None
     if not isinstance(data, dict):
         raise ApiError(422, "bad_config", f"config must be a JSON object, got {type(data).__name__}",
                        field="config")

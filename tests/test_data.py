@@ -11,7 +11,14 @@ import torch
 from bench.fmnist import png, split
 from clcalib import ConfigError, DataError, calibrate
 from clcalib.config import Preprocess
-from clcalib.data import ImageSource, Limits, class_names_to_indices, load_calibration, load_labeled
+from clcalib.data import (
+    ImageSource,
+    Limits,
+    class_names_to_indices,
+    load_calibration,
+    load_labeled,
+    load_tensor_file,
+)
 
 PRE = Preprocess(resize=None, crop=None, mean=(0.286,) * 3, std=(0.353,) * 3)
 
@@ -104,6 +111,12 @@ def test_tensor_files_are_checked(tmp_path):
     np.save(p, np.zeros((3, 4, 4), np.float32))
     with pytest.raises(DataError, match="N x C x H x W"):
         load_calibration(p, PRE, 2)
+
+
+def test_big_endian_npy_reads_the_same_values(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "be.npy", x.astype(">f4"))
+    assert torch.equal(load_tensor_file(tmp_path / "be.npy"), torch.from_numpy(x))
 
 
 def test_calibrate_rejects_bad_config_as_config_error():

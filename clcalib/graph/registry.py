@@ -84,6 +84,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelMismatchError(f"{path.name}: expected a dict of name -> tensor (a state_dict), got {type(obj).__name__}")
+    odd_keys = [repr(k)[:40] for k in obj if not isinstance(k, str)]
+    if odd_keys:
+        raise ModelMismatchError(f"{path.name}: state_dict keys must be strings, got {', '.join(odd_keys[:3])}")
+    odd = [f"{k[:60]} ({v.layout}, {v.device.type}, {v.dtype})" for k, v in obj.items()
+           if v.layout is not torch.strided or v.device.type != "cpu" or v.is_quantized or v.is_complex()]
+    if odd:  # sparse, meta or quantized tensors load but break (or mean nothing) later
+        raise ModelMismatchError(f"{path.name}: only plain dense float/integer tensors can be loaded; not "
+                                 f"{', '.join(odd[:3])}. Save model.float().state_dict()")
     return obj
 
 

@@ -99,6 +99,11 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
     base = {"model": good["model"], "calibration": good["calibration"], "arch": "resnet18",
             "num_classes": "10", "config": cfg}
 
+    def _saved(obj) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
     def w(**kw):
         d = dict(base)
         for k, v in kw.items():
@@ -129,6 +134,13 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("num_classes: 0", w(num_classes="0"), 422, "bad_num_classes", "between 1 and 100000"),
         ("config: not JSON", w(config="{iters: 2"), 422, "bad_config_json", "not valid JSON"),
         ("config: a JSON list", w(config="[1, 2]"), 422, "bad_config", "JSON object"),
+        ("config: nested 100000 deep", w(config="[" * 100000 + "]" * 100000), 422, "bad_config_json", "nested too deeply"),
+        ("config: an integer of 5000 digits", w(config='{"iters": ' + "9" * 5000 + "}"), 422, "bad_config_json",
+         "number that cannot be read"),
+        ("config: std 0 in float32", w(config='{"preprocess": {"std": [1e-50]}}'), 422, "bad_config", "float32"),
+        ("model: sparse tensors", w(model=_saved({"conv1.weight": torch.zeros(3, 3).to_sparse()})), 422,
+         "model_mismatch", "only plain dense"),
+        ("model: integer keys", w(model=_saved({1: torch.zeros(3)})), 422, "model_mismatch", "keys must be strings"),
         ("config: unknown key (typo `iter`)", w(config=json.dumps({"iter": 5})), 422, "bad_config",
          "config.iter: Extra inputs are not permitted"),
         ("config: w_bits=1 (out of range)", w(config=json.dumps({"w_bits": 1})), 422, "bad_config",
@@ -171,6 +183,10 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
          "not a folder, zip or tar"),
         ("calibration: .npy of shape (10, 784) (not N x C x H x W)",
          w(calibration=npy(np.zeros((10, 784), np.float32))), 422, "bad_data", "N x C x H x W"),
+        ("calibration: .npy of long doubles", w(calibration=npy(np.zeros((2, 3, 28, 28), np.longdouble))), 422,
+         "bad_data", "got dtype float128"),
+        ("calibration: .npy of a structured dtype", w(calibration=npy(np.zeros((2, 3, 28, 28), [("a", "<f4")]))), 422,
+         "bad_data", "got dtype"),
         ("calibration: .npy holding pickled objects", w(calibration=npy(np.array([{"a": 1}], dtype=object),
                                                                          allow_pickle=True)), 422, "bad_data",
          "not a readable .npy"),
