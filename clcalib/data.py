@@ -43,10 +43,33 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+MAX_NAME_CHARS = 1024  # an archive member's path
+MAX_TAR_HEADER_BYTES = 64 << 10  # a tar's long-name or pax extended header, read before any other cap
+
+
+def shown(name: str, n: int = 80) -> str:
+    """A member name for a message: quoted, at most ``n`` characters of it."""
+    return repr(name[:n] + "...") if len(name) > n else repr(name)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long name or a pax header whole, whatever size it declares (a few
+    hundred KiB of .tar.gz can declare hundreds of MiB): refuse large ones before reading."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > MAX_TAR_HEADER_BYTES:
+            raise DataError(f"a tar header of {self.size} bytes (names and pax headers are capped at "
+                            f"{MAX_TAR_HEADER_BYTES}); repack the archive with ordinary file names")
+        return super()._proc_member(tarfile_)
+
+
 def _safe_name(name: str) -> PurePosixPath:
+    if len(name) > MAX_NAME_CHARS:
+        raise DataError(f"archive member {shown(name)} has a name of {len(name)} characters, more than {MAX_NAME_CHARS}")
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
-        raise DataError(f"archive member {name!r} points outside the archive (absolute path or '..'); repack it with relative paths")
+        raise DataError(f"archive member {shown(name)} points outside the archive (absolute path or '..'); repack it with relative paths")
     return p
 
 
@@ -90,11 +113,13 @@ class ImageSource:
             elif zipfile.is_zipfile(self.path):
                 self._zip = zipfile.ZipFile(self.path)
                 self.names = self._scan_zip()
-            elif tarfile.is_tarfile(self.path):
-                self._tar = tarfile.open(self.path)
-                self.names = self._scan_tar()
             else:
-                raise DataError(f"{self.path}: not a folder, zip or tar of images (nor .npy/.safetensors)")
+                # not tarfile.is_tarfile: it reads the first header with no bound
+                try:
+                    self._tar = tarfile.open(self.path, tarinfo=_BoundedTarInfo)
+                except tarfile.ReadError:
+                    raise DataError(f"{self.path}: not a folder, zip or tar of images (nor .npy/.safetensors)") from None
+                self.names = self._scan_tar()
         except DataError:
             self.close()
             raise
@@ -130,10 +155,10 @@ class ImageSource:
             p = _safe_name(i.filename)
             mode = i.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise DataError(f"archive member {i.filename!r} is a symbolic link; links are not accepted")
+                raise DataError(f"archive member {shown(i.filename)} is a symbolic link; links are not accepted")
             if not i.is_dir() and _wanted(p):
                 if i.file_size > self.limits.max_member_bytes:
-                    raise DataError(f"archive member {i.filename!r} is {i.file_size} bytes, more than {self.limits.max_member_bytes}")
+                    raise DataError(f"archive member {shown(i.filename)} is {i.file_size} bytes, more than {self.limits.max_member_bytes}")
                 names.append(i.filename)
         return sorted(names)
 
@@ -147,12 +172,12 @@ class ImageSource:
             self._check_totals(count, total)
             p = _safe_name(m.name)
             if m.issym() or m.islnk():
-                raise DataError(f"archive member {m.name!r} is a link; links are not accepted")
+                raise DataError(f"archive member {shown(m.name)} is a link; links are not accepted")
             if not (m.isfile() or m.isdir()):
-                raise DataError(f"archive member {m.name!r} is a device or special file; not accepted")
+                raise DataError(f"archive member {shown(m.name)} is a device or special file; not accepted")
             if m.isfile() and _wanted(p):
                 if m.size > self.limits.max_member_bytes:
-                    raise DataError(f"archive member {m.name!r} is {m.size} bytes, more than {self.limits.max_member_bytes}")
+                    raise DataError(f"archive member {shown(m.name)} is {m.size} bytes, more than {self.limits.max_member_bytes}")
                 names.append(m.name)
                 self._members[m.name] = m
         # archive order, not sorted: seeking backwards in a compressed tar re-reads it from the start

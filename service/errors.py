@@ -17,9 +17,14 @@ class ErrorBody(BaseModel):
     errors: list[dict[str, Any]] | None = Field(None, description="per-field details (config validation)")
 
 
+MAX_DETAIL_CHARS = 2000  # an error body echoes user input (names, values): bounded
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, detail: str, *, field: str | None = None,
                  errors: list[dict] | None = None, headers: dict | None = None):
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = detail[:MAX_DETAIL_CHARS] + f"... ({len(detail) - MAX_DETAIL_CHARS} more characters)"
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
         self.field, self.errors, self.headers = field, errors, headers

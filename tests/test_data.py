@@ -172,3 +172,35 @@ def test_16_bit_and_float_images_decode_to_the_same_pixels_as_8_bit(tmp_path):
     Image.fromarray(np.full((28, 28), 3.5, np.float32)).save(floats / "bright.tif")
     with pytest.raises(DataError, match="bright.tif: a float image with values outside"):
         load_calibration(floats, pre, 9, seed=0)
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu"])
+def test_a_huge_tar_header_is_refused_before_it_is_read(images, tmp_path, fmt):
+    """A .tar.gz of ~100 KiB declaring a 64 MiB member name: refused with a short message and
+    without reading the name into memory (tarfile alone allocates all of it)."""
+    import tracemalloc
+
+    pngs, _ = images
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT if fmt == "pax" else tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("x/" + "a" * (64 << 20) + ".png")
+        info.size = len(pngs[0])
+        t.addfile(info, io.BytesIO(pngs[0]))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="a tar header of .* bytes") as e:
+            ImageSource(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    assert len(str(e.value)) < 300
+
+
+def test_long_member_names_are_refused_and_shortened_in_messages(images, tmp_path):
+    pngs, _ = images
+    name = "d/" + "b" * 5000 + ".png"
+    with pytest.raises(DataError, match="5006 characters, more than 1024") as e:
+        ImageSource(_zip(tmp_path / "long.zip", [(name, pngs[0])]))
+    assert len(str(e.value)) < 300
