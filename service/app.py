@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.store = Store(settings.store_url)
         st.broker = Broker(settings)
         st.validator = Validator(settings)
-        st.metrics = Metrics(st.store, st.broker)
+        st.metrics = Metrics(st.store, st.broker, st.storage)
         st.sweeper = Sweeper(settings, st.store, st.storage, st.broker)
         log.info("clcalib API starting: %s", env_summary(settings))
         if not settings.api_keys:

@@ -49,5 +49,6 @@ def responses(*codes: int) -> dict[int, dict]:
         415: "not multipart/form-data",
         422: "invalid input; `detail` names the problem and `field` the form field",
         503: "a dependency (store, broker, validator) is unavailable; retry later",
+        507: "the server's data disk is low (CLCALIB_MIN_FREE_BYTES kept free); retry later (Retry-After)",
     }
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}

@@ -13,8 +13,8 @@ BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, float("inf"
 
 
 class _JobCollector:
-    def __init__(self, store, broker):
-        self.store, self.broker = store, broker
+    def __init__(self, store, broker, storage=None):
+        self.store, self.broker, self.storage = store, broker, storage
 
     def describe(self):
         return []
@@ -38,11 +38,15 @@ class _JobCollector:
             log.warning("queue depth unavailable: %s", e)
             q.add_metric([], float("nan"))
         yield q
+        if self.storage is not None:
+            d = GaugeMetricFamily("clcalib_data_free_bytes", "free bytes on the data disk (uploads keep a reserve)")
+            d.add_metric([], self.storage.free_bytes())
+            yield d
 
 
 class Metrics:
-    def __init__(self, store, broker):
+    def __init__(self, store, broker, storage=None):
         self.registry = CollectorRegistry()
         self.upload_bytes = Counter("clcalib_upload_bytes", "bytes received in job uploads",
                                     registry=self.registry)
-        self.registry.register(_JobCollector(store, broker))
+        self.registry.register(_JobCollector(store, broker, storage))

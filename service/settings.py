@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(4 << 30, ge=1, description="cap on one upload request (413 above)")
     max_field_bytes: int = Field(1 << 20, ge=1, description="cap on one non-file form field")
+    min_free_bytes: int = Field(
+        1 << 30, ge=0, description="free space kept on the data disk: an upload that would go below it is refused "
+        "with 507, and /readyz reports not ready while below it")
     retention_days: float = Field(7.0, ge=0, description="finished jobs' files are deleted after this")
     sweep_interval_s: float = Field(30.0, gt=0, description="how often the reaper/retention sweep runs")
 

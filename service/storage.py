@@ -12,6 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from service.errors import ApiError
+
 INPUTS, OUT, RESUME = "inputs", "out", "resume"
 ARTIFACT_TYPES = {
     ".safetensors": "application/octet-stream",
@@ -19,6 +21,12 @@ ARTIFACT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".onnx": "application/octet-stream",
 }
+
+
+def insufficient_storage(free: int, reserve: int) -> ApiError:
+    return ApiError(507, "insufficient_storage", f"the server is low on disk space ({free >> 20} MiB free, "
+                    f"{reserve >> 20} MiB kept in reserve); try again later or send a smaller upload",
+                    headers={"Retry-After": "300"})
 
 
 class Storage:
@@ -75,6 +83,15 @@ class Storage:
 
     def job_ids_on_disk(self) -> set[str]:
         return {p.name for p in self.jobs.iterdir() if p.is_dir()} if self.jobs.is_dir() else set()
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, reserve: int, incoming: int = 0) -> None:
+        """ApiError 507 unless ``incoming`` more bytes leave ``reserve`` free on the data disk."""
+        free = self.free_bytes()
+        if free - incoming < reserve:
+            raise insufficient_storage(free, reserve)
 
     def writable(self) -> None:
         probe = self.tmp / f".probe-{uuid.uuid4().hex}"

@@ -9,6 +9,8 @@ the cap is crossed, before the rest is read). The stored suffix comes from the c
 from __future__ import annotations
 
 import codecs
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -29,9 +31,13 @@ class Upload:
     total_bytes: int = 0
 
 
+SPACE_CHECK_BYTES = 8 << 20  # free disk space is re-checked after every this many bytes received
+
+
 class _Parser:
-    def __init__(self, dest: Path, max_bytes: int, max_field_bytes: int):
+    def __init__(self, dest: Path, max_bytes: int, max_field_bytes: int, check_space: Callable[[int], None]):
         self.dest, self.max_bytes, self.max_field_bytes = dest, max_bytes, max_field_bytes
+        self.check_space, self._unchecked = check_space, 0
         self.out = Upload()
         self._hname = self._hval = b""
         self._disposition = b""
@@ -83,7 +89,16 @@ class _Parser:
         if self.out.total_bytes > self.max_bytes:
             raise too_large(self.max_bytes)
         if self._file is not None:
-            self._file.write(data[start:end])
+            self._unchecked += n
+            if self._unchecked >= SPACE_CHECK_BYTES:  # a stream without Content-Length, or other writers
+                self._unchecked = 0
+                self.check_space(0)
+            try:
+                self._file.write(data[start:end])
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.check_space(1 << 62)  # raises the 507 with the free space stated
+                raise
         elif self._text is not None:
             if len(self._text) + n > self.max_field_bytes:
                 raise ApiError(413, "field_too_large",
@@ -112,8 +127,10 @@ def too_large(cap: int) -> ApiError:
                     "(CLCALIB_MAX_UPLOAD_BYTES); send fewer or smaller files")
 
 
-async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int) -> Upload:
-    """Parse the request body into ``dest``. Raises ApiError (400/413/415/422)."""
+async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
+                  check_space: Callable[[int], None]) -> Upload:
+    """Parse the request body into ``dest``. Raises ApiError (400/413/415/422, and 507 from
+    ``check_space(incoming_bytes)`` when the disk's reserve would be used)."""
     ctype = request.headers.get("content-type", "")
     kind, params = parse_options_header(ctype)
     if kind != b"multipart/form-data":
@@ -124,8 +141,9 @@ async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int) 
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes + 64 * 1024:
         raise too_large(max_bytes)
+    check_space(int(length) if length is not None and length.isdigit() else 0)
     dest.mkdir(parents=True, exist_ok=True)
-    p = _Parser(dest, max_bytes, max_field_bytes)
+    p = _Parser(dest, max_bytes, max_field_bytes, check_space)
     callbacks = {
         "on_part_begin": p.on_part_begin, "on_part_data": p.on_part_data,
         "on_part_end": p.on_part_end, "on_header_field": p.on_header_field,

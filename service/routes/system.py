@@ -29,6 +29,12 @@ async def readyz(request: Request, response: Response) -> Health:
             checks[name] = "ok"
         except Exception as e:
             checks[name] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+    reserve = request.app.state.settings.min_free_bytes
+    try:
+        free = await run_in_threadpool(st.storage.free_bytes)
+        checks["disk"] = "ok" if free >= reserve else f"low: {free} bytes free, {reserve} kept in reserve"
+    except OSError as e:
+        checks["disk"] = f"unavailable: {e}"
     ok = all(v == "ok" for v in checks.values())
     response.status_code = 200 if ok else 503
     return Health(status="ok" if ok else "unavailable", checks=checks)
