@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(30.0, gt=0, description="how often the reaper/retention sweep runs")
 
     # validation of uploads (runs in a separate process: the API never imports torch)
-    validate_workers: int = Field(1, ge=1, le=64)
+    validate_workers: int = Field(2, ge=1, le=64, description="upload checks run at once, each in its own "
+                                  "warm process (one slow upload must not hold every check)")
     validate_timeout_s: float = Field(300.0, gt=0)
     validate_sample: int = Field(64, ge=1, le=10000, description="images decoded per archive at upload")
     max_archive_entries: int = Field(200_000, ge=1)

@@ -27,58 +27,73 @@ log = logging.getLogger("clcalib.service")
 
 
 class Validator:
+    """Checks run in warm child processes, one check per child at a time (at most
+    ``validate_workers`` at once; more wait their turn). A check that times out or crashes costs
+    its own child only: the others keep running their checks."""
+
     def __init__(self, settings: Settings):
         self.s = settings
-        self._pool: ProcessPoolExecutor | None = None
+        self._idle: list[ProcessPoolExecutor] = []
+        self._busy: set[ProcessPoolExecutor] = set()
         self._lock = threading.Lock()
+        self._slots: asyncio.Semaphore | None = None
         self._archs: list[str] | None = None
 
-    def _get(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.s.validate_workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=checks.init_child,
-                    max_tasks_per_child=200,
-                )
-            return self._pool
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=checks.init_child, max_tasks_per_child=200)
 
-    def _reset(self, pool: ProcessPoolExecutor) -> None:
+    def _take(self) -> ProcessPoolExecutor:
         with self._lock:
-            if self._pool is pool:
-                self._pool = None
-        for p in list(getattr(pool, "_processes", {}).values()):
-            p.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+            child = self._idle.pop() if self._idle else self._new()
+            self._busy.add(child)
+            return child
+
+    def _give_back(self, child: ProcessPoolExecutor, healthy: bool) -> None:
+        with self._lock:
+            self._busy.discard(child)
+            if healthy:
+                self._idle.append(child)
+                return
+        _kill(child)
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
+            children, self._idle, self._busy = [*self._idle, *self._busy], [], set()
+        for child in children:
+            _kill(child)
 
     async def _call(self, fn, /, timeout: float | None = None, **kwargs):
-        pool = self._get()
-        fut = pool.submit(fn, **kwargs)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout or self.s.validate_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
-            self._reset(pool)
-            raise ApiError(422, "check_timeout",
-                           f"checking the upload took longer than {self.s.validate_timeout_s:.0f}s "
-                           "(CLCALIB_VALIDATE_TIMEOUT_S); send fewer or smaller images") from None
-        except BrokenProcessPool:
-            self._reset(pool)
-            raise ApiError(422, "check_crashed",
-                           "the process checking this upload died (a file that crashes the decoder, "
-                           "or out of memory); check the files decode locally") from None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.s.validate_workers)
+        async with self._slots:
+            child = self._take()
+            healthy = False
+            try:
+                fut = child.submit(fn, **kwargs)
+                result = await asyncio.wait_for(asyncio.wrap_future(fut), timeout or self.s.validate_timeout_s)
+                healthy = True
+                return result
+            except (asyncio.TimeoutError, TimeoutError):
+                raise ApiError(422, "check_timeout",
+                               f"checking the upload took longer than {self.s.validate_timeout_s:.0f}s "
+                               "(CLCALIB_VALIDATE_TIMEOUT_S); send fewer or smaller images, or an archive "
+                               "whose files can be read in name order") from None
+            except BrokenProcessPool:
+                raise ApiError(422, "check_crashed",
+                               "the process checking this upload died (a file that crashes the decoder, "
+                               "or out of memory); check the files decode locally") from None
+            finally:  # a child that timed out, crashed or was abandoned is killed; only it
+                self._give_back(child, healthy)
+
+    async def warm(self) -> None:
+        """Start every child (each imports torch once) so no check pays for it."""
+        await asyncio.gather(*(self._call(checks.list_archs, timeout=120) for _ in range(self.s.validate_workers)))
 
     async def archs(self) -> list[str]:
         if self._archs is None:
             try:
+                await self.warm()
                 self._archs = await self._call(checks.list_archs, timeout=120)
             except ApiError as e:
                 raise ApiError(503, "validator_unavailable", f"the validator did not start: {e.detail}") from None
@@ -92,6 +107,12 @@ class Validator:
         if not res["ok"]:
             raise ApiError(422, res["code"], res["message"], field=res["field"])
         return res
+
+
+def _kill(child: ProcessPoolExecutor) -> None:
+    for p in list(getattr(child, "_processes", {}).values()):
+        p.kill()
+    child.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_num_classes(raw: str | None) -> int:
