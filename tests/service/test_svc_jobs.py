@@ -178,4 +178,5 @@ def test_metrics_and_readyz(stack):
         assert 'clcalib_jobs{state="succeeded"}' in m and "clcalib_queue_depth" in m
         assert "clcalib_job_duration_seconds_bucket" in m and "clcalib_upload_bytes_total" in m
         ready = c.get("/readyz").json()
-        assert ready["checks"] == {"store": "ok", "broker": "ok", "storage": "ok"}
+        assert ready["checks"] == {"store": "ok", "broker": "ok", "storage": "ok", "disk": "ok"}
+        assert "clcalib_data_free_bytes" in m
