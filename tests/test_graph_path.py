@@ -227,3 +227,17 @@ def test_cli_calibrates_an_exported_program_on_real_images(tmp_path, reference):
     r = cli("calibrate", "--model", tmp_path / "m.pt2", "--arch", "resnet18", "--calib", calib, "--out", tmp_path / "x")
     assert r.returncode != 0 and "not both" in r.stderr and "Traceback" not in r.stderr
     assert REFERENCE.is_dir()
+
+
+def test_cl_calib_reaches_through_the_graph_of_a_transformer():
+    """The FP tail after the patch embedding needs the batch size, which the captured graph read
+    from the model's input: the graph path reads it from the values the tail has instead."""
+    torch.manual_seed(0)
+    model = _tiny_vit().eval()
+    data = torch.randn(32, 3, 32, 32)
+    res = clcalib.calibrate(model, data, dict(iters=2, calib_size=32, batch_size=8, device="cpu",
+                                              cl_calib={"enabled": True, "mapping": "fp_tail"}))
+    assert "cl" in res.units[0].extra and "cl" in res.units[1].extra
+    top = res.model.model.graph
+    x = next(n for n in top.nodes if n.op == "placeholder")
+    assert [u.target for u in x.users] == ["conv_proj"]  # nothing after the first unit reads the input

@@ -171,6 +171,59 @@ def _is_shape(n: fx.Node) -> bool:
     return not isinstance(n.meta.get("val"), torch.Tensor) and n.op == "call_function"
 
 
+def _rebase_sizes(graph: fx.Graph) -> None:
+    """Read each size an op takes from the model's input (the batch) from that op's own tensor
+    input instead, so no later part of the graph needs the input itself: a unit, or the FP tail
+    after a unit (CL-Calib, PD-Quant), is then a function of the one value it receives."""
+    ph = next(n for n in graph.nodes if n.op == "placeholder")
+
+    def from_input(a) -> bool:
+        return isinstance(a, fx.Node) and _is_shape(a) and (
+            (a.target is aten.sym_size.int and a.args[0] is ph) or any(from_input(b) for b in a.all_input_nodes))
+
+    def carrier(sym: str, t: fx.Node, user: fx.Node) -> tuple[fx.Node, int] | None:
+        """``t`` if a dimension of it is ``sym``, else the nearest value before ``user`` that has one
+        (the class token's expand reads the batch from the patch embeddings computed just before)."""
+        candidates = [t] if t is not user else []
+        n = user.prev
+        while n.op != "root":
+            candidates.append(n)
+            n = n.prev
+        for c in candidates:
+            val = c.meta.get("val")
+            if c.op in ("placeholder", "get_attr") or not isinstance(val, torch.Tensor):
+                continue
+            dims = [d for d, size in enumerate(val.shape) if str(size) == sym]
+            if dims:
+                return c, dims[0]
+        return None
+
+    def rebase(a: fx.Node, t: fx.Node, user: fx.Node) -> fx.Node:
+        if a.target is aten.sym_size.int and a.args[0] is ph:
+            found = carrier(str(a.meta.get("val")), t, user)
+            if found is None:
+                return a
+            src, dim = found
+            with graph.inserting_before(user):
+                new = graph.call_function(aten.sym_size.int, (src, dim))
+            new.meta = dict(a.meta)
+            return new
+        with graph.inserting_before(user):
+            new = graph.node_copy(a, lambda b: rebase(b, t, user) if from_input(b) else b)
+        return new
+
+    for n in list(graph.nodes):
+        if n.op != "call_function" or _is_shape(n) or not any(from_input(a) for a in n.all_input_nodes):
+            continue
+        tensors = [a for a in n.all_input_nodes if a is not ph and isinstance(a.meta.get("val"), torch.Tensor)]
+        def swap(a, t=tensors[0] if tensors else n, user=n):
+            return rebase(a, t, user) if from_input(a) else a
+
+        n.args = fx.node.map_arg(n.args, swap)
+        n.kwargs = fx.node.map_arg(n.kwargs, swap)
+    graph.eliminate_dead_code()
+
+
 def _order(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node]]:
     """Nodes that depend on the input, in graph order, each preceded by the constant and size
     nodes it needs; and the set of those (constants: no input dependence; sizes: see _is_shape),
@@ -416,6 +469,7 @@ def convert_graph(gm: fx.GraphModule, spec) -> tuple[fx.GraphModule, list[str]]:
         if n.op == "call_module" and n.target == "_guards_fn":
             gm.graph.erase_node(n)
     layer_list = _fuse_layers(gm, spec)
+    _rebase_sizes(gm.graph)
     layers = {lay.node: lay for lay in layer_list}
     if not layers:
         raise UnsupportedModel("the model has no Conv2d or Linear with constant weights: nothing to quantize")
