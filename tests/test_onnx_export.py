@@ -181,11 +181,15 @@ def test_forms_the_exporter_does_not_translate_are_refused_by_name():
             x = torch.nn.functional.dropout(x, 0.5, training=self.train_dropout)
             return self.fc(x)
 
-    from clcalib.config import CalibConfig
+    from clcalib.config import CalibConfig, Partition
+    from clcalib.errors import UnsupportedModel
     from clcalib.graph.partition import QuantModel, QuantSpec
 
-    for train, ok in ((False, True), (True, False)):
-        qm = QuantModel(Net(train).eval(), QuantSpec.from_config(CalibConfig()), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(UnsupportedModel, match="draws random numbers .*native_dropout"):  # the graph path refuses it
+        QuantModel(Net(True).eval(), QuantSpec.from_config(CalibConfig()), torch.zeros(2, 3, 8, 8))
+    for train, ok in ((False, True), (True, False)):  # the module path's fx export
+        qm = QuantModel(Net(train).eval(), QuantSpec.from_config(CalibConfig()), torch.zeros(1, 3, 8, 8),
+                        Partition.MODULES)
         if ok:
             build_onnx(qm, (1, 3, 8, 8), quantized=False)
         else:

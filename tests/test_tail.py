@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from clcalib.config import Partition
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
 from clcalib.graph.tail import _trace, fp_head, fp_tail
@@ -128,7 +129,7 @@ class _Skip(nn.Module):
 
 def test_a_tail_that_needs_an_earlier_value_is_refused():
     x = torch.randn(2, 3, 8, 8)
-    qm = QuantModel(_Skip().eval(), QuantSpec(4, 4, 8), x)
+    qm = QuantModel(_Skip().eval(), QuantSpec(4, 4, 8), x, Partition.MODULES)  # the graph path makes the skip a unit
     assert qm.unit_names == ["conv1", "conv2", "fc"]
     with torch.no_grad(), quantization(qm, False):
         ref = qm(x)

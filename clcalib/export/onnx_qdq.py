@@ -36,6 +36,7 @@ from clcalib.graph.trace import trace
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.quant.primitives import qmax_of
+from clcalib.quant.switch import quantization
 from clcalib.quant.weight import WState
 
 OPSET = 21  # the first opset with INT4/UINT4 in QuantizeLinear/DequantizeLinear
@@ -285,7 +286,7 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     from clcalib.export.onnx_aten import ATEN_FUNCTIONS
 
     functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
-    with torch.no_grad():  # shapes for the ops that need a rank or a head size
+    with torch.no_grad(), quantization(model, False):  # shapes for the ops that need a rank or a head size
         ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:]))
     g = _Graph(quantized)
     mods = dict(model.named_modules())

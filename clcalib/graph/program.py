@@ -171,10 +171,20 @@ def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
         raise UnsupportedModel(f"the program takes images of shape {tuple(int(d) for d in val.shape[1:])}, "
                                f"the data has {tuple(example.shape[1:])}; check the preprocessing (resize/crop)")
     try:
-        return ep.run_decompositions({})
+        ep = ep.run_decompositions({})
     except Exception as e:
         raise UnsupportedModel(f"the program could not be made functional ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    random = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function" and _is_random(n.target)})
+    if random:  # a calibration target that changes from call to call cannot be reconstructed
+        raise UnsupportedModel(f"the model's forward draws random numbers ({', '.join(random[:3])}): dropout in "
+                               "training mode or noise; export it in eval mode without them")
+    return ep
+
+
+def _is_random(target) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
 
 
 def graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
