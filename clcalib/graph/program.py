@@ -175,16 +175,22 @@ def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
     except Exception as e:
         raise UnsupportedModel(f"the program could not be made functional ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    random = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function" and _is_random(n.target)})
+    random = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function" and _is_random(n)})
     if random:  # a calibration target that changes from call to call cannot be reconstructed
         raise UnsupportedModel(f"the model's forward draws random numbers ({', '.join(random[:3])}): dropout in "
                                "training mode or noise; export it in eval mode without them")
     return ep
 
 
-def _is_random(target) -> bool:
-    tags = getattr(target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+def _is_random(node: fx.Node) -> bool:
+    """An op that draws random numbers here (attention or dropout with p = 0 or train off does not)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    from torch.fx.operator_schemas import normalize_function
+
+    norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    kw = norm.kwargs if norm is not None else {}
+    return not (kw.get("train") is False or kw.get("dropout_p", kw.get("p")) == 0)
 
 
 def graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
