@@ -44,6 +44,7 @@ def responses(*codes: int) -> dict[int, dict]:
         400: "malformed request body",
         401: "missing or unknown API key (Authorization: Bearer <key>)",
         404: "no such job or file for this tenant (others' jobs are 404 too)",
+        408: "the upload's body stalled (nothing for CLCALIB_BODY_TIMEOUT_S)",
         409: "the job is not in a state that allows this",
         413: "upload larger than CLCALIB_MAX_UPLOAD_BYTES",
         415: "not multipart/form-data",

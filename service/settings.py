@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(4 << 30, ge=1, description="cap on one upload request (413 above)")
     max_field_bytes: int = Field(1 << 20, ge=1, description="cap on one non-file form field")
+    body_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long "
+                                  "is answered 408 and closed (a stalled or deliberately slow client)")
     min_free_bytes: int = Field(
         1 << 30, ge=0, description="free space kept on the data disk: an upload that would go below it is refused "
         "with 507, and /readyz reports not ready while below it")

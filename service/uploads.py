@@ -8,6 +8,7 @@ the cap is crossed, before the rest is read). The stored suffix comes from the c
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import errno
 from collections.abc import Callable
@@ -127,8 +128,22 @@ def too_large(cap: int) -> ApiError:
                     "(CLCALIB_MAX_UPLOAD_BYTES); send fewer or smaller files")
 
 
+async def _chunks(request, idle_s: float):
+    """The body's chunks; ApiError 408 when none arrives for ``idle_s`` seconds."""
+    it = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(408, "body_timeout", f"the upload sent nothing for {idle_s:.0f}s "
+                           "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses", headers={"Connection": "close"}) from None
+        yield chunk
+
+
 async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
-                  check_space: Callable[[int], None]) -> Upload:
+                  check_space: Callable[[int], None], idle_s: float = 30.0) -> Upload:
     """Parse the request body into ``dest``. Raises ApiError (400/413/415/422, and 507 from
     ``check_space(incoming_bytes)`` when the disk's reserve would be used)."""
     ctype = request.headers.get("content-type", "")
@@ -152,7 +167,7 @@ async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
     }
     try:
         parser = MultipartParser(boundary, callbacks)
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, idle_s):
             parser.write(chunk)
         parser.finalize()
     except ApiError:

@@ -69,7 +69,7 @@ def _is_zip(path) -> bool:
 @router.post(
     "/v1/jobs", status_code=202, response_model=JobOut, openapi_extra=SUBMIT_BODY,
     summary="Submit a calibration job (multipart upload)",
-    responses=responses(400, 401, 413, 415, 422, 503, 507),
+    responses=responses(400, 401, 408, 413, 415, 422, 503, 507),
 )
 async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store: StoreDep,
                  storage: StorageDep, response: Response) -> JobOut:
@@ -83,7 +83,8 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
     try:
         up = await receive(request, dest, max_bytes=settings.max_upload_bytes,
                            max_field_bytes=settings.max_field_bytes,
-                           check_space=lambda incoming: storage.check_space(settings.min_free_bytes, incoming))
+                           check_space=lambda incoming: storage.check_space(settings.min_free_bytes, incoming),
+                           idle_s=settings.body_timeout_s)
         app.state.metrics.upload_bytes.inc(up.total_bytes)
         config = parse_config(up.texts.get("config"))
         # no arch: the model must be a torch.export program (a zip archive); anything else needs an arch

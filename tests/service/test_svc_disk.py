@@ -89,3 +89,24 @@ def test_uploads_keep_the_reserve_and_a_full_disk_is_507(small_disk):
     r = _upload(st0, 40 * MiB, chunked=True)
     assert r.status_code == 507 and r.json()["code"] == "insufficient_storage", r.text
     assert _no_job_files(st0)
+
+
+def test_a_stalled_upload_body_is_closed_with_408(stack_factory):
+    """A client that sends the headers and part of the body, then nothing: answered 408 after
+    CLCALIB_BODY_TIMEOUT_S, its partial files removed; the API keeps serving others meanwhile."""
+    import socket
+    import time
+
+    st = stack_factory(CLCALIB_BODY_TIMEOUT_S=2).start_api()
+    body_head = (b"--b\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt\"\r\n\r\n" + b"\0" * 1000)
+    with socket.create_connection(("127.0.0.1", st.port), timeout=20) as s:
+        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer key-a\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n" + body_head)
+        t0 = time.monotonic()
+        with st.client() as c:
+            assert c.get("/healthz").status_code == 200  # not blocked by the stalled upload
+        reply = s.recv(4096)
+        waited = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"body_timeout" in reply and 1.5 < waited < 10
+    assert _no_job_files(st)
