@@ -383,17 +383,15 @@ def _relative(path: str, scope: str) -> str:
     return path[len(scope) + 1 :] if scope and path.startswith(scope + ".") else path
 
 
-def _copy_into(graph: fx.Graph, n: fx.Node, env: dict, gm: fx.GraphModule, attrs: dict,
-               unit: _Unit | None = None) -> fx.Node:
-    """``n`` copied into ``graph`` (its constant and size inputs too, on first use); inside a
-    ``unit``, a size read from the model's input is read from the unit's input instead."""
+def _copy_into(graph: fx.Graph, n: fx.Node, env: dict, gm: fx.GraphModule, attrs: dict) -> fx.Node:
+    """``n`` copied into ``graph`` (its constant and size inputs too, on first use)."""
     if n in env:
         return env[n]
-    if unit is not None and n.target is aten.sym_size.int and n.args[0].op == "placeholder":
-        env[n] = _batch_size_from_input(graph, n, unit, env)
-        return env[n]
+    if n.op == "placeholder":  # a unit needing the model's input beside its own (_rebase_sizes found no other)
+        raise UnsupportedModel("a part of the graph reads the model's input besides its first layer; "
+                               "clcalib cannot split it into units")
     for a in n.all_input_nodes:
-        _copy_into(graph, a, env, gm, attrs, unit)
+        _copy_into(graph, a, env, gm, attrs)
     if n.op == "get_attr":
         obj = gm
         for part in n.target.split("."):
@@ -446,20 +444,9 @@ def _unit_body(gm: fx.GraphModule, u: _Unit) -> nn.Module:
             env[n] = g.call_module(rel[n], (env[n.args[0]],))
             env[n].meta = dict(n.meta)
         else:
-            _copy_into(g, n, env, gm, attrs, u)
+            _copy_into(g, n, env, gm, attrs)
     g.output(env[u.out])
     return fx.GraphModule(attrs, g, class_name=u.kind if u.kind.isidentifier() else "UnitBody")
-
-
-def _batch_size_from_input(g: fx.Graph, n: fx.Node, u: _Unit, env: dict) -> fx.Node:
-    """The size ``n`` reads from the model's input, read from the unit's input instead: the
-    dimension that carries the same symbol (the batch)."""
-    sym = str(n.meta.get("val"))
-    val = u.inp.meta.get("val")
-    dims = [d for d, s in enumerate(getattr(val, "shape", ())) if str(s) == sym]
-    if not dims:
-        raise UnsupportedModel(f"unit {u.name} uses the input's size {sym} but its own input has no such dimension")
-    return g.call_function(aten.sym_size.int, (env[u.inp], dims[0]))
 
 
 def convert_graph(gm: fx.GraphModule, spec) -> tuple[fx.GraphModule, list[str]]:
