@@ -336,7 +336,7 @@ def _has_residual(nodes: list[fx.Node], const: set[fx.Node]) -> bool:
                for n in nodes)
 
 
-def _place_quantizers(plan, const, spec, first: fx.Node, classifier: fx.Node) -> dict[fx.Node, ActQuantizer]:
+def _place_quantizers(plan, const, spec) -> dict[fx.Node, ActQuantizer]:
     """Set layers' output quantizers; return the block output quantizers by output node."""
     unit_out: dict[fx.Node, ActQuantizer] = {}
     for u in plan:
@@ -467,6 +467,6 @@ def convert_graph(gm: fx.GraphModule, spec) -> tuple[fx.GraphModule, list[str]]:
     plan = _plan_units(segs, const, layers)
     ordered_layers = [n for n in order if n in layers]
     first, classifier = ordered_layers[0], ordered_layers[-1]
-    unit_out = _place_quantizers(plan, const, spec, first, classifier)
+    unit_out = _place_quantizers(plan, const, spec)
     _add_input_quantizers(layers, unit_out, spec, first, classifier)
     return _outline(gm, plan, unit_out)
