@@ -49,6 +49,7 @@ def responses(*codes: int) -> dict[int, dict]:
         413: "upload larger than CLCALIB_MAX_UPLOAD_BYTES",
         415: "not multipart/form-data",
         422: "invalid input; `detail` names the problem and `field` the form field",
+        429: "the tenant is at its limit of active jobs or stored upload bytes (Retry-After)",
         503: "a dependency (store, broker, validator) is unavailable; retry later",
         507: "the server's data disk is low (CLCALIB_MIN_FREE_BYTES kept free); retry later (Retry-After)",
     }

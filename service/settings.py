@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(4 << 30, ge=1, description="cap on one upload request (413 above)")
     max_field_bytes: int = Field(1 << 20, ge=1, description="cap on one non-file form field")
+    max_active_jobs: int = Field(20, ge=1, description="queued + running jobs one tenant may have; more: 429")
+    max_tenant_bytes: int = Field(50 << 30, ge=1, description="upload bytes one tenant may keep stored (jobs whose "
+                                  "files are not yet deleted); more: 429")
     body_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long "
                                   "is answered 408 and closed (a stalled or deliberately slow client)")
     min_free_bytes: int = Field(

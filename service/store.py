@@ -199,6 +199,15 @@ class Store:
             s.delete(row)
             return True
 
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(queued + running jobs, upload bytes of jobs whose files are kept) of one tenant."""
+        with self.session() as s:
+            active = s.scalar(select(func.count()).select_from(JobRow)
+                              .where(JobRow.owner == owner, JobRow.state.in_((QUEUED, RUNNING)))) or 0
+            stored = s.scalar(select(func.coalesce(func.sum(JobRow.upload_bytes), 0))
+                              .where(JobRow.owner == owner, JobRow.files_deleted.is_(False))) or 0
+            return int(active), int(stored)
+
     def counts_by_state(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()

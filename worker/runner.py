@@ -89,8 +89,12 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     finally:
         hb.stop()
     if state is None:  # canceled by the user, deleted, or taken over: someone else owns the row now
-        if store.get(job_id) is None:
+        now = store.get(job_id)
+        if now is None:
             storage.delete_job(job_id)
+        elif now.state == CANCELED:  # a canceled job's files count against its tenant: free them now
+            storage.delete_job(job_id)
+            store.mark_files_deleted(job_id)
         log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
         return "stopped"
     if state == SUCCEEDED:

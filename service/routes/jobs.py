@@ -14,8 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, forget, store_get
 from service.errors import ApiError, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
+from service.settings import Settings
 from service.storage import ARTIFACT_TYPES
-from service.store import PROGRAM, new_job_id
+from service.store import PROGRAM, QUEUED, new_job_id
 from service.uploads import receive
 from service.validation import parse_arch, parse_config, parse_num_classes
 
@@ -59,6 +60,17 @@ SUBMIT_BODY = {
 }
 
 
+def _check_quota(settings: Settings, active: int, stored: int, incoming: int) -> None:
+    """429 when the tenant is at its active-job limit or this upload would pass its stored bytes."""
+    if active >= settings.max_active_jobs:
+        raise ApiError(429, "too_many_jobs", f"you have {active} queued or running jobs, the limit is "
+                       f"{settings.max_active_jobs}; wait for one to finish or cancel one", headers={"Retry-After": "60"})
+    if stored + incoming > settings.max_tenant_bytes:
+        raise ApiError(429, "storage_quota", f"your jobs keep {stored >> 20} MiB of uploads; this one would pass the "
+                       f"limit of {settings.max_tenant_bytes >> 20} MiB: delete finished jobs you no longer need",
+                       headers={"Retry-After": "300"})
+
+
 def _is_zip(path) -> bool:
     if path is None:
         return False
@@ -69,7 +81,7 @@ def _is_zip(path) -> bool:
 @router.post(
     "/v1/jobs", status_code=202, response_model=JobOut, openapi_extra=SUBMIT_BODY,
     summary="Submit a calibration job (multipart upload)",
-    responses=responses(400, 401, 408, 413, 415, 422, 503, 507),
+    responses=responses(400, 401, 408, 413, 415, 422, 429, 503, 507),
 )
 async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store: StoreDep,
                  storage: StorageDep, response: Response) -> JobOut:
@@ -78,6 +90,9 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
     pass) and only then commits the job row and enqueues its id. Any bad input is a 4xx with a
     message naming the problem; nothing bad reaches a worker."""
     app = request.app
+    active, stored = await run_in_threadpool(store.usage, tenant)
+    length = request.headers.get("content-length", "")
+    _check_quota(settings, active, stored, int(length) if length.isdigit() else 0)
     job_id = new_job_id()
     dest = storage.inputs_dir(job_id)
     try:
@@ -106,6 +121,7 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
             config=config.model_dump(mode="json", by_alias=True),
         )
         num_classes = checked["num_classes"]
+        _check_quota(settings, active, stored, up.total_bytes)
     except BaseException:
         await run_in_threadpool(storage.delete_job, job_id)
         raise
@@ -227,13 +243,16 @@ def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409),
              summary="Cancel a queued or running job")
-def cancel_job(job: OwnedJob, store: StoreDep) -> JobOut:
+def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
+    """A queued job is never started and its uploads are deleted now; a running one stops at its
+    worker's next progress callback or heartbeat (seconds), and that worker deletes its files."""
     forget(job.id)
-    """A queued job is never started; a running one stops at its worker's next progress
-    callback or heartbeat (seconds) and its worker takes the next job."""
     if not store.cancel(job.id):
         j = store.get(job.id)
         raise ApiError(409, "not_cancelable", f"the job is already {j.state if j else 'deleted'}; nothing to cancel")
+    if job.state == QUEUED:  # no worker has it: nothing else will read its files
+        storage.delete_job(job.id)
+        store.mark_files_deleted(job.id)
     log.info("job %s canceled", job.id)
     return JobOut.of(store.get(job.id))
 
