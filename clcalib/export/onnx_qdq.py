@@ -33,6 +33,7 @@ from torch import fx, nn
 from clcalib.config import MAX_BITS, MIN_BITS
 from clcalib.errors import ExportError, UnsupportedModel
 from clcalib.graph.trace import trace
+from clcalib.graph.units import fetch_attr
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.quant.primitives import qmax_of
@@ -300,7 +301,7 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
         if node.op == "placeholder":
             env[node] = Value(INPUT_NAME)
         elif node.op == "get_attr":  # a float parameter between layers (LayerNorm, class token, ...)
-            t = model.get_parameter(node.target) if node.target in dict(model.named_parameters()) else model.get_buffer(node.target)
+            t = fetch_attr(model, node.target)
             env[node] = Value(g.const(node.target, t.detach().cpu().float().numpy()))
         elif node.op == "call_module":
             env[node] = _module(g, mods[node.target], list(args), hint)

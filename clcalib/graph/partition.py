@@ -185,7 +185,7 @@ class QuantModel(nn.Module):
             from clcalib.graph.units import convert_graph
 
             self.program = as_program(model, example_input)  # kept: the checkpoint rebuilds from it
-            self.model, _ = convert_graph(graph_module(self.program), spec)
+            self.model = convert_graph(graph_module(self.program), spec)
         else:
             self.program = None
             self.model = copy.deepcopy(model).eval().float()

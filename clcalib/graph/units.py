@@ -27,6 +27,7 @@ unit and layer names as the module path (docs/architecture.md).
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 
@@ -73,11 +74,17 @@ class _Unit:
     layers: list[_Layer] = field(default_factory=list)
 
 
+def fetch_attr(module: nn.Module, target: str):
+    """What a get_attr node names: the attribute at a dotted path."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
+        obj = fetch_attr(gm, node.target)
         return obj.detach() if isinstance(obj, torch.Tensor) else None
     return None
 
@@ -181,15 +188,16 @@ def _rebase_sizes(graph: fx.Graph) -> None:
         return isinstance(a, fx.Node) and _is_shape(a) and (
             (a.target is aten.sym_size.int and a.args[0] is ph) or any(from_input(b) for b in a.all_input_nodes))
 
+    def before(user: fx.Node):
+        c = user.prev
+        while c.op != "root":
+            yield c
+            c = c.prev
+
     def carrier(sym: str, t: fx.Node, user: fx.Node) -> tuple[fx.Node, int] | None:
         """``t`` if a dimension of it is ``sym``, else the nearest value before ``user`` that has one
         (the class token's expand reads the batch from the patch embeddings computed just before)."""
-        candidates = [t] if t is not user else []
-        n = user.prev
-        while n.op != "root":
-            candidates.append(n)
-            n = n.prev
-        for c in candidates:
+        for c in itertools.chain([t] if t is not user else [], before(user)):
             val = c.meta.get("val")
             if c.op in ("placeholder", "get_attr") or not isinstance(val, torch.Tensor):
                 continue
@@ -318,8 +326,9 @@ def _plan_units(segs, const: set[fx.Node], layers: dict[fx.Node, _Layer]) -> lis
             first = next(layers[n].path for n in nodes if n in layers)
             plan.append(_Unit(first + "_block", list(nodes), inp, out, block=True))
         elif has_layer:
-            ls = [n for n in nodes if n in layers]
-            plan.append(_Unit(layers[ls[0]].path, list(nodes), inp, out, block=len(ls) > 1))
+            # one layer: two would need two input-dependent ops, a region handled above
+            layer = next(layers[n] for n in nodes if n in layers)
+            plan.append(_Unit(layer.path, list(nodes), inp, out, block=False))
         else:
             plan.append((nodes, inp, out))
     units = [u for u in plan if isinstance(u, _Unit)]
@@ -393,17 +402,13 @@ def _copy_into(graph: fx.Graph, n: fx.Node, env: dict, gm: fx.GraphModule, attrs
     for a in n.all_input_nodes:
         _copy_into(graph, a, env, gm, attrs)
     if n.op == "get_attr":
-        obj = gm
-        for part in n.target.split("."):
-            obj = getattr(obj, part)
-        attrs[n.target] = obj
+        attrs[n.target] = fetch_attr(gm, n.target)
     env[n] = graph.node_copy(n, lambda a: env[a])
     return env[n]
 
 
-def _outline(gm: fx.GraphModule, plan, unit_out) -> tuple[fx.GraphModule, list[str]]:
+def _outline(gm: fx.GraphModule, plan, unit_out) -> fx.GraphModule:
     top, env, attrs = fx.Graph(), {}, {}
-    names: list[str] = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = top.placeholder(n.name)
@@ -422,9 +427,8 @@ def _outline(gm: fx.GraphModule, plan, unit_out) -> tuple[fx.GraphModule, list[s
         attrs[name] = QuantUnit(body, None)
         attrs[name].out_quant = unit_out.get(item.out)
         env[item.out] = top.call_module(name, (env[item.inp],))
-        names.append(name)
     top.output(env[output.args[0]] if not isinstance(output.args[0], (tuple, list)) else env[output.args[0][0]])
-    return fx.GraphModule(attrs, top, class_name="CapturedModel"), names
+    return fx.GraphModule(attrs, top, class_name="CapturedModel")
 
 
 def _unit_body(gm: fx.GraphModule, u: _Unit) -> nn.Module:
@@ -449,9 +453,9 @@ def _unit_body(gm: fx.GraphModule, u: _Unit) -> nn.Module:
     return fx.GraphModule(attrs, g, class_name=u.kind if u.kind.isidentifier() else "UnitBody")
 
 
-def convert_graph(gm: fx.GraphModule, spec) -> tuple[fx.GraphModule, list[str]]:
-    """The quantized GraphModule (quantizers placed, not yet initialised) and its units' names
-    in order. ``gm`` is consumed (its graph is rewritten)."""
+def convert_graph(gm: fx.GraphModule, spec) -> fx.GraphModule:
+    """The quantized GraphModule, its units QuantUnit submodules (quantizers placed, not yet
+    initialised). ``gm`` is consumed (its graph is rewritten)."""
     for n in list(gm.graph.nodes):  # the guard on input shapes that ep.module() adds
         if n.op == "call_module" and n.target == "_guards_fn":
             gm.graph.erase_node(n)
