@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import stat
 import tarfile
@@ -36,7 +37,9 @@ class Limits:
     max_entries: int = 200_000
     max_total_bytes: int = 8 << 30  # decompressed
     max_member_bytes: int = 64 << 20
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 40_000_000  # one image as stored (checked from its header, before decoding)
+    # one image after preprocessing (the resized image, and the crop): what resize/crop can blow up
+    max_sample_pixels: int = 2048 * 2048
     max_tensor_bytes: int = 16 << 30  # all decoded images of one set, as float32
 
 
@@ -199,13 +202,22 @@ class ImageSource:
             raise DataError(f"{name}: larger than {cap} bytes once decompressed")
         return data
 
-    def decode(self, name: str) -> Image.Image:
+    def decode(self, name: str, pre: Preprocess | None = None) -> Image.Image:
+        """The image as 8-bit RGB. With ``pre``, an image that preprocessing would make larger
+        than ``max_sample_pixels`` is refused from its header, before it is decoded or resized."""
         data = self.read(name)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > self.limits.max_image_pixels:
                     raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {self.limits.max_image_pixels}")
+                if pre is not None:
+                    rw, rh = resized_size(w, h, pre)
+                    cap = self.limits.max_sample_pixels
+                    if max(rw * rh, (pre.crop or 0) ** 2) > cap:
+                        raise DataError(f"{name}: preprocessing (resize={pre.resize}, crop={pre.crop}) makes this "
+                                        f"{w}x{h} image {rw}x{rh} pixels, more than the {cap} allowed per image; "
+                                        "lower preprocess.resize / preprocess.crop")
                 return to_rgb(im, name)
         except DataError:
             raise
@@ -217,6 +229,25 @@ class ImageSource:
         for h in (self._zip, self._tar):
             if h is not None:
                 h.close()
+
+
+def resized_size(w: int, h: int, pre: Preprocess) -> tuple[int, int]:
+    """(width, height) after ``pre.resize`` (the shorter side to that size, as torchvision's
+    Resize computes it), before the crop."""
+    if not pre.resize:
+        return w, h
+    short, long = (w, h) if w <= h else (h, w)
+    scaled = (pre.resize, int(pre.resize * long / short))
+    return scaled if w <= h else scaled[::-1]
+
+
+def check_set_bytes(what: str, count: int, shape: tuple[int, ...], limits: Limits) -> None:
+    """Refuse a set of ``count`` images of ``shape`` whose float32 tensor passes ``max_tensor_bytes``."""
+    need = count * 4 * math.prod(shape)
+    if need > limits.max_tensor_bytes:
+        raise DataError(f"{what}: {count} images of {tuple(shape)} need {need >> 20} MiB, more than "
+                        f"the {limits.max_tensor_bytes >> 20} MiB allowed; send fewer or smaller images "
+                        "(preprocess.resize/crop)")
 
 
 def make_transform(pre: Preprocess):
@@ -233,18 +264,17 @@ def make_transform(pre: Preprocess):
 
 def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
     tf = make_transform(pre)
-    first = tf(src.decode(names[0]))
-    need = first.numel() * 4 * len(names)
-    if need > src.limits.max_tensor_bytes:
-        raise DataError(f"{src.path.name}: {len(names)} images of {tuple(first.shape)} need {need >> 20} MiB, more than "
-                        f"the {src.limits.max_tensor_bytes >> 20} MiB allowed; send fewer or smaller images (preprocess.resize/crop)")
-    tensors = [first] + [tf(src.decode(n)) for n in names[1:]]
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise DataError(
-            f"{src.path}: images come out in different sizes {sorted(shapes)[:3]}; set preprocess.resize and preprocess.crop"
-        )
-    return torch.stack(tensors)
+    first = tf(src.decode(names[0], pre))
+    check_set_bytes(src.path.name, len(names), tuple(first.shape), src.limits)
+    out = torch.empty((len(names), *first.shape))  # filled in place: no second copy of the set
+    out[0] = first
+    for i, n in enumerate(names[1:], 1):
+        t = tf(src.decode(n, pre))
+        if t.shape != first.shape:
+            raise DataError(f"{src.path}: images come out in different sizes {tuple(first.shape)} and "
+                            f"{tuple(t.shape)} ({n}); set preprocess.resize and preprocess.crop")
+        out[i] = t
+    return out
 
 
 def load_tensor_file(path: Path) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
-from clcalib.data import load_calibration, load_labeled
+from clcalib.data import DEFAULT_LIMITS, Limits, load_calibration, load_labeled
 from clcalib.errors import DataError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
@@ -64,11 +64,13 @@ def run_calibration(
     evaluation: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     resume_dir: str | Path | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> dict:
     """Writes out_dir/quantized.safetensors and out_dir/report.json (each atomically) and
     returns the report dict. The model: ``arch`` + ``num_classes`` + ``weights`` (a registry
     architecture), or ``model``, a torch.export program (.pt2). ``resume_dir`` keeps per-unit state so a rerun with the same
-    inputs continues after the last fully reconstructed unit. ``on_progress`` may raise
+    inputs continues after the last fully reconstructed unit. ``limits``: the bounds on
+    reading the image sets (a service passes its operator's settings). ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
     out = Path(out_dir)
@@ -87,8 +89,8 @@ def run_calibration(
         raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
     else:
         fp_model = build_model(arch, num_classes, read_state_dict(weights))
-    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed)
-    evalset = load_labeled(evaluation, config.preprocess) if evaluation is not None else None
+    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits)
+    evalset = load_labeled(evaluation, config.preprocess, limits) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
         raise DataError(f"evaluation has class index {int(evalset.labels.max())} but the model has {num_classes} classes")
     if evalset is not None and evalset.images.shape[1:] != calib.shape[1:]:

@@ -44,6 +44,7 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         DataError,
         ImageSource,
         Limits,
+        check_set_bytes,
         load_tensor_file,
         make_transform,
     )
@@ -70,7 +71,10 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         return _fail("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", ""))
 
     # 2. the calibration data is readable, non-empty, and decodes (a seeded sample of it)
-    def images(path: str):
+    def images(path: str, role: str, used: int | None = None):
+        """(names, the first two sampled images): every header read, a seeded sample decoded
+        one at a time (memory: two images and the one being decoded, whatever the sample size),
+        and the set the worker will stack (``used`` images of it) held to its memory budget."""
         src = ImageSource(path, lim)
         try:
             names = src.names
@@ -80,12 +84,17 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
                 if n not in chosen:
                     _header(src, n, lim.max_image_pixels, DataError)
             tf = make_transform(cfg.preprocess)
-            ts = [tf(src.decode(n)) for n in pick]
-            shapes = {tuple(t.shape) for t in ts}
-            if len(shapes) > 1:
-                raise DataError(f"images come out in different sizes {sorted(shapes)[:3]}; "
-                                "set config.preprocess.resize and crop")
-            return src.names, torch.stack(ts)
+            kept: list = []
+            for n in pick:
+                t = tf(src.decode(n, cfg.preprocess))
+                if kept and t.shape != kept[0].shape:
+                    raise DataError(f"images come out in different sizes {tuple(kept[0].shape)} and "
+                                    f"{tuple(t.shape)} ({n}); set config.preprocess.resize and crop")
+                if len(kept) < 2:
+                    kept.append(t)
+                del t
+            check_set_bytes(role, min(len(names), used or len(names)), tuple(kept[0].shape), lim)
+            return names, torch.stack(kept)
         finally:
             src.close()
 
@@ -95,7 +104,7 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
             count = len(x)
             x = x[:sample]
         else:
-            names, x = images(calibration)
+            names, x = images(calibration, "calibration", used=cfg.calib_size)
             count = len(names)
     except DataError as e:
         return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
@@ -127,7 +136,7 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         from clcalib.data import class_names_to_indices, class_of
 
         try:
-            names, ex = images(evaluation)
+            names, ex = images(evaluation, "evaluation")
             index = class_names_to_indices(class_of(names))
             if max(index.values()) >= num_classes:
                 raise DataError(f"class folders map to index {max(index.values())} but the model has "

@@ -54,7 +54,11 @@ class Settings(BaseSettings):
     max_archive_entries: int = Field(200_000, ge=1)
     max_archive_bytes: int = Field(8 << 30, ge=1, description="total decompressed size of one archive")
     max_member_bytes: int = Field(64 << 20, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="one image as stored (from its header)")
+    max_sample_pixels: int = Field(2048 * 2048, ge=1, description="one image after preprocess.resize/crop: "
+                                   "a tiny image resized to 4096 px would otherwise cost 200 MB of memory")
+    max_set_bytes: int = Field(16 << 30, ge=1, description="one decoded image set (calibration or evaluation) as "
+                               "float32 in the worker; the upload check refuses a set that would pass it")
 
     # worker and job lifecycle
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="worker device")
@@ -77,6 +81,14 @@ class Settings(BaseSettings):
                 raise ValueError("CLCALIB_API_KEYS: expected JSON {key: tenant} or key:tenant,key:tenant")
             return {k.strip(): t.strip() for k, t in pairs}
         return v
+
+    @property
+    def data_limits(self) -> dict[str, int]:
+        """The bounds on reading an uploaded image set, as ``clcalib.data.Limits`` fields: the
+        upload check and the worker read with the same ones."""
+        return {"max_entries": self.max_archive_entries, "max_total_bytes": self.max_archive_bytes,
+                "max_member_bytes": self.max_member_bytes, "max_image_pixels": self.max_image_pixels,
+                "max_sample_pixels": self.max_sample_pixels, "max_tensor_bytes": self.max_set_bytes}
 
     @property
     def store_url(self) -> str:

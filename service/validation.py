@@ -101,9 +101,7 @@ class Validator:
 
     async def check_job(self, **kwargs) -> dict:
         s = self.s
-        limits = {"max_entries": s.max_archive_entries, "max_total_bytes": s.max_archive_bytes,
-                  "max_member_bytes": s.max_member_bytes, "max_image_pixels": s.max_image_pixels}
-        res = await self._call(checks.check_job, limits=limits, sample=s.validate_sample, **kwargs)
+        res = await self._call(checks.check_job, limits=s.data_limits, sample=s.validate_sample, **kwargs)
         if not res["ok"]:
             raise ApiError(422, res["code"], res["message"], field=res["field"])
         return res

@@ -1,0 +1,114 @@
+"""Memory follows the operator's budget, not the config (issue 14 class 3).
+
+A 16-image zip of tiny PNGs with ``preprocess.resize = 4096`` used to make the validator
+allocate GBs (every sampled image upscaled to 4096 px, all kept). Now each image's preprocessed
+size is checked from its header against CLCALIB_MAX_SAMPLE_PIXELS, the check decodes one image
+at a time, and the set the worker will stack is held to CLCALIB_MAX_SET_BYTES at upload; the
+worker reads with the same limits. Peak memory is the kernel's high-water mark (VmHWM).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from svc_fmnist import TINY
+from svc_helpers import Stack
+
+MiB = 1 << 20
+# a validator child with torch imported sits at ~400 MiB; the attack used to take it to ~3.6 GB
+VALIDATOR_PEAK_BOUND = 1024 * MiB
+API_PEAK_BOUND = 400 * MiB
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _tiny_pngs(path: Path, n: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            z.writestr(f"img/{i:02d}.png", buf.getvalue())
+    return path
+
+
+def _post(stack, key, model, calib, config, out, label):
+    with stack.client(key, timeout=120) as c:
+        out[label] = c.post("/v1/jobs", files={"model": ("m.safetensors", model.read_bytes()),
+                                               "calibration": (calib.name, calib.read_bytes())},
+                            data={"arch": "resnet18", "num_classes": "10", "config": json.dumps(config)})
+
+
+def test_upscaling_config_is_refused_from_headers_with_bounded_memory(tmp_path, fmnist_zips, reference_model):
+    tiny = _tiny_pngs(tmp_path / "tiny.zip")
+    assert tiny.stat().st_size < 16 << 10
+    blowup = {**TINY, "preprocess": {**TINY["preprocess"], "resize": 4096, "crop": None}}
+    st = Stack(tmp_path / "stack", CLCALIB_VALIDATE_SAMPLE=64)
+    try:
+        st.start_api()
+        out: dict = {}
+        # tenant a's hostile upload and tenant b's valid one at the same time
+        a = threading.Thread(target=_post, args=(st, "key-a", reference_model, tiny, blowup, out, "a"))
+        a.start()
+        _post(st, "key-b", reference_model, fmnist_zips["calib"], TINY, out, "b")
+        a.join(120)
+        r = out["a"]
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["field"] == "calibration" and body["code"] == "bad_data", body
+        assert "4096x4096" in body["detail"] and "preprocess.resize" in body["detail"], body
+        assert out["b"].status_code == 202, out["b"].text
+        api_pid = st.api.pid
+        kids = _children(api_pid)
+        assert kids, "no validator children found"
+        peaks = {pid: _peak_rss(pid) for pid in kids}
+        assert max(peaks.values()) < VALIDATOR_PEAK_BOUND, {p: v // MiB for p, v in peaks.items()}
+        assert _peak_rss(api_pid) < API_PEAK_BOUND, _peak_rss(api_pid) // MiB
+    finally:
+        st.close()
+
+
+def test_the_set_budget_is_checked_at_upload_and_reaches_the_worker(tmp_path, fmnist_zips, reference_model):
+    calib = fmnist_zips["calib"]  # 256 images of 3x28x28 float32: 2.3 MiB
+    st = Stack(tmp_path / "stack", CLCALIB_MAX_SET_BYTES=MiB)
+    try:
+        st.start_api()
+        r = st.submit(reference_model, calib, TINY)
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "calibration" and "more than the 1 MiB allowed" in r.json()["detail"], r.text
+        # the API accepts (its budget is ample); a worker whose operator set a smaller budget
+        # refuses the set with the same rule instead of reading it with the library defaults
+        st.stop_api()
+        st.env["CLCALIB_MAX_SET_BYTES"] = str(64 * MiB)
+        st.start_api()
+        r = st.submit(reference_model, calib, TINY)
+        assert r.status_code == 202, r.text
+        st.env["CLCALIB_MAX_SET_BYTES"] = str(MiB)
+        st.start_worker()
+        job = st.wait_state(r.json()["id"], timeout=180)
+        assert job["state"] == "failed" and "more than the 1 MiB allowed" in job["error"], job
+    finally:
+        st.close()
