@@ -20,6 +20,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 COPY clcalib ./clcalib
+COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install -c constraints.txt --extra-index-url "${TORCH_INDEX}" torch torchvision \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -312,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate(sub)
     _add_export(sub)
     _add_inspect(sub)
-    try:
-        from service.cli import add_commands
-    except ImportError:  # the library without the service: calibrate/evaluate only
-        pass
-    else:
+    # the service's and the worker's commands (serve, submit, worker, ...) register themselves
+    # as entry points; the library does not import them by name
+    for ep in sorted(entry_points(group="clcalib.commands"), key=lambda e: e.name):
+        try:
+            add_commands = ep.load()
+        except ImportError:  # installed without that part's dependencies
+            continue
         add_commands(sub)
     args = parser.parse_args(argv)
     args._argv = list(argv if argv is not None else sys.argv[1:])

@@ -14,14 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from clcalib.config import CalibConfig
+from jobs.settings import Settings, env_summary, get_settings
+from jobs.storage import Storage
+from jobs.store import Store
 from service.broker import Broker
 from service.docs import add_docs
 from service.errors import ApiError, ErrorBody
 from service.metrics import Metrics
 from service.routes import jobs, system
-from service.settings import Settings, env_summary, get_settings
-from service.storage import Storage
-from service.store import Store
 from service.sweeper import Sweeper
 from service.validation import Validator
 

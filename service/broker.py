@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from service.settings import Settings
-from worker.celery_app import TASK_NAME, ensure_queue_dirs, make_celery
+from jobs.queue import TASK_NAME, ensure_queue_dirs, make_celery
+from jobs.settings import Settings
 
 log = logging.getLogger("clcalib.service")
 

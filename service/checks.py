@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from service.store import PROGRAM
+from jobs.store import PROGRAM
 
 
 def init_child(threads: int = 1) -> None:

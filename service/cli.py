@@ -1,5 +1,6 @@
-"""Service subcommands of ``clcalib``: serve, worker, submit, status, watch, download, cancel,
-delete, jobs. ``clcalib.cli`` calls ``add_commands(subparsers)``."""
+"""Service subcommands of ``clcalib``: serve, submit, status, watch, download, cancel, delete,
+jobs. Registered as a ``clcalib.commands`` entry point (pyproject.toml): ``clcalib.cli`` finds
+and calls ``add_commands(subparsers)`` without importing this package by name."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from jobs.states import State
 
 
 def _client(args):
@@ -28,13 +31,6 @@ def cmd_serve(args) -> int:
     from service.serve import serve
 
     serve(host=args.host, port=args.port, worker=args.worker)
-    return 0
-
-
-def cmd_worker(args) -> int:
-    from worker.main import run_worker
-
-    run_worker(args.celery_args)
     return 0
 
 
@@ -67,7 +63,7 @@ def cmd_status(args) -> int:
 def _watch(c, job_id: str) -> int:
     from tqdm import tqdm
 
-    bar, last, state = None, None, "queued"
+    bar, last, state = None, None, State.QUEUED
     for event, data in c.events(job_id):
         if event == "status":
             state = data["state"]
@@ -91,7 +87,7 @@ def _watch(c, job_id: str) -> int:
     if bar is not None:
         bar.close()
     final = c.status(job_id) if event != "deleted" else {"state": "deleted"}
-    if final["state"] == "succeeded":
+    if final["state"] == State.SUCCEEDED:
         print(json.dumps(final.get("metrics"), indent=2))
         return 0
     print(f"job {job_id}: {final['state']}: {final.get('error') or ''}", file=sys.stderr)
@@ -150,10 +146,6 @@ def add_commands(sub) -> None:
                    help="also start a local worker (default: only without CLCALIB_REDIS_URL)")
     g.add_argument("--no-worker", dest="worker", action="store_false")
     p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("worker", help="start one calibration worker (one job at a time)")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra celery worker arguments")
-    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="upload a model and calibration data; print the job id")
     _common(p)

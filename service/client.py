@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 
 from clcalib.atomic import atomic_path
-
-TERMINAL = ("succeeded", "failed", "canceled")
+from jobs.states import TERMINAL
 
 
 class ApiError(Exception):

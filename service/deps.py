@@ -11,10 +11,10 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from jobs.settings import Settings
+from jobs.storage import Storage
+from jobs.store import Job, Store
 from service.errors import ApiError, not_found
-from service.settings import Settings
-from service.storage import Storage
-from service.store import Job, Store
 
 LOCAL_TENANT = "local"
 ROW_TTL_S = 0.2  # many pollers of one job share one read of its row per TTL, per API process

@@ -34,6 +34,10 @@ class ApiError(Exception):
                          errors=self.errors).model_dump(exclude_none=True)
 
 
+def insufficient_storage(why: Exception) -> ApiError:
+    return ApiError(507, "insufficient_storage", str(why), headers={"Retry-After": "300"})
+
+
 def not_found(what: str = "job") -> ApiError:
     return ApiError(404, "not_found", f"no such {what} (or it belongs to another tenant)")
 

@@ -7,9 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.store import Job
-
-State = Literal["queued", "running", "succeeded", "failed", "canceled"]
+from jobs.states import State
+from jobs.store import Job
 
 
 def iso(t: float | None) -> str | None:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from service.settings import Settings, get_settings
+from jobs.settings import Settings, get_settings
 
 log = logging.getLogger("clcalib.service")
 

@@ -19,9 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pydantic import ValidationError
 
 from clcalib.config import CalibConfig
+from jobs.settings import Settings
 from service import checks
 from service.errors import ApiError
-from service.settings import Settings
 
 log = logging.getLogger("clcalib.service")
 

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from clcalib.atomic import atomic_path
-from service.settings import Settings
-from service.storage import Storage
-from service.store import CANCELED, FAILED, PROGRAM, SUCCEEDED, Store
+from jobs.settings import Settings
+from jobs.states import State
+from jobs.storage import Storage
+from jobs.store import PROGRAM, Store
 
 log = logging.getLogger("clcalib.worker")
 _stores: dict[str, Store] = {}
@@ -92,19 +93,19 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         now = store.get(job_id)
         if now is None:
             storage.delete_job(job_id)
-        elif now.state == CANCELED:  # a canceled job's files count against its tenant: free them now
+        elif now.state == State.CANCELED:  # a canceled job's files count against its tenant: free them now
             storage.delete_job(job_id)
             store.mark_files_deleted(job_id)
         log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
         return "stopped"
-    if state == SUCCEEDED:
+    if state == State.SUCCEEDED:
         _write_html(storage.out_dir(job_id), report)
-    final = dict(hb._progress or {}, stage="done" if state == SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
+    final = dict(hb._progress or {}, stage="done" if state == State.SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
                  attempt=attempt)
     ok = store.finish(job_id, attempt, state, error=error,
-                      metrics=(report or {}).get("metrics") if state == SUCCEEDED else None,
-                      artifacts=storage.artifacts(job_id) if state == SUCCEEDED else [], progress=final)
-    if ok and state == SUCCEEDED:
+                      metrics=(report or {}).get("metrics") if state == State.SUCCEEDED else None,
+                      artifacts=storage.artifacts(job_id) if state == State.SUCCEEDED else [], progress=final)
+    if ok and state == State.SUCCEEDED:
         storage.delete_resume(job_id)
     if store.get(job_id) is None:  # deleted while finishing
         storage.delete_job(job_id)
@@ -146,16 +147,16 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
         )
     except Canceled:
         hb.beat()
-        return (None, None, None) if hb.lost.is_set() else (CANCELED, "canceled", None)
+        return (None, None, None) if hb.lost.is_set() else (State.CANCELED, "canceled", None)
     except CalibrationError as e:
-        return FAILED, str(e).replace(str(jd) + "/", ""), None
+        return State.FAILED, str(e).replace(str(jd) + "/", ""), None
     except Exception as e:  # a bug or the machine (e.g. CUDA out of memory): fail the job, keep the worker
         log.exception("job %s crashed", job.id)
-        return FAILED, f"internal error in the worker: {type(e).__name__}: {str(e)[:500]}", None
+        return State.FAILED, f"internal error in the worker: {type(e).__name__}: {str(e)[:500]}", None
     hb.beat()
     if hb.lost.is_set():
         return None, None, None
-    return SUCCEEDED, None, report
+    return State.SUCCEEDED, None, report
 
 
 def _write_html(out: Path, report: dict | None) -> None:

@@ -6,8 +6,9 @@ import logging
 
 from celery.signals import worker_ready
 
-from service.settings import get_settings
-from worker.celery_app import TASK_NAME, app
+from jobs.queue import TASK_NAME
+from jobs.settings import get_settings
+from worker.celery_app import app
 from worker.runner import run_job
 
 log = logging.getLogger("clcalib.worker")

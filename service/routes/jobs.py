@@ -11,12 +11,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from jobs.settings import Settings
+from jobs.states import State
+from jobs.storage import ARTIFACT_TYPES, LowOnDisk, Storage
+from jobs.store import PROGRAM, new_job_id
 from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, forget, store_get
-from service.errors import ApiError, responses
+from service.errors import ApiError, insufficient_storage, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
-from service.settings import Settings
-from service.storage import ARTIFACT_TYPES
-from service.store import PROGRAM, QUEUED, new_job_id
 from service.uploads import receive
 from service.validation import parse_arch, parse_config, parse_num_classes
 
@@ -78,6 +79,13 @@ def _is_zip(path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+
+def _check_space(storage: Storage, reserve: int, incoming: int) -> None:
+    try:
+        storage.check_space(reserve, incoming)
+    except LowOnDisk as e:
+        raise insufficient_storage(e) from None
+
 @router.post(
     "/v1/jobs", status_code=202, response_model=JobOut, openapi_extra=SUBMIT_BODY,
     summary="Submit a calibration job (multipart upload)",
@@ -98,7 +106,7 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
     try:
         up = await receive(request, dest, max_bytes=settings.max_upload_bytes,
                            max_field_bytes=settings.max_field_bytes,
-                           check_space=lambda incoming: storage.check_space(settings.min_free_bytes, incoming),
+                           check_space=lambda incoming: _check_space(storage, settings.min_free_bytes, incoming),
                            idle_s=settings.body_timeout_s)
         app.state.metrics.upload_bytes.inc(up.total_bytes)
         config = parse_config(up.texts.get("config"))
@@ -250,7 +258,7 @@ def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
     if not store.cancel(job.id):
         j = store.get(job.id)
         raise ApiError(409, "not_cancelable", f"the job is already {j.state if j else 'deleted'}; nothing to cancel")
-    if job.state == QUEUED:  # no worker has it: nothing else will read its files
+    if job.state == State.QUEUED:  # no worker has it: nothing else will read its files
         storage.delete_job(job.id)
         store.mark_files_deleted(job.id)
     log.info("job %s canceled", job.id)

@@ -13,7 +13,7 @@ import time
 from svc_fmnist import FAST, MOBILENET
 from svc_helpers import wait_until
 
-from service.store import Store
+from jobs.store import Store
 
 N_JOBS = 20
 FILLER = {**FAST, "method": "minmax", "calib_size": 16}  # the other 19: no reconstruction, ~3 s each

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from service.store import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, Store, new_job_id
+from jobs.states import State
+from jobs.store import Store, new_job_id
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -15,7 +16,7 @@ def store(request, tmp_path):
     s = Store(url)
     yield s
     if request.param == "postgres":
-        from service.store import Base
+        from jobs.store import Base
 
         Base.metadata.drop_all(s.engine)
     s.close()
@@ -29,18 +30,18 @@ def make(store: Store, owner: str = "t") -> str:
 
 def test_forward_only_lifecycle(store):
     jid = make(store)
-    assert store.get(jid).state == QUEUED
+    assert store.get(jid).state == State.QUEUED
     job = store.claim(jid, "w1", stale_after_s=60, max_attempts=3)
-    assert job.state == RUNNING and job.attempts == 1
+    assert job.state == State.RUNNING and job.attempts == 1
     assert store.claim(jid, "w2", stale_after_s=60, max_attempts=3) is None  # a duplicate delivery
     assert store.heartbeat(jid, 1, {"stage": "reconstruct", "unit": 1})
-    assert store.finish(jid, 1, SUCCEEDED, metrics={"quant_top1": 0.9}, artifacts=["report.json"])
+    assert store.finish(jid, 1, State.SUCCEEDED, metrics={"quant_top1": 0.9}, artifacts=["report.json"])
     # late writes from the same or an older attempt change nothing
     assert not store.heartbeat(jid, 1, {"stage": "reconstruct", "unit": 0})
-    assert not store.finish(jid, 1, FAILED, error="late")
+    assert not store.finish(jid, 1, State.FAILED, error="late")
     assert not store.cancel(jid)
     j = store.get(jid)
-    assert (j.state, j.metrics, j.error) == (SUCCEEDED, {"quant_top1": 0.9}, None)
+    assert (j.state, j.metrics, j.error) == (State.SUCCEEDED, {"quant_top1": 0.9}, None)
 
 
 def test_cancel_queued_and_running(store):
@@ -50,8 +51,8 @@ def test_cancel_queued_and_running(store):
     store.claim(b, "w", stale_after_s=60, max_attempts=3)
     assert store.cancel(b)
     assert not store.heartbeat(b, 1)  # the worker learns it lost the job
-    assert not store.finish(b, 1, SUCCEEDED)
-    assert store.get(b).state == CANCELED
+    assert not store.finish(b, 1, State.SUCCEEDED)
+    assert store.get(b).state == State.CANCELED
 
 
 def test_stale_heartbeat_requeues_then_fails_after_max_attempts(store):
@@ -61,11 +62,11 @@ def test_stale_heartbeat_requeues_then_fails_after_max_attempts(store):
         time.sleep(0.3)
         requeued, failed = store.reap_stale(stale_after_s=0.2, max_attempts=2)
         if attempt == 1:
-            assert requeued == [jid] and store.get(jid).state == QUEUED
+            assert requeued == [jid] and store.get(jid).state == State.QUEUED
             assert not store.heartbeat(jid, 1)  # the lost worker, if it comes back, stops
     assert failed == [jid]
     j = store.get(jid)
-    assert j.state == FAILED and "lost 2 times" in j.error
+    assert j.state == State.FAILED and "lost 2 times" in j.error
     assert [h["event"] for h in j.history] == ["claimed", "requeued", "claimed"]
 
 
@@ -76,4 +77,4 @@ def test_list_is_per_owner_newest_first_with_cursor(store):
     page2 = store.list("a", limit=2, before_seq=page1[-1].seq)
     page3 = store.list("a", limit=2, before_seq=page2[-1].seq)
     assert [j.id for j in page1 + page2 + page3] == mine[::-1]
-    assert store.counts_by_state()[QUEUED] == 6
+    assert store.counts_by_state()[State.QUEUED] == 6

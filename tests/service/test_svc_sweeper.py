@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
-from service.settings import Settings
-from service.storage import Storage
-from service.store import SUCCEEDED, Store, new_job_id
+from jobs.settings import Settings
+from jobs.states import State
+from jobs.storage import Storage
+from jobs.store import Store, new_job_id
 from service.sweeper import Sweeper
 
 
@@ -43,9 +44,9 @@ def test_retention_deletes_files_of_old_finished_jobs_only(tmp_path):
     for jid in (old, recent):
         store.mark_enqueued(jid)
         store.claim(jid, "w", stale_after_s=60, max_attempts=3)
-        store.finish(jid, 1, SUCCEEDED, artifacts=["report.json"])
+        store.finish(jid, 1, State.SUCCEEDED, artifacts=["report.json"])
     with store.session.begin() as ses:  # pretend `old` finished 8 days ago
-        from service.store import JobRow
+        from jobs.store import JobRow
 
         ses.query(JobRow).filter(JobRow.id == old).update({"finished_at": time.time() - 8 * 86400})
     store.mark_enqueued(queued)
@@ -75,7 +76,7 @@ def test_unsent_job_is_sent_and_a_lost_queue_is_refilled(tmp_path):
     assert broker.sent == [never_sent]
     # the broker lost everything (e.g. a Redis without persistence restarted): empty queue
     with store.session.begin() as ses:
-        from service.store import JobRow
+        from jobs.store import JobRow
 
         ses.query(JobRow).update({"updated_at": time.time() - 60})
     broker = FakeBroker(depth=0)

@@ -36,10 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
-TERMINAL = (SUCCEEDED, FAILED, CANCELED)
-
+from jobs.states import ACTIVE, TERMINAL, State
 
 PROGRAM = "program"  # the arch of a job whose model is an uploaded torch.export program (.pt2)
 
@@ -151,7 +148,7 @@ class Store:
                inputs: dict, upload_bytes: int) -> Job:
         now = time.time()
         row = JobRow(
-            id=id, owner=owner, state=QUEUED, arch=arch, num_classes=num_classes, config=config,
+            id=id, owner=owner, state=State.QUEUED, arch=arch, num_classes=num_classes, config=config,
             inputs=inputs, upload_bytes=upload_bytes, attempts=0, created_at=now, updated_at=now,
             artifacts=[], history=[], files_deleted=False,
         )
@@ -186,8 +183,8 @@ class Store:
         with self.session.begin() as s:
             r = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state.in_((QUEUED, RUNNING)))
-                .values(state=CANCELED, finished_at=now, updated_at=now, error="canceled by the user")
+                .where(JobRow.id == job_id, JobRow.state.in_(ACTIVE))
+                .values(state=State.CANCELED, finished_at=now, updated_at=now, error="canceled by the user")
             )
             return r.rowcount == 1
 
@@ -203,7 +200,7 @@ class Store:
         """(queued + running jobs, upload bytes of jobs whose files are kept) of one tenant."""
         with self.session() as s:
             active = s.scalar(select(func.count()).select_from(JobRow)
-                              .where(JobRow.owner == owner, JobRow.state.in_((QUEUED, RUNNING)))) or 0
+                              .where(JobRow.owner == owner, JobRow.state.in_(ACTIVE))) or 0
             stored = s.scalar(select(func.coalesce(func.sum(JobRow.upload_bytes), 0))
                               .where(JobRow.owner == owner, JobRow.files_deleted.is_(False))) or 0
             return int(active), int(stored)
@@ -211,7 +208,7 @@ class Store:
     def counts_by_state(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
-        out = dict.fromkeys(STATES, 0)
+        out = dict.fromkeys(State, 0)
         out.update({state: n for state, n in rows})
         return out
 
@@ -219,7 +216,7 @@ class Store:
         """Run time (first start to finish) of the most recent finished jobs."""
         q = (
             select(JobRow.finished_at - JobRow.started_at)
-            .where(JobRow.state.in_((SUCCEEDED, FAILED)), JobRow.started_at.is_not(None),
+            .where(JobRow.state.in_((State.SUCCEEDED, State.FAILED)), JobRow.started_at.is_not(None),
                    JobRow.finished_at.is_not(None))
             .order_by(JobRow.seq.desc())
             .limit(limit)
@@ -236,8 +233,8 @@ class Store:
             row = s.scalar(select(JobRow).where(JobRow.id == job_id))
             if row is None:
                 return None
-            takeover = row.state == RUNNING and (row.heartbeat_at or 0) < now - stale_after_s
-            if row.state != QUEUED and not takeover:
+            takeover = row.state == State.RUNNING and (row.heartbeat_at or 0) < now - stale_after_s
+            if row.state != State.QUEUED and not takeover:
                 return None
             if row.attempts >= max_attempts:
                 self._fail_exhausted(s, row, now, max_attempts)
@@ -246,7 +243,7 @@ class Store:
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.state == row.state, JobRow.attempts == row.attempts)
                 .values(
-                    state=RUNNING, attempts=row.attempts + 1, worker=worker, heartbeat_at=now,
+                    state=State.RUNNING, attempts=row.attempts + 1, worker=worker, heartbeat_at=now,
                     started_at=func.coalesce(JobRow.started_at, now), updated_at=now,
                     history=list(row.history or []) + [
                         {"attempt": row.attempts + 1, "event": "claimed", "worker": worker, "at": now}
@@ -270,7 +267,7 @@ class Store:
         with self.session.begin() as s:
             r = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state == RUNNING, JobRow.attempts == attempt)
+                .where(JobRow.id == job_id, JobRow.state == State.RUNNING, JobRow.attempts == attempt)
                 .values(**values)
             )
             return r.rowcount == 1
@@ -305,7 +302,7 @@ class Store:
         requeued, failed = [], []
         with self.session.begin() as s:
             rows = s.scalars(
-                select(JobRow).where(JobRow.state == RUNNING, JobRow.heartbeat_at < now - stale_after_s)
+                select(JobRow).where(JobRow.state == State.RUNNING, JobRow.heartbeat_at < now - stale_after_s)
             ).all()
             for row in rows:
                 if row.attempts >= max_attempts:
@@ -314,10 +311,10 @@ class Store:
                     continue
                 r = s.execute(
                     update(JobRow)
-                    .where(JobRow.id == row.id, JobRow.state == RUNNING, JobRow.attempts == row.attempts,
+                    .where(JobRow.id == row.id, JobRow.state == State.RUNNING, JobRow.attempts == row.attempts,
                            JobRow.heartbeat_at == row.heartbeat_at)
                     .values(
-                        state=QUEUED, updated_at=now, enqueued_at=None, worker=None,
+                        state=State.QUEUED, updated_at=now, enqueued_at=None, worker=None,
                         history=list(row.history or []) + [{
                             "attempt": row.attempts, "event": "requeued",
                             "reason": f"no heartbeat from {row.worker} for {now - (row.heartbeat_at or now):.0f}s",
@@ -335,7 +332,7 @@ class Store:
             update(JobRow)
             .where(JobRow.id == row.id, JobRow.state == row.state, JobRow.attempts == row.attempts)
             .values(
-                state=FAILED, finished_at=now, updated_at=now,
+                state=State.FAILED, finished_at=now, updated_at=now,
                 error=(f"the worker running this job was lost {row.attempts} times "
                        f"(max_attempts={max_attempts}); giving up"),
             )
@@ -347,7 +344,7 @@ class Store:
         cutoff = time.time() - older_than_s
         with self.session() as s:
             return list(s.scalars(
-                select(JobRow.id).where(JobRow.state == QUEUED, JobRow.enqueued_at.is_(None),
+                select(JobRow.id).where(JobRow.state == State.QUEUED, JobRow.enqueued_at.is_(None),
                                         JobRow.created_at <= cutoff).order_by(JobRow.seq)
             ))
 
@@ -355,7 +352,7 @@ class Store:
         cutoff = time.time() - older_than_s
         with self.session() as s:
             return list(s.scalars(
-                select(JobRow.id).where(JobRow.state == QUEUED, JobRow.updated_at <= cutoff)
+                select(JobRow.id).where(JobRow.state == State.QUEUED, JobRow.updated_at <= cutoff)
                 .order_by(JobRow.seq)
             ))
 

@@ -12,8 +12,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-from service.errors import ApiError
-
 INPUTS, OUT, RESUME = "inputs", "out", "resume"
 ARTIFACT_TYPES = {
     ".safetensors": "application/octet-stream",
@@ -23,10 +21,13 @@ ARTIFACT_TYPES = {
 }
 
 
-def insufficient_storage(free: int, reserve: int) -> ApiError:
-    return ApiError(507, "insufficient_storage", f"the server is low on disk space ({free >> 20} MiB free, "
-                    f"{reserve >> 20} MiB kept in reserve); try again later or send a smaller upload",
-                    headers={"Retry-After": "300"})
+class LowOnDisk(Exception):
+    """The data disk would go below its reserve (the API answers 507)."""
+
+    def __init__(self, free: int, reserve: int):
+        super().__init__(f"the server is low on disk space ({free >> 20} MiB free, {reserve >> 20} MiB kept in "
+                         "reserve); try again later or send a smaller upload")
+        self.free, self.reserve = free, reserve
 
 
 class Storage:
@@ -88,10 +89,10 @@ class Storage:
         return shutil.disk_usage(self.root).free
 
     def check_space(self, reserve: int, incoming: int = 0) -> None:
-        """ApiError 507 unless ``incoming`` more bytes leave ``reserve`` free on the data disk."""
+        """Raise LowOnDisk unless ``incoming`` more bytes leave ``reserve`` free on the data disk."""
         free = self.free_bytes()
         if free - incoming < reserve:
-            raise insufficient_storage(free, reserve)
+            raise LowOnDisk(free, reserve)
 
     def writable(self) -> None:
         probe = self.tmp / f".probe-{uuid.uuid4().hex}"
