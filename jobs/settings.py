@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="worker heartbeat and progress write period")
     stale_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-queued")
     max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one job before it fails")
+    max_job_runtime_s: float = Field(24 * 3600.0, gt=0, description="a job running longer than this (from its "
+                                     "first start, retries included) is failed and its worker stops")
     visibility_timeout_s: int = Field(
         7 * 24 * 3600, ge=60, description="Redis redelivery of unacked messages; longer than any job"
     )

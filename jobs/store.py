@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,10 @@ def new_job_id() -> str:
 
 
 class Store:
-    def __init__(self, url: str, *, create: bool = True):
+    def __init__(self, url: str, *, create: bool = True, clock: Callable[[], float] = time.time):
+        """``clock``: wall-clock seconds for every timestamp the store writes and compares
+        (tests pass a fake one to age rows without sleeping)."""
+        self.clock = clock
         self.url = normalize_url(url)
         kwargs: dict[str, Any] = {"pool_size": 10, "max_overflow": 40}
         if self.url.startswith("sqlite"):
@@ -146,7 +150,7 @@ class Store:
     # ---- API side ---------------------------------------------------------------------
     def create(self, *, id: str, owner: str, arch: str, num_classes: int, config: dict,
                inputs: dict, upload_bytes: int) -> Job:
-        now = time.time()
+        now = self.clock()
         row = JobRow(
             id=id, owner=owner, state=State.QUEUED, arch=arch, num_classes=num_classes, config=config,
             inputs=inputs, upload_bytes=upload_bytes, attempts=0, created_at=now, updated_at=now,
@@ -158,7 +162,7 @@ class Store:
 
     def mark_enqueued(self, job_id: str) -> None:
         with self.session.begin() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=time.time()))
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=self.clock()))
 
     def get(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -179,7 +183,7 @@ class Store:
 
     def cancel(self, job_id: str) -> bool:
         """queued/running -> canceled. A running worker notices at its next heartbeat."""
-        now = time.time()
+        now = self.clock()
         with self.session.begin() as s:
             r = s.execute(
                 update(JobRow)
@@ -228,7 +232,7 @@ class Store:
     def claim(self, job_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Job | None:
         """queued -> running (or take over a running job whose heartbeat is stale), one
         attempt more. None: someone else has it, or it is finished, canceled or gone."""
-        now = time.time()
+        now = self.clock()
         with self.session.begin() as s:
             row = s.scalar(select(JobRow).where(JobRow.id == job_id))
             if row is None:
@@ -254,9 +258,37 @@ class Store:
                 return None
         return self.get(job_id)
 
+    def claim_next(self, worker: str, *, stale_after_s: float, max_attempts: int,
+                   hint: str | None = None) -> Job | None:
+        """The fairest queued job -> running. A message is a turn, not a job: whichever job it
+        was sent for, the worker takes the oldest queued job of the tenant that has the fewest
+        running jobs, ties going to the tenant that started a job least recently. So a tenant
+        with 50 queued jobs and one with 1 alternate, and a lost or duplicate message delays
+        nobody in particular. With nothing queued, ``hint`` (the message's job) is claimed if it
+        is a running job whose heartbeat is stale (a redelivery after a lost worker)."""
+        for _ in range(50):  # another worker may win the race for the pick: take the next
+            with self.session() as s:
+                queued = s.execute(select(JobRow.id, JobRow.owner).where(JobRow.state == State.QUEUED)
+                                   .order_by(JobRow.seq)).all()
+                if not queued:
+                    break
+                owners = {o for _, o in queued}
+                running = dict(s.execute(select(JobRow.owner, func.count()).where(
+                    JobRow.state == State.RUNNING, JobRow.owner.in_(owners)).group_by(JobRow.owner)).all())
+                last = dict(s.execute(select(JobRow.owner, func.max(JobRow.started_at)).where(
+                    JobRow.owner.in_(owners)).group_by(JobRow.owner)).all())
+            first: dict[str, str] = {}
+            for job_id, owner in queued:  # in seq order: each tenant's oldest
+                first.setdefault(owner, job_id)
+            owner = min(first, key=lambda o: (running.get(o, 0), last.get(o) or 0.0))
+            job = self.claim(first[owner], worker, stale_after_s=stale_after_s, max_attempts=max_attempts)
+            if job is not None:
+                return job
+        return self.claim(hint, worker, stale_after_s=stale_after_s, max_attempts=max_attempts) if hint else None
+
     def heartbeat(self, job_id: str, attempt: int, progress: dict | None = None) -> bool:
         """False: this attempt no longer owns the job (canceled, deleted, re-queued)."""
-        now = time.time()
+        now = self.clock()
         values: dict[str, Any] = {"heartbeat_at": now}
         if progress is not None:
             values.update(progress=progress, updated_at=now)
@@ -277,13 +309,13 @@ class Store:
         with self.session.begin() as s:
             row = s.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.attempts == attempt))
             if row is not None:
-                row.history = list(row.history or []) + [{"attempt": attempt, **entry, "at": time.time()}]
+                row.history = list(row.history or []) + [{"attempt": attempt, **entry, "at": self.clock()}]
 
     def finish(self, job_id: str, attempt: int, state: str, *, error: str | None = None,
                metrics: dict | None = None, artifacts: list | None = None,
                progress: dict | None = None) -> bool:
         assert state in TERMINAL
-        now = time.time()
+        now = self.clock()
         values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now,
                                   "error": error, "heartbeat_at": now}
         if metrics is not None:
@@ -298,7 +330,7 @@ class Store:
     def reap_stale(self, *, stale_after_s: float, max_attempts: int) -> tuple[list[str], list[str]]:
         """Running jobs whose heartbeat is older than ``stale_after_s``: back to queued (to be
         re-enqueued by the caller), or failed once ``max_attempts`` deliveries were used."""
-        now = time.time()
+        now = self.clock()
         requeued, failed = [], []
         with self.session.begin() as s:
             rows = s.scalars(
@@ -339,9 +371,23 @@ class Store:
         )
         return r.rowcount == 1
 
+    def fail_overdue(self, max_runtime_s: float) -> list[str]:
+        """Running jobs started (first attempt) more than ``max_runtime_s`` ago -> failed. Their
+        worker finds its row gone at the next heartbeat and stops."""
+        now = self.clock()
+        with self.session.begin() as s:
+            ids = list(s.scalars(select(JobRow.id).where(JobRow.state == State.RUNNING,
+                                                         JobRow.started_at < now - max_runtime_s)))
+            for job_id in ids:
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == State.RUNNING).values(
+                    state=State.FAILED, finished_at=now, updated_at=now,
+                    error=f"the job ran longer than the service's limit of {max_runtime_s:.0f}s "
+                          "(CLCALIB_MAX_JOB_RUNTIME_S); use fewer iterations or calibration images"))
+        return ids
+
     def queued_not_enqueued(self, older_than_s: float = 0.0) -> list[str]:
         """Queued jobs whose message was never sent (broker down at submit, or re-queued)."""
-        cutoff = time.time() - older_than_s
+        cutoff = self.clock() - older_than_s
         with self.session() as s:
             return list(s.scalars(
                 select(JobRow.id).where(JobRow.state == State.QUEUED, JobRow.enqueued_at.is_(None),
@@ -349,7 +395,7 @@ class Store:
             ))
 
     def queued_ids(self, older_than_s: float = 0.0) -> list[str]:
-        cutoff = time.time() - older_than_s
+        cutoff = self.clock() - older_than_s
         with self.session() as s:
             return list(s.scalars(
                 select(JobRow.id).where(JobRow.state == State.QUEUED, JobRow.updated_at <= cutoff)
@@ -357,7 +403,7 @@ class Store:
             ))
 
     def expired(self, retention_s: float) -> list[str]:
-        cutoff = time.time() - retention_s
+        cutoff = self.clock() - retention_s
         with self.session() as s:
             return list(s.scalars(
                 select(JobRow.id).where(JobRow.state.in_(TERMINAL), JobRow.finished_at < cutoff,
@@ -367,7 +413,7 @@ class Store:
     def mark_files_deleted(self, job_id: str) -> None:
         with self.session.begin() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id)
-                      .values(files_deleted=True, artifacts=[], updated_at=time.time()))
+                      .values(files_deleted=True, artifacts=[], updated_at=self.clock()))
 
     def all_ids(self) -> set[str]:
         with self.session() as s:

@@ -1,8 +1,14 @@
 """The sweeper: one background thread in every API process.
 
 Each pass: re-queue running jobs whose worker stopped heartbeating (or fail them after
-``max_attempts``), send queued jobs whose message never reached the broker or was lost,
-delete the files of jobs past the retention period, and remove orphaned job folders.
+``max_attempts``), fail jobs past the maximum run time, send queued jobs whose message never
+reached the broker, restore messages the broker lost, delete the files of jobs past the
+retention period, and remove orphaned job folders.
+
+Messages are turns, not jobs (``Store.claim_next``): a worker that takes one runs the fairest
+queued job. So a lost message is made good by comparing counts, per pass, whatever the load:
+fewer messages waiting than queued jobs means some were lost, and the difference is sent again.
+A message too many costs a worker one query.
 All store changes are conditional updates, so several API replicas may sweep at once.
 """
 
@@ -10,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 log = logging.getLogger("clcalib.service")
 
@@ -49,25 +54,34 @@ class Sweeper:
                 log.warning("job %s could not be sent (%s); next sweep retries", job_id, e)
                 return
 
+    def _restore_lost(self) -> None:
+        """Messages lost by the broker (a Redis without persistence restarted, a message dropped
+        under load): fewer waiting than queued jobs. Only once a queued job has waited past a
+        grace period, so messages still on their way are not counted as lost."""
+        grace = max(3 * self.s.sweep_interval_s, 10.0)
+        if not self.store.queued_ids(older_than_s=grace):
+            return
+        try:
+            depth = self.broker.depth()
+        except Exception as e:
+            log.warning("broker unavailable for the sweep: %s", e)
+            return
+        queued = self.store.queued_ids()
+        missing = len(queued) - depth
+        if missing > 0:
+            self._send(queued[:missing], f"{missing} of {len(queued)} queued jobs had no message "
+                       f"({depth} waiting in the broker)")
+
     def sweep(self) -> None:
         s = self.s
         requeued, failed = self.store.reap_stale(stale_after_s=s.stale_after_s, max_attempts=s.max_attempts)
         for job_id in failed:
             log.error("job %s failed: its worker was lost %d times", job_id, s.max_attempts)
         self._send(requeued, "its worker stopped heartbeating")
+        for job_id in self.store.fail_overdue(s.max_job_runtime_s):
+            log.error("job %s failed: it ran longer than %.0fs", job_id, s.max_job_runtime_s)
         self._send(self.store.queued_not_enqueued(older_than_s=2.0), "never reached the broker")
-        # messages lost by the broker (e.g. a Redis without persistence restarted): the queue
-        # is empty but the store still has queued jobs that were sent a while ago
-        grace = max(3 * s.sweep_interval_s, 10.0)
-        old_queued = self.store.queued_ids(older_than_s=grace)
-        if old_queued:
-            try:
-                depth = self.broker.depth()
-            except Exception as e:
-                log.warning("broker unavailable for the sweep: %s", e)
-                depth = None
-            if depth == 0:
-                self._send(old_queued, "the broker queue was empty")
+        self._restore_lost()
         if s.retention_days > 0:  # 0: keep forever
             for job_id in self.store.expired(s.retention_days * 86400):
                 self.storage.delete_job(job_id)
@@ -75,7 +89,7 @@ class Sweeper:
                 log.info("job %s: files deleted after %.1f days of retention", job_id, s.retention_days)
         if self.passes % 20 == 0:
             known = self.store.all_ids()
-            horizon = time.time() - max(3600.0, 2 * s.validate_timeout_s)
+            horizon = self.store.clock() - max(3600.0, 2 * s.validate_timeout_s)
             for job_id in self.storage.job_ids_on_disk() - known:
                 d = self.storage.job_dir(job_id)
                 if d.stat().st_mtime < horizon:

@@ -1,8 +1,9 @@
 """One job, start to finish, on this worker. Called by the Celery task; testable without it.
 
-The row is re-read and claimed (queued -> running, one attempt more) with a conditional
-update, so a duplicate delivery (a Redis redelivery, a re-send by the sweeper) finds nothing to
-do. While the library runs, a heartbeat thread writes the heartbeat and the latest progress
+Each message is one turn of a worker: the fairest queued job is claimed (queued -> running, one
+attempt more; ``Store.claim_next``) with a conditional update, whichever job the message was
+sent for. There is one message per queued job, so every job gets a turn; a duplicate delivery
+(a Redis redelivery, a re-send by the sweeper) finds nothing queued and does nothing. While the library runs, a heartbeat thread writes the heartbeat and the latest progress
 every ``heartbeat_s``; if that write matches no row (canceled, deleted, or re-queued after the
 heartbeat went stale) the next progress callback raises ``Canceled`` and the job stops.
 """
@@ -76,11 +77,13 @@ class Heartbeat:
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     store = store_for(settings)
     storage = Storage(settings.data_dir)
-    job = store.claim(job_id, worker_name, stale_after_s=settings.stale_after_s,
-                      max_attempts=settings.max_attempts)
+    # the message is a turn: run the fairest queued job, which need not be the one it names
+    job = store.claim_next(worker_name, stale_after_s=settings.stale_after_s,
+                           max_attempts=settings.max_attempts, hint=job_id)
     if job is None:
-        log.info("job %s: nothing to do (claimed elsewhere, finished, canceled or deleted)", job_id)
+        log.info("message for job %s: nothing queued to run", job_id)
         return "skipped"
+    job_id = job.id
     attempt = job.attempts
     log.info("job %s: attempt %d on %s", job_id, attempt, worker_name)
     hb = Heartbeat(store, job_id, attempt, settings.heartbeat_s)

@@ -1,4 +1,5 @@
-"""The Celery task: only a job id travels; everything else is read from the store."""
+"""The Celery task: a turn of this worker (see ``worker.runner``). Only a job id travels, as a
+hint; everything else is read from the store."""
 
 from __future__ import annotations
 

@@ -87,3 +87,27 @@ def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url
     # the second attempt started where the first stopped: at the unit after the last finished one
     assert firsts[2]["unit"] >= seen["unit"], (seen, hist)
     assert firsts[1]["unit"] == 0, hist
+
+
+def test_a_message_lost_under_load_is_restored_while_others_wait(redis_server, stack_factory, fmnist_zips):
+    """Issue 14 class 10: Redis drops one message while others still wait. The sweeper sends it
+    again without waiting for the queue to drain, and every job runs."""
+    redis = redis_server(appendonly=False)
+    redis.start()
+    st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_VALIDATE_SAMPLE=8)
+    st.start_api()  # no worker yet: the messages wait in Redis
+    ids = []
+    for _ in range(4):
+        r = st.submit(MOBILENET, fmnist_zips["calib"], FILLER, arch="mobilenet_v2")
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    wait_until(lambda: redis.llen("clcalib") == 4, 30, "4 messages in Redis")
+    import redis as redis_py
+
+    assert redis_py.Redis(port=redis.port).lpop("clcalib") is not None  # lost
+    assert redis.llen("clcalib") == 3
+    # restored within the grace period (10 s) and a sweep, with the other 3 still waiting
+    wait_until(lambda: redis.llen("clcalib") == 4, 30, "the lost message to be sent again")
+    assert "1 of 4 queued jobs had no message (3 waiting in the broker)" in st.api.log.read_text()
+    st.start_worker()
+    assert [st.wait_state(i, timeout=300)["state"] for i in ids] == ["succeeded"] * 4

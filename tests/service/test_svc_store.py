@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from jobs.states import State
@@ -13,13 +11,26 @@ from jobs.store import Store, new_job_id
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    s = Store(url)
+    s = Store(url, clock=Clock())
     yield s
     if request.param == "postgres":
         from jobs.store import Base
 
         Base.metadata.drop_all(s.engine)
     s.close()
+
+
+class Clock:
+    """Wall-clock seconds that move only when a test says: rows age without sleeping."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, s: float) -> None:
+        self.now += s
 
 
 def make(store: Store, owner: str = "t") -> str:
@@ -59,7 +70,7 @@ def test_stale_heartbeat_requeues_then_fails_after_max_attempts(store):
     jid = make(store)
     for attempt in (1, 2):
         assert store.claim(jid, f"w{attempt}", stale_after_s=0.2, max_attempts=2).attempts == attempt
-        time.sleep(0.3)
+        store.clock.advance(0.3)
         requeued, failed = store.reap_stale(stale_after_s=0.2, max_attempts=2)
         if attempt == 1:
             assert requeued == [jid] and store.get(jid).state == State.QUEUED
@@ -78,3 +89,38 @@ def test_list_is_per_owner_newest_first_with_cursor(store):
     page3 = store.list("a", limit=2, before_seq=page2[-1].seq)
     assert [j.id for j in page1 + page2 + page3] == mine[::-1]
     assert store.counts_by_state()[State.QUEUED] == 6
+
+
+def test_claim_next_alternates_tenants_whatever_the_message_says(store):
+    """Tenant a queues 5 jobs, then tenant b one; one worker takes turns. b's job runs after at
+    most one of a's, even though every message names one of a's jobs."""
+    a_jobs = [make(store, "a") for _ in range(5)]
+    store.clock.advance(1)
+    order = []
+    first = store.claim_next("w", stale_after_s=60, max_attempts=3, hint=a_jobs[0])
+    order.append(first.owner)
+    b_job = make(store, "b")
+    store.finish(first.id, 1, State.SUCCEEDED)
+    for hint in a_jobs[1:] + [b_job]:
+        store.clock.advance(1)
+        j = store.claim_next("w", stale_after_s=60, max_attempts=3, hint=hint)
+        order.append(j.owner)
+        store.finish(j.id, 1, State.SUCCEEDED)
+    assert order == ["a", "b", "a", "a", "a", "a"]
+    assert store.claim_next("w", stale_after_s=60, max_attempts=3, hint=b_job) is None  # nothing left
+
+
+def test_claim_next_prefers_the_tenant_with_fewer_running_jobs(store):
+    a1, a2, b1 = make(store, "a"), make(store, "a"), make(store, "b")
+    assert store.claim_next("w1", stale_after_s=60, max_attempts=3).id == a1
+    assert store.claim_next("w2", stale_after_s=60, max_attempts=3).id == b1  # a has one running
+    assert store.claim_next("w3", stale_after_s=60, max_attempts=3).id == a2
+
+
+def test_claim_next_takes_over_its_stale_hint_when_nothing_is_queued(store):
+    jid = make(store)
+    store.claim(jid, "w1", stale_after_s=60, max_attempts=3)
+    assert store.claim_next("w2", stale_after_s=60, max_attempts=3, hint=jid) is None  # alive
+    store.clock.advance(61)
+    j = store.claim_next("w2", stale_after_s=60, max_attempts=3, hint=jid)
+    assert j.id == jid and j.attempts == 2 and j.worker == "w2"
