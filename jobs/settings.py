@@ -40,6 +40,10 @@ class Settings(BaseSettings):
                                   "files are not yet deleted); more: 429")
     body_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long "
                                   "is answered 408 and closed (a stalled or deliberately slow client)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that sends no complete request headers "
+                                    "for this long after opening (or after its last response) is closed")
+    max_connections: int = Field(500, ge=1, description="open connections the API serves at once; requests "
+                                 "beyond it are answered 503 before anything is read from them")
     min_free_bytes: int = Field(
         1 << 30, ge=0, description="free space kept on the data disk: an upload that would go below it is refused "
         "with 507, and /readyz reports not ready while below it")

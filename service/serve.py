@@ -13,6 +13,7 @@ import threading
 import time
 
 from jobs.settings import Settings, get_settings
+from service.connections import protocol
 
 log = logging.getLogger("clcalib.service")
 
@@ -95,7 +96,7 @@ def serve(*, host: str | None = None, port: int | None = None, worker: bool | No
         local.start()
     try:
         uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
-                    timeout_keep_alive=30)
+                    timeout_keep_alive=30, http=protocol(s.header_timeout_s, s.max_connections))
     finally:
         if local is not None:
             local.stop()
