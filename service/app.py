@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clcalib.config import CalibConfig
 from jobs.settings import Settings, env_summary, get_settings
@@ -87,6 +89,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # routing's own errors (unknown path, wrong method) in the same body as every other error
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = {404: f"no such path {request.url.path[:200]!r}; see /docs for the API",
+                  405: f"{request.method} is not allowed on {request.url.path[:200]!r}; see /docs"}.get(
+                      exc.status_code, str(exc.detail))
+        return JSONResponse(ErrorBody(detail=detail, code=code).model_dump(exclude_none=True),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        body = ErrorBody(detail=f"an internal error (reference {ref}, logged on the server); retry, and report "
+                         "it with the reference if it persists", code="internal_error")
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -21,7 +21,7 @@ from service.errors import ErrorBody
 def _too_many(max_connections: int) -> bytes:
     body = json.dumps(ErrorBody(detail=f"the server has {max_connections} open connections, its limit "
                                 "(CLCALIB_MAX_CONNECTIONS); retry shortly", code="too_many_connections")
-                      .model_dump()).encode()
+                      .model_dump(exclude_none=True)).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\n"
             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 

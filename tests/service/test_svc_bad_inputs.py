@@ -291,3 +291,29 @@ def test_a_valid_upload_is_accepted_and_queued(api_only, good):
     with api_only.client() as c:
         assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "canceled"
         assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204
+
+
+def test_every_error_has_the_same_body_shape(api_only, tmp_path):
+    """Routing's 404/405 and an unexpected exception (500) answer like every other error:
+    {"detail", "code"}, never Starlette's {"detail": "Not Found"} or a text page."""
+    with api_only.client("key-a") as c:
+        r = c.get("/no/such/path")
+        assert r.status_code == 404 and r.json()["code"] == "not_found" and "/docs" in r.json()["detail"], r.text
+        r = c.delete("/healthz")
+        assert r.status_code == 405 and r.json()["code"] == "method_not_allowed", r.text
+        assert "GET" in r.headers.get("allow", ""), r.headers
+    from fastapi.testclient import TestClient
+
+    from jobs.settings import Settings
+    from service.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path / "data"))
+
+    def boom():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+    assert r.status_code == 500 and r.json()["code"] == "internal_error", r.text
+    assert "reference" in r.json()["detail"] and "a bug" not in r.text  # no internals leak
