@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 from clcalib.atomic import atomic_path
 from jobs.states import TERMINAL
@@ -98,22 +99,18 @@ class Client:
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
         """(event, data) from the server-sent-event stream, until the job ends."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(60, read=None)) as r:
+        with connect_sse(self.http, "GET", f"/v1/jobs/{job_id}/events",
+                         timeout=httpx.Timeout(60, read=None)) as source:
+            r = source.response
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
-            event, data = "message", []
-            for line in r.iter_lines():
-                if not line:
-                    if data:
-                        yield event, json.loads("\n".join(data))
-                        if event in ("end", "deleted"):
-                            return
-                    event, data = "message", []
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
+            for sse in source.iter_sse():
+                if not sse.data:  # a keep-alive ping (httpx-sse repeats the last id for it)
+                    continue
+                yield sse.event, sse.json()
+                if sse.event in ("end", "deleted"):
+                    return
 
     def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0) -> dict:
         end = time.monotonic() + timeout

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.settings import Settings
@@ -185,35 +185,27 @@ async def get_job(job: OwnedJob) -> JobOut:
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "server-sent events: `status` (a JobOut as JSON) whenever the job changes, "
                        "then `end` once it is succeeded, failed or canceled (or `deleted`)"}},
-    summary="The job's status as a server-sent-event stream", response_class=StreamingResponse,
+    summary="The job's status as a server-sent-event stream", response_class=EventSourceResponse,
 )
-async def job_events(job: OwnedJob, request: Request, store: StoreDep,
+async def job_events(job: OwnedJob, store: StoreDep,
                      poll_s: float = Query(0.5, ge=0.1, le=10.0, description="poll period of the store")):
-    async def stream():
-        last, last_sent = None, time.monotonic()
-        yield "retry: 2000\n\n"
+    async def stream():  # sse-starlette sends pings and stops this when the client goes away
+        seen = None
         while True:
             j = await store_get(store, job.id)
             if j is None:
-                yield "event: deleted\ndata: {}\n\n"
+                yield {"event": "deleted", "data": "{}"}
                 return
-            if j.updated_at != last or j.state != getattr(last, "state", None):
-                last = j.updated_at
-                data = JobOut.of(j).model_dump_json()
-                yield f"id: {j.updated_at:.6f}\nevent: status\ndata: {data}\n\n"
-                last_sent = time.monotonic()
+            if (j.updated_at, j.state) != seen:
+                seen = (j.updated_at, j.state)
+                yield {"id": f"{j.updated_at:.6f}", "event": "status", "data": JobOut.of(j).model_dump_json(),
+                       "retry": 2000}
             if j.terminal:
-                yield f"event: end\ndata: {json.dumps({'state': j.state})}\n\n"
-                return
-            if time.monotonic() - last_sent > 15:
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
-            if await request.is_disconnected():
+                yield {"event": "end", "data": json.dumps({"state": j.state})}
                 return
             await asyncio.sleep(poll_s)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(stream(), ping=15, headers={"X-Accel-Buffering": "no"})
 
 
 def _artifacts(job, storage) -> list[Artifact]:
