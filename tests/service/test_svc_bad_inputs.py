@@ -1,5 +1,7 @@
 """Every bad input tried against a live API (uvicorn over HTTP, the real validator, no
-worker): each gets a 4xx naming the problem, nothing is stored or queued, nothing executes.
+worker): each gets a 4xx naming the problem, nothing is stored or queued, nothing executes;
+meanwhile another tenant's valid submits are all accepted, and the API and the validator stay
+under stated memory bounds (peak RSS, the kernel's VmHWM).
 
 Set CLCALIB_BAD_INPUT_TABLE=path to write the table of answers (docs/service.md has it)."""
 
@@ -11,6 +13,7 @@ import os
 import pickle
 import struct
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -61,6 +64,23 @@ def tar_with_symlink() -> bytes:
 def npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
     b = io.BytesIO()
     np.save(b, arr, allow_pickle=allow_pickle)
+    return b.getvalue()
+
+
+def tar_with_huge_name() -> bytes:
+    """~100 KiB of .tar.gz declaring a 64 MiB member name in a pax header (issue 14 class 1)."""
+    b = io.BytesIO()
+    data = png(np.zeros((28, 28), np.uint8))
+    with tarfile.open(fileobj=b, mode="w:gz", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("x/" + "a" * (64 << 20) + ".png")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    return b.getvalue()
+
+
+def float_tiff(lo: float, hi: float) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.linspace(lo, hi, 28 * 28, dtype=np.float32).reshape(28, 28), mode="F").save(b, format="TIFF")
     return b.getvalue()
 
 
@@ -173,6 +193,15 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("calibration: 3000x3000 image (pixel cap 4,000,000)",
          w(calibration=zip_of({**fine_imgs, "huge.png": img_png(3000, 3000)})), 422, "bad_data",
          "more than the cap of 4000000"),
+        ("calibration: .tar.gz of 100 KiB declaring a 64 MiB member name", w(calibration=tar_with_huge_name()),
+         422, "bad_data", "a tar header of"),
+        ("calibration: 16 tiny PNGs with preprocess.resize 4096 (GBs once upscaled)",
+         w(calibration=zip_of({f"{i}.png": fine_imgs["0.png"] for i in range(4)}),
+           config=json.dumps({**TINY, "preprocess": {**PREPROCESS, "resize": 4096, "crop": None}})),
+         422, "bad_data", "lower preprocess.resize"),
+        ("calibration: float image with values outside [0, 1]",
+         w(calibration=zip_of({**fine_imgs, "f.tif": float_tiff(-3.0, 40.0)})), 422, "bad_data",
+         "values outside [0, 1]"),
         ("calibration: truncated PNG",
          w(calibration=zip_of({**fine_imgs, "bad.png": fine_imgs["0.png"][:40]})), 422, "bad_data",
          "not a readable image"),
@@ -209,6 +238,59 @@ def post(stack, parts: dict, key: str | None = "key-a"):
         return c.post("/v1/jobs", files=files, data=data)
 
 
+MiB = 1 << 20
+API_PEAK_BOUND = 400 * MiB  # streams uploads to disk; ~100 MiB at rest
+VALIDATOR_PEAK_BOUND = 1024 * MiB  # a child with torch imported sits at ~400 MiB
+
+
+class Innocent:
+    """Tenant b submits a valid job again and again (then cancels and deletes it) while tenant
+    a sends the bad inputs; every status it gets is recorded."""
+
+    def __init__(self, stack, good):
+        self.stack, self.good, self.statuses = stack, good, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(300)
+
+    def _run(self):
+        parts = {"model": self.good["model"], "calibration": self.good["calibration"], "arch": "resnet18",
+                 "num_classes": "10", "config": json.dumps(TINY)}
+        while not self._stop.is_set():
+            r = post(self.stack, parts, key="key-b")
+            self.statuses.append(r.status_code)
+            if r.status_code == 202:
+                with self.stack.client("key-b") as c:
+                    c.post(f"/v1/jobs/{r.json()['id']}/cancel")
+                    c.delete(f"/v1/jobs/{r.json()['id']}")
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
 def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
     table, failures = [], []
     # the payload is live: unpickling it here creates its marker file
@@ -216,12 +298,20 @@ def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
     pickle.loads(pickle.dumps(Evil(control)))
     assert control.exists()
     all_cases = cases(good, tmp_path)
-    for what, parts, status, code, phrase in all_cases:
-        r = post(api_only, parts)
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text}
-        table.append((what, r.status_code, body.get("code", ""), body.get("detail", "")))
-        if r.status_code != status or body.get("code") != code or phrase not in body.get("detail", ""):
-            failures.append(f"{what}: got {r.status_code} {body}")
+    with Innocent(api_only, good) as innocent:
+        for what, parts, status, code, phrase in all_cases:
+            r = post(api_only, parts)
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text}
+            table.append((what, r.status_code, body.get("code", ""), body.get("detail", "")))
+            if r.status_code != status or body.get("code") != code or phrase not in body.get("detail", ""):
+                failures.append(f"{what}: got {r.status_code} {body}")
+    # the other tenant was served throughout
+    assert len(innocent.statuses) >= 5 and set(innocent.statuses) == {202}, innocent.statuses
+    peaks = {"api": _peak_rss(api_only.api.pid)}
+    peaks.update({f"validator {p}": _peak_rss(p) for p in _children(api_only.api.pid)})
+    print("\npeak RSS MiB:", {k: v // MiB for k, v in peaks.items()}, "innocent submits:", len(innocent.statuses))
+    assert peaks["api"] < API_PEAK_BOUND, peaks
+    assert len(peaks) > 1 and all(v < VALIDATOR_PEAK_BOUND for k, v in peaks.items() if k != "api"), peaks
     # transport-level cases
     with api_only.client() as c:
         r = c.post("/v1/jobs", json={"arch": "resnet18"})
@@ -254,7 +344,8 @@ def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
     assert not (tmp_path / "evil_raw_ran").exists() and not (tmp_path / "evil_torchsave_ran").exists()
     with api_only.client() as c:
         assert c.get("/v1/jobs").json()["jobs"] == []
-        assert "clcalib_queue_depth 0.0" in c.get("/metrics").text
+        # the only messages are the innocent tenant's (canceled: a worker would skip them)
+        assert f"clcalib_queue_depth {float(len(innocent.statuses))}" in c.get("/metrics").text
     data = Path(api_only.env["CLCALIB_DATA_DIR"])
     assert list((data / "jobs").iterdir()) == []
     assert api_only.api.alive()
