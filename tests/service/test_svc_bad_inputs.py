@@ -195,7 +195,7 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
          "more than the cap of 4000000"),
         ("calibration: .tar.gz of 100 KiB declaring a 64 MiB member name", w(calibration=tar_with_huge_name()),
          422, "bad_data", "a tar header of"),
-        ("calibration: 16 tiny PNGs with preprocess.resize 4096 (GBs once upscaled)",
+        ("calibration: 4 small PNGs with preprocess.resize 4096 (GBs once upscaled)",
          w(calibration=zip_of({f"{i}.png": fine_imgs["0.png"] for i in range(4)}),
            config=json.dumps({**TINY, "preprocess": {**PREPROCESS, "resize": 4096, "crop": None}})),
          422, "bad_data", "lower preprocess.resize"),
