@@ -38,11 +38,20 @@ def protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Prot
     class HeaderDeadline(Base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)  # adds this one to self.connections
-            if len(self.connections) > max_connections:
+            self._refused = len(self.connections) > max_connections
+            if self._refused:
+                # answer, half-close, and drop what the client sends for a moment before closing:
+                # closing with its request unread would reset the connection and lose the answer
                 transport.write(refusal)
-                transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.loop.call_later(2.0, transport.close)
                 return
             self._arm_header_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
 
         def _arm_header_deadline(self) -> None:
             # the protocol makes a new cycle when a request's headers are complete
