@@ -206,3 +206,38 @@ class Stack:
         for w in self.workers:
             w.stop()
         self.stop_api()
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says (Store(clock=...)): rows age
+    without sleeping."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, s: float) -> None:
+        self.now += s
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (the kernel's VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the process's direct children (the API's validator processes)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out

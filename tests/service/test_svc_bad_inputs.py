@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from svc_fmnist import PREPROCESS, TINY, png
+from svc_helpers import children, peak_rss
 
 MOBILENET = Path("/work/shared/reference/fmnist_mobilenet_v2.safetensors")
 
@@ -272,25 +273,6 @@ class Innocent:
                     c.delete(f"/v1/jobs/{r.json()['id']}")
 
 
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
 def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
     table, failures = [], []
     # the payload is live: unpickling it here creates its marker file
@@ -307,8 +289,8 @@ def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
                 failures.append(f"{what}: got {r.status_code} {body}")
     # the other tenant was served throughout
     assert len(innocent.statuses) >= 5 and set(innocent.statuses) == {202}, innocent.statuses
-    peaks = {"api": _peak_rss(api_only.api.pid)}
-    peaks.update({f"validator {p}": _peak_rss(p) for p in _children(api_only.api.pid)})
+    peaks = {"api": peak_rss(api_only.api.pid)}
+    peaks.update({f"validator {p}": peak_rss(p) for p in children(api_only.api.pid)})
     print("\npeak RSS MiB:", {k: v // MiB for k, v in peaks.items()}, "innocent submits:", len(innocent.statuses))
     assert peaks["api"] < API_PEAK_BOUND, peaks
     assert len(peaks) > 1 and all(v < VALIDATOR_PEAK_BOUND for k, v in peaks.items() if k != "api"), peaks

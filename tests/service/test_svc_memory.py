@@ -18,31 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from svc_fmnist import TINY
-from svc_helpers import Stack
+from svc_helpers import Stack, children, peak_rss
 
 MiB = 1 << 20
 # a validator child with torch imported sits at ~400 MiB; the attack used to take it to ~3.6 GB
 VALIDATOR_PEAK_BOUND = 1024 * MiB
 API_PEAK_BOUND = 400 * MiB
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
 
 
 def _tiny_pngs(path: Path, n: int = 16) -> Path:
@@ -82,11 +63,11 @@ def test_upscaling_config_is_refused_from_headers_with_bounded_memory(tmp_path, 
         assert "4096x4096" in body["detail"] and "preprocess.resize" in body["detail"], body
         assert out["b"].status_code == 202, out["b"].text
         api_pid = st.api.pid
-        kids = _children(api_pid)
+        kids = children(api_pid)
         assert kids, "no validator children found"
-        peaks = {pid: _peak_rss(pid) for pid in kids}
+        peaks = {pid: peak_rss(pid) for pid in kids}
         assert max(peaks.values()) < VALIDATOR_PEAK_BOUND, {p: v // MiB for p, v in peaks.items()}
-        assert _peak_rss(api_pid) < API_PEAK_BOUND, _peak_rss(api_pid) // MiB
+        assert peak_rss(api_pid) < API_PEAK_BOUND, peak_rss(api_pid) // MiB
     finally:
         st.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from svc_helpers import FakeClock
 
 from jobs.states import State
 from jobs.store import Store, new_job_id
@@ -11,26 +12,13 @@ from jobs.store import Store, new_job_id
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    s = Store(url, clock=Clock())
+    s = Store(url, clock=FakeClock())
     yield s
     if request.param == "postgres":
         from jobs.store import Base
 
         Base.metadata.drop_all(s.engine)
     s.close()
-
-
-class Clock:
-    """Wall-clock seconds that move only when a test says: rows age without sleeping."""
-
-    def __init__(self):
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, s: float) -> None:
-        self.now += s
 
 
 def make(store: Store, owner: str = "t") -> str:

@@ -4,6 +4,8 @@ still wait, and a job past the maximum run time fails. Rows age on a fake clock,
 
 from __future__ import annotations
 
+from svc_helpers import FakeClock
+
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import Storage
@@ -23,20 +25,9 @@ class FakeBroker:
         return self._depth
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, s: float) -> None:
-        self.now += s
-
-
 def setup(tmp_path, **kw):
     s = Settings(data_dir=tmp_path, retention_days=7, stale_after_s=0.2, max_attempts=3, **kw)
-    store, storage = Store(s.store_url, clock=Clock()), Storage(tmp_path)
+    store, storage = Store(s.store_url, clock=FakeClock()), Storage(tmp_path)
     return s, store, storage
 
 
