@@ -5,71 +5,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from clcalib.config import CalibConfig, ExportFormat, Method, Partition
+from clcalib.config import CalibConfig
+from clcalib.config_flags import add_config_flags, config_overrides
 from clcalib.errors import CalibrationError, ConfigError
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.replace(",", " ").split()]
-
-
-def _size(text: str) -> int | None:
-    return None if text.lower() in ("none", "0", "") else int(text)
-
-
 def _add_calibrate(sub) -> None:
-    # allow_abbrev=False: _given() looks for the exact flags ('none' is a value for some)
     p = sub.add_parser("calibrate", help="quantize a model and write OUTDIR/quantized.safetensors + report.json",
+                       description="Quantize a model: either --arch with --num-classes and --weights (a registered "
+                       "architecture), or --model (any model as a torch.export program).",
                        allow_abbrev=False)
-    p.add_argument("--arch", help="a registered architecture (with --num-classes and --weights); or give --model")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--weights", help="state_dict: .safetensors or a torch file (weights_only)")
-    p.add_argument("--model", help="any model as a torch.export program (.pt2, dynamic batch), instead of --arch")
-    p.add_argument("--partition", choices=[v.value for v in Partition],
-                   help="units from the graph, from registered modules, or auto (default)")
-    p.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
-    p.add_argument("--eval", help="folder or zip with one subfolder per class")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="JSON file with config fields; flags below override it")
-    p.add_argument("--resume-dir", help="keep per-unit state here; a rerun continues after the last finished unit")
-    p.add_argument("--method", choices=[m.value for m in Method])
-    p.add_argument("--w-bits", type=int)
-    p.add_argument("--a-bits", type=int)
-    p.add_argument("--first-last-bits", type=_size, help="bits of first conv / last linear; 'none': same as body")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--calib-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--round-weight", type=float)
-    p.add_argument("--drop-prob", type=float)
-    p.add_argument("--drop-scope", choices=["input", "all"], help="qdrop: drop at the unit input only, or at every activation quantizer too")
-    p.add_argument("--resize", type=_size, help="shorter side; 'none' to keep the size")
-    p.add_argument("--crop", type=_size, help="center crop; 'none' to skip")
-    p.add_argument("--mean", type=_floats, help="one or three values")
-    p.add_argument("--std", type=_floats, help="one or three values")
-    p.add_argument("--cl-calib", action="store_true", help="add the CL-Calib contrastive term")
-    p.add_argument("--cl-lambda", type=float)
-    p.add_argument("--cl-tau", type=float)
-    p.add_argument("--cl-mapping", choices=["fp_tail", "pool", "flatten"])
-    p.add_argument("--cl-critic", choices=["nce", "infonce"])
-    p.add_argument("--cl-negatives", choices=["batch", "bank"])
-    p.add_argument("--cl-rec-weight", type=float, help="weight of the reconstruction MSE (0: L_CL alone)")
-    p.add_argument("--export", action="append", choices=[f.value for f in ExportFormat],
-                   help="also write OUTDIR/model.onnx (QDQ), checked in ONNX Runtime in the same run")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", help=f"a registered architecture: {', '.join(_archs())} (with --num-classes and --weights)")
+    g.add_argument("--num-classes", type=int, help="the model's output classes (with --arch)")
+    g.add_argument("--weights", help="the model's state_dict: .safetensors or a torch file (loaded weights_only)")
+    g.add_argument("--model", help="any model as a torch.export program (.pt2, dynamic batch), instead of --arch")
+    g.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    g.add_argument("--eval", help="folder, zip or tar with one subfolder per class (named 0..C-1, or by class "
+                   "name with --labels)")
+    g.add_argument("--labels", help=LABELS_HELP)
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--config", help="JSON file of config fields; the flags below override it")
+    g.add_argument("--resume-dir", help="keep per-unit state here; a rerun continues after the last finished unit")
+    add_config_flags(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
 
-def _given(a: argparse.Namespace, flag: str) -> bool:
-    """Was ``flag`` on the command line (needed where 'none' is a meaningful value)?"""
-    return flag in (arg.split("=")[0] for arg in getattr(a, "_argv", []))
+LABELS_HELP = ("text file of the model's class names, one per line in index order: evaluation folders named by "
+               "class map through it (without it they map in sorted order, with a warning)")
+
+
+def _labels(a: argparse.Namespace) -> list[str] | None:
+    from clcalib.data import read_labels
+
+    return read_labels(a.labels) if getattr(a, "labels", None) else None
+
+
+def _mapping_note(data) -> None:
+    """Say how class folders were mapped, loudly when it was by sorted name."""
+    from clcalib.traps import mapping_warning
+
+    w = mapping_warning(data.mapping, data.by_name)
+    if w:
+        print(f"clcalib: WARNING: {w}", file=sys.stderr)
+
+
+def _archs() -> list[str]:
+    from clcalib.graph.registry import ARCHS
+
+    return list(ARCHS)
 
 
 def _config_file(path: str | None) -> dict:
@@ -84,28 +76,7 @@ def _config_file(path: str | None) -> dict:
 
 
 def config_from_args(a: argparse.Namespace) -> CalibConfig:
-    base = _config_file(a.config)
-    top = ["method", "w_bits", "a_bits", "first_last_bits", "iters", "batch_size", "calib_size", "seed",
-           "device", "round_weight", "drop_prob", "drop_scope", "export", "partition"]
-    for k in top:
-        if getattr(a, k) is not None or (k == "first_last_bits" and _given(a, "--first-last-bits")):
-            base[k] = getattr(a, k)
-    pre = dict(base.get("preprocess", {}))
-    for k in ("resize", "crop", "mean", "std"):
-        if _given(a, f"--{k}"):
-            pre[k] = getattr(a, k)
-    if pre:
-        base["preprocess"] = pre
-    cl = dict(base.get("cl_calib", {}))
-    if a.cl_calib:
-        cl["enabled"] = True
-    for flag, key in (("cl_lambda", "lambda"), ("cl_tau", "tau"), ("cl_mapping", "mapping"),
-                      ("cl_critic", "critic"), ("cl_negatives", "negatives"), ("cl_rec_weight", "rec_weight")):
-        if getattr(a, flag) is not None:
-            cl[key] = getattr(a, flag)
-    if cl:
-        base["cl_calib"] = cl
-    return CalibConfig.model_validate(base)
+    return CalibConfig.model_validate(config_overrides(a, _config_file(a.config)))
 
 
 class _Bar:
@@ -116,9 +87,13 @@ class _Bar:
         self.quiet = quiet
 
     def __call__(self, e) -> None:
+        from tqdm import tqdm
+
+        if e.stage == "warning":  # loud even with --quiet: the run may be giving garbage
+            tqdm.write(f"clcalib: WARNING: {e.message}", file=sys.stderr)
+            return
         if self.quiet:
             return
-        from tqdm import tqdm
 
         if self.bar is None and e.num_units:
             self.bar = tqdm(total=e.num_units * max(e.iters, 1), unit="it", dynamic_ncols=True, file=sys.stderr)
@@ -155,7 +130,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     _model_args(a)
     report = run_calibration(arch=a.arch, num_classes=a.num_classes, weights=a.weights, model=a.model, calibration=a.calib,
                              config=cfg, out_dir=a.out, evaluation=a.eval, on_progress=_Bar(a.quiet),
-                             resume_dir=a.resume_dir)
+                             resume_dir=a.resume_dir, labels=_labels(a))
     _print_table(report)
     return 0
 
@@ -180,6 +155,11 @@ def _print_table(report: dict) -> None:
     if m.get("onnx_bytes") is not None:
         rows.append(("ONNX (QDQ) in ONNX Runtime", f"{report['onnx']}: {m['onnx_bytes'] / 1e6:.2f} MB, top-1 {_fmt(m['onnx_top1'])}, "
                      f"agreement with torch {_fmt(m['onnx_top1_agreement'])} % on {m['onnx_checked_images']} images"))
+    if report.get("class_mapping"):
+        cm = sorted(report["class_mapping"].items(), key=lambda kv: kv[1])
+        rows.append(("evaluation classes", ", ".join(f"{n}={i}" for n, i in cm[:10]) + (", ..." if len(cm) > 10 else "")))
+    for warning in m.get("warnings") or []:
+        rows.append(("WARNING", warning))
     w = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
     print(f"{'unit':<28} {'loss before':>12} {'loss after':>12}")
@@ -190,8 +170,9 @@ def _print_table(report: dict) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="re-measure a saved quantized checkpoint on a labeled folder/zip")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--eval", required=True)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval", required=True, help="folder, zip or tar with one subfolder per class")
+    p.add_argument("--labels", help=LABELS_HELP)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -207,7 +188,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     device = str(resolve_device(a.device))
     model = load_quantized(a.checkpoint, device=device)
     header = model.header
-    data = load_labeled(a.eval, Preprocess.model_validate(header["preprocess"]))
+    data = load_labeled(a.eval, Preprocess.model_validate(header["preprocess"]), labels=_labels(a))
+    _mapping_note(data)
     if int(data.labels.max()) >= header["num_classes"]:
         raise DataError(f"{a.eval}: class index {int(data.labels.max())} but the model has {header['num_classes']} classes")
     acc = top1(predict(model, data.images, device=device), data.labels)
@@ -219,16 +201,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print the reconstruction units, their layers and every quantizer's place "
                        "for a model and config, before calibrating", allow_abbrev=False)
-    p.add_argument("--arch", help="a registered architecture (see README)")
+    p.add_argument("--arch", help=f"a registered architecture: {', '.join(_archs())}")
     p.add_argument("--model", help="a torch.export program (.pt2), instead of --arch")
-    p.add_argument("--partition", choices=[v.value for v in Partition], help="see calibrate")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default: 224)")
     p.add_argument("--config", help="JSON file with config fields (bits, act_placement, ...)")
-    p.add_argument("--w-bits", type=int)
-    p.add_argument("--a-bits", type=int)
-    p.add_argument("--first-last-bits", type=_size, help="'none': same as the body")
-    p.add_argument("--act-placement", choices=["block", "every_layer"])
+    add_config_flags(p, only={"--w-bits", "--a-bits", "--first-last-bits", "--act-placement", "--partition"})
     p.add_argument("--json", action="store_true", help="print one JSON list of units")
     p.set_defaults(func=cmd_inspect)
 
@@ -240,13 +218,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from clcalib.graph.partition import QuantModel, QuantSpec
     from clcalib.graph.registry import build_model
 
-    base = _config_file(a.config)
-    for k in ("w_bits", "a_bits", "act_placement", "partition"):
-        if getattr(a, k) is not None:
-            base[k] = getattr(a, k)
-    if _given(a, "--first-last-bits"):
-        base["first_last_bits"] = a.first_last_bits
-    cfg = CalibConfig.model_validate(base)
+    cfg = config_from_args(a)
     _model_args(a, weights=False)
     if a.model is not None:
         from clcalib.graph.program import read_program
@@ -266,10 +238,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ), checked in ONNX Runtime")
     p.add_argument("--checkpoint", required=True, help="quantized.safetensors written by calibrate or a job")
-    p.add_argument("--format", choices=[f.value for f in ExportFormat], default=ExportFormat.ONNX.value)
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="default: onnx (QDQ)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--eval", help="folder or zip with one subfolder per class: check top-1 there "
                    "(default: agreement with the torch model on 256 random inputs)")
+    p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)
 
@@ -288,7 +261,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     model = load_quantized(a.checkpoint)
     shape = tuple(model.header["input_shape"])
     if a.eval:
-        data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]))
+        data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]), labels=_labels(a))
+        _mapping_note(data)
         images, labels = data.images, data.labels
         if tuple(images.shape[1:]) != shape[1:]:
             raise DataError(f"--eval {a.eval}: images come out {tuple(images.shape[1:])} with the checkpoint's "
@@ -306,8 +280,16 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("clcalib")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clcalib", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"clcalib {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_calibrate(sub)
     _add_evaluate(sub)
@@ -322,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         add_commands(sub)
     args = parser.parse_args(argv)
-    args._argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return int(args.func(args) or 0)
     except ValidationError as e:

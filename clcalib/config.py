@@ -86,8 +86,10 @@ class Preprocess(Strict):
 
     resize: int | None = Field(256, ge=1, le=4096, description="shorter side resized to this; null: no resize")
     crop: int | None = Field(224, ge=1, le=4096, description="center crop size; null: no crop")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel mean subtracted "
+                                              "after scaling pixels to [0, 1]; one value or three")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel divisor after "
+                                             "the mean; one value or three")
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -117,7 +119,7 @@ class Preprocess(Strict):
 class ClCalib(Strict):
     """CL-Calib: contrastive term added to each unit's reconstruction loss."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="add the contrastive term to each unit's loss")
     lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
     tau: float = Field(0.5, gt=0.0, le=10.0, description="critic temperature")
     mapping: Literal["fp_tail", "pool", "flatten"] = "fp_tail"
@@ -152,7 +154,9 @@ class PdQuant(Strict):
 class CalibConfig(Strict):
     """Everything that decides a calibration result. Unknown keys are rejected."""
 
-    method: Method = Method.QDROP
+    method: Method = Field(Method.QDROP, description="minmax/mse: ranges only; adaround: layer-wise rounding; "
+                           "brecq: block-wise; qdrop: block-wise with dropped activation quantization; "
+                           "pdquant: qdrop + prediction difference")
     w_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS, description="weight bits")
     a_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS, description="activation bits")
     first_last_bits: int | None = Field(
@@ -170,9 +174,9 @@ class CalibConfig(Strict):
         "block types), auto (modules for the registry architectures, graph otherwise)",
     )
     iters: int = Field(20000, ge=0, le=200000, description="optimization iterations per reconstruction unit")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description="calibration images per reconstruction step")
     calib_size: int = Field(1024, ge=1, le=100000, description="calibration images used (a seeded random subset if more are given)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the calibration subset, batches and dropping")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda when available")
     lr_round: float = Field(3e-3, gt=0, le=1.0, description="Adam lr of the AdaRound variables")
     lr_act: float = Field(4e-5, ge=0, le=1.0, description="Adam lr of activation step sizes (cosine decay to 0)")

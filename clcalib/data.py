@@ -106,6 +106,7 @@ class ImageSource:
     def __init__(self, path: str | Path, limits: Limits = DEFAULT_LIMITS):
         self.path = Path(path)
         self.limits = limits
+        self.smallest_side = 1 << 30  # of the images decoded so far (for the upscaling warning)
         if not self.path.exists():
             raise DataError(f"{self.path}: no such file or directory")
         self._zip = self._tar = None
@@ -211,6 +212,7 @@ class ImageSource:
                 w, h = im.size
                 if w * h > self.limits.max_image_pixels:
                     raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {self.limits.max_image_pixels}")
+                self.smallest_side = min(self.smallest_side, w, h)
                 if pre is not None:
                     rw, rh = resized_size(w, h, pre)
                     cap = self.limits.max_sample_pixels
@@ -307,8 +309,9 @@ def load_tensor_file(path: Path) -> torch.Tensor:
 
 
 def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0,
-                     limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    """Up to ``size`` preprocessed images (a seeded random subset when more are given)."""
+                     limits: Limits = DEFAULT_LIMITS, stats: dict | None = None) -> torch.Tensor:
+    """Up to ``size`` preprocessed images (a seeded random subset when more are given).
+    ``stats``, if given, receives ``smallest_side``: the shortest image side read (images only)."""
     path = Path(path)
     if path.suffix.lower() in TENSOR_SUFFIXES and path.is_file():
         t = load_tensor_file(path)
@@ -318,7 +321,10 @@ def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0
         names = src.names
         if len(names) > size:
             names = [names[i] for i in _subset(len(names), size, seed).tolist()]
-        return _stack(src, names, pre)
+        out = _stack(src, names, pre)
+        if stats is not None:
+            stats["smallest_side"] = src.smallest_side
+        return out
     finally:
         src.close()
 
@@ -332,15 +338,38 @@ def _subset(n: int, size: int, seed: int) -> torch.Tensor:
 class LabeledImages:
     images: torch.Tensor
     labels: torch.Tensor
-    classes: list[str]
+    classes: list[str]  # folder name of each class index
+    mapping: dict[str, int]  # folder name -> class index, as used
+    by_name: bool = False  # folders named by class name and mapped in sorted order (no labels file)
 
 
-def class_names_to_indices(names: list[str]) -> dict[str, int]:
-    """Folders named 0..C-1 map to that index; otherwise sorted names map in order (ImageFolder)."""
+def class_names_to_indices(names: list[str], labels: list[str] | None = None) -> dict[str, int]:
+    """Folder name -> class index. With ``labels`` (the class names in the model's index order)
+    each folder maps to its name's position there; otherwise folders named 0..C-1 map to that
+    index, and other names map in sorted order (ImageFolder's rule, rarely the model's order)."""
     uniq = sorted(set(names))
+    if labels is not None:
+        index = {n: i for i, n in enumerate(labels)}
+        unknown = [n for n in uniq if n not in index]
+        if unknown:
+            raise DataError(f"class folders {unknown[:5]} are not in the labels file ({len(labels)} names, e.g. "
+                            f"{labels[:3]}); the file must list the model's class names, one per line, in index order")
+        return {n: index[n] for n in uniq}
     if all(n.isdigit() for n in uniq):
         return {n: int(n) for n in uniq}
     return {n: i for i, n in enumerate(uniq)}
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """A labels file: one class name per line, in the model's index order (blank lines ignored)."""
+    try:
+        names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"labels file {path}: cannot be read ({e})") from None
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"labels file {path}: expected distinct class names, one per line; got {len(names)} lines "
+                        f"with {len(set(names))} distinct")
+    return names
 
 
 def class_of(names: list[str]) -> list[str]:
@@ -353,13 +382,15 @@ def class_of(names: list[str]) -> list[str]:
     return [p[0] for p in parts]
 
 
-def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS) -> LabeledImages:
+def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS,
+                 labels: list[str] | None = None) -> LabeledImages:
     src = ImageSource(path, limits)
     try:
         classes = class_of(src.names)
-        index = class_names_to_indices(classes)
-        labels = torch.tensor([index[c] for c in classes])
-        return LabeledImages(_stack(src, src.names, pre), labels, sorted(index, key=index.get))
+        index = class_names_to_indices(classes, labels)
+        by_name = labels is None and not all(c.isdigit() for c in index)
+        return LabeledImages(_stack(src, src.names, pre), torch.tensor([index[c] for c in classes]),
+                             sorted(index, key=index.get), index, by_name)
     finally:
         src.close()
 

@@ -16,15 +16,19 @@ from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import DEFAULT_LIMITS, Limits, load_calibration, load_labeled
+from clcalib.diagnostics import layer_sqnr, per_class
 from clcalib.errors import DataError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
-from clcalib.metrics import compare, predict
+from clcalib.metrics import compare, predict, top1
 from clcalib.progress import ProgressCallback, ProgressEvent
+from clcalib.report_html import REPORT_HTML_NAME, write_report_html
+from clcalib.traps import chance_warning, mapping_warning, upscale_warning
 
 CHECKPOINT_NAME = "quantized.safetensors"
 REPORT_NAME = "report.json"
 ONNX_NAME = "model.onnx"
+DIAGNOSTIC_IMAGES = 64  # calibration images the per-layer SQNR is measured on
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
@@ -65,12 +69,14 @@ def run_calibration(
     on_progress: ProgressCallback | None = None,
     resume_dir: str | Path | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    labels: list[str] | None = None,
 ) -> dict:
     """Writes out_dir/quantized.safetensors and out_dir/report.json (each atomically) and
     returns the report dict. The model: ``arch`` + ``num_classes`` + ``weights`` (a registry
     architecture), or ``model``, a torch.export program (.pt2). ``resume_dir`` keeps per-unit state so a rerun with the same
     inputs continues after the last fully reconstructed unit. ``limits``: the bounds on
-    reading the image sets (a service passes its operator's settings). ``on_progress`` may raise
+    reading the image sets (a service passes its operator's settings). ``labels``: the class
+    names in the model's index order, for evaluation folders named by class. ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
     out = Path(out_dir)
@@ -89,16 +95,31 @@ def run_calibration(
         raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
     else:
         fp_model = build_model(arch, num_classes, read_state_dict(weights))
-    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits)
-    evalset = load_labeled(evaluation, config.preprocess, limits) if evaluation is not None else None
+    stats: dict = {}
+    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits, stats)
+    evalset = load_labeled(evaluation, config.preprocess, limits, labels) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
         raise DataError(f"evaluation has class index {int(evalset.labels.max())} but the model has {num_classes} classes")
     if evalset is not None and evalset.images.shape[1:] != calib.shape[1:]:
         raise DataError(f"evaluation images come out {tuple(evalset.images.shape[1:])} but calibration data is "
                         f"{tuple(calib.shape[1:])}; use the same preprocessing (resize/crop) for both")
 
-    result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
     emit = on_progress or (lambda e: None)
+    device = resolve_device(config.device)
+    warnings = [upscale_warning(config.preprocess, stats.get("smallest_side"))]
+    fp_logits = None
+    if evalset is not None:  # the FP model first: a preprocessing mismatch shows before the long part
+        warnings.append(mapping_warning(evalset.mapping, evalset.by_name))
+        emit(ProgressEvent(stage="evaluate"))
+        with exact_numerics():
+            runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
+            fp_logits = predict(runnable.to(device), evalset.images, device=device)
+        warnings.append(chance_warning(top1(fp_logits, evalset.labels), num_classes))
+    warnings = [w for w in warnings if w]
+    for w in warnings:
+        emit(ProgressEvent(stage="warning", message=w))
+
+    result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
     emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
     ckpt = out / CHECKPOINT_NAME
     header = {"calib_sha256": result.calib_sha256, "calib_images": len(calib)}
@@ -109,17 +130,16 @@ def run_calibration(
 
     storage = save({})
 
-    device = resolve_device(config.device)
     reloaded = load_quantized(ckpt, device=str(device))
     metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
+    classes = None
     if evalset is not None:
         emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
         with exact_numerics():
-            runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
-            fp_logits = predict(runnable.to(device), evalset.images, device=device)
             q_logits = predict(reloaded, evalset.images, device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
+        classes = per_class(fp_logits, q_logits, evalset.labels, num_classes)
     if ExportFormat.ONNX in config.export:
         emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
         metrics.update(_export_onnx(reloaded, out / ONNX_NAME, calib, evalset,
@@ -131,6 +151,7 @@ def run_calibration(
         "fp32_weight_bytes": storage.fp32_bytes,
         "compression_vs_fp32": storage.ratio,
         "resumed_units": result.metrics.get("resumed_units", 0),
+        "warnings": warnings,
     })
     if config.cl_calib.enabled:
         metrics["cl_calib"] = config.cl_calib.model_dump(mode="json", by_alias=True)
@@ -148,6 +169,11 @@ def run_calibration(
         "calib_sha256": result.calib_sha256,
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
+        "class_mapping": evalset.mapping if evalset is not None else None,
+        "per_class": classes,
+        # the in-memory model still holds the FP weights beside their rounding (the checkpoint only the latter)
+        "layers": layer_sqnr(result.model, calib[:DIAGNOSTIC_IMAGES].to(device)),
+        "layer_images": min(DIAGNOSTIC_IMAGES, len(calib)),
         "checkpoint": CHECKPOINT_NAME,
         "onnx": ONNX_NAME if ExportFormat.ONNX in config.export else None,
         "versions": versions(),
@@ -155,4 +181,5 @@ def run_calibration(
     }
     save({"metrics": metrics})  # same tensors, now with the measured metrics in the header
     write_json_atomic(report, out / REPORT_NAME)
+    write_report_html(report, out / REPORT_HTML_NAME)
     return report

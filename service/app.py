@@ -19,6 +19,7 @@ from clcalib.config import CalibConfig
 from jobs.settings import Settings, env_summary, get_settings
 from jobs.storage import Storage
 from jobs.store import Store
+from service import web
 from service.broker import Broker
 from service.docs import add_docs
 from service.errors import ApiError, ErrorBody
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(jobs.router)
     app.include_router(system.router)
+    app.include_router(web.router)
+    app.mount("/ui/static", web.static, name="static")
 
     if not settings.api_keys:
         @app.middleware("http")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from clcalib.config_flags import add_config_flags
 from jobs.states import State
 
 
@@ -43,10 +45,14 @@ def _config(text: str | None) -> dict:
 
 
 def cmd_submit(args) -> int:
+    from clcalib.config import CalibConfig
+    from clcalib.config_flags import config_overrides
+
+    config = config_overrides(args, _config(args.config))
+    CalibConfig.model_validate(config)  # a bad flag is one line here, not an upload later
     with _client(args) as c:
         job = c.submit(model=args.model, calibration=args.calibration, arch=args.arch,
-                       num_classes=args.num_classes, config=_config(args.config),
-                       evaluation=args.evaluation)
+                       num_classes=args.num_classes, config=config, evaluation=args.evaluation)
         if args.watch:
             print(job["id"], file=sys.stderr)
             return _watch(c, job["id"])
@@ -56,39 +62,68 @@ def cmd_submit(args) -> int:
 
 def cmd_status(args) -> int:
     with _client(args) as c:
-        _print(c.status(args.job_id))
+        j = c.status(args.job_id)
+    if args.json:
+        _print(j)
+        return 0
+    print(f"job {j['id']}: {j['state']}{_where(j)}")
+    if j.get("error"):
+        print(f"error: {j['error']}")
+    if j.get("metrics"):
+        print(_summary(j["metrics"]))
     return 0
 
 
+def _where(j: dict) -> str:
+    """', unit 3/10 layer1.0, iteration 120/200' while it runs (never past the last unit)."""
+    p = j.get("progress") or {}
+    if j["state"] != State.RUNNING or not p.get("num_units"):
+        return ""
+    unit = min(p.get("unit", 0) + 1, p["num_units"])
+    it = f", iteration {p['iteration']}/{p['iters']}" if p.get("iters") and p.get("iteration") is not None else ""
+    return f", {p.get('stage', '')} unit {unit}/{p['num_units']} {p.get('unit_name', '')}{it}"
+
+
+def _summary(m: dict) -> str:
+    """One or two lines of a finished job's metrics."""
+    parts = []
+    if m.get("quant_top1") is not None:
+        parts.append(f"top-1 {m['quant_top1']:.2f} % (FP {m.get('fp_top1', float('nan')):.2f} %)")
+    if m.get("top1_agreement") is not None:
+        parts.append(f"agreement {m['top1_agreement']:.2f} %")
+    if m.get("weight_bytes"):
+        parts.append(f"weights {m['weight_bytes'] / 1e6:.2f} MB ({m.get('compression_vs_fp32', 0):.1f}x smaller)")
+    if m.get("calibration_seconds") is not None:
+        parts.append(f"calibrated in {m['calibration_seconds']:.0f} s")
+    return "; ".join(parts)
+
+
 def _watch(c, job_id: str) -> int:
+    """One progress bar over every unit's iterations, then a short summary."""
     from tqdm import tqdm
 
-    bar, last, state = None, None, State.QUEUED
+    bar, event = None, None
     for event, data in c.events(job_id):
-        if event == "status":
-            state = data["state"]
-            p = data.get("progress") or {}
-            key = (p.get("unit"), p.get("num_units"))
-            if p.get("num_units") and key != last:
-                if bar is not None:
-                    bar.close()
-                bar = tqdm(total=p.get("iters") or 1, desc=f"unit {p['unit'] + 1}/{p['num_units']} {p.get('unit_name', '')}",
-                           unit="it", leave=False)
-                last = key
-            if bar is not None and p:
-                bar.n = min(p.get("iteration", 0), bar.total)
-                loss = p.get("loss")
-                bar.set_postfix_str(f"{state} {p.get('stage', '')}" + (f" loss={loss:.4g}" if loss is not None else ""))
-                bar.refresh()
-            elif bar is None:
-                print(f"{state} {p.get('stage', '')}".strip(), file=sys.stderr)
-        elif event in ("end", "deleted"):
+        if event != "status":
             break
+        p = data.get("progress") or {}
+        if p.get("num_units") and p.get("iters"):
+            total = p["num_units"] * p["iters"]
+            if bar is None:
+                bar = tqdm(total=total, unit="it", dynamic_ncols=True, file=sys.stderr)
+            unit = min(p.get("unit", 0), p["num_units"] - 1)
+            bar.n = min(total, unit * p["iters"] + (p.get("iteration") or 0))
+            loss = p.get("loss")
+            bar.set_description(f"unit {unit + 1}/{p['num_units']} {p.get('unit_name', '')}", refresh=False)
+            bar.set_postfix_str(f"{p.get('stage', '')}" + (f" loss={loss:.4g}" if loss is not None else ""), refresh=False)
+            bar.refresh()
+        elif bar is None:
+            print(f"{data['state']} {p.get('stage', '')}".strip(), file=sys.stderr)
     if bar is not None:
         bar.close()
-    final = c.status(job_id) if event != "deleted" else {"state": "deleted"}
+    final = c.status(job_id) if event != "deleted" else {"id": job_id, "state": "deleted"}
     if final["state"] == State.SUCCEEDED:
-        print(json.dumps(final.get("metrics"), indent=2))
+        print(f"job {job_id}: succeeded; {_summary(final.get('metrics') or {})}")
         return 0
     print(f"job {job_id}: {final['state']}: {final.get('error') or ''}", file=sys.stderr)
     return 1
@@ -127,11 +162,9 @@ def cmd_delete(args) -> int:
 
 def cmd_jobs(args) -> int:
     with _client(args) as c:
-        page = c.jobs(limit=args.limit, cursor=args.cursor)
+        page = c.jobs(limit=args.limit, cursor=args.cursor, state=args.state)
         for j in page["jobs"]:
-            p = j.get("progress") or {}
-            where = f"unit {p.get('unit', 0) + 1}/{p['num_units']}" if p.get("num_units") else ""
-            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}  {where}")
+            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}{_where(j)}")
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}", file=sys.stderr)
     return 0
@@ -147,25 +180,33 @@ def add_commands(sub) -> None:
     g.add_argument("--no-worker", dest="worker", action="store_false")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("submit", help="upload a model and calibration data; print the job id")
+    p = sub.add_parser("submit", help="upload a model and calibration data to the service; print the job id",
+                       allow_abbrev=False)
     _common(p)
-    p.add_argument("--model", required=True, help="safetensors or state_dict file")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--calibration", required=True, help="zip/tar of images, or .npy/.safetensors tensor")
-    p.add_argument("--evaluation", default=None, help="zip/tar of class folders")
-    p.add_argument("--config", default=None, help="config JSON, or @file.json")
-    p.add_argument("--watch", action="store_true", help="then follow its progress")
-    p.add_argument("--json", action="store_true", help="print the whole job, not only its id")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="state_dict (.safetensors or torch file) with --arch, or a "
+                   "torch.export program (.pt2) without it")
+    g.add_argument("--arch", default=None, help="a registered architecture (GET /v1/archs); not for a .pt2")
+    g.add_argument("--num-classes", type=int, default=None, help="the model's output classes (with --arch)")
+    g.add_argument("--calibration", required=True, help="folder (zipped for the upload), zip or tar of images, "
+                   "or an .npy/.safetensors tensor")
+    g.add_argument("--evaluation", default=None, help="folder, zip or tar with one subfolder per class")
+    g.add_argument("--config", default=None, help="config JSON, or @file.json; the flags below override it")
+    add_config_flags(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--watch", action="store_true", help="then follow its progress until it ends")
+    g.add_argument("--json", action="store_true", help="print the whole job, not only its id")
     p.set_defaults(func=_guard(cmd_submit))
 
-    for name, fn, text in (("status", cmd_status, "print a job's status as JSON"),
+    for name, fn, text in (("status", cmd_status, "print a job's state, progress and result (--json: all of it)"),
                            ("watch", cmd_watch, "follow a job's progress until it ends"),
                            ("cancel", cmd_cancel, "cancel a queued or running job"),
                            ("delete", cmd_delete, "delete a job and its files")):
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("job_id")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the whole job as JSON")
         p.set_defaults(func=_guard(fn))
 
     p = sub.add_parser("download", help="download a job's artifacts")
@@ -177,21 +218,34 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("jobs", help="list your jobs, newest first")
     _common(p)
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--cursor", default=None)
+    p.add_argument("--limit", type=int, default=20, help="jobs per page (default: 20)")
+    p.add_argument("--cursor", default=None, help="the cursor printed after the previous page")
+    p.add_argument("--state", choices=[s.value for s in State], default=None, help="only jobs in this state")
     p.set_defaults(func=_guard(cmd_jobs))
 
 
 def _guard(fn):
-    """API errors print their message and exit 2, not a traceback."""
+    """A client error is one line on stderr and exit status 2, never a traceback: the server's
+    message for a 4xx/5xx, the address for a server that cannot be reached."""
 
     def run(args) -> int:
+        import httpx
+        from pydantic import ValidationError
+
         from service.client import ApiError
 
         try:
             return fn(args)
         except ApiError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            print(f"clcalib: {e}", file=sys.stderr)
+        except httpx.TransportError as e:
+            url = args.url or os.environ.get("CLCALIB_URL", "http://127.0.0.1:8000")
+            print(f"clcalib: cannot reach the clcalib server at {url} ({type(e).__name__}: {e}); is "
+                  "`clcalib serve` running there? (set --url or CLCALIB_URL)", file=sys.stderr)
+        except ValidationError:
+            raise  # clcalib.cli prints a bad config in one line
+        except (OSError, ValueError) as e:  # a missing file, a bad --config
+            print(f"clcalib: {e}", file=sys.stderr)
+        return 2
 
     return run

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,16 @@ from httpx_sse import connect_sse
 
 from clcalib.atomic import atomic_path
 from jobs.states import TERMINAL
+
+
+def _zip_folder(folder: Path, dest: Path) -> Path:
+    """Every file under ``folder`` (not hidden ones), stored under its path relative to it."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as z:
+        for f in sorted(folder.rglob("*")):
+            rel = f.relative_to(folder)
+            if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                z.write(f, rel.as_posix())
+    return dest
 
 
 class ApiError(Exception):
@@ -48,28 +61,38 @@ class Client:
             raise ApiError(r.status_code, body)
         return r
 
-    def submit(self, *, model: str | Path, calibration: str | Path, arch: str, num_classes: int,
-               config: dict | None = None, evaluation: str | Path | None = None) -> dict:
+    def submit(self, *, model: str | Path, calibration: str | Path, arch: str | None = None,
+               num_classes: int | None = None, config: dict | None = None,
+               evaluation: str | Path | None = None) -> dict:
+        """Upload and queue a job. ``calibration`` and ``evaluation`` may be folders: they are
+        zipped (paths relative to the folder) into a temporary file first. ``arch`` and
+        ``num_classes`` may be left out when ``model`` is a torch.export program (.pt2)."""
         paths = {"model": model, "calibration": calibration}
         if evaluation is not None:
             paths["evaluation"] = evaluation
-        files = {}
-        try:
+        with ExitStack() as stack:
+            files = {}
             for role, p in paths.items():
-                files[role] = (Path(p).name, open(p, "rb"))  # noqa: SIM115 - closed below
-            data = {"arch": arch, "num_classes": str(num_classes), "config": json.dumps(config or {})}
+                p = Path(p)
+                if p.is_dir():
+                    p = _zip_folder(p, Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"{role}.zip")
+                files[role] = (p.name, stack.enter_context(open(p, "rb")))
+            data = {"config": json.dumps(config or {})}
+            if arch is not None:
+                data["arch"] = arch
+            if num_classes is not None:
+                data["num_classes"] = str(num_classes)
             return self._check(self.http.post("/v1/jobs", data=data, files=files, timeout=None)).json()
-        finally:
-            for _, f in files.values():
-                f.close()
 
     def status(self, job_id: str) -> dict:
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 
-    def jobs(self, limit: int = 20, cursor: str | None = None) -> dict:
+    def jobs(self, limit: int = 20, cursor: str | None = None, state: str | None = None) -> dict:
         params: dict[str, Any] = {"limit": limit}
         if cursor:
             params["cursor"] = cursor
+        if state:
+            params["state"] = state
         return self._check(self.http.get("/v1/jobs", params=params)).json()
 
     def cancel(self, job_id: str) -> dict:

@@ -72,6 +72,19 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+KEY_COOKIE = "clcalib_key"  # the web page's sign-in (HttpOnly, SameSite=Strict): the same API key
+
+
+def tenant_of(keys: dict[str, str], key: str) -> str | None:
+    """The tenant of an API key, or None. Compared against every key: the time taken does not
+    reveal which one matched."""
+    tenant = None
+    for k, t in keys.items():
+        if hmac.compare_digest(k.encode(), key.encode()):
+            tenant = t
+    return tenant
+
+
 def get_tenant(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -79,14 +92,14 @@ def get_tenant(
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_TENANT  # no keys configured: loopback-only single-tenant mode
-    if creds is None or creds.scheme.lower() != "bearer":
+    if creds is not None and creds.scheme.lower() == "bearer":
+        key = creds.credentials
+    elif request.cookies.get(KEY_COOKIE):  # the browser: its sign-in cookie
+        key = request.cookies[KEY_COOKIE]
+    else:
         raise ApiError(401, "unauthorized", "missing API key; send Authorization: Bearer <key>",
                        headers={"WWW-Authenticate": "Bearer"})
-    token = creds.credentials.encode()
-    tenant = None
-    for key, t in keys.items():  # compare against every key: timing does not reveal which matched
-        if hmac.compare_digest(key.encode(), token):
-            tenant = t
+    tenant = tenant_of(keys, key)
     if tenant is None:
         raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant

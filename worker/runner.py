@@ -10,14 +10,10 @@ heartbeat went stale) the next progress callback raises ``Canceled`` and the job
 
 from __future__ import annotations
 
-import html
-import json
 import logging
 import threading
 import time
-from pathlib import Path
 
-from clcalib.atomic import atomic_path
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import Storage
@@ -101,8 +97,6 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
             store.mark_files_deleted(job_id)
         log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
         return "stopped"
-    if state == State.SUCCEEDED:
-        _write_html(storage.out_dir(job_id), report)
     final = dict(hb._progress or {}, stage="done" if state == State.SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
                  attempt=attempt)
     ok = store.finish(job_id, attempt, state, error=error,
@@ -128,6 +122,9 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
     t0 = time.monotonic()
 
     def on_progress(ev) -> None:
+        if ev.stage == "warning":  # in the job's history now; in its metrics at the end
+            store.note(job.id, attempt, {"event": "warning", "message": ev.message})
+            return
         d = ev.to_dict()
         d["attempt"] = attempt
         hb.set_progress(d)
@@ -160,20 +157,3 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
     if hb.lost.is_set():
         return None, None, None
     return State.SUCCEEDED, None, report
-
-
-def _write_html(out: Path, report: dict | None) -> None:
-    if not report:
-        return
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
-        for k, v in (report.get("metrics") or {}).items()
-    )
-    body = (
-        "<!doctype html><meta charset=utf-8><title>clcalib report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:left}</style>"
-        f"<h1>clcalib report</h1><h2>Metrics</h2><table>{rows}</table>"
-        f"<h2>Full report</h2><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre>"
-    )
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(body)

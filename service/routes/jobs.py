@@ -22,6 +22,7 @@ from service.uploads import receive
 from service.validation import parse_arch, parse_config, parse_num_classes
 
 log = logging.getLogger("clcalib.service")
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
 router = APIRouter(tags=["jobs"])
 
 _FILE = {"type": "string", "format": "binary"}
@@ -163,7 +164,7 @@ def list_jobs(
     limit: int = Query(20, ge=1, le=100, description="page size"),
     cursor: str | None = Query(None, max_length=20, pattern=r"^[0-9]+$",
                                description="next_cursor of the previous page"),
-    state: str | None = Query(None, pattern=r"^(queued|running|succeeded|failed|canceled)$"),
+    state: State | None = Query(None),
 ) -> JobList:
     before = int(cursor) if cursor else None
     if before is not None and before > 2**62:
@@ -237,6 +238,9 @@ def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
     if p is None:
         names = ", ".join(job.artifacts or []) or "none yet"
         raise ApiError(404, "not_found", f"no artifact {name[:80]!r} for this job (available: {names})")
+    if p.suffix == ".html":  # the report opens in the browser (and the web page's frame); it runs no script
+        return FileResponse(p, media_type=ARTIFACT_TYPES[".html"], filename=name, content_disposition_type="inline",
+                            headers={"Content-Security-Policy": REPORT_CSP})
     return FileResponse(p, media_type=ARTIFACT_TYPES.get(p.suffix, "application/octet-stream"),
                         filename=name)
 

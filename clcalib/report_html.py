@@ -1,0 +1,132 @@
+"""report.html: the report of a calibration as one self-contained page (figures embedded as
+SVG, no external assets), written beside report.json by the CLI and by every job.
+
+Drawn from report.json alone, so a page can be rebuilt from any saved report:
+``write_report_html(json.load(open("report.json")), "report.html")``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from clcalib.atomic import atomic_path
+
+REPORT_HTML_NAME = "report.html"
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog: the figure sits inside the page
+
+
+def _figures(report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, str] = {}
+    units = report.get("units") or []
+    if units:
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(units)), 3.2))
+        x = range(len(units))
+        before = [u["loss_before"] or float("nan") for u in units]
+        after = [u["loss_after"] or float("nan") for u in units]
+        ax.bar([i - 0.2 for i in x], before, 0.4, label="before (nearest rounding)", color="#bbb")
+        ax.bar([i + 0.2 for i in x], after, 0.4, label="after reconstruction", color="#1f77b4")
+        ax.set_xticks(list(x), [u["name"] for u in units], rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("unit output MSE")
+        ax.legend(fontsize=8)
+        figs["units"] = _svg(fig)
+    layers = report.get("layers") or []
+    if layers:
+        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.2))
+        x = range(len(layers))
+        ax.plot(x, [v["weight_sqnr_db"] if v["weight_sqnr_db"] is not None else math.nan for v in layers],
+                "o-", ms=3, label="weights")
+        ax.plot(x, [v["output_sqnr_db"] if v["output_sqnr_db"] is not None else math.nan for v in layers],
+                "s-", ms=3, label="layer output (error accumulated so far)")
+        ax.set_xticks(list(x), [v["name"] for v in layers], rotation=75, ha="right", fontsize=6)
+        ax.set_ylabel("SQNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        figs["layers"] = _svg(fig)
+    pc = report.get("per_class")
+    if pc:
+        names = _class_names(report, len(pc["images"]))
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 3.2))
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [v if v is not None else math.nan for v in pc["fp_top1"]], 0.4, label="FP",
+               color="#bbb")
+        ax.bar([i + 0.2 for i in x], [v if v is not None else math.nan for v in pc["quant_top1"]], 0.4,
+               label="quantized", color="#1f77b4")
+        ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8, loc="lower right")
+        figs["classes"] = _svg(fig)
+        if pc.get("confusion"):
+            cm = pc["confusion"]
+            fig, ax = plt.subplots(figsize=(4.5 + 0.15 * len(cm), 4 + 0.15 * len(cm)))
+            im = ax.imshow(cm, cmap="Blues")
+            ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(list(x), names, fontsize=7)
+            ax.set_xlabel("predicted (quantized model)")
+            ax.set_ylabel("true class")
+            if len(cm) <= 20:
+                top = max(max(r) for r in cm) or 1
+                for i, row in enumerate(cm):
+                    for j, v in enumerate(row):
+                        if v:
+                            ax.text(j, i, v, ha="center", va="center", fontsize=6,
+                                    color="white" if v > top / 2 else "black")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+            figs["confusion"] = _svg(fig)
+    return figs
+
+
+def _class_names(report: dict, n: int) -> list[str]:
+    mapping = report.get("class_mapping") or {}
+    names = [str(i) for i in range(n)]
+    for name, i in mapping.items():
+        if 0 <= i < n:
+            names[i] = name
+    return names
+
+
+def _num(v, digits: int = 2, unit: str = "") -> str:
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return "–"  # null, missing (a jinja Undefined), NaN or infinite
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def render(report: dict) -> str:
+    """The page as a string."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("clcalib", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["num"] = _num
+    m = report.get("metrics") or {}
+    c = report.get("config") or {}
+    settings = {k: v for k, v in c.items() if not isinstance(v, dict)}
+    for block in ("preprocess", "cl_calib", "pdquant"):
+        for k, v in (c.get(block) or {}).items():
+            settings[f"{block}.{k}"] = v
+    return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=_figures(report))
+
+
+def write_report_html(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(render(report), encoding="utf-8")
+    return path
