@@ -180,7 +180,7 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from clcalib.calibration import resolve_device
     from clcalib.config import Preprocess
-    from clcalib.data import load_labeled
+    from clcalib.data import LabeledSet
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
     from clcalib.metrics import predict, top1
@@ -188,11 +188,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     device = str(resolve_device(a.device))
     model = load_quantized(a.checkpoint, device=device)
     header = model.header
-    data = load_labeled(a.eval, Preprocess.model_validate(header["preprocess"]), labels=_labels(a))
+    data = LabeledSet(a.eval, Preprocess.model_validate(header["preprocess"]), labels=_labels(a))
     _mapping_note(data)
     if int(data.labels.max()) >= header["num_classes"]:
         raise DataError(f"{a.eval}: class index {int(data.labels.max())} but the model has {header['num_classes']} classes")
-    acc = top1(predict(model, data.images, device=device), data.labels)
+    acc = top1(predict(model, data.images(), device=device), data.labels)
     out = {"quant_top1": acc, "images": len(data.labels), "arch": header["arch"], "method": header["method"]}
     print(json.dumps(out) if a.json else f"{header['arch']} {header['method']}: top-1 {acc:.2f}% on {len(data.labels)} images")
     return 0
@@ -251,7 +251,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from clcalib.config import Preprocess
-    from clcalib.data import load_labeled
+    from clcalib.data import LabeledSet
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
     from clcalib.export.onnx_check import export_checked, require_onnx
@@ -261,15 +261,17 @@ def cmd_export(a: argparse.Namespace) -> int:
     model = load_quantized(a.checkpoint)
     shape = tuple(model.header["input_shape"])
     if a.eval:
-        data = load_labeled(a.eval, Preprocess.model_validate(model.header["preprocess"]), labels=_labels(a))
+        data = LabeledSet(a.eval, Preprocess.model_validate(model.header["preprocess"]), labels=_labels(a))
         _mapping_note(data)
-        images, labels = data.images, data.labels
-        if tuple(images.shape[1:]) != shape[1:]:
-            raise DataError(f"--eval {a.eval}: images come out {tuple(images.shape[1:])} with the checkpoint's "
-                            f"preprocessing, but the model was calibrated on {shape[1:]}")
+        if data.shape != tuple(shape[1:]):
+            raise DataError(f"--eval {a.eval}: images come out {data.shape} with the checkpoint's "
+                            f"preprocessing, but the model was calibrated on {tuple(shape[1:])}")
+        logits = predict(model, data.images())
+        images, labels = data.images(), data.labels  # read again, batch by batch, for ONNX Runtime
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, predict(model, images), images, labels)}
+        logits = predict(model, images)
+    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, logits, images, labels)}
     if a.json:
         print(json.dumps(out))
     else:

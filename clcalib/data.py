@@ -382,17 +382,68 @@ def class_of(names: list[str]) -> list[str]:
     return [p[0] for p in parts]
 
 
+class LabeledSet:
+    """A labeled image set read in batches: names, labels and the class mapping are held, each
+    batch of images is decoded when it is asked for. Memory is one batch, whatever the set's
+    size (an ImageNet validation set at 224 px would be ~30 GB stacked)."""
+
+    def __init__(self, path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS,
+                 labels: list[str] | None = None):
+        self.path, self.pre, self.limits = Path(path), pre, limits
+        src = ImageSource(path, limits)
+        try:
+            self.names = src.names
+        finally:
+            src.close()
+        classes = class_of(self.names)
+        self.mapping = class_names_to_indices(classes, labels)
+        self.by_name = labels is None and not all(c.isdigit() for c in self.mapping)
+        self.classes = sorted(self.mapping, key=self.mapping.get)
+        self.labels = torch.tensor([self.mapping[c] for c in classes])
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batches(self, size: int = 256, limit: int | None = None):
+        """(images, labels) batches in a fixed order; ``limit``: only the first that many images."""
+        names = self.names[:limit] if limit is not None else self.names
+        src = ImageSource(self.path, self.limits)
+        tf = make_transform(self.pre)
+        try:
+            for i in range(0, len(names), size):
+                out = torch.stack([tf(src.decode(n, self.pre)) for n in names[i:i + size]])
+                if self._shape is None:
+                    self._shape = tuple(out.shape[1:])
+                if tuple(out.shape[1:]) != self._shape:
+                    raise DataError(f"{self.path}: images come out in different sizes {self._shape} and "
+                                    f"{tuple(out.shape[1:])}; set preprocess.resize and preprocess.crop")
+                yield out, self.labels[i:i + len(out)]
+        finally:
+            src.close()
+
+    def images(self, size: int = 256, limit: int | None = None):
+        """The image batches alone."""
+        return (x for x, _ in self.batches(size, limit))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """C x H x W of one preprocessed image."""
+        if self._shape is None:
+            next(self.batches(1, limit=1))
+        return self._shape
+
+
 def load_labeled(path: str | Path, pre: Preprocess, limits: Limits = DEFAULT_LIMITS,
                  labels: list[str] | None = None) -> LabeledImages:
-    src = ImageSource(path, limits)
-    try:
-        classes = class_of(src.names)
-        index = class_names_to_indices(classes, labels)
-        by_name = labels is None and not all(c.isdigit() for c in index)
-        return LabeledImages(_stack(src, src.names, pre), torch.tensor([index[c] for c in classes]),
-                             sorted(index, key=index.get), index, by_name)
-    finally:
-        src.close()
+    """A whole labeled set in memory (held to ``limits.max_tensor_bytes``); for a large set use
+    ``LabeledSet``, which streams it."""
+    ds = LabeledSet(path, pre, limits, labels)
+    check_set_bytes(ds.path.name, len(ds), ds.shape, limits)
+    images = torch.empty((len(ds), *ds.shape))
+    for i, (x, _) in enumerate(ds.batches(256)):
+        images[i * 256:i * 256 + len(x)] = x
+    return LabeledImages(images, ds.labels, ds.classes, ds.mapping, ds.by_name)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch: int = 500, device: str | torch.device = "cpu") -> Tensor:
-    """Logits for ``images`` (on CPU, float32)."""
+def predict(model: nn.Module, images: Tensor | Iterable[Tensor], batch: int = 500,
+            device: str | torch.device = "cpu") -> Tensor:
+    """Logits (on CPU, float32) for ``images``: one tensor, or an iterable of batches (e.g.
+    ``LabeledSet.images()``, so a large set is never in memory at once)."""
     try:
         model.eval()
     except NotImplementedError:  # a torch.export program's module: its mode was fixed at export
         pass
-    outs = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
-    return torch.cat(outs)
+    batches = images.split(batch) if isinstance(images, Tensor) else images
+    return torch.cat([model(x.to(device)).float().cpu() for x in batches])
 
 
 def top1(logits: Tensor, labels: Tensor) -> float:

@@ -15,7 +15,7 @@ import torch
 from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
-from clcalib.data import DEFAULT_LIMITS, Limits, load_calibration, load_labeled
+from clcalib.data import DEFAULT_LIMITS, LabeledSet, Limits, load_calibration
 from clcalib.diagnostics import layer_sqnr, per_class
 from clcalib.errors import DataError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
@@ -49,11 +49,11 @@ def _export_onnx(model, path: Path, calib, evalset, q_logits, device) -> dict:
     (else on the calibration images, without labels); raises ExportError on a mismatch."""
     from clcalib.export.onnx_check import export_checked
 
-    images, labels = (evalset.images, evalset.labels) if evalset is not None else (calib, None)
-    if q_logits is None:
+    if evalset is None:
         with exact_numerics():
-            q_logits = predict(model, images, device=device)
-    return export_checked(model, path, (1, *calib.shape[1:]), q_logits, images, labels)
+            q_logits = predict(model, calib, device=device)
+        return export_checked(model, path, (1, *calib.shape[1:]), q_logits, calib)
+    return export_checked(model, path, (1, *calib.shape[1:]), q_logits, evalset.images(), evalset.labels)
 
 
 def run_calibration(
@@ -97,11 +97,12 @@ def run_calibration(
         fp_model = build_model(arch, num_classes, read_state_dict(weights))
     stats: dict = {}
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits, stats)
-    evalset = load_labeled(evaluation, config.preprocess, limits, labels) if evaluation is not None else None
+    # the evaluation set streams in batches: any size, one batch in memory
+    evalset = LabeledSet(evaluation, config.preprocess, limits, labels) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
         raise DataError(f"evaluation has class index {int(evalset.labels.max())} but the model has {num_classes} classes")
-    if evalset is not None and evalset.images.shape[1:] != calib.shape[1:]:
-        raise DataError(f"evaluation images come out {tuple(evalset.images.shape[1:])} but calibration data is "
+    if evalset is not None and evalset.shape != tuple(calib.shape[1:]):
+        raise DataError(f"evaluation images come out {evalset.shape} but calibration data is "
                         f"{tuple(calib.shape[1:])}; use the same preprocessing (resize/crop) for both")
 
     emit = on_progress or (lambda e: None)
@@ -113,7 +114,7 @@ def run_calibration(
         emit(ProgressEvent(stage="evaluate"))
         with exact_numerics():
             runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
-            fp_logits = predict(runnable.to(device), evalset.images, device=device)
+            fp_logits = predict(runnable.to(device), evalset.images(), device=device)
         warnings.append(chance_warning(top1(fp_logits, evalset.labels), num_classes))
     warnings = [w for w in warnings if w]
     for w in warnings:
@@ -136,7 +137,7 @@ def run_calibration(
     if evalset is not None:
         emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
         with exact_numerics():
-            q_logits = predict(reloaded, evalset.images, device=device)
+            q_logits = predict(reloaded, evalset.images(), device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
         classes = per_class(fp_logits, q_logits, evalset.labels, num_classes)

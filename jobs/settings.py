@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="one image as stored (from its header)")
     max_sample_pixels: int = Field(2048 * 2048, ge=1, description="one image after preprocess.resize/crop: "
                                    "a tiny image resized to 4096 px would otherwise cost 200 MB of memory")
-    max_set_bytes: int = Field(16 << 30, ge=1, description="one decoded image set (calibration or evaluation) as "
-                               "float32 in the worker; the upload check refuses a set that would pass it")
+    max_set_bytes: int = Field(16 << 30, ge=1, description="the decoded calibration set as float32 in the worker "
+                               "(the evaluation set streams in batches); the upload check refuses a set that would pass it")
 
     # worker and job lifecycle
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="worker device")

@@ -74,7 +74,8 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
     def images(path: str, role: str, used: int | None = None):
         """(names, the first two sampled images): every header read, a seeded sample decoded
         one at a time (memory: two images and the one being decoded, whatever the sample size),
-        and the set the worker will stack (``used`` images of it) held to its memory budget."""
+        and a set the worker will stack (``used`` images of it: the calibration set) held to its
+        memory budget."""
         src = ImageSource(path, lim)
         try:
             names = src.names
@@ -93,7 +94,8 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
                 if len(kept) < 2:
                     kept.append(t)
                 del t
-            check_set_bytes(role, min(len(names), used or len(names)), tuple(kept[0].shape), lim)
+            if used is not None:  # the calibration set is held in memory; evaluation streams in batches
+                check_set_bytes(role, min(len(names), used), tuple(kept[0].shape), lim)
             return names, torch.stack(kept)
         finally:
             src.close()

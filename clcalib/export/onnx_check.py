@@ -3,6 +3,7 @@ on the same images: what a user's runtime gives must be what the report says."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ def require_onnx() -> None:
         raise ExportError("ONNX export needs the onnx and onnxruntime packages: pip install 'clcalib[onnx]'") from None
 
 
-def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_logits: Tensor, images: Tensor,
-                   labels: Tensor | None = None, threads: int | None = None) -> dict:
+def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_logits: Tensor,
+                   images: Tensor | Iterable[Tensor], labels: Tensor | None = None, threads: int | None = None) -> dict:
     """Export ``model`` to ``path`` and check it in ONNX Runtime first: the file appears only if
     it passes (``onnx_bytes`` and check_onnx's fields), a failing one is removed."""
     from clcalib.atomic import atomic_path
@@ -61,17 +62,19 @@ def session(path: str | Path, threads: int | None = None, config: dict[str, str]
         raise ExportError(f"{path}: ONNX Runtime cannot load the file ({str(e).splitlines()[0][:300]})") from None
 
 
-def onnx_predict(path: str | Path, images: Tensor, batch: int = 250, threads: int | None = None) -> Tensor:
-    """Logits of the ONNX model at ``path`` for ``images`` (N x C x H x W), float32 on CPU."""
+def onnx_predict(path: str | Path, images: Tensor | Iterable[Tensor], batch: int = 250,
+                 threads: int | None = None) -> Tensor:
+    """Logits of the ONNX model at ``path`` for ``images`` (N x C x H x W, or an iterable of such
+    batches), float32 on CPU."""
     s = session(path, threads)
     name = s.get_inputs()[0].name
-    x = images.detach().cpu().float()
-    outs = [s.run(None, {name: x[i : i + batch].numpy()})[0] for i in range(0, len(x), batch)]
+    batches = images.split(batch) if isinstance(images, Tensor) else images
+    outs = [s.run(None, {name: x.detach().cpu().float().numpy()})[0] for x in batches]
     return torch.from_numpy(np.concatenate(outs))
 
 
-def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor, labels: Tensor | None = None,
-               threads: int | None = None) -> dict:
+def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor | Iterable[Tensor],
+               labels: Tensor | None = None, threads: int | None = None) -> dict:
     """``onnx_top1`` (with labels), ``onnx_top1_agreement`` with the torch model and
     ``onnx_max_abs_logit_diff``; raises ExportError below MIN_AGREEMENT."""
     ort_logits = onnx_predict(path, images, threads=threads)
@@ -83,11 +86,11 @@ def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor, labels: T
         "onnx_top1": top1(ort_logits, labels) if labels is not None else None,
         "onnx_top1_agreement": agreement(ref, ort_logits),
         "onnx_max_abs_logit_diff": float((ref - ort_logits).abs().max()),
-        "onnx_checked_images": len(images),
+        "onnx_checked_images": len(ort_logits),
     }
     if not out["onnx_top1_agreement"] >= MIN_AGREEMENT:
         raise ExportError(
             f"{path}: ONNX Runtime's top-1 agrees with the torch model's on only {out['onnx_top1_agreement']:.2f} % "
-            f"of {len(images)} images (at least {MIN_AGREEMENT} % expected; max |logit diff| "
+            f"of {len(ort_logits)} images (at least {MIN_AGREEMENT} % expected; max |logit diff| "
             f"{out['onnx_max_abs_logit_diff']:.3g}); the export is wrong, please report it")
     return out
