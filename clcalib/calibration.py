@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,7 @@ def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
 
 def calibrate(
     model: nn.Module,
-    calibration_data: Tensor,
+    calibration_data: Tensor | Iterable,
     config: CalibConfig | dict | None = None,
     on_progress: ProgressCallback | None = None,
     *,
@@ -114,11 +115,34 @@ def calibrate(
 ) -> CalibrationResult:
     """Quantize ``model`` (a float classifier: any nn.Module, or a torch.export program) by
     ``config.method`` on ``calibration_data``
-    (N x C x H x W, already preprocessed). ``on_progress`` receives ProgressEvents and may raise
+    (N x C x H x W, already preprocessed; or an iterable of such batches, e.g. a DataLoader of
+    (image, label) pairs, of which the first ``config.calib_size`` images are used). ``on_progress`` receives ProgressEvents and may raise
     Canceled. With ``resume_dir``, state is saved after each unit and a rerun on the same
     inputs continues after the last finished unit."""
     with exact_numerics():
         return _calibrate(model, calibration_data, config, on_progress, resume_dir, extra_losses)
+
+
+def gather_batches(batches: Iterable, limit: int) -> Tensor:
+    """The first ``limit`` images of an iterable of batches: tensors N x C x H x W, or tuples
+    and lists whose first item is one (a DataLoader over (image, label) pairs)."""
+    if isinstance(batches, (str, Path)) or not isinstance(batches, Iterable):
+        raise DataError(f"calibration data must be a N x C x H x W tensor or an iterable of such batches "
+                        f"(e.g. a DataLoader), got {type(batches).__name__}")
+    got, n = [], 0
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) else b
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            what = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise DataError(f"each calibration batch must be a N x C x H x W tensor (or a tuple starting with "
+                            f"one), got {what}")
+        got.append(x[: limit - n].detach().cpu())
+        n += len(got[-1])
+        if n >= limit:
+            break
+    if not got:
+        raise DataError("the calibration batches are empty")
+    return torch.cat(got)
 
 
 def _calibrate(
@@ -136,7 +160,9 @@ def _calibrate(
             cfg = CalibConfig.model_validate(config or {})
         except ValidationError as e:
             raise ConfigError(f"invalid config: {e}") from None
-    if not isinstance(calibration_data, Tensor) or calibration_data.ndim != 4 or len(calibration_data) == 0:
+    if not isinstance(calibration_data, Tensor):
+        calibration_data = gather_batches(calibration_data, cfg.calib_size)
+    if calibration_data.ndim != 4 or len(calibration_data) == 0:
         shape = tuple(calibration_data.shape) if isinstance(calibration_data, Tensor) else type(calibration_data).__name__
         raise DataError(f"calibration data must be a non-empty N x C x H x W tensor, got {shape}")
     device = resolve_device(cfg.device)

@@ -65,3 +65,23 @@ def test_streamed_and_stacked_give_the_same_logits(tmp_path):
     stacked = load_labeled(z, pre)
     assert torch.equal(ds.labels, stacked.labels) and ds.mapping == stacked.mapping
     assert torch.equal(predict(model, ds.images(64)), predict(model, stacked.images))
+
+
+def test_calibrate_takes_a_dataloader_of_image_label_pairs():
+    """clcalib.calibrate(model, DataLoader) uses the first calib_size images, as the tensor would."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from clcalib import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x = torch.randn(96, 3, 16, 16)
+    loader = DataLoader(TensorDataset(x, torch.zeros(96, dtype=torch.long)), batch_size=20)
+    cfg = {"method": "qdrop", "iters": 3, "calib_size": 64, "device": "cpu"}
+    a = calibrate(model, loader, cfg)
+    b = calibrate(model, x[:64], cfg)
+    assert a.calib_sha256 == b.calib_sha256
+    with torch.no_grad():
+        assert torch.equal(a.model(x[64:]), b.model(x[64:]))
+    with pytest.raises(DataError, match="iterable of such batches"):
+        calibrate(model, "images.zip", cfg)
