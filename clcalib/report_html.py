@@ -71,7 +71,7 @@ def _figures(report: dict) -> dict[str, str]:
         ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("top-1 (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         figs["classes"] = _svg(fig)
         if pc.get("confusion"):
             cm = pc["confusion"]
