@@ -13,7 +13,8 @@ import time
 
 import httpx
 import pytest
-from svc_helpers import ROOT, Proc, free_port, wait_until
+from svc_fmnist import TINY
+from svc_helpers import ROOT, Proc, free_port, peak_rss, wait_until
 
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 4
@@ -30,7 +31,7 @@ def api(tmp_path):
              tmp_path / "api.log")
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(url + "/healthz", timeout=2).status_code == 200, 60, f"the API\n{p.tail()}")
-    yield port, url
+    yield port, url, p
     p.stop()
 
 
@@ -47,8 +48,8 @@ def _closed_after(s: socket.socket, t0: float) -> float:
     return time.monotonic() - t0
 
 
-def test_trickled_headers_are_cut_off_while_others_are_served(api):
-    port, url = api
+def test_trickled_headers_are_cut_off_while_others_are_served(api, fmnist_zips, reference_model):
+    port, url, proc = api
     s = _connect(port)
     t0 = time.monotonic()
     s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -67,10 +68,20 @@ def test_trickled_headers_are_cut_off_while_others_are_served(api):
     # a silent connection: closed too
     s = _connect(port)
     assert HEADER_TIMEOUT - 0.5 < _closed_after(s, time.monotonic()) < HEADER_TIMEOUT + 3
+    # an innocent tenant's upload is accepted while a slow connection is open
+    slow2 = _connect(port)
+    slow2.sendall(b"POST /v1/jobs HTTP/1.1\r\nHo")
+    with httpx.Client(base_url=url, headers={"Authorization": "Bearer key-a"}, timeout=120) as c:
+        r = c.post("/v1/jobs", files={"model": ("m.safetensors", reference_model.read_bytes()),
+                                      "calibration": ("c.zip", fmnist_zips["calib"].read_bytes())},
+                   data={"arch": "resnet18", "num_classes": "10", "config": json.dumps(TINY)})
+    assert r.status_code == 202, r.text
+    slow2.close()
+    assert peak_rss(proc.pid) < 400 << 20  # the API process (serve), slow connections and all
 
 
 def test_connections_beyond_the_limit_get_a_503_body_and_recover(api):
-    port, url = api
+    port, url, _ = api
     idle = [_connect(port) for _ in range(MAX_CONNECTIONS)]
     time.sleep(0.2)
     extra = _connect(port)
@@ -87,7 +98,7 @@ def test_connections_beyond_the_limit_get_a_503_body_and_recover(api):
 
 
 def test_a_wrong_key_is_refused_before_the_body(api):
-    port, _ = api
+    port, _, _ = api
     s = _connect(port)
     t0 = time.monotonic()
     # announces 1 GB of body and sends none of it

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 from svc_fmnist import TINY
-from svc_helpers import Stack
+from svc_helpers import Stack, children, peak_rss
 
 
 def _slow_tar(path, n: int = 1500) -> None:
@@ -58,5 +58,8 @@ def test_a_check_timeout_costs_only_the_upload_that_caused_it(tmp_path, fmnist_z
         # the validator survived: the next upload is checked and accepted
         _submit(st, "key-a", reference_model, fmnist_zips["calib"], out, "after")
         assert out["after"][0].status_code == 202, out["after"][0].text
+        # memory stayed bounded: the API, and every validator child (the killed one is gone)
+        assert peak_rss(st.api.pid) < 400 << 20
+        assert all(peak_rss(p) < 1 << 30 for p in children(st.api.pid))
     finally:
         st.close()
