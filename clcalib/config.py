@@ -124,7 +124,7 @@ class ClCalib(Strict):
     tail_end: Literal["features", "logits"] = Field(
         "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
     )
-    critic: Literal["nce", "infonce"] = "nce"
+    critic: Literal["nce", "infonce", "relational"] = "nce"
     # batch: the nce critic with the whole bank (N = M - 1 negatives) pushes z_q away from z_f
     # (resnet18 W2A4 top-1 -4.9 points in our probe); with batch negatives it does not
     negatives: Literal["batch", "bank"] = "batch"
