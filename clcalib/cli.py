@@ -56,7 +56,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--cl-lambda", type=float)
     p.add_argument("--cl-tau", type=float)
     p.add_argument("--cl-mapping", choices=["fp_tail", "pool", "flatten"])
-    p.add_argument("--cl-critic", choices=["nce", "infonce"])
+    p.add_argument("--cl-critic", choices=["nce", "infonce", "relational"])
     p.add_argument("--cl-negatives", choices=["batch", "bank"])
     p.add_argument("--cl-rec-weight", type=float, help="weight of the reconstruction MSE (0: L_CL alone)")
     p.add_argument("--export", action="append", choices=[f.value for f in ExportFormat],
