@@ -180,7 +180,8 @@ def _parts_one_direction(
     calib_size: int,
     self_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The loss of one direction as ``pos + neg - const`` (each a scalar, mean over anchors):
+    """The loss of one direction as ``pos + neg - const`` (each a scalar, mean over anchors;
+    relational also returns ``kl``, the same value computed without the cancellation):
 
     * nce: pos = -log h(i,i), neg = -sum_j log(1 - h(i,j)), const 0;
     * infonce: pos = -s_ii / tau, neg = logsumexp over [s_ii, s_ij...] / tau, const 0;
@@ -200,7 +201,10 @@ def _parts_one_direction(
         attract = -torch.where(keep, p_f * q_clean, zero).sum(dim=1)
         repel = torch.logsumexp(q_logits, dim=1)
         entropy = -torch.where(keep, p_f * log_p_f, zero).sum(dim=1)
-        return {"pos": attract.mean(), "neg": repel.mean(), "const": entropy.mean()}
+        # the KL itself, computed directly: exactly 0 at e_q = e_f (pos + neg - const cancels
+        # only to rounding, and can come out slightly negative in float32)
+        kl = torch.where(keep, p_f * (log_p_f - torch.log_softmax(q_logits, dim=1)), zero).sum(dim=1)
+        return {"pos": attract.mean(), "neg": repel.mean(), "const": entropy.mean(), "kl": kl.mean()}
     pos = (anchors * positives).sum(dim=1) / tau  # (N,)
     logits = anchors @ keys.T / tau  # (N, P)
     if critic == "infonce":
@@ -322,7 +326,10 @@ def contrastive_parts(
         own_q = batch_ids.unsqueeze(0) == batch_ids.unsqueeze(1)
         other = _parts_one_direction(e_f, e_q, e_q, mask_q, self_mask=own_q, **kw)
         parts = {k: 0.5 * (parts[k] + other[k]) for k in parts}
-    loss = parts["pos"] + parts["neg"] - parts.get("const", torch.zeros((), dtype=dtype, device=device))
+    if "kl" in parts:
+        loss = parts.pop("kl")
+    else:
+        loss = parts["pos"] + parts["neg"]
     return {**parts, "loss": loss}
 
 
