@@ -188,8 +188,10 @@ def _parts_one_direction(
     * relational: pos = -sum_j p_f_ij s^q_ij / tau (attraction to the FP profile), neg =
       logsumexp_j s^q_ij / tau (repulsion), const = entropy of p_f_i (no gradient to e_q).
 
-    ``self_mask`` (N, P): keys that are the anchor's own sample (relational only; the
-    negatives plus these are its keys). Without it, it is ``~eligible`` of the ids."""
+    ``self_mask`` (N, P): keys that are the anchor's own sample (relational only: the
+    negatives plus these are its keys; without it, the negatives alone). In the symmetric
+    form's second direction (anchors e_f, keys e_q) the relational target is built from e_q,
+    so it is not a constant there."""
     if critic == "relational":
         keep = neg_mask if self_mask is None else (neg_mask | self_mask)
         t_logits = (positives @ keys.T / tau).masked_fill(~keep, float("-inf"))
