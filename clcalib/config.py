@@ -126,7 +126,10 @@ class ClCalib(Strict):
     tail_end: Literal["features", "logits"] = Field(
         "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
     )
-    critic: Literal["nce", "infonce"] = "nce"
+    # relational (issue 17): KL between the FP and the quantized similarity profiles over the FP
+    # keys; 0 at z_q = z_f, unlike nce/infonce (kept for the earlier tables). Its gradient is
+    # ~20x smaller than nce's at the same lambda: docs/cl_calib.md measures it at lambda 10
+    critic: Literal["nce", "infonce", "relational"] = "nce"
     # batch: the nce critic with the whole bank (N = M - 1 negatives) pushes z_q away from z_f
     # (resnet18 W2A4 top-1 -4.9 points in our probe); with batch negatives it does not
     negatives: Literal["batch", "bank"] = "batch"

@@ -18,6 +18,14 @@ Critics (``s`` a cosine similarity, ``tau`` the temperature):
   ``L = -mean_i[log h(i,i) + sum_j log(1 - h(i,j))]``, computed as
   ``log h = logsigmoid(s/tau - log(N/M))`` and ``log(1-h) = logsigmoid(-(s/tau - log(N/M)))``.
 * ``infonce``: cross-entropy of the positive logit among ``[s_ii, s_ij...] / tau``.
+* ``relational`` (issue 17): contrastive distillation of the FP similarity structure. Over the
+  keys K_i of anchor i (the FP embeddings of the batch, or of the bank, *its own sample
+  included*), target ``p_f_i = softmax_j(e_f_i . e_f_j / tau)``, prediction
+  ``p_q_i = softmax_j(e_q_i . e_f_j / tau)``, ``L = mean_i KL(p_f_i || p_q_i)``. This is
+  infonce with the one-hot label replaced by the FP sample's own similarity profile: it is 0,
+  with zero gradient, at ``e_q_i = e_f_i``, and grows as ``e_q_i`` moves relative to the other
+  samples. ``nce`` and ``infonce`` with fixed FP negatives have their minimum elsewhere (below),
+  which is why their value sits at a constant set by the FP geometry.
 
 The loss is always >= 0. Nothing here prints or syncs with the device; every function returns a
 tensor.
@@ -54,13 +62,14 @@ __all__ = [
     "get_mapping",
     "build_bank",
     "contrastive_loss",
+    "contrastive_parts",
 ]
 
-Critic = Literal["nce", "infonce"]
+Critic = Literal["nce", "infonce", "relational"]
 MappingName = Literal["fp_tail", "pool", "flatten"]
 Mapping = Callable[[Tensor], Tensor]
 
-_CRITICS = ("nce", "infonce")
+_CRITICS = ("nce", "infonce", "relational")
 _MAPPINGS = ("fp_tail", "pool", "flatten")
 
 
@@ -160,7 +169,7 @@ def _negative_mask(
 # --------------------------------------------------------------------------- critics
 
 
-def _one_direction(
+def _parts_one_direction(
     anchors: Tensor,
     positives: Tensor,
     keys: Tensor,
@@ -169,24 +178,57 @@ def _one_direction(
     tau: float,
     critic: Critic,
     calib_size: int,
-) -> Tensor:
+    self_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The loss of one direction as ``pos + neg - const`` (each a scalar, mean over anchors;
+    relational also returns ``kl``, the same value computed without the cancellation):
+
+    * nce: pos = -log h(i,i), neg = -sum_j log(1 - h(i,j)), const 0;
+    * infonce: pos = -s_ii / tau, neg = logsumexp over [s_ii, s_ij...] / tau, const 0;
+    * relational: pos = -sum_j p_f_ij s^q_ij / tau (attraction to the FP profile), neg =
+      logsumexp_j s^q_ij / tau (repulsion), const = entropy of p_f_i (no gradient to e_q).
+
+    ``self_mask`` (N, P): keys that are the anchor's own sample (relational only: the
+    negatives plus these are its keys; without it, the negatives alone). In the symmetric
+    form's second direction (anchors e_f, keys e_q) the relational target is built from e_q,
+    so it is not a constant there."""
+    if critic == "relational":
+        keep = neg_mask if self_mask is None else (neg_mask | self_mask)
+        t_logits = (positives @ keys.T / tau).masked_fill(~keep, float("-inf"))
+        q_logits = (anchors @ keys.T / tau).masked_fill(~keep, float("-inf"))
+        p_f = torch.softmax(t_logits, dim=1)
+        log_p_f = torch.log_softmax(t_logits, dim=1)
+        zero = torch.zeros_like(p_f)
+        q_clean = torch.where(keep, q_logits, zero)
+        attract = -torch.where(keep, p_f * q_clean, zero).sum(dim=1)
+        repel = torch.logsumexp(q_logits, dim=1)
+        entropy = -torch.where(keep, p_f * log_p_f, zero).sum(dim=1)
+        # the KL itself, computed directly: exactly 0 at e_q = e_f (pos + neg - const cancels
+        # only to rounding, and can come out slightly negative in float32)
+        kl = torch.where(keep, p_f * (log_p_f - torch.log_softmax(q_logits, dim=1)), zero).sum(dim=1)
+        return {"pos": attract.mean(), "neg": repel.mean(), "const": entropy.mean(), "kl": kl.mean()}
     pos = (anchors * positives).sum(dim=1) / tau  # (N,)
     logits = anchors @ keys.T / tau  # (N, P)
     if critic == "infonce":
         neg = logits.masked_fill(~neg_mask, float("-inf"))
         full = torch.cat([pos.unsqueeze(1), neg], dim=1)
-        target = torch.zeros(full.shape[0], dtype=torch.long, device=full.device)
-        return F.cross_entropy(full, target)
+        return {"pos": -pos.mean(), "neg": torch.logsumexp(full, dim=1).mean()}
     # nce: log(N/M) per anchor, N = negatives this anchor got (>= 1 to keep the log finite)
     n_neg = neg_mask.sum(dim=1).clamp_min(1).to(pos.dtype)
     log_ratio = torch.log(n_neg) - math.log(calib_size)
     log_h_pos = F.logsigmoid(pos - log_ratio)
     log_1m_h = F.logsigmoid(-(logits - log_ratio.unsqueeze(1)))
     neg_sum = torch.where(neg_mask, log_1m_h, torch.zeros_like(log_1m_h)).sum(dim=1)
-    return -(log_h_pos + neg_sum).mean()
+    return {"pos": -log_h_pos.mean(), "neg": -neg_sum.mean()}
 
 
-def contrastive_loss(
+def contrastive_loss(e_q: Tensor, e_f: Tensor, **kw) -> Tensor:
+    """L_CL for one batch (scalar tensor; unweighted: the caller multiplies by lambda).
+    Arguments as ``contrastive_parts``, whose ``"loss"`` this is."""
+    return contrastive_parts(e_q, e_f, **kw)["loss"]
+
+
+def contrastive_parts(
     e_q: Tensor,
     e_f: Tensor,
     *,
@@ -198,13 +240,16 @@ def contrastive_loss(
     calib_size: int,
     symmetric: bool = False,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """L_CL for one batch (scalar tensor, >= 0; unweighted: the caller multiplies by lambda).
+) -> dict[str, Tensor]:
+    """L_CL for one batch and its parts: ``{"loss", "pos", "neg"}`` (+ ``"const"`` for
+    ``relational``), ``loss = pos + neg - const`` (see ``_parts_one_direction``), scalars,
+    ``loss >= 0``; unweighted (the caller multiplies by lambda).
 
     e_q, e_f: N x D L2-normalised embeddings (``embed``) of the quantized and FP outputs of the same
         N samples; row i of both is sample i. Gradients flow through e_q (and e_f if it has any).
     tau: critic temperature (> 0).
-    critic: ``"nce"`` or ``"infonce"`` (see the module docstring).
+    critic: ``"nce"``, ``"infonce"`` or ``"relational"`` (see the module docstring). With
+        ``relational`` the keys of an anchor are its negatives plus its own sample's key(s).
     bank: optional M x D FP embeddings of the whole calibration set; when given, negatives come
         from the bank instead of the batch. The bank is used as a constant (no gradient).
     bank_index: (N,) integer ids of the batch's samples = their rows in the bank. Required with a
@@ -272,15 +317,22 @@ def contrastive_loss(
 
     kw = {"tau": tau, "critic": critic, "calib_size": calib_size}
     mask = _negative_mask(batch_ids, key_ids, num_negatives, generator)
-    loss = _one_direction(e_q, e_f, keys, mask, **kw)
+    own = key_ids.unsqueeze(0) == batch_ids.unsqueeze(1)
+    parts = _parts_one_direction(e_q, e_f, keys, mask, self_mask=own, **kw)
     if symmetric:
         if n < 2:
             raise ValueError(
                 "the symmetric form takes negatives from the quantized batch: it needs N >= 2"
             )
         mask_q = _negative_mask(batch_ids, batch_ids, num_negatives, generator)
-        loss = 0.5 * (loss + _one_direction(e_f, e_q, e_q, mask_q, **kw))
-    return loss
+        own_q = batch_ids.unsqueeze(0) == batch_ids.unsqueeze(1)
+        other = _parts_one_direction(e_f, e_q, e_q, mask_q, self_mask=own_q, **kw)
+        parts = {k: 0.5 * (parts[k] + other[k]) for k in parts}
+    if "kl" in parts:
+        loss = parts.pop("kl")
+    else:
+        loss = parts["pos"] + parts["neg"]
+    return {**parts, "loss": loss}
 
 
 # --------------------------------------------------------------------------- from the config

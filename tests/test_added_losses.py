@@ -187,6 +187,27 @@ def test_default_cl_uses_batch_negatives_and_excludes_repeated_samples(small_net
     assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
 
 
+def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
+    """Issue 17's form through the engine's wiring: lambda * KL of the FP tail's similarity
+    profiles, 0 when the unit's output is the FP one, the hand value otherwise."""
+    qm, outs = small_net
+    k = 3
+    cl = {"enabled": True, "critic": "relational", "lambda": 10.0, "tau": 0.5}
+    terms = al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib=cl))
+    idx = torch.tensor([2, 9, 2, 4])
+    assert terms(outs[k][idx], outs[k][idx], idx)["cl"].item() == pytest.approx(0.0, abs=1e-6)
+    z_q = (outs[k][idx] * 1.2 + 0.1).requires_grad_(True)
+    got = terms(z_q, outs[k][idx], idx)
+    tail = fp_tail(qm, k, "logits")
+    with torch.no_grad():
+        e_q, e_f = embed(tail(z_q)), embed(tail(outs[k][idx]))
+    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="relational", bank_index=idx, calib_size=12)
+    assert ref.item() > 0
+    assert got["cl"].item() == pytest.approx(10.0 * ref.item(), rel=1e-5)
+    got["cl"].backward()
+    assert z_q.grad is not None and z_q.grad.abs().sum() > 0
+
+
 def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net):
     qm, outs = small_net
     k = 4

@@ -76,3 +76,31 @@ def test_the_committed_results_page_is_what_the_committed_rows_make():
     if not ANCHOR.is_file():
         pytest.fail(f"{ANCHOR} not found: set CLCALIB_REFERENCE_DIR to the shared reference folder")
     assert render() == (HERE / "RESULTS.md").read_text(), "run `python -m bench.make_results` and commit RESULTS.md"
+
+
+def test_cl17_table_counts_a_base_that_asked_for_todays_default_and_matches_cl_blocks():
+    from bench.cl17_table import table as cl_table
+
+    cl = {"critic": "relational", "lambda": 10.0}
+    cfg = {k: v for k, v in defaults().items()}
+    rows = [_row(seed=0, overrides={"act_range_p": 2.4}, quant_top1=86.0),  # no config: asked for 2.4
+            _row(seed=1, config=cfg, quant_top1=86.4),
+            _row(seed=0, cl=True, overrides={"cl_calib": cl}, quant_top1=87.0),
+            _row(seed=1, cl=True, overrides={"cl_calib": cl}, quant_top1=87.2),
+            _row(seed=2, cl=True, overrides={"cl_calib": {"critic": "nce"}}, quant_top1=10.0)]
+    out = cl_table(rows, cl)
+    assert "| W4A2 | 86.20 ± 0.28 (n=2) | 87.10 ± 0.14 (n=2) |" in out
+    assert "+0.90 | 0.28 | yes |" in out
+
+
+def test_cl_diagnose_markdown_renders_a_unit_row():
+    from bench.cl_diagnose import EPS, SCALE, markdown
+
+    ph = {"alpha_ratio": 0.1, "alpha_cos": 0.2, "act_ratio": 0.05, "L_loss": 0.01, "L_pos": -0.9, "L_neg": 3.9, "L_const": 3.0}
+    d = {"model": "resnet18", "bits": "W2A2", "method": "qdrop", "iters": 200, "seed": 0,
+         "cl_calib": {"critic": "relational", "mapping": "fp_tail", "tail_end": "logits", "negatives": "batch", "lambda": 10.0, "tau": 0.5},
+         "units": [{"unit": "layer1.0", "start": ph, "mid": ph, "end": ph,
+                    "perturb_noise": {str(e): e for e in EPS}, "perturb_error": {str(t): t for t in SCALE}}]}
+    md = markdown(d)
+    assert "| layer1.0 | 0.1 / 0.1 / 0.1 | 0.2 / 0.2 / 0.2 | 0.05 / 0.05 / 0.05 |" in md
+    assert "critic=relational" in md

@@ -10,6 +10,7 @@ from clcalib.contrastive import (
     _negative_mask,
     build_bank,
     contrastive_loss,
+    contrastive_parts,
     embed,
     flatten,
     get_mapping,
@@ -324,7 +325,8 @@ def _round_ste(x):
     return (x.round() - x).detach() + x
 
 
-def test_gradients_reach_step_sizes_and_rounding_variables():
+@pytest.mark.parametrize("critic", ["nce", "infonce", "relational"])
+def test_gradients_reach_step_sizes_and_rounding_variables(critic):
     """A quantized linear unit: AdaRound-style weights (rounding variables alpha) and an LSQ-style
     activation quantizer (learnable step size); the FP tail is a frozen linear layer."""
     torch.manual_seed(0)
@@ -347,7 +349,7 @@ def test_gradients_reach_step_sizes_and_rounding_variables():
     for name, fp_tail in (("fp_tail", tail), ("pool", None)):
         alpha.grad, a_step.grad = None, None
         loss_fn = ContrastiveLoss.from_config(
-            ClCalib(enabled=True, mapping=name, negatives="batch"), calib_size=16
+            ClCalib(enabled=True, mapping=name, negatives="batch", critic=critic), calib_size=16
         )
         loss = loss_fn(loss_fn.embed(z_q, fp_tail), loss_fn.embed(z_f, fp_tail).detach())
         loss.backward(retain_graph=True)
@@ -405,3 +407,145 @@ def test_float32_inputs_and_dtype():
     assert out.dtype == torch.float32
     ref = contrastive_loss(e_q.double(), e_f.double(), tau=0.5, critic="nce", calib_size=64)
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- relational (issue 17)
+
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _ref_relational(e_q, e_f, *, tau, keys=None, key_ids=None, ids=None):
+    """Float64 reference of KL(softmax_j(e_f_i.k_j/tau) || softmax_j(e_q_i.k_j/tau)), averaged
+    over anchors i; keys k: the FP batch (own sample included) or a bank."""
+    q, f = e_q.tolist(), e_f.tolist()
+    keys = f if keys is None else keys.tolist()
+    total = 0.0
+    for i in range(len(q)):
+        p_t = _softmax([_dot(f[i], k) / tau for k in keys])
+        p_q = _softmax([_dot(q[i], k) / tau for k in keys])
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_q, strict=True))
+    return total / len(q)
+
+
+def test_relational_hand_computed_three_samples_2d():
+    """Three samples on the unit circle; by hand: logits of anchor i against the FP keys."""
+    tau = 0.5
+    e_f = torch.tensor([_unit(0.0), _unit(1.0), _unit(2.5)], dtype=torch.float64)
+    e_q = torch.tensor([_unit(0.3), _unit(0.8), _unit(2.5)], dtype=torch.float64)
+    want = 0.0
+    for i in range(3):
+        a_f = [0.0, 1.0, 2.5][i]
+        a_q = [0.3, 0.8, 2.5][i]
+        t = [math.cos(a_f - b) / tau for b in (0.0, 1.0, 2.5)]
+        s = [math.cos(a_q - b) / tau for b in (0.0, 1.0, 2.5)]
+        pt, pq = _softmax(t), _softmax(s)
+        want += sum(a * math.log(a / b) for a, b in zip(pt, pq, strict=True))
+    want /= 3
+    got = contrastive_loss(e_q, e_f, tau=tau, critic="relational", calib_size=1024)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    # sample 2 is exact: it alone would contribute 0
+    alone = contrastive_loss(e_q[2:], e_f[2:], tau=tau, critic="relational", calib_size=1024,
+                             bank=e_f, bank_index=torch.tensor([2]))
+    assert alone.item() == pytest.approx(0.0, abs=1e-14)
+
+
+@pytest.mark.parametrize("use_bank", [False, True])
+def test_relational_matches_float64_reference(use_bank):
+    e_q, e_f = _rand_embed(4, 5, seed=3), _rand_embed(4, 5, seed=4)
+    kw = {"tau": 0.7, "critic": "relational", "calib_size": 10}
+    ref_kw = {"tau": 0.7}
+    if use_bank:
+        bank = _rand_embed(10, 5, seed=5)
+        idx = torch.tensor([7, 2, 9, 0])
+        bank[idx] = e_f
+        kw.update(bank=bank, bank_index=idx)
+        ref_kw.update(keys=bank)
+    got = contrastive_loss(e_q, e_f, **kw)
+    assert got.item() == pytest.approx(_ref_relational(e_q, e_f, **ref_kw), rel=1e-10)
+    assert got.item() > 0
+
+
+@pytest.mark.parametrize("critic", ["nce", "infonce", "relational"])
+@pytest.mark.parametrize("use_bank", [False, True])
+def test_parts_add_up_to_the_loss(critic, use_bank):
+    e_q, e_f = _rand_embed(6, 5, seed=30), _rand_embed(6, 5, seed=31)
+    kw = {"tau": 0.4, "critic": critic, "calib_size": 12, "symmetric": critic != "relational"}
+    if use_bank:
+        bank = _rand_embed(12, 5, seed=32)
+        idx = torch.tensor([0, 3, 5, 7, 9, 11])
+        bank[idx] = e_f
+        kw.update(bank=bank, bank_index=idx)
+    p = contrastive_parts(e_q, e_f, **kw)
+    const = p.get("const", torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(p["pos"] + p["neg"] - const, p["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p["loss"], contrastive_loss(e_q, e_f, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_bank", [False, True])
+def test_relational_minimum_and_zero_gradient_at_zq_equal_zf(use_bank):
+    """The form's purpose: 0 with zero gradient at e_q = e_f, even with aligned FP embeddings
+    (the case where nce's minimum is elsewhere: the test above), and higher at every nearby
+    point."""
+    g = torch.Generator().manual_seed(0)
+    z_f = torch.relu(torch.randn(16, 32, 4, 4, generator=g, dtype=torch.float64) + 0.3)
+    e_f = embed(pool(z_f))
+    kw = {"tau": 0.5, "critic": "relational", "calib_size": 16}
+    if use_bank:
+        kw.update(bank=e_f, bank_index=torch.arange(16))
+    z = pool(z_f).clone().requires_grad_(True)
+    loss = contrastive_loss(embed(z), e_f, **kw)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert grad.abs().max().item() < 1e-12
+    away = embed(e_f - 0.5 * e_f.mean(dim=0, keepdim=True))  # where nce is lower
+    assert contrastive_loss(away, e_f, **kw) > loss
+    for seed in range(5):
+        d = torch.randn(16, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert contrastive_loss(embed(pool(z_f) + 0.05 * d), e_f, **kw) > loss
+
+
+@pytest.mark.parametrize("mapping", ["pool", "flatten"])
+@pytest.mark.parametrize("use_bank", [False, True])
+def test_relational_rises_as_zq_moves_away_from_zf(mapping, use_bank):
+    g = torch.Generator().manual_seed(23)
+    z_f = torch.randn(8, 32, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(8, 32, 3, 3, generator=g, dtype=torch.float64)
+    m = get_mapping(mapping)
+    e_f = embed(m(z_f))
+    kw = {"tau": 0.5, "critic": "relational", "calib_size": 8}
+    if use_bank:
+        kw.update(bank=e_f, bank_index=torch.arange(8))
+    losses = [contrastive_loss(embed(m(z_f + t * noise)), e_f, **kw) for t in (0.0, 0.05, 0.1, 0.3, 1.0, 3.0)]
+    assert losses[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert all(a < b for a, b in zip(losses, losses[1:], strict=False)), losses
+
+
+def test_relational_keys_include_the_anchor_own_sample_and_honour_num_negatives():
+    e_q, e_f = _rand_embed(5, 4, seed=40), _rand_embed(5, 4, seed=41)
+    bank = _rand_embed(20, 4, seed=42)
+    idx = torch.tensor([3, 8, 11, 15, 19])
+    bank[idx] = e_f
+    kw = {"tau": 0.5, "critic": "relational", "calib_size": 20, "bank": bank, "bank_index": idx}
+    full = contrastive_loss(e_q, e_f, **kw)
+    torch.testing.assert_close(full, torch.tensor(_ref_relational(e_q, e_f, tau=0.5, keys=bank), dtype=torch.float64))
+    # with sampled negatives: the keys are the sampled rows plus the own row
+    gen = torch.Generator().manual_seed(0)
+    got = contrastive_loss(e_q, e_f, num_negatives=4, generator=gen, **kw)
+    mask = _negative_mask(idx, torch.arange(20), 4, torch.Generator().manual_seed(0))
+    want = 0.0
+    for i in range(5):
+        rows = sorted(set(mask[i].nonzero().flatten().tolist()) | {int(idx[i])})
+        want += _ref_relational(e_q[i : i + 1], e_f[i : i + 1], tau=0.5, keys=bank[rows])
+    assert got.item() == pytest.approx(want / 5, rel=1e-10)
+
+
+def test_relational_from_config():
+    cfg = ClCalib(enabled=True, critic="relational", mapping="pool", **{"lambda": 10.0}, tau=0.1)
+    loss = ContrastiveLoss.from_config(cfg, calib_size=64)
+    assert (loss.critic, loss.weight, loss.tau) == ("relational", 10.0, 0.1)
+    e = _rand_embed(4, 3, seed=50)
+    assert loss(e, e).item() == pytest.approx(0.0, abs=1e-12)
