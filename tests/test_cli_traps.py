@@ -42,10 +42,12 @@ def data(tmp_path_factory):
 
 def test_imagenet_preprocessing_on_a_28px_model_warns_before_calibrating(data, tmp_path):
     out = tmp_path / "out"
+    # the ImageNet recipe's resize, at 112 instead of 256 (same trap, a quarter of the compute)
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib",
-                data["calib"], "--eval", data["digits"], "--out", out, "--method", "minmax", "--quiet")
+                data["calib"], "--eval", data["digits"], "--out", out, "--method", "minmax", "--quiet",
+                "--resize", "112", "--crop", "112", "--calib-size", "16")
     assert r.returncode == 0, r.stderr
-    assert "WARNING: preprocess.resize=256 enlarges the images 9.1x" in r.stderr, r.stderr
+    assert "WARNING: preprocess.resize=112 enlarges the images 4.0x" in r.stderr, r.stderr
     assert "--resize none --crop none" in r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["fp_top1"] < 15  # the trap: the FP model itself is near chance
