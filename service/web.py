@@ -48,10 +48,9 @@ async def home(request: Request, store: StoreDep, state: State | None = None):
     if tenant is None:
         return _page(request, "login.html.j2", error=None)
     jobs = await run_in_threadpool(store.list, tenant, 50, None, state)
-    from clcalib.graph.registry import ARCHS
-
+    archs = await request.app.state.validator.archs()  # from the validator child: this process never imports torch
     cfg = CalibConfig()
-    return _page(request, "jobs.html.j2", tenant=tenant, jobs=[JobOut.of(j) for j in jobs], archs=list(ARCHS),
+    return _page(request, "jobs.html.j2", tenant=tenant, jobs=[JobOut.of(j) for j in jobs], archs=archs,
                  methods=[m.value for m in Method], states=[s.value for s in State], state=state, cfg=cfg)
 
 

@@ -37,6 +37,8 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             page.click("button[type=submit]")
             page.wait_for_selector("form#submit")
             assert "No jobs" in page.content() and "tenant-a" in page.content()
+            # the page's architecture list came from the validator: the API process loaded no torch
+            assert "libtorch" not in Path(f"/proc/{st.api.pid}/maps").read_text()
 
             form = page.locator("form#submit")
             form.locator("input[name=model]").set_input_files(str(MOBILENET))
