@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from clcalib.config import CalibConfig, Method
 from jobs.states import State
-from service.deps import KEY_COOKIE, LOCAL_TENANT, StoreDep, get_store, tenant_of
+from service.deps import KEY_COOKIE, LOCAL_TENANT, StoreDep, store_get, tenant_of
 from service.errors import ApiError
 from service.schemas import JobOut
 
@@ -73,12 +73,10 @@ async def logout():
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-async def job_page(request: Request, job_id: str, store: Annotated[object, Depends(get_store)]):
+async def job_page(request: Request, job_id: str, store: StoreDep):
     tenant = _tenant(request)
     if tenant is None:
         return RedirectResponse("/", status_code=303)
-    from service.deps import store_get
-
     job = await store_get(store, job_id) if job_id.isalnum() else None
     if job is None or job.owner != tenant:
         raise ApiError(404, "not_found", "no such job (or it belongs to another tenant)")
