@@ -15,6 +15,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -264,17 +265,27 @@ def make_transform(pre: Preprocess):
     return T.Compose(steps)
 
 
-def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
+def decoded(src: ImageSource, names: list[str], pre: Preprocess) -> Iterator[torch.Tensor]:
+    """Each named image preprocessed, in order, one at a time; all must come out the same size."""
     tf = make_transform(pre)
-    first = tf(src.decode(names[0], pre))
+    first = None
+    for n in names:
+        t = tf(src.decode(n, pre))
+        if first is None:
+            first = t.shape
+        elif t.shape != first:
+            raise DataError(f"{src.path}: images come out in different sizes {tuple(first)} and "
+                            f"{tuple(t.shape)} ({n}); set preprocess.resize and preprocess.crop")
+        yield t
+
+
+def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
+    images = decoded(src, names, pre)
+    first = next(images)
     check_set_bytes(src.path.name, len(names), tuple(first.shape), src.limits)
     out = torch.empty((len(names), *first.shape))  # filled in place: no second copy of the set
     out[0] = first
-    for i, n in enumerate(names[1:], 1):
-        t = tf(src.decode(n, pre))
-        if t.shape != first.shape:
-            raise DataError(f"{src.path}: images come out in different sizes {tuple(first.shape)} and "
-                            f"{tuple(t.shape)} ({n}); set preprocess.resize and preprocess.crop")
+    for i, t in enumerate(images, 1):
         out[i] = t
     return out
 
@@ -409,15 +420,11 @@ class LabeledSet:
         """(images, labels) batches in a fixed order; ``limit``: only the first that many images."""
         names = self.names[:limit] if limit is not None else self.names
         src = ImageSource(self.path, self.limits)
-        tf = make_transform(self.pre)
         try:
+            images = decoded(src, names, self.pre)  # one size across batches too
             for i in range(0, len(names), size):
-                out = torch.stack([tf(src.decode(n, self.pre)) for n in names[i:i + size]])
-                if self._shape is None:
-                    self._shape = tuple(out.shape[1:])
-                if tuple(out.shape[1:]) != self._shape:
-                    raise DataError(f"{self.path}: images come out in different sizes {self._shape} and "
-                                    f"{tuple(out.shape[1:])}; set preprocess.resize and preprocess.crop")
+                out = torch.stack([next(images) for _ in names[i:i + size]])
+                self._shape = tuple(out.shape[1:])
                 yield out, self.labels[i:i + len(out)]
         finally:
             src.close()

@@ -45,8 +45,8 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         ImageSource,
         Limits,
         check_set_bytes,
+        decoded,
         load_tensor_file,
-        make_transform,
     )
     from clcalib.errors import ModelMismatchError
     from clcalib.graph.registry import build_model, read_state_dict
@@ -84,16 +84,10 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
             for n in names:  # every image's header: readable, under the pixel cap
                 if n not in chosen:
                     _header(src, n, lim.max_image_pixels, DataError)
-            tf = make_transform(cfg.preprocess)
             kept: list = []
-            for n in pick:
-                t = tf(src.decode(n, cfg.preprocess))
-                if kept and t.shape != kept[0].shape:
-                    raise DataError(f"images come out in different sizes {tuple(kept[0].shape)} and "
-                                    f"{tuple(t.shape)} ({n}); set config.preprocess.resize and crop")
+            for t in decoded(src, pick, cfg.preprocess):
                 if len(kept) < 2:
                     kept.append(t)
-                del t
             if used is not None:  # the calibration set is held in memory; evaluation streams in batches
                 check_set_bytes(role, min(len(names), used), tuple(kept[0].shape), lim)
             return names, torch.stack(kept)
