@@ -95,8 +95,9 @@ def _resume_key(model: nn.Module, calib_sha: str, cfg: CalibConfig) -> str:
 
     h = hashlib.sha256(calib_sha.encode())
     h.update(__version__.encode())  # an upgraded worker must not resume units an older version made
-    # device included: CPU and GPU runs differ in the last bits; export only decides extra artifacts
-    h.update(cfg.model_dump_json(exclude={"export"}).encode())
+    # device included: CPU and GPU runs differ in the last bits; export only decides extra artifacts;
+    # cache_placement moves tensors, not results (the host plan stages the same batches)
+    h.update(cfg.model_dump_json(exclude={"export", "cache_placement"}).encode())
     state = model.state_dict if isinstance(model, torch.export.ExportedProgram) else model.state_dict()
     for k, v in state.items():
         h.update(k.encode())
@@ -166,6 +167,8 @@ def _calibrate(
         shape = tuple(calibration_data.shape) if isinstance(calibration_data, Tensor) else type(calibration_data).__name__
         raise DataError(f"calibration data must be a non-empty N x C x H x W tensor, got {shape}")
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     data = calibration_data[: cfg.calib_size].float()
     calib_sha = tensor_sha256(data)
@@ -197,5 +200,7 @@ def _calibrate(
     seconds = time.perf_counter() - t0
     if on_progress:
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
-    return CalibrationResult(qm, cfg, units, seconds, calib_sha, str(device),
-                             metrics={"calibration_seconds": seconds, "resumed_units": done})
+    metrics = {"calibration_seconds": seconds, "resumed_units": done}
+    if device.type == "cuda":  # what the user's GPU must hold for this model, data and config
+        metrics["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return CalibrationResult(qm, cfg, units, seconds, calib_sha, str(device), metrics=metrics)

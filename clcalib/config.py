@@ -194,6 +194,16 @@ class CalibConfig(Strict):
         description="qdrop/pdquant: where quantization is dropped: the unit's input only, or also at every "
         "activation quantizer inside the unit, its output included (the official QDrop code)",
     )
+    cache_placement: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="where each unit's cached inputs/outputs live during its reconstruction: auto (the device "
+        "when they fit in its free memory, else host memory streamed per batch), device, or host; same result either way",
+    )
+    step_capture: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on a CUDA device, each reconstruction step is captured once into a CUDA graph and "
+        "replayed (not with PD-Quant/CL-Calib terms or host-memory caches); off: every step runs eagerly",
+    )
     act_range_p: float = Field(
         2.4, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (2.4 as BRECQ's and QDrop's code; 2: least squares)"
     )

@@ -152,6 +152,7 @@ def run_calibration(
         "fp32_weight_bytes": storage.fp32_bytes,
         "compression_vs_fp32": storage.ratio,
         "resumed_units": result.metrics.get("resumed_units", 0),
+        "peak_device_memory_bytes": result.metrics.get("peak_device_memory_bytes"),  # null on the CPU
         "warnings": warnings,
     })
     if config.cl_calib.enabled:

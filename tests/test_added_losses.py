@@ -146,7 +146,7 @@ def small_net():
 
 def _ctx(qm, outs, k, **cfg):
     cfg = CalibConfig.model_validate({"batch_size": 4, **cfg})
-    return UnitContext(qm, k, qm.units()[k], outs[k], cfg)
+    return UnitContext(qm, k, qm.units()[k], outs[k], cfg, outs[k].device)
 
 
 def test_terms_match_the_formulas_and_share_one_tail_call(small_net):

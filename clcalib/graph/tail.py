@@ -186,6 +186,8 @@ def fp_head(qmodel: QuantModel) -> FpTail:
 
 
 @torch.no_grad()
-def apply_chunked(module: nn.Module, z: Tensor, batch_size: int = 256) -> Tensor:
-    """``module`` over ``z`` in chunks, no gradient (the FP side over a whole calibration set)."""
-    return torch.cat([module(c) for c in z.split(batch_size)])
+def apply_chunked(module: nn.Module, z: Tensor, batch_size: int = 256, device: torch.device | None = None) -> Tensor:
+    """``module`` over ``z`` in chunks, no gradient (the FP side over a whole calibration set).
+    Each chunk runs on ``device`` (default: ``z``'s): ``z`` may be held in host memory."""
+    device = device if device is not None else z.device
+    return torch.cat([module(c.to(device)) for c in z.split(batch_size)])

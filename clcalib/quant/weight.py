@@ -25,7 +25,7 @@ class _SoftRound(torch.autograd.Function):
     (tested against the eager formula)."""
 
     @staticmethod
-    def forward(ctx, alpha, base, scale, zero, scale_in_range, qmax: float, beta: float, reg_coef: float):
+    def forward(ctx, alpha, base, scale, zero, scale_in_range, qmax: float, beta: float | Tensor, reg_coef: float):
         s = torch.sigmoid(alpha)
         h = s.mul(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
         w = torch.add(base, h).clamp_(0, qmax).sub_(zero).mul_(scale)
@@ -92,10 +92,11 @@ class WeightQuantizer(nn.Module):
         self.state = WState.SOFT
         self.set_regularizer(None, 0.0)
 
-    def set_regularizer(self, beta: float | None, coef: float) -> None:
+    def set_regularizer(self, beta: float | Tensor | None, coef: float) -> None:
         """The next forward also computes AdaRound's regulariser ``coef * sum(1 - |2h - 1|^beta)``
-        (read it from ``last_reg``); ``beta=None``: no regulariser (warm-up)."""
-        self._beta, self._reg_coef = (beta or 1.0), (coef if beta is not None else 0.0)
+        (read it from ``last_reg``); ``beta=None``: no regulariser (warm-up). ``beta`` may be a
+        0-dim device tensor (the reconstruction step's schedule), never read on the host."""
+        self._beta, self._reg_coef = (1.0 if beta is None else beta), (coef if beta is not None else 0.0)
 
     def harden(self) -> None:
         """Fix the learned rounding into integer codes and drop the AdaRound variables."""

@@ -82,7 +82,8 @@ class _UnitTerms:
             self.head = fp_head(qm) if self.pd else None
         elif self.pd or tail_mapping:
             self.tail = fp_tail(qm, k, "logits")
-        fp_tail_out = apply_chunked(self.tail, self.fp_out, FP_CHUNK) if self.tail is not None else None
+        dev = ctx.device  # fp_out may live in host memory (recon.placement); what is derived from it is small
+        fp_tail_out = apply_chunked(self.tail, self.fp_out, FP_CHUNK, dev) if self.tail is not None else None
         self.fp_logits = None
         if self.pd:
             self.temperature = pd_temperature(cfg, qm)
@@ -98,15 +99,15 @@ class _UnitTerms:
             if tail_mapping:
                 self.fp_embed = embed(fp_tail_out)
             elif self.cl_loss.use_bank or cl_cfg.mapping != "flatten":
-                self.fp_embed = build_bank(self.fp_out, self.mapping, batch_size=FP_CHUNK)
+                self.fp_embed = build_bank((c.to(dev) for c in self.fp_out.split(FP_CHUNK)), self.mapping)
             self.gen = None
             if cl_cfg.num_negatives is not None:
-                self.gen = torch.Generator(device=self.fp_out.device).manual_seed(cfg.seed * 100_003 + k)
+                self.gen = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k)
         self._checked = False
 
     def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]:
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
-            if not torch.equal(target, self.fp_out[idx]):
+            if not torch.equal(target, self.fp_out[idx.to(self.fp_out.device)].to(target.device)):
                 raise RuntimeError(
                     "added_losses expects the engine's target to be ctx.fp_out[idx]; it is not, so "
                     "the cached FP tail would be wrong"

@@ -15,20 +15,25 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, target: nn.Module, data: Tensor, batch: int, *, quant: bool,
-            outputs: bool, run: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+            outputs: bool, run: nn.Module | None = None, device: torch.device | None = None,
+            store: torch.device | None = None) -> tuple[Tensor, Tensor | None]:
     """Run ``run`` (default ``model``) over ``data`` and collect ``target``'s inputs (and outputs).
-    ``model`` decides which quantizers the ``quant`` switch reaches."""
+    ``model`` decides which quantizers the ``quant`` switch reaches. Batches run on ``device``
+    (default: ``data``'s) and what is collected is kept on ``store`` (default: ``device``), so
+    ``data`` and the result may live in host memory (clcalib.recon.placement)."""
     run = run if run is not None else model
+    device = device if device is not None else data.device
+    store = store if store is not None else device
     ins: list[Tensor] = []
     outs: list[Tensor] = []
 
     def pre(_m, args):
-        ins.append(args[0].detach())
+        ins.append(args[0].detach().to(store))
         if not outputs:
             raise _Stop
 
     def post(_m, _args, out):
-        outs.append(out.detach())
+        outs.append(out.detach().to(store))
         raise _Stop
 
     hooks = [target.register_forward_pre_hook(pre)]
@@ -38,7 +43,7 @@ def capture(model: nn.Module, target: nn.Module, data: Tensor, batch: int, *, qu
         with quantization(model, quant):
             for i in range(0, len(data), batch):
                 try:
-                    run(data[i : i + batch])
+                    run(data[i : i + batch].to(device))
                 except _Stop:
                     pass
     finally:

@@ -22,15 +22,21 @@ from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import dropping, frozen, observing
 from clcalib.recon.capture import capture
-from clcalib.recon.losses import beta_at, rec_loss
+from clcalib.recon.graphed import GraphedStep, can_capture
+from clcalib.recon.losses import rec_loss
+from clcalib.recon.placement import (
+    CachePlan,
+    Stager,
+    cache_bytes,
+    free_device_bytes,
+    host_store,
+    plan_caches,
+    working_bytes,
+)
+from clcalib.recon.step import ExtraLoss, Step
 
 OBSERVE_SAMPLES = 256  # activation ranges are searched on this many calibration samples
 EVAL_BATCH = 256
-
-
-def _fast_adam(t: Tensor) -> dict:
-    # fused Adam exists for CPU and CUDA in torch >= 2.4; one kernel per step instead of ~10
-    return {"fused": True} if t.device.type in ("cpu", "cuda") else {}
 
 
 @dataclass
@@ -40,6 +46,8 @@ class UnitReport:
     loss_after: float  # the same after reconstruction (hard rounding)
     seconds: float
     extra: dict[str, list[float]] = field(default_factory=dict)  # curves of added loss terms
+    caches: str = "device"  # where its cached inputs/outputs lived: "device" or "host" (recon.placement)
+    steps: str = "eager"  # how its steps ran: "graph" (CUDA graph replays), "eager", or "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,11 +60,11 @@ class UnitContext:
     qmodel: QuantModel
     index: int
     unit: QuantUnit
-    fp_out: Tensor  # FP outputs of the unit over the whole calibration set
+    fp_out: Tensor  # FP outputs of the unit over the whole calibration set (device or host memory)
     config: CalibConfig
+    device: torch.device  # where the unit runs
 
 
-ExtraLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]  # (out_q, target, idx) -> terms
 ExtraLossFactory = Callable[[UnitContext], ExtraLoss | None]
 
 
@@ -68,6 +76,7 @@ class Reconstructor:
         self.on_progress = on_progress or (lambda e: None)
         self.extra_losses = extra_losses
         self.units = qmodel.units()
+        self.device = data.device
         self.t0 = time.perf_counter()
 
     def _emit(self, **kw) -> None:
@@ -80,149 +89,100 @@ class Reconstructor:
         t = time.perf_counter()
         self._emit(stage="prepare", unit=k, unit_name=name)
         with frozen(self.qm):
-            x_q, _ = capture(self.qm, unit, self.data, EVAL_BATCH, quant=True, outputs=False)
-            x_f, y_f = capture(self.qm, unit, self.data, EVAL_BATCH, quant=False, outputs=True)
+            plan = self._plan(unit)
+            store = self.device if plan.where == "device" else torch.device("cpu")
+            x_q, _ = capture(self.qm, unit, self.data, EVAL_BATCH, quant=True, outputs=False, store=store)
+            x_f, y_f = capture(self.qm, unit, self.data, EVAL_BATCH, quant=False, outputs=True, store=store)
+            if plan.where == "host":
+                x_q, x_f, y_f = host_store(x_q), host_store(x_f), host_store(y_f)
             with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
-                unit(x_q[:OBSERVE_SAMPLES])
+                unit(x_q[:OBSERVE_SAMPLES].to(self.device))
             before = self._unit_error(unit, x_q, y_f)
             extra: dict[str, list[float]] = {}
+            executor = "none"
             if cfg.method.reconstructs and cfg.iters > 0:
-                gen = torch.Generator(device=self.data.device).manual_seed(cfg.seed * 100_003 + k)
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + k)
                 if cfg.method.spec.granularity is Granularity.LAYER:
                     for layer in unit.layers():  # layer-wise inside the unit
-                        lx_q, _ = capture(unit, layer, x_q, EVAL_BATCH, quant=True, outputs=False)
-                        _, ly_f = capture(unit, layer, x_f, EVAL_BATCH, quant=False, outputs=True)
-                        self._optimize(k, layer, [layer], lx_q, None, ly_f, gen, extra)
+                        lx_q, _ = capture(unit, layer, x_q, EVAL_BATCH, quant=True, outputs=False, device=self.device, store=store)
+                        _, ly_f = capture(unit, layer, x_f, EVAL_BATCH, quant=False, outputs=True, device=self.device, store=store)
+                        executor = self._optimize(k, layer, [layer], lx_q, None, ly_f, gen, extra, plan)
                 else:
                     drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
-                    self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra)
+                    executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
             after = self._unit_error(unit, x_q, y_f)
-        report = UnitReport(name, before, after, time.perf_counter() - t, extra)
+        report = UnitReport(name, before, after, time.perf_counter() - t, extra, plan.where, executor)
         self._emit(stage="unit_done", unit=k, unit_name=name, iteration=cfg.iters, loss=after)
         return report
 
+    def _plan(self, unit: QuantUnit) -> CachePlan:
+        """Where this unit's caches live, from one sample's shapes and the free device memory."""
+        x1, y1 = capture(self.qm, unit, self.data[:1], 1, quant=False, outputs=True)
+        in_n, out_n = x1[0].numel(), y1[0].numel()
+        layer_wise = self.cfg.method.spec.granularity is Granularity.LAYER
+        return plan_caches(self.cfg.cache_placement, cache_bytes(len(self.data), in_n, out_n, layer_wise),
+                           working_bytes(self.cfg.batch_size, in_n, out_n, len(unit.layers())),
+                           free_device_bytes(self.device))
+
     @torch.no_grad()
     def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor) -> float:
-        tot = torch.zeros((), device=x.device)
+        tot = torch.zeros((), device=self.device)
         for i in range(0, len(x), EVAL_BATCH):
-            tot += rec_loss(unit(x[i : i + EVAL_BATCH]), y[i : i + EVAL_BATCH]) * len(x[i : i + EVAL_BATCH])
+            xb, yb = x[i : i + EVAL_BATCH].to(self.device), y[i : i + EVAL_BATCH].to(self.device)
+            tot += rec_loss(unit(xb), yb) * len(xb)
         return float(tot / len(x))
 
     def _optimize(self, k: int, module: nn.Module, layers: list[QuantLayer], x_q: Tensor,
-                  x_fp: Tensor | None, y_f: Tensor, gen: torch.Generator, extra: dict) -> None:
+                  x_fp: Tensor | None, y_f: Tensor, gen: torch.Generator, extra: dict, plan: CachePlan) -> str:
         """Learn ``layers``' rounding and ``module``'s activation step sizes so that
-        ``module(x_q)`` matches ``y_f``, then harden the rounding. ``x_fp``: QDrop's FP inputs."""
+        ``module(x_q)`` matches ``y_f``, then harden the rounding. ``x_fp``: QDrop's FP inputs.
+        Returns how the steps ran: "graph" (captured and replayed) or "eager"."""
         cfg, iters = self.cfg, self.cfg.iters
-        step = _Step(module, layers, x_q, cfg)
         terms, rec_w = self._added_terms(k, module, y_f)
-        progress = _Progress(self, k, x_q.device, iters)
+        graphed = cfg.step_capture == "auto" and can_capture(self.device, plan.where == "device", terms is not None)
+        step = Step(module, layers, x_q, x_fp, y_f, cfg, self.round_weight, gen, self.device, terms, rec_w,
+                    stage=Stager(self.device, host=plan.where == "host"), capturable=graphed)
+        run = GraphedStep(step) if graphed else step
+        progress = _Progress(self, k, step, iters)
         # official QDrop drops at every activation quantizer of the unit, not only its input
         inner = [q for q in module.modules() if isinstance(q, ActQuantizer)] if x_fp is not None and cfg.drop_scope == "all" else []
         try:
             with dropping(inner, cfg.drop_prob, gen):
                 for it in range(iters):
-                    idx, inp = self._batch(x_q, x_fp, gen)
-                    beta = beta_at(it, iters, cfg.warmup, *cfg.beta)
-                    rec, added = step.run(inp, y_f[idx], idx, beta, self.round_weight, terms, rec_w)
-                    progress.add(it, rec, added, extra)
+                    run(step.schedule.regularized(it))
+                    progress.after(it, extra)
         finally:
             step.close()
+        return "graph" if graphed else "eager"
 
     def _added_terms(self, k: int, module: nn.Module, y_f: Tensor):
         """The unit's PD/CL terms (None when there are none) and the weight of its MSE."""
         unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
         terms = None
         if self.extra_losses is not None and (module is unit or module is unit.body):
-            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, self.cfg))
+            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, self.cfg, self.device))
         # rec_weight trades MSE for L_CL; a unit that gets no CL term keeps its full MSE
         rec_w = self.cfg.cl_calib.rec_weight if self.cfg.cl_calib.enabled and terms is not None else 1.0
         return terms, rec_w
 
-    def _batch(self, x_q: Tensor, x_fp: Tensor | None, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
-        n = len(x_q)
-        idx = torch.randint(n, (min(self.cfg.batch_size, n),), generator=gen, device=x_q.device)
-        inp = x_q[idx]
-        if x_fp is not None:
-            keep_fp = torch.rand(inp.shape, generator=gen, device=inp.device) < self.cfg.drop_prob
-            inp = torch.where(keep_fp, x_fp[idx], inp)
-        return idx, inp
-
-
-class _Step:
-    """One optimisation step: AdaRound variables (Adam, lr_round) and activation step sizes
-    (Adam, lr_act, cosine to 0); ``close`` hardens the rounding and freezes the step sizes."""
-
-    def __init__(self, module: nn.Module, layers: list[QuantLayer], like: Tensor, cfg: CalibConfig):
-        self.module, self.layers = module, layers
-        for layer in layers:
-            layer.wq.start_adaround(layer.weight)
-        self.act_scales = [q.scale for q in module.modules() if isinstance(q, ActQuantizer) and q.initialized]
-        self.opt_w = torch.optim.Adam([layer.wq.alpha for layer in layers], lr=cfg.lr_round, **_fast_adam(like))
-        self.opt_a = self.sched = None
-        if self.act_scales and cfg.lr_act > 0:
-            for p in self.act_scales:
-                p.requires_grad_(True)
-            self.opt_a = torch.optim.Adam(self.act_scales, lr=cfg.lr_act, **_fast_adam(like))
-            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_a, T_max=cfg.iters, eta_min=0.0)
-
-    def run(self, inp: Tensor, target: Tensor, idx: Tensor, beta: float | None, round_weight: float,
-            terms, rec_w: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss = rec_w * MSE + added terms + rounding regulariser (after warm-up); one step of
-        each optimiser. Returns the MSE and the added terms, detached (no host sync)."""
-        for layer in self.layers:
-            layer.wq.set_regularizer(beta, round_weight)
-        out = self.module(inp)
-        rec = rec_loss(out, target)
-        loss = rec_w * rec
-        added: dict[str, Tensor] = {}
-        if terms is not None:
-            for key, val in terms(out, target, idx).items():
-                loss = loss + val
-                added[key] = val.detach()
-        if beta is not None and round_weight > 0:
-            loss = loss + sum(layer.wq.last_reg for layer in self.layers)
-        self.opt_w.zero_grad(set_to_none=True)
-        if self.opt_a is not None:
-            self.opt_a.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_w.step()
-        if self.opt_a is not None:
-            self.opt_a.step()
-            self.sched.step()
-        return rec.detach(), added
-
-    def close(self) -> None:
-        for p in self.act_scales:
-            p.requires_grad_(False)
-        for layer in self.layers:
-            if layer.wq.alpha is not None:
-                layer.wq.harden()
-
 
 class _Progress:
-    """Sums the losses on the device and reports their mean every ``every`` iterations: one
-    host sync per reporting window, not per iteration."""
+    """Reads the step's loss sums and reports their mean every ``every`` iterations: one host
+    sync per reporting window, not per iteration."""
 
-    def __init__(self, rec: Reconstructor, k: int, device: torch.device, iters: int):
-        self.rec, self.k, self.iters = rec, k, iters
+    def __init__(self, rec: Reconstructor, k: int, step: Step, iters: int):
+        self.rec, self.k, self.step, self.iters = rec, k, step, iters
         self.every = max(1, min(500, iters // 20))
-        self.acc = torch.zeros((), device=device)
-        self.added: dict[str, Tensor] = {}
         self.t = time.perf_counter()
 
-    def add(self, it: int, rec: Tensor, added: dict[str, Tensor], curves: dict) -> None:
-        self.acc += rec
-        for key, v in added.items():
-            self.added[key] = self.added.get(key, 0) + v
+    def after(self, it: int, curves: dict) -> None:
         if (it + 1) % self.every and it + 1 != self.iters:
             return
         done = (it % self.every) + 1
-        mean = float(self.acc) / done
-        for key, v in self.added.items():
+        rec_sum, added = self.step.take_sums()
+        mean = float(rec_sum) / done
+        for key, v in added.items():
             curves.setdefault(key, []).append(float(v) / done)
-        self.acc.zero_()
-        self.added.clear()
         r = self.rec
         rate = (time.perf_counter() - self.t) / (it + 1)
         remaining = (self.iters - it - 1) * rate + (len(r.units) - self.k - 1) * self.iters * rate

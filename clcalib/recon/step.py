@@ -1,0 +1,145 @@
+"""One reconstruction iteration as a function of device state only, so that the same code runs
+eagerly (CPU, and the reference on a GPU) or is captured once into a CUDA graph and replayed
+(clcalib.recon.graphed).
+
+Everything that changes from one iteration to the next lives in tensors the step owns: the
+batch indices come from the unit's generator on the device, AdaRound's beta and the activation
+step sizes' learning rate are read from a per-iteration table by a device counter, and the
+losses are summed on the device for the progress report. The host only decides the phase
+(warm-up without the rounding regulariser, or with it), which it knows from the iteration number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from clcalib.config import CalibConfig
+from clcalib.quant.activation import ActQuantizer
+from clcalib.quant.layer import QuantLayer
+from clcalib.recon.losses import beta_at, rec_loss
+
+ExtraLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]  # (out_q, target, idx) -> added terms
+
+
+class Schedule:
+    """AdaRound's beta (annealed after the warm-up) and the activation step sizes' learning rate
+    (cosine to 0) for every iteration, as one float32 table on the device, read by a counter
+    that the step advances on the device."""
+
+    BETA, LR_ACT = 0, 1
+
+    def __init__(self, cfg: CalibConfig, iters: int, device: torch.device):
+        self.warm = int(cfg.warmup * iters)  # iterations before the regulariser starts (beta_at's rule)
+        rows = []
+        for it in range(iters):
+            beta = beta_at(it, iters, cfg.warmup, *cfg.beta)
+            # CosineAnnealingLR's closed form (T_max = iters, eta_min = 0), lr after `it` steps
+            lr = cfg.lr_act * (1 + math.cos(math.pi * it / iters)) / 2
+            rows.append((beta if beta is not None else math.nan, lr))
+        self.table = torch.tensor(rows, dtype=torch.float32, device=device).reshape(iters, 2)
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+
+    def regularized(self, it: int) -> bool:
+        return it >= self.warm
+
+    def next_row(self) -> Tensor:
+        row = self.table.index_select(0, self.counter)[0]  # not table[counter]: that reads the index on the host
+        self.counter.add_(1)
+        return row
+
+
+def _adam(params: list[Tensor], lr: float | Tensor, device: torch.device, capturable: bool) -> torch.optim.Adam:
+    # fused: one kernel per step on CPU and CUDA (torch >= 2.4); capturable (only when the step
+    # will be captured: torch warns that it is slower otherwise) keeps Adam's state on the device
+    kw = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.Adam(params, lr=lr, capturable=capturable, **kw)
+
+
+class Step:
+    """Learns ``layers``' rounding (Adam, lr_round) and ``module``'s activation step sizes (Adam,
+    lr_act on the schedule) so that ``module(x_q)`` matches ``y_f``. ``x_fp``: QDrop's FP inputs.
+    ``stage(t, idx)`` gives ``t[idx]`` on the device (``t`` may live in host memory, see
+    clcalib.recon.placement). ``capturable``: the step will be captured (clcalib.recon.graphed).
+    ``close`` hardens the rounding and freezes the step sizes."""
+
+    def __init__(self, module: nn.Module, layers: list[QuantLayer], x_q: Tensor, x_fp: Tensor | None, y_f: Tensor,
+                 cfg: CalibConfig, round_weight: float, gen: torch.Generator, device: torch.device,
+                 terms: ExtraLoss | None = None, rec_weight: float = 1.0,
+                 stage: Callable[[Tensor, Tensor], Tensor] | None = None, capturable: bool = False):
+        self.module, self.layers, self.cfg = module, layers, cfg
+        self.x_q, self.x_fp, self.y_f = x_q, x_fp, y_f
+        self.round_weight, self.gen, self.device = round_weight, gen, device
+        self.terms, self.rec_weight = terms, rec_weight
+        self.stage = stage or (lambda t, idx: t[idx])
+        self.schedule = Schedule(cfg, cfg.iters, device)
+        for layer in layers:
+            layer.wq.start_adaround(layer.weight)
+        self.opt_w = _adam([layer.wq.alpha for layer in layers], cfg.lr_round, device, capturable)
+        self.act_scales = [q.scale for q in module.modules() if isinstance(q, ActQuantizer) and q.initialized]
+        self.opt_a = None
+        if self.act_scales and cfg.lr_act > 0:
+            for p in self.act_scales:
+                p.requires_grad_(True)
+            self.opt_a = _adam(self.act_scales, cfg.lr_act, device, capturable)
+            # a tensor lr, written from the schedule on the device each step (set after the
+            # constructor, whose range check would read a tensor lr on the host)
+            self.opt_a.param_groups[0]["lr"] = torch.tensor(cfg.lr_act, device=device)
+        # sums since the last progress report, on the device (no host sync per iteration)
+        self.rec_sum = torch.zeros((), device=device)
+        self.added_sums: dict[str, Tensor] = {}
+
+    def batch(self) -> tuple[Tensor, Tensor]:
+        """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
+        n = len(self.x_q)
+        idx = torch.randint(n, (min(self.cfg.batch_size, n),), generator=self.gen, device=self.device)
+        inp = self.stage(self.x_q, idx)
+        if self.x_fp is not None:
+            keep_fp = torch.rand(inp.shape, generator=self.gen, device=self.device) < self.cfg.drop_prob
+            inp = torch.where(keep_fp, self.stage(self.x_fp, idx), inp)
+        return idx, inp
+
+    def __call__(self, regularized: bool) -> None:
+        """One iteration: loss = rec_weight * MSE + added terms + rounding regulariser (after
+        the warm-up, ``regularized``); one step of each optimiser."""
+        row = self.schedule.next_row()
+        idx, inp = self.batch()
+        target = self.stage(self.y_f, idx)
+        beta = row[Schedule.BETA] if regularized else None
+        for layer in self.layers:
+            layer.wq.set_regularizer(beta, self.round_weight)
+        out = self.module(inp)
+        rec = rec_loss(out, target)
+        loss = self.rec_weight * rec
+        if self.terms is not None:
+            for key, val in self.terms(out, target, idx).items():
+                loss = loss + val
+                self.added_sums[key] = self.added_sums.get(key, 0) + val.detach()
+        if regularized and self.round_weight > 0:
+            loss = loss + sum(layer.wq.last_reg for layer in self.layers)
+        self.opt_w.zero_grad(set_to_none=True)
+        if self.opt_a is not None:
+            self.opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_w.step()
+        if self.opt_a is not None:
+            self.opt_a.param_groups[0]["lr"].copy_(row[Schedule.LR_ACT])
+            self.opt_a.step()
+        self.rec_sum.add_(rec.detach())
+
+    def take_sums(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The summed losses since the last call (still on the device), then zero them."""
+        rec = self.rec_sum.clone()
+        self.rec_sum.zero_()
+        added, self.added_sums = self.added_sums, {}
+        return rec, added
+
+    def close(self) -> None:
+        for p in self.act_scales:
+            p.requires_grad_(False)
+        for layer in self.layers:
+            if layer.wq.alpha is not None:
+                layer.wq.harden()

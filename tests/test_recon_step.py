@@ -1,0 +1,88 @@
+"""The reconstruction step's schedule, the memory plan of each unit's caches, and the two ways the
+step runs besides plain eager: with its caches in host memory (any machine) and captured into a
+CUDA graph (only where CUDA is: the device script runs these on a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import clcalib
+from clcalib.config import CalibConfig
+from clcalib.recon.losses import beta_at
+from clcalib.recon.placement import cache_bytes, plan_caches, working_bytes
+from clcalib.recon.step import Schedule
+
+GiB = 2**30
+
+
+def test_schedule_is_adaround_beta_after_the_warm_up_and_torch_cosine_lr():
+    cfg = CalibConfig(iters=200, warmup=0.2, lr_act=4e-5, beta=(20.0, 2.0))
+    s = Schedule(cfg, cfg.iters, torch.device("cpu"))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.lr_act)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
+    for it in range(cfg.iters):
+        row = s.next_row()  # the step reads rows by a device counter, in order
+        beta = beta_at(it, cfg.iters, cfg.warmup, *cfg.beta)
+        assert s.regularized(it) == (beta is not None)
+        if beta is None:
+            assert math.isnan(float(row[Schedule.BETA]))
+        else:
+            assert float(row[Schedule.BETA]) == pytest.approx(beta, rel=1e-6)
+        assert float(row[Schedule.LR_ACT]) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-5, abs=1e-12)
+        opt.step()
+        cosine.step()
+    assert int(s.counter) == cfg.iters
+    assert s.regularized(39) is False and s.regularized(40) is True  # warm-up: 20 % of 200
+
+
+def test_the_plan_keeps_caches_on_the_device_when_they_fit_and_moves_them_to_host_memory_when_not():
+    # ResNet-50's first bottleneck at 224 px, 1024 calibration images: in 64x56x56, out 256x56x56
+    n_in, n_out = 64 * 56 * 56, 256 * 56 * 56
+    cache = cache_bytes(1024, n_in, n_out, layer_wise=False)
+    assert cache == 1024 * (2 * n_in + n_out) * 4  # quantized and FP inputs, FP outputs, float32
+    work = working_bytes(32, n_in, n_out, n_layers=4)
+    on_h200 = plan_caches("auto", cache, work, free=139 * GiB)
+    on_8gib = plan_caches("auto", cache, work, free=8 * GiB)
+    assert on_h200.where == "device"
+    assert on_8gib.where == "host" and "exceed" in on_8gib.reason
+    assert plan_caches("auto", cache, work, free=None).where == "device"  # the CPU: one memory
+    assert plan_caches("host", cache, work, free=139 * GiB).where == "host"  # the user's override
+    assert plan_caches("device", cache, work, free=1 * GiB).where == "device"
+    # just at the edge: 90 % of the free memory may be filled
+    assert plan_caches("auto", cache, work, free=math.ceil((cache + work) / 0.9)).where == "device"
+    assert plan_caches("auto", cache, work, free=(cache + work)).where == "host"
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "qdrop", "iters": 8},
+    {"method": "pdquant", "iters": 4, "cl_calib": {"enabled": True}},  # added terms read the FP outputs from host memory
+    {"method": "adaround", "iters": 4},  # layer-wise: per-layer caches follow the unit's plan
+], ids=["qdrop", "pdquant+cl", "adaround"])
+def test_caches_in_host_memory_give_the_same_model_as_caches_on_the_device(config, fmnist, reference):
+    model, data = reference("resnet18"), fmnist["train"][:48]
+    base = {**config, "w_bits": 2, "a_bits": 4, "calib_size": 48, "seed": 3, "device": "cpu"}
+    on_device = clcalib.calibrate(model, data, {**base, "cache_placement": "device"})
+    on_host = clcalib.calibrate(model, data, {**base, "cache_placement": "host"})
+    assert {u.caches for u in on_host.units} == {"host"} and {u.caches for u in on_device.units} == {"device"}
+    a, b = on_device.model.state_dict(), on_host.model.state_dict()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"host-memory caches changed {len(different)} tensors, e.g. {different[:3]}"
+    assert [u.loss_after for u in on_device.units] == [u.loss_after for u in on_host.units]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run by bench/gpu_issue16.sh)")
+@pytest.mark.parametrize("method", ["qdrop", "brecq", "adaround"])
+def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(method, fmnist, reference):
+    model, data = reference("resnet18"), fmnist["train"][:256]
+    base = {"method": method, "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 1, "device": "cuda"}
+    eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
+    graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
+    assert {u.steps for u in graphed.units} == {"graph"} and {u.steps for u in eager.units} == {"eager"}
+    a, b = eager.model.state_dict(), graphed.model.state_dict()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"graph replays changed {len(different)} tensors, e.g. {different[:3]}"
+    assert [u.loss_after for u in eager.units] == [u.loss_after for u in graphed.units]
