@@ -6,6 +6,10 @@ errors."""
 from __future__ import annotations
 
 import json
+import platform
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -23,6 +27,7 @@ from clcalib.export import load_quantized, read_header, save_quantized
 from clcalib.export.onnx_check import check_onnx, onnx_predict
 from clcalib.export.onnx_qdq import build_onnx, export_onnx
 from clcalib.graph.registry import build_model, read_state_dict
+from clcalib.metrics import agreement
 from clcalib.quant.activation import ActQuantizer
 
 SHAPE = (1, 3, 28, 28)
@@ -257,6 +262,45 @@ def test_relu6_before_a_quantizer_becomes_its_top_code(mobilenet_w8a8):
     assert sum(consumers[n.output[0]].op_type == "QuantizeLinear" for n in convs) >= 34, len(convs)
     got = check_onnx(m["path"], m["ref"], m["x"], m["y"])
     assert got["onnx_top1_agreement"] >= 99.0, got
+
+
+# Run in ONNX Runtime on an emulated x86 CPU without VNNI (qemu's Haswell: AVX2, no AVX-512), whatever
+# this machine has. The probe first shows that ONNX Runtime's uint8 x int8 kernel there adds two
+# products in a saturating int16 (255 x 127 x 2 > 32767; VNNI CPUs add in int32 and are exact),
+# then the W8A8 export must still reproduce the torch model: its 8-bit weights are uint8.
+_EMULATED = """
+import sys, numpy as np, onnxruntime as ort
+from onnx import helper as h, TensorProto as TP
+def session(model):
+    so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+graph = h.make_graph([h.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                     [h.make_tensor_value_info("a", TP.UINT8, [1, 64])], [h.make_tensor_value_info("y", TP.INT32, [1, 1])],
+                     initializer=[h.make_tensor("b", TP.INT8, [64, 1], [127] * 64)])
+probe = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+probe.ir_version = 10
+print(int(session(probe.SerializeToString()).run(None, {"a": np.full((1, 64), 255, np.uint8)})[0][0, 0]))
+data = np.load(sys.argv[2])
+np.save(sys.argv[3], session(sys.argv[1]).run(None, {"input": data["x"]})[0])
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None,
+                    reason="needs an x86-64 machine with qemu-x86_64 (apt-get install qemu-user)")
+def test_w8a8_export_is_exact_on_x86_without_vnni(mobilenet_w8a8, tmp_path):
+    m = mobilenet_w8a8
+    x, ref = m["x"][::2], m["ref"][::2]  # 100 images: emulation is slow
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    r = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", _EMULATED, str(m["path"]),
+                        str(tmp_path / "x.npz"), str(tmp_path / "out.npy")],
+                       capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    probe = int(r.stdout.split()[-1])
+    assert probe == 32 * 32767, probe  # 32 saturated pairs, not 255 x 127 x 64: the non-VNNI kernel ran
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    # with 8-bit weights as int8 (before): 95 % agreement, max |logit diff| 1.78 on these images
+    assert agreement(ref, got) >= 99.0 and float((got - ref).abs().max()) < 0.5, \
+        (agreement(ref, got), float((got - ref).abs().max()))
 
 
 def test_w8a8_every_layer_runs_on_integer_kernels_in_onnx_runtime(tmp_path):
