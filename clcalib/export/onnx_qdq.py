@@ -11,8 +11,8 @@ writes, and TensorRT / OpenVINO read).
   which 8-bit signed weights overflow (255 x 128 x 2 > 32767; mobilenet_v2 W8A8 agreed with
   the torch model on 95 % of images there), while its uint8 x uint8 kernels widen to 16 bits
   first and are exact on every CPU. The price is on VNNI CPUs, where uint8 x int8 is exact and
-  faster: a W8A8 file that runs almost all on integer kernels took 1.3x the time there. 5-7-bit
-  signed codes are at most 64 in magnitude, 255 x 64 x 2 = 32640 fits, so they keep int8.
+  faster: a W8A8 file that runs almost all on integer kernels took 1.3-1.4x the time there.
+  5-7-bit signed codes are at most 64 in magnitude, 255 x 64 x 2 = 32640 fits: they keep int8.
 - Biases: float, as calibrated. (INT32 biases with scale = input x weight scale, as
   ``quantize_static`` writes them, moved 1e-3 of resnet18's W4A4 activations by a whole step
   and cost 1.5 % top-1 agreement with the torch model; ONNX Runtime fuses float-bias convs into
