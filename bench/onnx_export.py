@@ -168,7 +168,10 @@ NOTES = """## Reading these tables
   core). Only the every_layer + symmetric-weight file runs (almost) all convs and adds as
   integer kernels; it is faster than FP32 for mobilenet_v2 at batch 1 and 32 and for resnet18
   at batch 32, not for resnet18 at batch 1 (0.91 vs 0.76 ms: the float first conv, six layout
-  transposes and per-op overhead on 28x28 inputs)."""
+  transposes and per-op overhead on 28x28 inputs).
+- These rows are from the export's INT8 layout for 8-bit weights; it now writes UINT8 (exact on
+  x86 CPUs without VNNI, see docs/deploy.md), which on a VNNI CPU made the every_layer +
+  symmetric-weight files 1.3-1.4x slower and the default-placement W8A8 ones 1.05x (batch 64)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,18 @@
 """ONNX export of a quantized model in QDQ form (the form ONNX Runtime's own ``quantize_static``
 writes, and TensorRT / OpenVINO read).
 
-- Weights: integer initializers (INT4 for 2-4 bits, INT8 for 5-8 bits), per-output-channel
-  scale and zero point, feeding ``DequantizeLinear(axis=0)``. BatchNorm is already folded.
-  Codes are stored shifted by 2^(bits-1) into the signed type (the zero point shifted alike),
-  which leaves ``(code - zero) * scale`` unchanged and makes symmetric weights zero-point-0 at
-  every bit width, as integer kernels want.
+- Weights: integer initializers (INT4 for 2-4 bits, INT8 for 5-7 bits, UINT8 for 8 bits),
+  per-output-channel scale and zero point, feeding ``DequantizeLinear(axis=0)``. BatchNorm is
+  already folded. Codes below 8 bits are stored shifted by 2^(bits-1) into the signed type (the
+  zero point shifted alike), which leaves ``(code - zero) * scale`` unchanged and makes
+  symmetric weights zero-point-0, as integer kernels want. 8-bit codes are stored as they are
+  (uint8, symmetric zero point 128): ONNX Runtime's uint8 x int8 kernels on x86 CPUs without
+  VNNI (AVX2, AVX-512 without VNNI) add two products in a saturating int16 (``vpmaddubsw``),
+  which 8-bit signed weights overflow (255 x 128 x 2 > 32767; mobilenet_v2 W8A8 agreed with
+  the torch model on 95 % of images there), while its uint8 x uint8 kernels widen to 16 bits
+  first and are exact on every CPU. The price is on VNNI CPUs, where uint8 x int8 is exact and
+  faster: a W8A8 file that runs almost all on integer kernels took 1.3-1.4x the time there.
+  5-7-bit signed codes are at most 64 in magnitude, 255 x 64 x 2 = 32640 fits: they keep int8.
 - Biases: float, as calibrated. (INT32 biases with scale = input x weight scale, as
   ``quantize_static`` writes them, moved 1e-3 of resnet18's W4A4 activations by a whole step
   and cost 1.5 % top-1 agreement with the torch model; ONNX Runtime fuses float-bias convs into
@@ -93,8 +100,8 @@ class _Graph:
             packed = flat[0::2] | (flat[1::2] << 4)
             self.inits.append(h.make_tensor(name, TP.INT4, array.shape, packed.tobytes(), raw=True))
         else:
-            if elem_type == TP.INT8:
-                array = array.astype(np.int8)
+            if elem_type in (TP.INT8, TP.UINT8):
+                array = array.astype(np.int8 if elem_type == TP.INT8 else np.uint8)
             self.inits.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), name))  # 0-d stays 0-d
         return name
 
@@ -134,7 +141,7 @@ class _Graph:
             raise ExportError(f"{hint}: weights are in state {wq.state.value!r}, not integer codes; calibrate first")
         _check_bits(wq.bits, hint)
         TP = self.onnx.TensorProto
-        elem, offset = (TP.INT4 if wq.bits <= 4 else TP.INT8), 1 << (wq.bits - 1)
+        elem, offset = _weight_type(TP, wq.bits)
         zero = _codes(wq.zero.detach().cpu().reshape(-1), wq.bits, hint + " weight zero point") - offset
         codes = _codes(wq.q.detach().cpu(), wq.bits, hint + " weight codes") - offset
         q = self.const(hint + ".wq", codes, elem)
@@ -192,6 +199,14 @@ def _codes(t: torch.Tensor, bits: int, what: str) -> np.ndarray:
     if not (np.all(a == np.round(a)) and a.min(initial=0) >= 0 and a.max(initial=0) <= qmax_of(bits)):
         raise ExportError(f"{what}: not integers in [0, {qmax_of(bits)}] for {bits} bits; the model is damaged")
     return a.astype(np.int32)
+
+
+def _weight_type(TP, bits: int) -> tuple[int, int]:
+    """The ONNX type of ``bits``-bit weight codes and the offset subtracted from them (and their
+    zero point) to fit it; see the module docstring for why 8 bits are unsigned."""
+    if bits == 8:
+        return TP.UINT8, 0
+    return (TP.INT4 if bits <= 4 else TP.INT8), 1 << (bits - 1)
 
 
 def _check_bits(bits: int, where: str) -> None:
