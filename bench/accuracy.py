@@ -150,6 +150,10 @@ def run_one(spec: dict) -> dict:
             "wall_seconds": round(time.perf_counter() - t, 1),
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
             "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
+            "unit_steps": [u.get("steps") for u in report["units"]],  # graph / eager (issue 16)
+            "unit_caches": [u.get("caches") for u in report["units"]],  # device / host memory
+            "peak_device_memory_bytes": m.get("peak_device_memory_bytes"),
+            "gpu": torch.cuda.get_device_name() if spec["device"].startswith("cuda") else None,
             "config": report["config"],  # resolved: a row stays readable after a default changes
             "host": socket.gethostname(), "cpu": cpu_model(), "commit": spec.get("commit"), "torch": report["versions"]["torch"], "python": platform.python_version()}
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# Debian's package; $CLCALIB_FMNIST_DIR for a machine without it (the device carry holds a subset)
+FMNIST = Path(os.environ.get("CLCALIB_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # the shared reference checkpoints: $CLCALIB_REFERENCE_DIR, else ../shared/reference beside the
 # checkout, else /work/shared/reference (where this project's machines keep them)
 def _reference_dir() -> Path:

@@ -1,16 +1,21 @@
 """Where the reconstruction loop's time goes on a device: resnet18 qdrop W4A4 under
 torch.profiler (the ops with most host time and most device time), and the loop's iterations
-per second with exact numerics (FP32, deterministic cuDNN: what ``calibrate`` runs with) and,
-with ``--tf32``, without them. The diagnostic to run first in a device call before making the
-loop faster: on an H200 it ran at 170-230 iterations/s, bound by the host (RESULTS.md).
+per second with exact numerics (FP32, deterministic cuDNN: what ``calibrate`` runs with), with
+the steps eager and replayed from a CUDA graph (``step_capture`` off / auto), with the fraction
+of that time the GPU was busy (nvidia-smi's utilization, sampled every 100 ms), and with
+``--tf32`` without exact numerics. On an H200 the eager loop ran at 170-230 iterations/s,
+bound by the host (RESULTS.md). ``--out`` appends one JSON row per (model, steps).
 
-    python -m bench.gpu_profile --device cuda --data-dir .gpu --reference-dir .gpu [--tf32]
+    python -m bench.gpu_profile --device cuda --data-dir .gpu --reference-dir .gpu [--tf32] [--out rates.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,12 +45,34 @@ def loop_rate(model, calib, cfg: CalibConfig) -> float:
     return its / secs
 
 
+class GpuBusy:
+    """Mean of nvidia-smi's utilization.gpu (percent of time a kernel was running) while open;
+    None without nvidia-smi."""
+
+    def __enter__(self):
+        exe = shutil.which("nvidia-smi")
+        self.proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                                     stdout=subprocess.PIPE, text=True) if exe else None
+        return self
+
+    def __exit__(self, *exc):
+        self.percent = None
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            vals = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+            self.percent = sum(vals) / len(vals) if vals else None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
     p.add_argument("--iters", type=int, default=400, help="iterations per unit for the rate")
     p.add_argument("--profile-iters", type=int, default=40, help="iterations per unit under the profiler")
     p.add_argument("--tf32", action="store_true", help="also measure without exact numerics")
+    p.add_argument("--models", default="resnet18", help="models whose rates are measured (eager and graph)")
+    p.add_argument("--no-profile", action="store_true", help="only the rates")
+    p.add_argument("--out", type=Path, default=None, help="append a JSON row per rate here")
     p.add_argument("--data-dir", type=Path, default=WORK)
     p.add_argument("--reference-dir", type=Path, default=REFERENCE)
     a = p.parse_args(argv)
@@ -57,16 +84,28 @@ def main(argv=None) -> None:
     cuda = a.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "cpu"
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        calibration.calibrate(model, calib, CalibConfig.model_validate({**base, "iters": a.profile_iters}))
-    for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
-        print(f"\n== {name}: top ops by {key} ({a.profile_iters} iterations per unit, start-up included)")
-        print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if not a.no_profile:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            calibration.calibrate(model, calib, CalibConfig.model_validate({**base, "iters": a.profile_iters}))
+        for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
+            print(f"\n== {name}: top ops by {key} ({a.profile_iters} iterations per unit, start-up included)")
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
 
-    cfg = CalibConfig.model_validate({**base, "iters": a.iters})
-    print(f"{name}: {loop_rate(model, calib, cfg):.1f} iterations/s with exact numerics ({a.iters} per unit)", flush=True)
+    for arch in a.models.split(","):
+        net = build_model(arch, 10, read_state_dict(a.reference_dir / f"fmnist_{arch}.safetensors"))
+        for steps in ("off", "auto"):
+            cfg = CalibConfig.model_validate({**base, "iters": a.iters, "step_capture": steps})
+            with GpuBusy() as busy:
+                rate = loop_rate(net, calib, cfg)
+            row = {"model": arch, "device": name, "iters_per_unit": a.iters, "step_capture": steps,
+                   "iters_per_s": round(rate, 1), "gpu_busy_percent": busy.percent, "torch": torch.__version__}
+            print(json.dumps(row), flush=True)
+            if a.out:
+                with a.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     if a.tf32:
+        cfg = CalibConfig.model_validate({**base, "iters": a.iters})
         # calibrate() always runs under exact_numerics; swap it out to see what it costs
         exact = calibration.exact_numerics
         calibration.exact_numerics = contextlib.nullcontext
