@@ -125,7 +125,12 @@ def peer_commit(peer: Path) -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown (no COMMIT file; export with bench/make_gpu_carry.sh)"
 
 
-def load_data(data_dir: Path, eval_limit: int | None):
+def preprocess(resize: int | None) -> dict:
+    """The reference preprocessing, with the 28 px images resized to ``resize`` (the 224 px timing)."""
+    return {**PREPROCESS, "resize": resize} if resize else PREPROCESS
+
+
+def load_data(data_dir: Path, eval_limit: int | None, resize: int | None = None):
     """Our 1024 calibration images and the test set, through clcalib's own loader and the
     reference models' preprocessing (what bench/accuracy.py runs clcalib on)."""
     import torch
@@ -134,7 +139,7 @@ def load_data(data_dir: Path, eval_limit: int | None):
     from clcalib.data import LabeledSet, load_calibration
 
     calib_zip, test_zip = prepare_data(data_dir)
-    pre = Preprocess(**PREPROCESS)
+    pre = Preprocess(**preprocess(resize))
     calib = load_calibration(calib_zip, pre, size=1024)
     test = LabeledSet(test_zip, pre)
     images, labels = zip(*test.batches(1000), strict=True)
@@ -173,11 +178,11 @@ def run(a) -> dict:
     cfg["model"]["kwargs"]["num_classes"] = 10
     cfg["model"]["path"] = str(a.reference_dir / "fmnist_resnet18.safetensors")
     cfg["data"] = {"calibration": "bench.fmnist.calibration_indices(1024, seed=0) of the train split",
-                   "test": "the 10k test split", "preprocess": PREPROCESS}
+                   "test": "the 10k test split", "preprocess": preprocess(a.resize)}
     quant = namespace(cfg["quant"])
 
     q.utils.set_seed(a.seed)  # their main's first step (also cudnn.deterministic)
-    calib, test_x, test_y = load_data(a.data_dir, a.eval_limit)
+    calib, test_x, test_y = load_data(a.data_dir, a.eval_limit, a.resize)
     if len(calib) != quant.calibrate:
         raise SystemExit(f"{len(calib)} calibration images, their config wants {quant.calibrate}")
     val_loader = [(test_x[i:i + 256], test_y[i:i + 256]) for i in range(0, len(test_x), 256)]
@@ -256,6 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=WORK, help="where the PNG zips are (made if missing)")
     p.add_argument("--reference-dir", type=Path, default=REFERENCE, help="where fmnist_resnet18.safetensors is")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate this many test images (smoke runs)")
+    p.add_argument("--resize", type=int, default=None, help="resize the 28 px images to this size (e.g. 224 for the large-input timing)")
     p.add_argument("--out", type=Path, required=True, help="JSONL file; one row is appended per run")
     a = p.parse_args(argv)
     cmd = shlex.join(["python", "-m", "bench.peer_qdrop", *(argv if argv is not None else sys.argv[1:])])
