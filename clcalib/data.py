@@ -371,9 +371,16 @@ def class_names_to_indices(names: list[str], labels: list[str] | None = None) ->
     return {n: i for i, n in enumerate(uniq)}
 
 
+MAX_LABELS_BYTES = 4 << 20  # 100000 class names of ~40 characters; a larger "labels file" is something else
+
+
 def read_labels(path: str | Path) -> list[str]:
     """A labels file: one class name per line, in the model's index order (blank lines ignored)."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_LABELS_BYTES:
+            raise DataError(f"labels file {path}: {size} bytes, larger than {MAX_LABELS_BYTES} bytes; it should hold "
+                            "the model's class names, one per line")
         names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"labels file {path}: cannot be read ({e})") from None

@@ -32,7 +32,7 @@ def _fail(field: str, code: str, message: str) -> dict:
 
 
 def check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
-              config: dict, limits: dict, sample: int) -> dict:
+              config: dict, limits: dict, sample: int, labels: str | None = None) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
     torch.export program, converted here as calibration will convert it (so an unsupported
     graph is a 422 now, not a failed job later). Returns ok, counts and num_classes."""
@@ -129,11 +129,21 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
     # 4. the evaluation set: class folders that fit num_classes, decodable, same size
     n_eval = 0
     if evaluation is not None:
-        from clcalib.data import class_names_to_indices, class_of
+        from clcalib.data import class_names_to_indices, class_of, read_labels
 
         try:
+            names_in_order = None
+            if labels is not None:
+                try:
+                    names_in_order = read_labels(labels)
+                except DataError as e:
+                    return _fail("labels", "bad_data", _strip(str(e), f"labels file {labels}", "the labels file"))
             names, ex = images(evaluation, "evaluation")
-            index = class_names_to_indices(class_of(names))
+            try:
+                index = class_names_to_indices(class_of(names), names_in_order)
+            except DataError as e:
+                return _fail("labels" if names_in_order is not None else "evaluation", "bad_data",
+                             _strip(str(e), evaluation, "evaluation"))
             if max(index.values()) >= num_classes:
                 raise DataError(f"class folders map to index {max(index.values())} but the model has "
                                 f"num_classes={num_classes}")

@@ -52,7 +52,7 @@ def cmd_submit(args) -> int:
     CalibConfig.model_validate(config)  # a bad flag is one line here, not an upload later
     with _client(args) as c:
         job = c.submit(model=args.model, calibration=args.calibration, arch=args.arch,
-                       num_classes=args.num_classes, config=config, evaluation=args.evaluation)
+                       num_classes=args.num_classes, config=config, evaluation=args.evaluation, labels=args.labels)
         if args.watch:
             print(job["id"], file=sys.stderr)
             return _watch(c, job["id"])
@@ -191,6 +191,8 @@ def add_commands(sub) -> None:
     g.add_argument("--calibration", required=True, help="folder (zipped for the upload), zip or tar of images, "
                    "or an .npy/.safetensors tensor")
     g.add_argument("--evaluation", default=None, help="folder, zip or tar with one subfolder per class")
+    g.add_argument("--labels", default=None, help="with --evaluation named by class: the model's class names, "
+                   "one per line in index order")
     g.add_argument("--config", default=None, help="config JSON, or @file.json; the flags below override it")
     add_config_flags(p)
     g = p.add_argument_group("output")

@@ -63,13 +63,16 @@ class Client:
 
     def submit(self, *, model: str | Path, calibration: str | Path, arch: str | None = None,
                num_classes: int | None = None, config: dict | None = None,
-               evaluation: str | Path | None = None) -> dict:
+               evaluation: str | Path | None = None, labels: str | Path | None = None) -> dict:
         """Upload and queue a job. ``calibration`` and ``evaluation`` may be folders: they are
         zipped (paths relative to the folder) into a temporary file first. ``arch`` and
-        ``num_classes`` may be left out when ``model`` is a torch.export program (.pt2)."""
+        ``num_classes`` may be left out when ``model`` is a torch.export program (.pt2).
+        ``labels``: the model's class names in index order, for class-named evaluation folders."""
         paths = {"model": model, "calibration": calibration}
         if evaluation is not None:
             paths["evaluation"] = evaluation
+        if labels is not None:
+            paths["labels"] = labels
         with ExitStack() as stack:
             files = {}
             for role, p in paths.items():

@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ApiError
 
-FILE_FIELDS = ("model", "calibration", "evaluation")
+FILE_FIELDS = ("model", "calibration", "evaluation", "labels")
 TEXT_FIELDS = ("arch", "num_classes", "config")
 
 

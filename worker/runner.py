@@ -113,7 +113,7 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
 def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Heartbeat, attempt: int):
     """(state, error, report); state None when the job was taken from this attempt."""
     from clcalib.config import CalibConfig
-    from clcalib.data import Limits
+    from clcalib.data import Limits, read_labels
     from clcalib.errors import CalibrationError, Canceled
     from clcalib.pipeline import run_calibration
 
@@ -143,6 +143,7 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
             **model,
             calibration=jd / job.inputs["calibration"], config=config, out_dir=storage.out_dir(job.id),
             evaluation=jd / job.inputs["evaluation"] if job.inputs.get("evaluation") else None,
+            labels=read_labels(jd / job.inputs["labels"]) if job.inputs.get("labels") else None,
             on_progress=on_progress, resume_dir=storage.resume_dir(job.id), limits=Limits(**settings.data_limits),
         )
     except Canceled:

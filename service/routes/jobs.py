@@ -50,6 +50,10 @@ SUBMIT_BODY = {
                         "evaluation": {**_FILE, "description": "optional: a zip or tar of class-named "
                                        "folders (0/…, 1/… or names sorted like ImageFolder) to measure "
                                        "FP and quantized top-1 on"},
+                        "labels": {**_FILE, "description": "optional, with evaluation: a text file of the "
+                                   "model's class names, one per line in index order, so that class-named "
+                                   "folders map to the right index (without it they map in sorted order, with "
+                                   "a warning)"},
                         "config": {"$ref": "#/components/schemas/CalibConfig",
                                    "description": "the calibration config as JSON (the library's "
                                    "CalibConfig; unknown keys are rejected; device is set by the worker)"},
@@ -121,12 +125,17 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
                 raise ApiError(422, "missing_file", f"file field {role!r} is required", field=role)
             if up.files[role].stat().st_size == 0:
                 raise ApiError(422, "empty_file", f"file field {role!r} is empty", field=role)
-        if "evaluation" in up.files and up.files["evaluation"].stat().st_size == 0:
-            raise ApiError(422, "empty_file", "file field 'evaluation' is empty", field="evaluation")
+        for role in ("evaluation", "labels"):
+            if role in up.files and up.files[role].stat().st_size == 0:
+                raise ApiError(422, "empty_file", f"file field {role!r} is empty", field=role)
+        if "labels" in up.files and "evaluation" not in up.files:
+            raise ApiError(422, "bad_data", "a labels file maps the evaluation set's class folders; it needs an "
+                           "evaluation set (field 'evaluation')", field="labels")
         checked = await app.state.validator.check_job(
             model=str(up.files["model"]), arch=arch, num_classes=num_classes,
             calibration=str(up.files["calibration"]),
             evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,
+            labels=str(up.files["labels"]) if "labels" in up.files else None,
             config=config.model_dump(mode="json", by_alias=True),
         )
         num_classes = checked["num_classes"]

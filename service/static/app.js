@@ -26,6 +26,8 @@ async function submitJob(form) {
   body.append("calibration", f.get("calibration"));
   const evaluation = f.get("evaluation");
   if (evaluation && evaluation.size) body.append("evaluation", evaluation);
+  const labels = f.get("labels");
+  if (labels && labels.size) body.append("labels", labels);
   if (f.get("arch")) body.append("arch", f.get("arch"));
   if (f.get("num_classes")) body.append("num_classes", f.get("num_classes"));
   body.append("config", JSON.stringify(config));

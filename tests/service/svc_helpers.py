@@ -173,12 +173,15 @@ class Stack:
         return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
     def submit(self, model: Path, calib: Path, config: dict, key: str = "key-a",
-               evaluation: Path | None = None, arch: str = "resnet18", num_classes: int = 10) -> httpx.Response:
+               evaluation: Path | None = None, arch: str = "resnet18", num_classes: int = 10,
+               labels: Path | None = None) -> httpx.Response:
         import json
 
         files = {"model": (model.name, model.read_bytes()), "calibration": (calib.name, calib.read_bytes())}
         if evaluation is not None:
             files["evaluation"] = (evaluation.name, evaluation.read_bytes())
+        if labels is not None:
+            files["labels"] = (labels.name, labels.read_bytes())
         with self.client(key) as c:
             return c.post("/v1/jobs", files=files, data={"arch": arch, "num_classes": str(num_classes),
                                                            "config": json.dumps(config)})

@@ -228,6 +228,12 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("evaluation: class folder `12` with num_classes=10",
          w(evaluation=zip_of({f"12/{n}": d for n, d in fine_imgs.items()})), 422, "bad_data",
          "num_classes=10"),
+        ("labels: without an evaluation set", w(labels=b"coat\nbag\n"), 422, "bad_data", "needs an evaluation set"),
+        ("labels: class folders that are not in it",
+         w(evaluation=zip_of({f"coat/{n}": d for n, d in fine_imgs.items()}), labels=b"shirt\nbag\n"), 422,
+         "bad_data", "class folders ['coat'] are not in the labels file"),
+        ("labels: a 5 MiB file", w(evaluation=zip_of({f"coat/{n}": d for n, d in fine_imgs.items()}),
+                                   labels=b"coat\n" * (5 << 18)), 422, "bad_data", "larger than 4194304 bytes"),
         ("form: unknown field `weights`", {**base, "weights": b"x"}, 422, "unknown_field", "unknown form field"),
     ]
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,27 @@ def stack(tmp_path_factory):
         redis.stop()
 
 
+# Fashion-MNIST's classes in the model's index order; sorted, they would map "bag" to 0
+CLASS_NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+def by_class_name(digits_zip: Path, dest: Path) -> Path:
+    """The evaluation zip with its folders 0..9 renamed to the class names."""
+    with zipfile.ZipFile(digits_zip) as src, zipfile.ZipFile(dest, "w") as out:
+        for info in src.infolist():
+            folder, name = info.filename.split("/", 1)
+            out.writestr(f"{CLASS_NAMES[int(folder)]}/{name}", src.read(info))
+    return dest
+
+
 def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tmp_path):
     # with CL-Calib on: the service takes the library's cl_calib block as is and reports it
     cfg = {**TINY, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}, "export": ["onnx"]}
-    r = stack.submit(reference_model, fmnist_zips["calib"], cfg, evaluation=fmnist_zips["eval"])
+    # the evaluation folders are named by class, and the labels file gives the model's order
+    labels = tmp_path / "classes.txt"
+    labels.write_text("\n".join(CLASS_NAMES) + "\n")
+    named = by_class_name(fmnist_zips["eval"], tmp_path / "eval_by_name.zip")
+    r = stack.submit(reference_model, fmnist_zips["calib"], cfg, evaluation=named, labels=labels)
     assert r.status_code == 202, r.text
     jid = r.json()["id"]
     SHARED["job"] = jid
@@ -80,9 +98,11 @@ def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tm
     assert m["cl_calib"]["enabled"] is True and m["cl_calib"]["lambda"] == 0.2, m["cl_calib"]
     curves = m["added_loss_curves"]  # per reconstructed unit: the weighted CL term per iteration
     assert len(curves) == 10 and all(len(c["cl"]["curve"]) >= 1 and c["cl"]["first"] > 0 for c in curves.values()), curves
+    # measured on the digit folders here: the same top-1 only if the labels file mapped each name right
     got = evaluate(ckpt, fmnist_zips["eval"])
     assert got["n"] == report["metrics"]["eval_images"] == 1000
     assert got["quant_top1"] == report["metrics"]["quant_top1"], (got, report["metrics"])
+    assert report["class_mapping"] == {n: i for i, n in enumerate(CLASS_NAMES)}, report["class_mapping"]
     # the downloaded model.onnx gives the report's onnx_top1 in ONNX Runtime on the same images
     from clcalib.config import Preprocess
     from clcalib.data import load_labeled
