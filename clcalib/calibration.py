@@ -201,6 +201,7 @@ def _calibrate(
     if on_progress:
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
     metrics = {"calibration_seconds": seconds, "resumed_units": done}
-    if device.type == "cuda":  # what the user's GPU must hold for this model, data and config
+    if device.type == "cuda":  # tensors at the peak, and what torch's allocator held (the CUDA context comes on top)
         metrics["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        metrics["peak_device_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     return CalibrationResult(qm, cfg, units, seconds, calib_sha, str(device), metrics=metrics)

@@ -153,6 +153,7 @@ def run_calibration(
         "compression_vs_fp32": storage.ratio,
         "resumed_units": result.metrics.get("resumed_units", 0),
         "peak_device_memory_bytes": result.metrics.get("peak_device_memory_bytes"),  # null on the CPU
+        "peak_device_reserved_bytes": result.metrics.get("peak_device_reserved_bytes"),
         "warnings": warnings,
     })
     if config.cl_calib.enabled:

@@ -68,21 +68,38 @@ def test_caches_in_host_memory_give_the_same_model_as_caches_on_the_device(confi
     on_device = clcalib.calibrate(model, data, {**base, "cache_placement": "device"})
     on_host = clcalib.calibrate(model, data, {**base, "cache_placement": "host"})
     assert {u.caches for u in on_host.units} == {"host"} and {u.caches for u in on_device.units} == {"device"}
-    a, b = on_device.model.state_dict(), on_host.model.state_dict()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"host-memory caches changed {len(different)} tensors, e.g. {different[:3]}"
-    assert [u.loss_after for u in on_device.units] == [u.loss_after for u in on_host.units]
+    _same_model(on_device, on_host, "host-memory caches")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run by bench/gpu_issue16.sh)")
+def _same_model(a, b, what: str) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{what} changed {len(different)} tensors, e.g. {different[:3]}"
+    assert [u.loss_after for u in a.units] == [u.loss_after for u in b.units]
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_issue16.sh)")
+
+
+@CUDA
 @pytest.mark.parametrize("method", ["qdrop", "brecq", "adaround"])
 def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(method, fmnist, reference):
     model, data = reference("resnet18"), fmnist["train"][:256]
     base = {"method": method, "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 1, "device": "cuda"}
     eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
+    # the baseline: eager steps on this card repeat exactly, so a difference below is the graphs'
+    _same_model(eager, clcalib.calibrate(model, data, {**base, "step_capture": "off"}), "a second eager run")
     graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
     assert {u.steps for u in graphed.units} == {"graph"} and {u.steps for u in eager.units} == {"eager"}
-    a, b = eager.model.state_dict(), graphed.model.state_dict()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"graph replays changed {len(different)} tensors, e.g. {different[:3]}"
-    assert [u.loss_after for u in eager.units] == [u.loss_after for u in graphed.units]
+    _same_model(eager, graphed, "graph replays")
+
+
+@CUDA
+def test_host_memory_caches_on_cuda_give_the_device_caches_model(fmnist, reference):
+    # pinned staging buffers, asynchronous copies and their events: only on CUDA
+    model, data = reference("resnet18"), fmnist["train"][:256]
+    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 2, "device": "cuda"}
+    on_device = clcalib.calibrate(model, data, {**base, "cache_placement": "device"})  # graph replays
+    on_host = clcalib.calibrate(model, data, {**base, "cache_placement": "host"})  # eager, staged batches
+    assert {u.caches for u in on_host.units} == {"host"} and {u.steps for u in on_host.units} == {"eager"}
+    _same_model(on_device, on_host, "host-memory caches")

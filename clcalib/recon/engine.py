@@ -153,7 +153,7 @@ class Reconstructor:
                     progress.after(it, extra)
         finally:
             step.close()
-        return "graph" if graphed else "eager"
+        return "graph" if graphed and run.captures else "eager"
 
     def _added_terms(self, k: int, module: nn.Module, y_f: Tensor):
         """The unit's PD/CL terms (None when there are none) and the weight of its MSE."""

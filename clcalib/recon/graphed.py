@@ -15,6 +15,8 @@ build per-unit state lazily), and a torch that can capture a seeded generator.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from clcalib.recon.step import Step
@@ -38,10 +40,14 @@ class GraphedStep:
         self.eager_runs = 0
         self.side = torch.cuda.Stream(device=step.device)
         self.captures = 0
+        self.failed = False
 
     def __call__(self, regularized: bool) -> None:
         if regularized != self.phase:  # warm-up -> regularized: the old graph is never replayed again
             self.phase, self.graph, self.eager_runs = regularized, None, 0
+        if self.failed:
+            self._on_side_stream(lambda: self.step(regularized))
+            return
         if self.graph is not None:
             self.graph.replay()
             return
@@ -50,6 +56,9 @@ class GraphedStep:
             self.eager_runs += 1
             return
         self.graph = self._capture(regularized)
+        if self.graph is None:  # capture failed: this step stays eager (warned once)
+            self._on_side_stream(lambda: self.step(regularized))
+            return
         self.graph.replay()  # capture records the iteration; the replay runs it
 
     def _on_side_stream(self, fn) -> None:
@@ -60,7 +69,9 @@ class GraphedStep:
             fn()
         cur.wait_stream(self.side)
 
-    def _capture(self, regularized: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, regularized: bool) -> torch.cuda.CUDAGraph | None:
+        """The graph of one step, or None if capture failed. A capture runs no kernel and draws
+        no number, so falling back to eager steps after a failure keeps the result exact."""
         step = self.step
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(step.gen)  # replays draw the generator's next numbers, as eager calls would
@@ -68,8 +79,16 @@ class GraphedStep:
         step.opt_w.zero_grad(set_to_none=True)
         if step.opt_a is not None:
             step.opt_a.zero_grad(set_to_none=True)
-        # thread_local: a progress or heartbeat thread may use CUDA while this thread captures
-        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-            step(regularized)
+        try:
+            # thread_local: a progress or heartbeat thread may use CUDA while this thread captures
+            with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
+                step(regularized)
+        except RuntimeError as e:
+            self.failed = True
+            warnings.warn(f"CUDA graph capture of the reconstruction step failed, running it eagerly "
+                          f"(same result, slower): {e}", RuntimeWarning, stacklevel=2)
+            return None
+        # the capture's own device work (generator state) ran on the side stream
+        torch.cuda.current_stream(step.device).wait_stream(self.side)
         self.captures += 1
         return graph

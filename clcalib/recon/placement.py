@@ -82,9 +82,9 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def host_store(t: Tensor) -> Tensor:
-    """``t`` moved to host memory, pinned when CUDA is there (so a batch copies asynchronously)."""
-    t = t.to("cpu")
-    return t.pin_memory() if torch.cuda.is_available() else t
+    """``t`` moved to host memory. Not pinned: batches are gathered into a pinned buffer of their
+    own, and torch's pinned allocator rounds every block up to a power of two and keeps it."""
+    return t.to("cpu")
 
 
 class Stager:
@@ -103,16 +103,16 @@ class Stager:
         if self._idx is None or self._idx[0] is not idx:  # x_q, x_fp and y_f share one batch
             self._idx = (idx, idx.to("cpu"))
         idx_cpu = self._idx[1]
+        if self.device.type == "cpu":  # nothing to copy; a reused buffer would alias last iteration's batch
+            return torch.index_select(t, 0, idx_cpu)
         buf, copied = self._bufs.get(id(t), (None, None))
         if buf is None or buf.shape[0] != len(idx_cpu):
-            buf = torch.empty((len(idx_cpu), *t.shape[1:]), dtype=t.dtype, pin_memory=self.device.type == "cuda")
+            buf = torch.empty((len(idx_cpu), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
         elif copied is not None:
             copied.synchronize()  # the previous batch's copy out of this buffer has finished
         torch.index_select(t, 0, idx_cpu, out=buf)
         out = buf.to(self.device, non_blocking=True)
-        copied = None
-        if self.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record()
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
         self._bufs[id(t)] = (buf, copied)
         return out

@@ -27,8 +27,8 @@ ExtraLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]  # (out_q, tar
 
 class Schedule:
     """AdaRound's beta (annealed after the warm-up) and the activation step sizes' learning rate
-    (cosine to 0) for every iteration, as one float32 table on the device, read by a counter
-    that the step advances on the device."""
+    (cosine to 0) for every iteration, as one table on the device, read by a counter that the
+    step advances on the device."""
 
     BETA, LR_ACT = 0, 1
 
@@ -40,7 +40,9 @@ class Schedule:
             # CosineAnnealingLR's closed form (T_max = iters, eta_min = 0), lr after `it` steps
             lr = cfg.lr_act * (1 + math.cos(math.pi * it / iters)) / 2
             rows.append((beta if beta is not None else math.nan, lr))
-        self.table = torch.tensor(rows, dtype=torch.float32, device=device).reshape(iters, 2)
+        # float64: beta enters the regulariser as the Python float did before (a float32 beta
+        # changed its gradient in the last bit); the lr is cast to Adam's float32 tensor on copy
+        self.table = torch.tensor(rows, dtype=torch.float64, device=device).reshape(iters, 2)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
 
     def regularized(self, it: int) -> bool:
@@ -87,7 +89,8 @@ class Step:
             self.opt_a = _adam(self.act_scales, cfg.lr_act, device, capturable)
             # a tensor lr, written from the schedule on the device each step (set after the
             # constructor, whose range check would read a tensor lr on the host)
-            self.opt_a.param_groups[0]["lr"] = torch.tensor(cfg.lr_act, device=device)
+            # float32: CUDA's fused Adam reads a tensor lr as float
+            self.opt_a.param_groups[0]["lr"] = torch.tensor(cfg.lr_act, dtype=torch.float32, device=device)
         # sums since the last progress report, on the device (no host sync per iteration)
         self.rec_sum = torch.zeros((), device=device)
         self.added_sums: dict[str, Tensor] = {}
@@ -138,8 +141,14 @@ class Step:
         return rec, added
 
     def close(self) -> None:
+        # drop what may live in a CUDA graph's private memory (gradients, the last regulariser,
+        # the schedule's beta) so the pool is freed with the graph
         for p in self.act_scales:
+            p.grad = None
             p.requires_grad_(False)
         for layer in self.layers:
+            layer.wq.last_reg = None
+            layer.wq.set_regularizer(None, 0.0)
             if layer.wq.alpha is not None:
+                layer.wq.alpha.grad = None
                 layer.wq.harden()
