@@ -109,10 +109,11 @@ def _watch(c, job_id: str) -> int:
         p = data.get("progress") or {}
         if p.get("num_units") and p.get("iters"):
             total = p["num_units"] * p["iters"]
-            if bar is None:
-                bar = tqdm(total=total, unit="it", dynamic_ncols=True, file=sys.stderr)
             unit = min(p.get("unit", 0), p["num_units"] - 1)
-            bar.n = min(total, unit * p["iters"] + (p.get("iteration") or 0))
+            done = min(total, unit * p["iters"] + (p.get("iteration") or 0))
+            if bar is None:  # initial: the rate counts what was done while watching, not before
+                bar = tqdm(total=total, initial=done, unit="it", dynamic_ncols=True, file=sys.stderr)
+            bar.n = done
             loss = p.get("loss")
             bar.set_description(f"unit {unit + 1}/{p['num_units']} {p.get('unit_name', '')}", refresh=False)
             bar.set_postfix_str(f"{p.get('stage', '')}" + (f" loss={loss:.4g}" if loss is not None else ""), refresh=False)
