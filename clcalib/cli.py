@@ -255,7 +255,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
     from clcalib.export.onnx_check import export_checked, require_onnx
-    from clcalib.metrics import predict
 
     require_onnx()
     model = load_quantized(a.checkpoint)
@@ -266,12 +265,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         if data.shape != tuple(shape[1:]):
             raise DataError(f"--eval {a.eval}: images come out {data.shape} with the checkpoint's "
                             f"preprocessing, but the model was calibrated on {tuple(shape[1:])}")
-        logits = predict(model, data.images())
-        images, labels = data.images(), data.labels  # read again, batch by batch, for ONNX Runtime
+        images, labels = data.images(), data.labels  # streamed once for torch and ONNX Runtime
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-        logits = predict(model, images)
-    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, logits, images, labels)}
+    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, images, labels)[0]}
     if a.json:
         print(json.dumps(out))
     else:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from clcalib.atomic import atomic_path
 from clcalib.calibration import calibrate, exact_numerics, resolve_device
@@ -44,16 +45,20 @@ def _finite(x):
     return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
 
 
-def _export_onnx(model, path: Path, calib, evalset, q_logits, device) -> dict:
-    """model.onnx from the reloaded checkpoint, checked in ONNX Runtime on the evaluation set
-    (else on the calibration images, without labels); raises ExportError on a mismatch."""
+def _quantized_logits(model, path: Path, calib, evalset, export: bool, device) -> tuple[Tensor | None, dict]:
+    """The reloaded model's logits on the evaluation set (None without one) and, with ``export``,
+    model.onnx checked in ONNX Runtime on the same images in the same pass (else on the
+    calibration images, without labels); raises ExportError on a mismatch."""
     from clcalib.export.onnx_check import export_checked
 
-    if evalset is None:
-        with exact_numerics():
-            q_logits = predict(model, calib, device=device)
-        return export_checked(model, path, (1, *calib.shape[1:]), q_logits, calib)
-    return export_checked(model, path, (1, *calib.shape[1:]), q_logits, evalset.images(), evalset.labels)
+    shape = (1, *calib.shape[1:])
+    with exact_numerics():
+        if not export:
+            return (predict(model, evalset.images(), device=device) if evalset is not None else None), {}
+        if evalset is None:
+            return None, export_checked(model, path, shape, calib, device=device)[0]
+        onnx, q_logits = export_checked(model, path, shape, evalset.images(), evalset.labels, device=device)
+        return q_logits, onnx
 
 
 def run_calibration(
@@ -134,17 +139,16 @@ def run_calibration(
     reloaded = load_quantized(ckpt, device=str(device))
     metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
     classes = None
+    export = ExportFormat.ONNX in config.export
+    if evalset is not None or export:
+        emit(ProgressEvent(stage="evaluate" if evalset is not None else "export", num_units=len(result.units),
+                           unit=len(result.units)))
+    q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device)
+    metrics.update(onnx)
     if evalset is not None:
-        emit(ProgressEvent(stage="evaluate", num_units=len(result.units), unit=len(result.units)))
-        with exact_numerics():
-            q_logits = predict(reloaded, evalset.images(), device=device)
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
         classes = per_class(fp_logits, q_logits, evalset.labels, num_classes)
-    if ExportFormat.ONNX in config.export:
-        emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
-        metrics.update(_export_onnx(reloaded, out / ONNX_NAME, calib, evalset,
-                                    q_logits if evalset is not None else None, device))
     metrics.update({
         "calibration_seconds": result.calibration_seconds,
         "total_seconds": time.perf_counter() - t0,

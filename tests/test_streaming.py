@@ -85,3 +85,30 @@ def test_calibrate_takes_a_dataloader_of_image_label_pairs():
         assert torch.equal(a.model(x[64:]), b.model(x[64:]))
     with pytest.raises(DataError, match="iterable of such batches"):
         calibrate(model, "images.zip", cfg)
+
+
+def test_an_exported_run_reads_the_evaluation_set_twice_not_three_times(tmp_path, monkeypatch):
+    # once for the FP model before calibrating, once for the quantized model and ONNX Runtime
+    # together (a large set costs minutes per decode)
+    from bench.fmnist import PREPROCESS, REFERENCE
+    from clcalib.config import CalibConfig
+    from clcalib.pipeline import run_calibration
+
+    reads = []
+    batches = LabeledSet.batches
+
+    def counted(self, size=256, limit=None):
+        if limit is None:  # a whole pass (the shape probe reads one image)
+            reads.append(1)
+        yield from batches(self, size, limit)
+
+    monkeypatch.setattr(LabeledSet, "batches", counted)
+    calib = write_zip(tmp_path / "calib.zip", "train", range(32), by_class=False)
+    evalset = write_zip(tmp_path / "eval.zip", "t10k", range(300), by_class=True)
+    report = run_calibration(arch="resnet18", num_classes=10, weights=REFERENCE / "fmnist_resnet18.safetensors",
+                             calibration=calib, evaluation=evalset, out_dir=tmp_path / "out",
+                             config=CalibConfig.model_validate({"method": "mse", "calib_size": 32, "export": ["onnx"],
+                                                                "preprocess": PREPROCESS}))
+    m = report["metrics"]
+    assert len(reads) == 2, f"the evaluation set was read {len(reads)} times"
+    assert m["eval_images"] == m["onnx_checked_images"] == 300 and m["onnx_top1_agreement"] >= 99.0, m

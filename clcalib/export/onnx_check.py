@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,17 +30,27 @@ def require_onnx() -> None:
         raise ExportError("ONNX export needs the onnx and onnxruntime packages: pip install 'clcalib[onnx]'") from None
 
 
-def export_checked(model, path: str | Path, input_shape: tuple[int, ...], torch_logits: Tensor,
-                   images: Tensor | Iterable[Tensor], labels: Tensor | None = None, threads: int | None = None) -> dict:
+def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images: Tensor | Iterable[Tensor],
+                   labels: Tensor | None = None, device: str | torch.device = "cpu",
+                   threads: int | None = None) -> tuple[dict, Tensor]:
     """Export ``model`` to ``path`` and check it in ONNX Runtime first: the file appears only if
-    it passes (``onnx_bytes`` and check_onnx's fields), a failing one is removed."""
+    it passes, a failing one is removed. One pass over ``images`` (an evaluation set streams
+    and is decoded once) gives the torch model's logits (on ``device``) and ONNX Runtime's.
+    Returns (``onnx_bytes`` and check_logits's fields, the torch logits)."""
     from clcalib.atomic import atomic_path
     from clcalib.export.onnx_qdq import build_onnx
+    from clcalib.metrics import predict
 
     with atomic_path(Path(path)) as tmp:  # one temporary file, renamed only once the check passed
         tmp.write_bytes(build_onnx(model, tuple(input_shape)).SerializeToString())
-        out = {"onnx_bytes": tmp.stat().st_size, **check_onnx(tmp, torch_logits, images, labels, threads=threads)}
-    return out
+        run = OnnxRunner(tmp, threads)
+        torch_logits, ort_logits = [], []
+        for x in _batches(images, BATCH):
+            torch_logits.append(predict(model, [x], device=device))
+            ort_logits.append(run(x))
+        torch_logits = torch.cat(torch_logits)
+        out = {"onnx_bytes": tmp.stat().st_size, **check_logits(tmp, torch_logits, torch.cat(ort_logits), labels)}
+    return out, torch_logits
 
 
 def session(path: str | Path, threads: int | None = None, config: dict[str, str] | None = None):
@@ -62,22 +71,42 @@ def session(path: str | Path, threads: int | None = None, config: dict[str, str]
         raise ExportError(f"{path}: ONNX Runtime cannot load the file ({str(e).splitlines()[0][:300]})") from None
 
 
-def onnx_predict(path: str | Path, images: Tensor | Iterable[Tensor], batch: int = 250,
+BATCH = 250  # images per ONNX Runtime call
+
+
+def _batches(images: Tensor | Iterable[Tensor], batch: int) -> Iterable[Tensor]:
+    return images.split(batch) if isinstance(images, Tensor) else images
+
+
+class OnnxRunner:
+    """Logits (float32, CPU) of the ONNX model at ``path`` for one batch of images."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = session(path, threads)
+        self.name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {self.name: x.detach().cpu().float().numpy()})[0])
+
+
+def onnx_predict(path: str | Path, images: Tensor | Iterable[Tensor], batch: int = BATCH,
                  threads: int | None = None) -> Tensor:
     """Logits of the ONNX model at ``path`` for ``images`` (N x C x H x W, or an iterable of such
     batches), float32 on CPU."""
-    s = session(path, threads)
-    name = s.get_inputs()[0].name
-    batches = images.split(batch) if isinstance(images, Tensor) else images
-    outs = [s.run(None, {name: x.detach().cpu().float().numpy()})[0] for x in batches]
-    return torch.from_numpy(np.concatenate(outs))
+    run = OnnxRunner(path, threads)
+    return torch.cat([run(x) for x in _batches(images, batch)])
 
 
 def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor | Iterable[Tensor],
                labels: Tensor | None = None, threads: int | None = None) -> dict:
     """``onnx_top1`` (with labels), ``onnx_top1_agreement`` with the torch model and
     ``onnx_max_abs_logit_diff``; raises ExportError below MIN_AGREEMENT."""
-    ort_logits = onnx_predict(path, images, threads=threads)
+    return check_logits(path, torch_logits, onnx_predict(path, images, threads=threads), labels)
+
+
+def check_logits(path: str | Path, torch_logits: Tensor, ort_logits: Tensor, labels: Tensor | None = None) -> dict:
+    """check_onnx's fields from both models' logits on the same images (``path`` names the file
+    in the error)."""
     ref = torch_logits.detach().cpu().float()
     if ort_logits.shape != ref.shape:
         raise ExportError(f"{path}: ONNX Runtime gives logits of shape {tuple(ort_logits.shape)}, "
