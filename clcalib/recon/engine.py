@@ -29,7 +29,6 @@ from clcalib.recon.placement import (
     Stager,
     cache_bytes,
     free_device_bytes,
-    host_store,
     plan_caches,
     working_bytes,
 )
@@ -90,11 +89,11 @@ class Reconstructor:
         self._emit(stage="prepare", unit=k, unit_name=name)
         with frozen(self.qm):
             plan = self._plan(unit)
+            # host plan: kept in (unpinned) host memory; the Stager gathers each batch into a
+            # pinned buffer (torch's pinned allocator rounds blocks up to powers of two and keeps them)
             store = self.device if plan.where == "device" else torch.device("cpu")
             x_q, _ = capture(self.qm, unit, self.data, EVAL_BATCH, quant=True, outputs=False, store=store)
             x_f, y_f = capture(self.qm, unit, self.data, EVAL_BATCH, quant=False, outputs=True, store=store)
-            if plan.where == "host":
-                x_q, x_f, y_f = host_store(x_q), host_store(x_f), host_store(y_f)
             with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
                 unit(x_q[:OBSERVE_SAMPLES].to(self.device))
             before = self._unit_error(unit, x_q, y_f)

@@ -81,12 +81,6 @@ def free_device_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def host_store(t: Tensor) -> Tensor:
-    """``t`` moved to host memory. Not pinned: batches are gathered into a pinned buffer of their
-    own, and torch's pinned allocator rounds every block up to a power of two and keeps it."""
-    return t.to("cpu")
-
-
 class Stager:
     """``stage(t, idx)`` = ``t[idx]`` on ``device``. With ``host`` (the host plan) the cached
     tensors live in host memory: their rows are gathered into a pinned buffer and copied
