@@ -103,3 +103,28 @@ def test_host_memory_caches_on_cuda_give_the_device_caches_model(fmnist, referen
     on_host = clcalib.calibrate(model, data, {**base, "cache_placement": "host"})  # eager, staged batches
     assert {u.caches for u in on_host.units} == {"host"} and {u.steps for u in on_host.units} == {"eager"}
     _same_model(on_device, on_host, "host-memory caches")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "resnet50"])
+def test_conversion_keeps_a_model_on_its_own_device(arch):
+    # a model already on the GPU (the pipeline evaluates the FP model there first) once failed at
+    # BatchNorm folding: a bias-less conv got a CPU zero bias. The meta device shows any tensor
+    # the conversion makes on the CPU instead of beside the model, without a GPU.
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.graph.registry import build_model
+    from clcalib.quant.switch import quantization
+
+    cfg = CalibConfig.model_validate({"method": "qdrop", "w_bits": 2, "a_bits": 4})
+    x = torch.zeros(2, 3, 28, 28, device="meta")
+    qm = QuantModel(build_model(arch, 10).eval().to("meta"), QuantSpec.from_config(cfg), x, cfg.partition).to("meta")
+    with quantization(qm, False):
+        assert qm(x).device.type == "meta"
+
+
+@CUDA
+def test_a_model_already_on_the_gpu_gives_the_model_of_one_on_the_cpu(fmnist, reference):
+    data = fmnist["train"][:256]
+    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 20, "calib_size": 256, "seed": 4, "device": "cuda"}
+    from_cpu = clcalib.calibrate(reference("resnet18"), data, base)
+    from_gpu = clcalib.calibrate(reference("resnet18").cuda(), data.cuda(), base)
+    _same_model(from_cpu, from_gpu, "a model and data already on the GPU")

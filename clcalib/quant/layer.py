@@ -13,7 +13,7 @@ from clcalib.quant.weight import WeightQuantizer
 
 def fold_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor]:
     w = layer.weight.detach().float().clone()
-    b = layer.bias.detach().float().clone() if layer.bias is not None else torch.zeros(w.shape[0])
+    b = layer.bias.detach().float().clone() if layer.bias is not None else w.new_zeros(w.shape[0])  # on the layer's device
     if bn is not None:
         inv = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
         w = w * inv.reshape((-1,) + (1,) * (w.dim() - 1))
