@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
                 row = {**f.result(), "cmd": cmd, "cpu_count": os.cpu_count()}
             except Exception as e:  # a failed run is a row too, so it is visible in the table
                 row = {**{k: s[k] for k in ("model", "bits", "method", "seed", "iters", "device", "cl", "overrides")},
-                       "config": resolved_config(s), "error": f"{type(e).__name__}: {e}", "cmd": cmd}
+                       "config": resolved_config(s), "error": f"{type(e).__name__}: {e}", "cmd": cmd,
+                       "traceback": traceback.format_exc(limit=-6)}  # where it broke, from a device run's log alone
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps({k: row.get(k) for k in ("model", "bits", "method", "cl", "seed", "quant_top1", "calib_seconds", "error")}),
