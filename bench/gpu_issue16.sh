@@ -15,8 +15,10 @@
 # Rows land in $W/*.jsonl as runs finish; every run is stopped at $DEADLINE seconds, then the
 # tables are printed and $W is packed into $OUT/issue16.tgz (a call brings back 8 files at most).
 # Needs .gpu/ from `bash bench/make_gpu_carry.sh` (wheels, reference models, data, the
-# official code in .gpu/peer). Nothing here has run on a GPU yet (no device was lent); its
-# plumbing runs on the CPU with tiny settings:
+# official code in .gpu/peer). Ran on an H200 on 2026-12-04 (bench/RESULTS.md, "The step replayed
+# from a CUDA graph"; the whole script needs about 10 minutes there, more than one call's share
+# of a session's device time once the 20000-it runs are in). Its plumbing runs on the CPU with
+# tiny settings:
 #   OUT=/tmp/o16 DEV=cpu LONG=4 MID=2 HUGE=4 PX=56 DEADLINE=3000 NO_INSTALL=1 bash bench/gpu_issue16.sh
 set -u
 DEV=${DEV:-cuda} LONG=${LONG:-2000} MID=${MID:-200} HUGE=${HUGE:-20000} PX=${PX:-224}

@@ -1,8 +1,11 @@
-"""Issue 16's tables from one bench/gpu_issue16.sh call's rows (the folder it wrote to $OUT):
+"""Issue 16's tables from bench/gpu_issue16.sh's rows: the folder one call wrote (unpacked from
+$OUT/issue16.tgz), or the committed rows of several calls (bench/results/gpu_h200_issue16.jsonl,
+each row with its ``run`` name; bench.make_results renders these into RESULTS.md):
 
-    python -m bench.gpu_issue16_table /path/to/out > bench/RESULTS_gpu16.md
+    python -m bench.gpu_issue16_table /path/to/unpacked/out
+    python -m bench.gpu_issue16_table bench/results/gpu_h200_issue16.jsonl
 
-Times are compared only inside one call (one card, one after the other)."""
+Where a run has rows from several calls, the last one that did not fail is shown."""
 
 from __future__ import annotations
 
@@ -11,15 +14,23 @@ import sys
 from pathlib import Path
 
 
-def rows(folder: Path, name: str) -> list[dict]:
-    p = folder / f"{name}.jsonl"
-    if not p.is_file():
-        return []
+def _lines(p: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def one(folder: Path, name: str) -> dict | None:
-    got = [r for r in rows(folder, name) if not r.get("error")]
+def load_runs(path: Path) -> dict[str, list[dict]]:
+    """Rows by run name: a call's folder holds <run>.jsonl files, the committed file names each
+    row's run."""
+    if path.is_file():
+        runs: dict[str, list[dict]] = {}
+        for r in _lines(path):
+            runs.setdefault(r["run"], []).append(r)
+        return runs
+    return {p.stem: _lines(p) for p in sorted(path.glob("*.jsonl"))}
+
+
+def one(runs: dict, name: str) -> dict | None:
+    got = [r for r in runs.get(name, []) if not r.get("error")]
     return got[-1] if got else None
 
 
@@ -27,19 +38,11 @@ def fmt(v, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0])
-    out = ["# Issue 16: the reconstruction step on one GPU", ""]
-    env = folder / "env.txt"
-    if env.is_file():
-        out += [f"Card and torch: `{env.read_text().strip()}`", ""]
-    eq = folder / "equivalence.txt"
-    if eq.is_file():
-        out += [f"Graph replays against eager steps (tests/test_recon_step.py, CUDA cases): `{eq.read_text().strip().splitlines()[-1]}`", ""]
-
-    rates = rows(folder, "rates")
+def render(runs: dict[str, list[dict]], level: str = "##") -> str:
+    out = []
+    rates = runs.get("rates", [])
     if rates:
-        out += ["## Iterations per second (qdrop W4A4, 1024 images, loop only)", "",
+        out += [f"{level} Iterations per second (qdrop W4A4, 1024 images, loop only)", "",
                 "| model | eager it/s | graph it/s | speed-up | GPU busy eager | GPU busy graph |", "|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["model"] for r in rates):
             e = next((r for r in rates if r["model"] == model and r["step_capture"] == "off"), None)
@@ -49,19 +52,19 @@ def main(argv=None) -> int:
                        f"{fmt(e and e['gpu_busy_percent'], 0)} % | {fmt(g and g['gpu_busy_percent'], 0)} % |")
         out.append("")
 
-    out += ["## Against the official QDrop code, one after the other on the same card", "",
+    out += [f"{level} Against the official QDrop code", "",
             "| setting | clcalib s | official s | official / clcalib | top-1 clcalib | top-1 official |", "|---|---|---|---|---|---|"]
     for label, ours, theirs in (("resnet18 W2A4 2000 it, 28 px", "r18_W2A4_2000", "peer_r18_W2A4_2000"),
                                 ("resnet18 W4A4 200 it, 224 px (times only)", "r18_W4A4_200_224px", "peer_r18_W4A4_200_224px")):
-        a, b = one(folder, ours), one(folder, theirs)
+        a, b = one(runs, ours), one(runs, theirs)
         speed = b["calib_seconds"] / a["calib_seconds"] if a and b else None
         out.append(f"| {label} | {fmt(a and a['calib_seconds'], 1)} | {fmt(b and b['calib_seconds'], 1)} | {fmt(speed)}x | "
                    f"{fmt(a and a['quant_top1'])} | {fmt(b and b['quant_top1'])} |")
     out.append("")
 
-    out += ["## Other runs", "", "| run | calibration s | top-1 | peak GPU memory GiB | steps |", "|---|---|---|---|---|"]
+    out += [f"{level} Other runs", "", "| run | calibration s | top-1 | peak GPU memory GiB | steps |", "|---|---|---|---|---|"]
     for name in ("mbv2_W2A4_2000", "r18_W4A4_20000", "r18_W2A4_20000", "r50_W4A4_200_224px", "cl17_W2A2_2000"):
-        for r in rows(folder, name):
+        for r in runs.get(name, []):
             if r.get("error"):
                 out.append(f"| {name} seed {r.get('seed')} | failed: {r['error'][:80]} | | | |")
                 continue
@@ -69,7 +72,16 @@ def main(argv=None) -> int:
             steps = ",".join(sorted(set(r.get("unit_steps") or [])))
             out.append(f"| {name} seed {r['seed']} | {fmt(r['calib_seconds'], 1)} | {fmt(r['quant_top1'])} | "
                        f"{fmt(mem / 2**30 if mem else None)} | {steps} |")
-    print("\n".join(out))
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    path = Path((argv or sys.argv[1:])[0])
+    out = ["# Issue 16: the reconstruction step on one GPU", ""]
+    for name, what in (("env.txt", "Card and torch"), ("equivalence.txt", "Graph replays against eager steps (tests/test_recon_step.py, CUDA cases)")):
+        if path.is_dir() and (path / name).is_file():
+            out += [f"{what}: `{(path / name).read_text().strip().splitlines()[-1]}`", ""]
+    print("\n".join(out) + "\n" + render(load_runs(path)))
     return 0
 
 

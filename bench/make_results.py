@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from bench import gpu_issue16_table
 from bench.cl_ablation import compare, main_table
 from bench.cl_ablation import groups as cl_groups
 from bench.cl_ablation import report as cl_report
@@ -118,6 +119,8 @@ def render() -> str:
     text = text.replace("{{CPU_P24}}", table(p24) if p24 else "(not run)\n")
     xeon = _rows("cpu_iters200_p24_xeon.jsonl")
     text = text.replace("{{CPU_P24_XEON}}", table(xeon) if xeon else "(not run)\n")
+    gpu16 = RES / "gpu_h200_issue16.jsonl"
+    text = text.replace("{{GPU16}}", gpu_issue16_table.render(gpu_issue16_table.load_runs(gpu16), "###") if gpu16.exists() else "(not run)\n")
     return text
 
 
