@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Issue 17: qdrop vs qdrop + CL-Calib in its relational form, resnet18, 2000 it/unit, seeds 0,1,2,
-# W2A2 first, then W4A2, then W2A4; one run at a time, 1 thread. The qdrop base rows at today's
-# defaults were copied from bench/results/cpu_iters2000.jsonl (same config; "copied_from" in the
-# row), so only the CL rows run here. Rows: bench/results/cpu_cl_iters2000.jsonl.
+# Issue 17: base vs base + CL-Calib in its relational form, 2000 it/unit, seeds 0,1,2, one run at
+# a time, 1 thread. Base rows at today's defaults that bench/results/cpu_iters2000.jsonl already
+# holds (same config) are copied into the output with "copied_from" instead of being run again;
+# the others run here. Rows: bench/results/cpu_cl_iters2000.jsonl.
+#   bench/cl17_iters2000.sh                                   # resnet18 qdrop: W2A2, W4A2, W2A4
+#   MODEL=mobilenet_v2 BITS="W2A4 W4A2" bench/cl17_iters2000.sh
+#   METHOD=pdquant BITS=W2A2 bench/cl17_iters2000.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 CL=${CL:-'{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}'}
+MODEL=${MODEL:-resnet18} METHOD=${METHOD:-qdrop}
 OUT=bench/results/cpu_cl_iters2000.jsonl
+run() { python -m bench.accuracy --models "$MODEL" --bits "$1" --methods "$METHOD" --seeds "$2" --iters 2000 --jobs 1 \
+  --threads 1 --out "$OUT" "${@:3}"; }
 for bits in ${BITS:-W2A2 W4A2 W2A4}; do
-  python -m bench.accuracy --models resnet18 --bits "$bits" --methods qdrop --seeds 0,1,2 --iters 2000 --jobs 1 --threads 1 \
-    --out "$OUT" --cl on --overrides "{\"cl_calib\":$CL}"
+  missing=$(python -m bench.copy_base_rows --from bench/results/cpu_iters2000.jsonl --to "$OUT" \
+    --model "$MODEL" --method "$METHOD" --bits "$bits" --iters 2000 --seeds 0,1,2)
+  [ -z "$missing" ] || run "$bits" "$missing"
+  run "$bits" 0,1,2 --cl on --overrides "{\"cl_calib\":$CL}"
 done

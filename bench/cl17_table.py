@@ -1,9 +1,9 @@
-"""Issue 17's 2000-iteration table: qdrop vs qdrop + CL (one cl_calib block) per bit setting.
+"""Issue 17's 2000-iteration table: a base method vs base + CL (one cl_calib block) per bit setting.
 
     python -m bench.cl17_table bench/results/cpu_cl_iters2000.jsonl \\
         --cl '{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}'
 
-A base row is a qdrop row without CL that ran with today's defaults (``bench.summarize.settings``
+A base row is a row of the method without CL that ran with today's defaults (``bench.summarize.settings``
 empty: so a row that asked for ``act_range_p`` 2.4 before it was the default counts); a CL row
 names ``cl_calib`` in its overrides. "Beyond noise": |difference of means| > the larger std.
 """
@@ -25,7 +25,7 @@ def _ms(vals: list[float]) -> str:
 
 def table(rows: list[dict], cl: dict, model: str = "resnet18", method: str = "qdrop") -> str:
     ok = [r for r in rows if "error" not in r and r["model"] == model and r["method"] == method]
-    out = ["| bits | qdrop | qdrop + CL | seeds (CL) | difference | larger std | beyond noise |",
+    out = [f"| bits | {method} | {method} + CL | seeds (CL) | difference | larger std | beyond noise |",
            "|---|---|---|---|---|---|---|"]
     for bits in BITS_ORDER:
         base = [r for r in ok if r["bits"] == bits and not r.get("cl") and not settings(r)]
@@ -48,8 +48,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--cl", required=True, help="the cl_calib block of the CL rows (JSON)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--method", default="qdrop")
     a = p.parse_args(argv)
-    print(table(load(a.files), json.loads(a.cl)))
+    print(table(load(a.files), json.loads(a.cl), a.model, a.method))
 
 
 if __name__ == "__main__":
