@@ -82,9 +82,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @CUDA
-@pytest.mark.parametrize("method", ["qdrop", "brecq", "adaround"])
-def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(method, fmnist, reference):
-    model, data = reference("resnet18"), fmnist["train"][:256]
+@pytest.mark.parametrize(("arch", "method"), [("resnet18", "qdrop"), ("resnet18", "brecq"), ("resnet18", "adaround"),
+                                              ("mobilenet_v2", "qdrop")])  # depthwise convs, ReLU6, round_weight 0.1
+def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, method, fmnist, reference):
+    model, data = reference(arch), fmnist["train"][:256]
     base = {"method": method, "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 1, "device": "cuda"}
     eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
     # the baseline: eager steps on this card repeat exactly, so a difference below is the graphs'
