@@ -14,7 +14,8 @@ import argparse
 import json
 import statistics
 
-from bench.summarize import BITS_ORDER, load, settings
+from bench.copy_base_rows import is_base
+from bench.summarize import BITS_ORDER, load
 
 
 def _ms(vals: list[float]) -> str:
@@ -28,7 +29,7 @@ def table(rows: list[dict], cl: dict, model: str = "resnet18", method: str = "qd
     out = [f"| bits | {method} | {method} + CL | seeds (CL) | difference | larger std | beyond noise |",
            "|---|---|---|---|---|---|---|"]
     for bits in BITS_ORDER:
-        base = [r for r in ok if r["bits"] == bits and not r.get("cl") and not settings(r)]
+        base = [r for r in ok if is_base(r, model, method, bits)]
         with_cl = [r for r in ok if r["bits"] == bits and r.get("cl") and r.get("overrides", {}).get("cl_calib") == cl]
         if not base or not with_cl:
             continue

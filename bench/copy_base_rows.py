@@ -16,9 +16,14 @@ from pathlib import Path
 from bench.summarize import load, settings
 
 
+def is_base(r: dict, model: str, method: str, bits: str, iters: int | None = None) -> bool:
+    """A base row of a base + CL comparison: the method without CL, at today's defaults."""
+    return ("error" not in r and not r.get("cl") and not settings(r) and r["model"] == model
+            and r["method"] == method and r["bits"] == bits and (iters is None or r["iters"] == iters))
+
+
 def _is_base(r: dict, a: argparse.Namespace) -> bool:
-    return ("error" not in r and not r.get("cl") and not settings(r) and r["model"] == a.model
-            and r["method"] == a.method and r["bits"] == a.bits and r["iters"] == a.iters)
+    return is_base(r, a.model, a.method, a.bits, a.iters)
 
 
 def main(argv=None) -> None:
@@ -38,7 +43,7 @@ def main(argv=None) -> None:
         if _is_base(r, a) and r["seed"] in seeds and r["seed"] not in have:
             found.setdefault(r["seed"], r)  # the first row of a seed, as the tables take it
     with open(a.dst, "a") as f:
-        for seed, r in sorted(found.items()):
+        for _seed, r in sorted(found.items()):
             f.write(json.dumps({**r, "copied_from": a.src}) + "\n")
     print(",".join(str(s) for s in seeds if s not in have and s not in found))
 
