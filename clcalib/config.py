@@ -81,6 +81,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite_float(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ValueError(f"{str(v)[:20]}... is too large for a float") from None
+
+
 class Preprocess(Strict):
     """How images become tensors. Defaults are the ImageNet recipe; images are converted to RGB."""
 
@@ -94,10 +105,12 @@ class Preprocess(Strict):
     @field_validator("mean", "std", mode="before")
     @classmethod
     def _one_or_three(cls, v):
-        if isinstance(v, (int, float)):
-            return (float(v),) * 3
-        if isinstance(v, (list, tuple)) and len(v) == 1:
-            return (float(v[0]),) * 3
+        # anything but a number (a list, an object, a bool) is left to the tuple's own validation,
+        # which names it; float() here would raise TypeError/OverflowError, which pydantic passes on
+        if _is_number(v):
+            return (_finite_float(v),) * 3
+        if isinstance(v, (list, tuple)) and len(v) == 1 and _is_number(v[0]):
+            return (_finite_float(v[0]),) * 3
         return v
 
     @field_validator("std")

@@ -290,17 +290,27 @@ def _stack(src: ImageSource, names: list[str], pre: Preprocess) -> torch.Tensor:
     return out
 
 
-def load_tensor_file(path: Path) -> torch.Tensor:
+TENSOR_DTYPES = "float16, bfloat16, float32 or float64 (already preprocessed), or uint8 (pixels 0-255)"
+
+
+def load_tensor_file(path: Path, pre: Preprocess | None = None) -> torch.Tensor:
+    """An N x C x H x W calibration tensor as float32. A float tensor (float16, bfloat16, float32,
+    float64) is taken as already preprocessed; a uint8 tensor as pixels 0-255, scaled to [0, 1]
+    and normalised with ``pre``'s mean and std (when given), as images are. Any other dtype
+    (float8, integers, bool, complex, long double, structured) is refused by name."""
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:
             raise DataError(f"{path}: not a readable .npy array ({e})") from None
-        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        ok = isinstance(arr, np.ndarray) and ((arr.dtype.kind == "f" and arr.dtype.itemsize <= 8)
+                                              or (arr.dtype.kind == "u" and arr.dtype.itemsize == 1))
+        if not ok:
             what = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
-            raise DataError(f"{path.name}: expected a float16/32/64 array N x C x H x W, got dtype {what}")
-        # big-endian or other byte orders: to native float32 (torch reads native order only)
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            raise DataError(f"{path.name}: expected a float16/32/64 array N x C x H x W (or uint8 pixels), "
+                            f"got dtype {what}")
+        # big-endian or other byte orders: to native order (torch reads native order only)
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8 if arr.dtype.kind == "u" else np.float32))
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -312,11 +322,30 @@ def load_tensor_file(path: Path) -> torch.Tensor:
         if len(tensors) != 1:
             raise DataError(f"{path}: expected exactly one tensor, found {len(tensors)}: {sorted(tensors)[:5]}")
         t = next(iter(tensors.values()))
-    if t.ndim != 4 or t.shape[0] == 0 or not t.is_floating_point():
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8):
+            raise DataError(f"{path.name}: expected a tensor of {TENSOR_DTYPES}, got dtype "
+                            f"{str(t.dtype).removeprefix('torch.')}")
+    if t.ndim != 4 or t.shape[0] == 0:
         raise DataError(f"{path}: expected a float tensor N x C x H x W with N >= 1, got {t.dtype} {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return _normalized_pixels(path, t, pre)
     if not torch.isfinite(t).all():
         raise DataError(f"{path}: the tensor holds NaN or infinite values")
     return t.float()
+
+
+def _normalized_pixels(path: Path, t: torch.Tensor, pre: Preprocess | None) -> torch.Tensor:
+    x = t.float().div_(255.0)
+    if pre is None:
+        return x
+    channels = x.shape[1]
+    mean, std = torch.tensor(pre.mean), torch.tensor(pre.std)
+    if channels != len(mean):
+        if len(set(pre.mean)) > 1 or len(set(pre.std)) > 1:
+            raise DataError(f"{path.name}: a uint8 tensor of {channels} channels, but preprocess.mean/std "
+                            f"have a value per RGB channel; give one mean and one std, or a float tensor")
+        mean, std = mean[:1], std[:1]
+    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 
 def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0,
@@ -325,7 +354,7 @@ def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0
     ``stats``, if given, receives ``smallest_side``: the shortest image side read (images only)."""
     path = Path(path)
     if path.suffix.lower() in TENSOR_SUFFIXES and path.is_file():
-        t = load_tensor_file(path)
+        t = load_tensor_file(path, pre)
         return t[_subset(len(t), size, seed)] if len(t) > size else t
     src = ImageSource(path, limits)
     try:

@@ -119,6 +119,63 @@ def test_big_endian_npy_reads_the_same_values(tmp_path):
     assert torch.equal(load_tensor_file(tmp_path / "be.npy"), torch.from_numpy(x))
 
 
+def test_tensor_dtypes_are_an_allowlist(tmp_path):
+    """Float types are taken as preprocessed; uint8 as pixels (scaled and normalised like images);
+    float8, integers, bool and complex are refused by name, never a NotImplementedError later."""
+    from safetensors.torch import save_file
+
+    x = torch.rand(2, 3, 4, 4)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        save_file({"x": x.to(dtype)}, tmp_path / "f.safetensors")
+        assert torch.allclose(load_tensor_file(tmp_path / "f.safetensors"), x.to(dtype).float())
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int32, torch.int8, torch.bool, torch.complex64):
+        save_file({"x": torch.zeros(2, 3, 4, 4).to(dtype)}, tmp_path / "bad.safetensors")
+        with pytest.raises(DataError, match=f"got dtype {str(dtype).removeprefix('torch.')}"):
+            load_calibration(tmp_path / "bad.safetensors", PRE, 2)
+    np.save(tmp_path / "i.npy", np.zeros((2, 3, 4, 4), np.int64))
+    with pytest.raises(DataError, match="got dtype int64"):
+        load_tensor_file(tmp_path / "i.npy")
+    # uint8 pixels: the same values as the images path gives (ToTensor + Normalize)
+    pix = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = (pix.float() / 255 - 0.286) / 0.353
+    save_file({"x": pix}, tmp_path / "u.safetensors")
+    np.save(tmp_path / "u.npy", pix.numpy())
+    for name in ("u.safetensors", "u.npy"):
+        assert torch.allclose(load_calibration(tmp_path / name, PRE, 2), want, atol=1e-6)
+    rgb = Preprocess(resize=None, crop=None)  # per-channel mean/std do not fit a 1-channel tensor
+    save_file({"x": pix[:, :1].contiguous()}, tmp_path / "g.safetensors")
+    with pytest.raises(DataError, match="a uint8 tensor of 1 channels"):
+        load_calibration(tmp_path / "g.safetensors", rgb, 2)
+
+
+def test_weights_dtypes_are_an_allowlist(tmp_path):
+    """State dicts: float32/16, bfloat16 and float64 weights; integers only for BatchNorm's
+    num_batches_tracked; float8, integer or complex weights and nested tensors refused by key."""
+    from safetensors.torch import save_file
+
+    from clcalib.errors import ModelMismatchError
+    from clcalib.graph.registry import read_state_dict
+
+    ok = {"bn.weight": torch.ones(3), "bn.num_batches_tracked": torch.tensor(5), "fc.weight": torch.ones(2, 2)}
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        save_file({**ok, "fc.weight": torch.ones(2, 2, dtype=dtype)}, tmp_path / "ok.safetensors")
+        assert read_state_dict(tmp_path / "ok.safetensors")["fc.weight"].dtype == dtype
+    bad = {"float8_e4m3fn": torch.ones(2, 2).to(torch.float8_e4m3fn), "int64": torch.ones(2, 2, dtype=torch.int64),
+           "complex64": torch.ones(2, 2, dtype=torch.complex64), "bool": torch.ones(2, 2, dtype=torch.bool)}
+    for name, t in bad.items():
+        for fmt in ("safetensors", "pt"):
+            p = tmp_path / f"w.{fmt}"
+            (save_file if fmt == "safetensors" else lambda d, f: torch.save(d, f))({**ok, "fc.weight": t}, p)
+            with pytest.raises(ModelMismatchError, match=rf"not fc\.weight \({name}\)"):
+                read_state_dict(p)
+    torch.save({**ok, "bn.weight": torch.ones(3, dtype=torch.int32)}, tmp_path / "i.pt")  # not an integer buffer
+    with pytest.raises(ModelMismatchError, match=r"bn\.weight \(int32\)"):
+        read_state_dict(tmp_path / "i.pt")
+    torch.save({**ok, "fc.weight": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, tmp_path / "n.pt")
+    with pytest.raises(ModelMismatchError, match=r"fc\.weight \(nested"):
+        read_state_dict(tmp_path / "n.pt")
+
+
 def test_calibrate_rejects_bad_config_as_config_error():
     with pytest.raises(ConfigError, match="w_bits"):
         calibrate(torch.nn.Linear(2, 2), torch.zeros(1, 3, 4, 4), {"w_bits": 1})

@@ -62,9 +62,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except Exception:
             pass  # not safetensors after all; try torch's format below
+        else:
+            return _checked(path, tensors)
     import torch
 
     try:
@@ -84,15 +86,53 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelMismatchError(f"{path.name}: expected a dict of name -> tensor (a state_dict), got {type(obj).__name__}")
+    return _checked(path, obj)
+
+
+INTEGER_BUFFERS = ("num_batches_tracked",)  # BatchNorm's step counter: the one integer entry of a state_dict
+
+
+def weight_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes a weight may have (an integer buffer may have any integer dtype)."""
+    import torch
+
+    return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _checked(path: Path, obj: dict) -> dict[str, torch.Tensor]:
+    """The state_dict, if it holds only string keys and plain dense CPU tensors of an allowed dtype:
+    float32/float16/bfloat16/float64, and an integer dtype for BatchNorm's num_batches_tracked
+    only. Anything else (float8, complex, integer or bool weights, sparse, nested, meta or
+    quantized tensors) loads but breaks or means nothing later: refused here, by key and dtype."""
+    import torch
+
     odd_keys = [repr(k)[:40] for k in obj if not isinstance(k, str)]
     if odd_keys:
         raise ModelMismatchError(f"{path.name}: state_dict keys must be strings, got {', '.join(odd_keys[:3])}")
-    odd = [f"{k[:60]} ({v.layout}, {v.device.type}, {v.dtype})" for k, v in obj.items()
-           if v.layout is not torch.strided or v.device.type != "cpu" or v.is_quantized or v.is_complex()]
-    if odd:  # sparse, meta or quantized tensors load but break (or mean nothing) later
+    odd = [f"{k[:60]} ({'nested' if v.is_nested else v.layout}, {v.device.type}, {v.dtype})" for k, v in obj.items()
+           if v.is_nested or v.layout is not torch.strided or v.device.type != "cpu" or v.is_quantized]
+    if odd:  # sparse, nested, meta or quantized tensors load but break (or mean nothing) later
         raise ModelMismatchError(f"{path.name}: only plain dense float/integer tensors can be loaded; not "
                                  f"{', '.join(odd[:3])}. Save model.float().state_dict()")
+    floats = weight_dtypes()
+    wrong = [f"{k[:60]} ({str(v.dtype).removeprefix('torch.')})" for k, v in obj.items()
+             if v.dtype not in floats and not (_integer_buffer(k) and _is_integer(v.dtype))]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ModelMismatchError(
+            f"{path.name}: weights must be float32, float16, bfloat16 or float64 (an integer dtype only for "
+            f"BatchNorm's num_batches_tracked); not {', '.join(wrong[:3])}{more}. Save model.float().state_dict()")
     return obj
+
+
+def _integer_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in INTEGER_BUFFERS
+
+
+def _is_integer(dtype) -> bool:
+    import torch
+
+    return not dtype.is_floating_point and not dtype.is_complex and dtype is not torch.bool
 
 
 def _list(keys, n: int = 6) -> str:
