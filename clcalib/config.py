@@ -3,9 +3,10 @@ all use these field names; the service embeds this model unchanged."""
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -240,3 +241,41 @@ class CalibConfig(Strict):
     def summary(self) -> str:
         cl = "+CL" if self.cl_calib.enabled else ""
         return f"{self.method.value}{cl} W{self.w_bits}A{self.a_bits} iters={self.iters} seed={self.seed}"
+
+
+def _capacity(model: type[BaseModel]) -> int:
+    """The most keys and list values a valid instance of ``model`` can hold as JSON."""
+    return sum(1 + _items(f.annotation) for f in model.model_fields.values())
+
+
+def _items(tp) -> int:
+    origin, args = get_origin(tp), get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return _capacity(tp)
+    if origin in (Union, types.UnionType):
+        return max(_items(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # a variable tuple: of an enum, each value once
+            n = len(args[0]) if isinstance(args[0], type) and issubclass(args[0], Enum) else 8
+            return n * (1 + _items(args[0]))
+        return sum(1 + _items(a) for a in args)
+    return 0
+
+
+# every field of every section set, every tuple full: no valid config holds more keys and values
+MAX_CONFIG_ITEMS = _capacity(CalibConfig)
+
+
+def count_items(data, stop: int) -> int:
+    """Keys of objects and values of lists in parsed JSON, counted until past ``stop`` (a config
+    with 60000 unknown keys costs ``stop`` steps here, not 60000 validation errors)."""
+    n, todo = 0, [data]
+    while todo and n <= stop:
+        v = todo.pop()
+        if isinstance(v, dict):
+            n += len(v)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            n += len(v)
+            todo.extend(v)
+    return n

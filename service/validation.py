@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from pydantic import ValidationError
 
-from clcalib.config import CalibConfig
+from clcalib.config import MAX_CONFIG_ITEMS, CalibConfig, count_items
 from jobs.settings import Settings
 from service import checks
 from service.errors import ApiError
@@ -144,6 +144,10 @@ def parse_config(raw: str | None) -> CalibConfig:
                        field="config") from None
     if not isinstance(data, dict):
         raise ApiError(422, "bad_config", f"config must be a JSON object, got {type(data).__name__}",
+                       field="config")
+    if count_items(data, MAX_CONFIG_ITEMS) > MAX_CONFIG_ITEMS:  # before pydantic builds an error per key
+        raise ApiError(422, "bad_config", f"config holds more than {MAX_CONFIG_ITEMS} keys and list values, more than "
+                       "any valid config has (CalibConfig, every field set); send only the fields you set",
                        field="config")
     try:
         return CalibConfig.model_validate(data)
