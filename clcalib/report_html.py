@@ -112,9 +112,11 @@ def _num(v, digits: int = 2, unit: str = "") -> str:
 
 def render(report: dict) -> str:
     """The page as a string."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
-    env = Environment(loader=PackageLoader("clcalib", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    # every value escaped, whatever the template's name (class folder names, warnings and unit names come
+    # from the upload); the figures are marked safe: matplotlib escapes the text it writes into them
+    env = Environment(loader=PackageLoader("clcalib", "templates"), autoescape=True)
     env.filters["num"] = _num
     m = report.get("metrics") or {}
     c = report.get("config") or {}

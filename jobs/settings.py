@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='JSON object api key -> tenant, e.g. {"k1": "acme"}; empty: loopback-only, one tenant',
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='JSON list of extra Host names a keyless service answers, e.g. ["calib.lab"] (a name, or '
+        'name:port); without keys only 127.0.0.1, localhost and [::1] are answered (other Hosts: 403, against '
+        'DNS rebinding). Not used when api_keys is set',
+    )
     max_upload_bytes: int = Field(4 << 30, ge=1, description="cap on one upload request (413 above)")
     max_field_bytes: int = Field(1 << 20, ge=1, description="cap on one non-file form field")
     max_active_jobs: int = Field(20, ge=1, description="queued + running jobs one tenant may have; more: 429")

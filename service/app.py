@@ -25,6 +25,7 @@ from service.docs import add_docs
 from service.errors import ApiError, ErrorBody
 from service.metrics import Metrics
 from service.routes import jobs, system
+from service.security import add_security
 from service.sweeper import Sweeper
 from service.validation import Validator
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
+    add_security(app, settings)  # framing, cross-origin and CSRF checks, sessions, sign-in limit
     app.include_router(jobs.router)
     app.include_router(system.router)
     app.include_router(web.router)

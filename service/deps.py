@@ -15,6 +15,7 @@ from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.store import Job, Store
 from service.errors import ApiError, not_found
+from service.security import SESSION_COOKIE, session_of
 
 LOCAL_TENANT = "local"
 ROW_TTL_S = 0.2  # many pollers of one job share one read of its row per TTL, per API process
@@ -72,7 +73,6 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-KEY_COOKIE = "clcalib_key"  # the web page's sign-in (HttpOnly, SameSite=Strict): the same API key
 
 
 def tenant_of(keys: dict[str, str], key: str) -> str | None:
@@ -94,8 +94,12 @@ def get_tenant(
         return LOCAL_TENANT  # no keys configured: loopback-only single-tenant mode
     if creds is not None and creds.scheme.lower() == "bearer":
         key = creds.credentials
-    elif request.cookies.get(KEY_COOKIE):  # the browser: its sign-in cookie
-        key = request.cookies[KEY_COOKIE]
+    elif request.cookies.get(SESSION_COOKIE):  # the browser: its sign-in session (service/security.py)
+        session = session_of(request)
+        if session is None:
+            raise ApiError(401, "unauthorized", "the sign-in has expired or was signed out; sign in again",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return session.tenant
     else:
         raise ApiError(401, "unauthorized", "missing API key; send Authorization: Bearer <key>",
                        headers={"WWW-Authenticate": "Bearer"})

@@ -1,6 +1,13 @@
 // clcalib's web page: the submit form, a job's live progress, cancel and delete.
-// Requests go to the JSON API; the sign-in cookie authenticates them.
+// Requests go to the JSON API; the sign-in cookie authenticates them, with the page's CSRF token.
+// Data from the server is shown with textContent only, never as HTML.
 "use strict";
+
+// the session's CSRF token (the server checks it, and the request's Origin, on every change)
+function csrfHeaders() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return {"X-CSRF-Token": meta ? meta.content : ""};
+}
 
 function numbers(text) {
   return text.split(/[ ,]+/).filter(Boolean).map(Number);
@@ -32,7 +39,7 @@ async function submitJob(form) {
   if (f.get("num_classes")) body.append("num_classes", f.get("num_classes"));
   body.append("config", JSON.stringify(config));
   status.textContent = "uploading and checking…";
-  const r = await fetch("/v1/jobs", {method: "POST", body});
+  const r = await fetch("/v1/jobs", {method: "POST", body, headers: csrfHeaders()});
   const j = await r.json();
   if (!r.ok) {
     status.textContent = `${r.status}: ${j.detail}`;
@@ -92,11 +99,11 @@ function followJob(root) {
   events.addEventListener("end", () => events.close());
   events.addEventListener("deleted", () => { events.close(); window.location = "/"; });
   document.getElementById("cancel").addEventListener("click", async () => {
-    await fetch(`/v1/jobs/${id}/cancel`, {method: "POST"});
+    await fetch(`/v1/jobs/${id}/cancel`, {method: "POST", headers: csrfHeaders()});
   });
   document.getElementById("delete").addEventListener("click", async () => {
     if (!window.confirm("Delete this job and its files?")) return;
-    const r = await fetch(`/v1/jobs/${id}`, {method: "DELETE"});
+    const r = await fetch(`/v1/jobs/${id}`, {method: "DELETE", headers: csrfHeaders()});
     if (r.ok) window.location = "/";
   });
 }

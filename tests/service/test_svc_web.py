@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from svc_fmnist import MOBILENET, PREPROCESS
 from svc_helpers import Stack
@@ -52,15 +53,24 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             form.locator("button[type=submit]").click()
             page.wait_for_url("**/jobs/*", timeout=120_000)
             job_id = page.url.rsplit("/", 1)[1]
-            page.wait_for_function("document.getElementById('state').textContent === 'running'", timeout=120_000)
-            page.wait_for_function("document.getElementById('where').textContent.includes('unit')", timeout=60_000)
+            # wait_for_function takes functions, not expressions: the page's CSP has no 'unsafe-eval'
+            page.wait_for_function("() => document.getElementById('state').textContent === 'running'", timeout=120_000)
+            page.wait_for_function("() => document.getElementById('where').textContent.includes('unit')", timeout=60_000)
             page.screenshot(path=str(shots / "job_running.png"))
-            page.wait_for_function("document.getElementById('state').textContent === 'succeeded'", timeout=300_000)
+            page.wait_for_function("() => document.getElementById('state').textContent === 'succeeded'", timeout=300_000)
             page.wait_for_selector("#downloads a")
             page.wait_for_timeout(1500)  # the report frame loads
             page.screenshot(path=str(shots / "job_succeeded.png"), full_page=True)
             frame = page.frame_locator("iframe#report")
             assert "quantized top-1" in frame.locator("body").inner_text()
+            # the report may be framed by this origin only (the job page above), the pages by no one
+            head = page.request.get(f"{st.url}/v1/jobs/{job_id}/artifacts/report.html").headers
+            assert head["x-frame-options"] == "SAMEORIGIN", head
+            assert "frame-ancestors 'self'" in head["content-security-policy"] and "script-src" not in head["content-security-policy"]
+            head = page.request.get(f"{st.url}/jobs/{job_id}").headers
+            assert head["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in head["content-security-policy"], head
+            session = {c["name"]: c for c in page.context.cookies()}["clcalib_session"]
+            assert session["value"] != "key-a" and session["httpOnly"] and session["sameSite"] == "Strict", session
 
             with page.expect_download() as dl:
                 page.click("#downloads a:text-is('quantized.safetensors')")
@@ -77,6 +87,10 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             page.click("#delete")
             page.wait_for_url(st.url + "/")
             assert job_id[:8] not in page.content()
+            page.click("button:text('sign out')")  # the sign-out form carries the session's CSRF token
+            page.wait_for_selector("input[name=key]")
+            with httpx.Client(base_url=st.url, cookies={"clcalib_session": session["value"]}) as c:
+                assert c.get("/v1/jobs").status_code == 401  # the signed-out session is gone on the server
             browser.close()
     finally:
         st.close()
