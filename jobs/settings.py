@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         "with 507, and /readyz reports not ready while below it")
     retention_days: float = Field(7.0, ge=0, description="finished jobs' files are deleted after this")
     sweep_interval_s: float = Field(30.0, gt=0, description="how often the reaper/retention sweep runs")
+    max_streams_per_tenant: int = Field(20, ge=1, description="event streams (GET /v1/jobs/{id}/events) one tenant "
+                                        "may hold open on one API process; more: 429")
+    max_uploads_per_tenant: int = Field(4, ge=1, description="upload bodies of one tenant being received at once "
+                                        "on one API process (slow bodies hold theirs); more: 429")
+    min_body_rate_bytes_s: float = Field(1024.0, ge=0, description="an upload body that arrives slower than this, "
+                                         "averaged over body_rate_window_s once body_rate_grace_s have passed, is "
+                                         "answered 408 and closed (a byte now and then never trips body_timeout_s); 0: off")
+    body_rate_window_s: float = Field(10.0, gt=0, description="the window min_body_rate_bytes_s is averaged over")
+    body_rate_grace_s: float = Field(10.0, ge=0, description="seconds of a body before its rate is first checked")
 
     # validation of uploads (runs in a separate process: the API never imports torch)
     validate_workers: int = Field(2, ge=1, le=64, description="upload checks run at once, each in its own "

@@ -9,14 +9,30 @@ concurrent API processes, workers and reapers cannot move a job backwards:
 
 A late progress write or a late ``finish`` from a worker that lost the job (canceled, deleted,
 re-queued to another worker) matches no row and is dropped; the worker sees that and stops.
+
+A tenant's limit of active jobs is held at the insert (``create(max_active=...)``): the row is
+inserted and the tenant's active rows counted in one transaction that no other insert of that
+tenant can interleave with (SQLite: the insert takes the database's write lock before the count;
+PostgreSQL: a transaction-scoped advisory lock on the tenant), so any number of API processes
+hold it.
+
+On a full disk the SQLite file's writes (its write-ahead log grows with each commit) fail: the
+store keeps ``HEADROOM_BYTES`` of disk allocated beside the database (``<db>-headroom``) and
+frees it when a write that must work there (cancel, delete, a worker's finish) hits a full disk,
+then writes again; it re-allocates it once the disk has room.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -35,6 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from jobs.states import ACTIVE, TERMINAL, State
@@ -122,6 +139,58 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+class TooManyJobs(Exception):
+    """The tenant already has ``max_active`` queued or running jobs: nothing was inserted."""
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"{active} active jobs, the limit is {limit}")
+        self.active, self.limit = active, limit
+
+
+class DiskFull(Exception):
+    """The store's disk is full, even after its headroom was given back."""
+
+
+HEADROOM_BYTES = 4 << 20  # kept allocated beside an SQLite store for the writes that must work on a full disk
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    orig = getattr(e, "orig", e)
+    return (getattr(orig, "sqlite_errorcode", None) == 13  # SQLITE_FULL
+            or getattr(orig, "sqlstate", None) == "53100"  # PostgreSQL disk_full
+            or "database or disk is full" in str(orig)
+            or getattr(orig, "errno", None) in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _tenant_lock_key(owner: str) -> int:
+    return int.from_bytes(hashlib.sha256(b"clcalib-tenant:" + owner.encode()).digest()[:8], "big", signed=True)
+
+
+def _uses_headroom(method):
+    """A write that must work on a full disk: on a full-disk error, free the headroom and write
+    once more; still full: DiskFull."""
+
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            out = method(self, *args, **kwargs)
+        except OperationalError as e:
+            if not _is_disk_full(e):
+                raise
+            if not self._release_headroom():
+                raise DiskFull(f"the job store's disk is full ({str(getattr(e, 'orig', e))[:120]})") from None
+            try:
+                out = method(self, *args, **kwargs)
+            except OperationalError as e2:
+                if _is_disk_full(e2):
+                    raise DiskFull(f"the job store's disk is full ({str(getattr(e2, 'orig', e2))[:120]})") from None
+                raise
+        self._restore_headroom()
+        return out
+
+    return run
+
+
 class Store:
     def __init__(self, url: str, *, create: bool = True, clock: Callable[[], float] = time.time):
         """``clock``: wall-clock seconds for every timestamp the store writes and compares
@@ -139,6 +208,10 @@ class Store:
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         if create:
             Base.metadata.create_all(self.engine)
+        db = self.engine.url.database if self.url.startswith("sqlite") else None
+        self.headroom: Path | None = Path(db + "-headroom") if db and db != ":memory:" else None
+        self._headroom_checked = 0.0
+        self._restore_headroom(force=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -147,9 +220,52 @@ class Store:
         with self.engine.connect() as c:
             c.execute(text("SELECT 1"))
 
+    # ---- full disk --------------------------------------------------------------------
+    def _release_headroom(self) -> bool:
+        """Free the headroom file; False when there was none to free (in this or another process)."""
+        if self.headroom is None:
+            return False
+        try:
+            self.headroom.unlink()
+        except FileNotFoundError:
+            return False
+        self._headroom_checked = 0.0
+        return True
+
+    def _restore_headroom(self, force: bool = False) -> None:
+        """Allocate the headroom file when it is missing and the disk has room for it (checked at
+        most every 10 s; a failure leaves no partial file)."""
+        if self.headroom is None or (not force and time.monotonic() - self._headroom_checked < 10):
+            return
+        self._headroom_checked = time.monotonic()
+        if self.headroom.exists():
+            return
+        tmp = self.headroom.with_name(f"{self.headroom.name}.{os.getpid()}.tmp")
+        try:
+            st = os.statvfs(self.headroom.parent)
+            if st.f_bavail * st.f_frsize < 2 * HEADROOM_BYTES:
+                return
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, HEADROOM_BYTES)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    for _ in range(HEADROOM_BYTES >> 20):  # a file system without fallocate
+                        os.write(fd, b"\1" * (1 << 20))
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.headroom)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
     # ---- API side ---------------------------------------------------------------------
     def create(self, *, id: str, owner: str, arch: str, num_classes: int, config: dict,
-               inputs: dict, upload_bytes: int) -> Job:
+               inputs: dict, upload_bytes: int, max_active: int | None = None) -> Job:
+        """Insert a queued job. ``max_active``: only if the owner then has at most that many queued
+        or running jobs, counted in the insert's transaction (see the module docstring); else
+        TooManyJobs and nothing is inserted."""
         now = self.clock()
         row = JobRow(
             id=id, owner=owner, state=State.QUEUED, arch=arch, num_classes=num_classes, config=config,
@@ -157,7 +273,15 @@ class Store:
             artifacts=[], history=[], files_deleted=False,
         )
         with self.session.begin() as s:
+            if max_active is not None and self.engine.dialect.name == "postgresql":
+                s.execute(select(func.pg_advisory_xact_lock(_tenant_lock_key(owner))))
             s.add(row)
+            s.flush()  # SQLite: the INSERT, the transaction's first statement, takes the write lock
+            if max_active is not None:
+                active = s.scalar(select(func.count()).select_from(JobRow)
+                                  .where(JobRow.owner == owner, JobRow.state.in_(ACTIVE))) or 0
+                if active > max_active:
+                    raise TooManyJobs(active - 1, max_active)  # rolls the insert back
         return Job.of(row)
 
     def mark_enqueued(self, job_id: str) -> None:
@@ -181,6 +305,7 @@ class Store:
         with self.session() as s:
             return [Job.of(r) for r in s.scalars(q)]
 
+    @_uses_headroom
     def cancel(self, job_id: str) -> bool:
         """queued/running -> canceled. A running worker notices at its next heartbeat."""
         now = self.clock()
@@ -192,6 +317,7 @@ class Store:
             )
             return r.rowcount == 1
 
+    @_uses_headroom
     def delete(self, job_id: str) -> bool:
         with self.session.begin() as s:
             row = s.scalar(select(JobRow).where(JobRow.id == job_id))
@@ -200,11 +326,14 @@ class Store:
             s.delete(row)
             return True
 
-    def usage(self, owner: str) -> tuple[int, int]:
-        """(queued + running jobs, upload bytes of jobs whose files are kept) of one tenant."""
+    def usage(self, owner: str, exclude: Collection[str] = ()) -> tuple[int, int]:
+        """(queued + running jobs, upload bytes of jobs whose files are kept) of one tenant; jobs
+        in ``exclude`` (an API process's reservations, counted by it) are not counted as active."""
+        q = select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state.in_(ACTIVE))
+        if exclude:
+            q = q.where(JobRow.id.not_in(list(exclude)))
         with self.session() as s:
-            active = s.scalar(select(func.count()).select_from(JobRow)
-                              .where(JobRow.owner == owner, JobRow.state.in_(ACTIVE))) or 0
+            active = s.scalar(q) or 0
             stored = s.scalar(select(func.coalesce(func.sum(JobRow.upload_bytes), 0))
                               .where(JobRow.owner == owner, JobRow.files_deleted.is_(False))) or 0
             return int(active), int(stored)
@@ -294,6 +423,7 @@ class Store:
             values.update(progress=progress, updated_at=now)
         return self._update_running(job_id, attempt, values)
 
+    @_uses_headroom
     def _update_running(self, job_id: str, attempt: int, values: dict[str, Any]) -> bool:
         """Update the row only while this attempt still owns it (running, same attempt)."""
         with self.session.begin() as s:
@@ -410,6 +540,7 @@ class Store:
                                         JobRow.files_deleted.is_(False))
             ))
 
+    @_uses_headroom
     def mark_files_deleted(self, job_id: str) -> None:
         with self.session.begin() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id)

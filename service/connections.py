@@ -77,3 +77,85 @@ def protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Prot
             super().connection_lost(exc)
 
     return HeaderDeadline
+
+
+class TenantLimits:
+    """What one tenant holds in this API process, counted so that no tenant starves the others:
+    event streams open and upload bodies being received (``take``: a release function, or None
+    at the limit), and reservations of active-job slots for submits in flight (``reserve_job``).
+
+    Everything here runs on the event loop (no thread touches it); a reservation's check, the
+    store's count of the tenant's active jobs plus its reservations here, runs under a lock of
+    that tenant, so two submits cannot both take the last slot. The store holds the same limit
+    again at the insert, for submits to other API processes."""
+
+    def __init__(self):
+        self._held: dict[tuple[str, str], int] = {}
+        self._jobs: dict[str, set[str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.refused: dict[str, int] = {}  # limit name -> refusals, for /metrics
+
+    def held(self, kind: str, tenant: str) -> int:
+        return self._held.get((kind, tenant), 0)
+
+    def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (kind, _), n in self._held.items():
+            out[kind] = out.get(kind, 0) + n
+        out["job_reservations"] = sum(len(v) for v in self._jobs.values())
+        return out
+
+    def refuse(self, limit: str) -> None:
+        self.refused[limit] = self.refused.get(limit, 0) + 1
+
+    def take(self, kind: str, tenant: str, limit: int):
+        """One more ``kind`` for ``tenant``: a function that gives it back (once, however often it
+        is called), or None when the tenant already holds ``limit``."""
+        key = (kind, tenant)
+        if self._held.get(key, 0) >= limit:
+            return None
+        self._held[key] = self._held.get(key, 0) + 1
+        given_back = False
+
+        def release() -> None:
+            nonlocal given_back
+            if given_back:
+                return
+            given_back = True
+            n = self._held.get(key, 0) - 1
+            if n > 0:
+                self._held[key] = n
+            else:
+                self._held.pop(key, None)
+
+        return release
+
+    async def reserve_job(self, tenant: str, job_id: str, limit: int, active_besides) -> tuple[bool, int, int]:
+        """Reserve an active-job slot for ``job_id``. ``active_besides(ids)``: the tenant's queued and
+        running jobs in the store, not counting ``ids`` (this process's reservations, counted here
+        as the snapshot ``ids``: a reservation released meanwhile, its row committed, is counted
+        once either way). Returns (reserved, active in the store, reservations in flight here)."""
+        lock = self._locks.setdefault(tenant, asyncio.Lock())
+        async with lock:  # only reservations add to the set, and only under the lock
+            mine = self._jobs.setdefault(tenant, set())
+            ids = frozenset(mine)
+            active = await active_besides(ids)
+            if active + len(ids) >= limit:
+                return False, active, len(ids)
+            mine.add(job_id)
+            return True, active, len(ids)
+
+    def release_job(self, tenant: str, job_id: str) -> None:
+        """After the job's row is committed (or the submit failed)."""
+        self._jobs.get(tenant, set()).discard(job_id)
+
+
+def tenant_limits(app) -> TenantLimits:
+    """The app's TenantLimits (made on first use, and reported by its /metrics)."""
+    limits = getattr(app.state, "tenant_limits", None)
+    if limits is None:
+        limits = app.state.tenant_limits = TenantLimits()
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.watch(limits)
+    return limits

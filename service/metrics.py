@@ -1,12 +1,14 @@
 """Prometheus metrics: jobs by state, job duration, queue depth (read from the store and the
-broker at scrape time, so every API replica reports the same), and upload bytes."""
+broker at scrape time, so every API replica reports the same), upload bytes, and what tenants
+hold of this API process (streams, uploads being received, job reservations) with the refusals
+at their per-tenant limits."""
 
 from __future__ import annotations
 
 import logging
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger("clcalib.service")
 BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, float("inf"))
@@ -44,9 +46,35 @@ class _JobCollector:
             yield d
 
 
+class _TenantLimitCollector:
+    def __init__(self, limits):
+        self.limits = limits
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("clcalib_tenant_held", "held by all tenants in this API process: open event streams, "
+                              "upload bodies being received, active-job reservations of submits in flight",
+                              labels=["kind"])
+        totals = {"streams": 0, "uploads": 0, "job_reservations": 0, **self.limits.totals()}
+        for kind, n in sorted(totals.items()):
+            g.add_metric([kind], n)
+        yield g
+        c = CounterMetricFamily("clcalib_tenant_limit_refusals", "requests answered 429 at a per-tenant limit "
+                                "in this API process", labels=["limit"])
+        for limit, n in sorted(self.limits.refused.items()):
+            c.add_metric([limit], n)
+        yield c
+
+
 class Metrics:
     def __init__(self, store, broker, storage=None):
         self.registry = CollectorRegistry()
         self.upload_bytes = Counter("clcalib_upload_bytes", "bytes received in job uploads",
                                     registry=self.registry)
         self.registry.register(_JobCollector(store, broker, storage))
+
+    def watch(self, limits) -> None:
+        """Report a ``service.connections.TenantLimits``."""
+        self.registry.register(_TenantLimitCollector(limits))

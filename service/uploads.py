@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import errno
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,23 +129,76 @@ def too_large(cap: int) -> ApiError:
                     "(CLCALIB_MAX_UPLOAD_BYTES); send fewer or smaller files")
 
 
-async def _chunks(request, idle_s: float):
-    """The body's chunks; ApiError 408 when none arrives for ``idle_s`` seconds."""
-    it = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(it.__anext__(), idle_s)
-        except StopAsyncIteration:
+class _Body:
+    """The request body's chunks, with two deadlines: ApiError 408 when nothing arrives for
+    ``idle_s`` seconds, and, once ``grace_s`` seconds of the body have passed, when fewer than
+    ``min_rate`` bytes a second arrived over the last ``window_s`` seconds (a client that sends a
+    byte now and then never trips the first). The rate is measured on a timer, not only when a
+    chunk comes, and the pending read is kept across wake-ups (cancelling it would end the stream)."""
+
+    def __init__(self, request, idle_s: float, min_rate: float = 0.0, window_s: float = 10.0, grace_s: float = 10.0):
+        self._it = request.stream().__aiter__()
+        self.idle_s, self.min_rate, self.window_s, self.grace_s = idle_s, min_rate, window_s, grace_s
+        self._loop = asyncio.get_running_loop()
+        self.start = self._last = self._loop.time()
+        self.total = 0
+        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (time, bytes by then)
+        self._pending: asyncio.Future | None = None
+
+    async def next(self) -> bytes | None:
+        """The next chunk; None at the end of the body."""
+        tick = max(0.05, min(1.0, self.window_s / 4))
+        while True:
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(self._it.__anext__())
+            now = self._loop.time()
+            wait = self._last + self.idle_s - now
+            if self.min_rate > 0:
+                wait = min(wait, tick)
+            done, _ = await asyncio.wait({self._pending}, timeout=max(0.0, wait))
+            now = self._loop.time()
+            if done:
+                task, self._pending = self._pending, None
+                try:
+                    chunk = task.result()
+                except StopAsyncIteration:
+                    return None
+                if chunk:
+                    self._last, self.total = now, self.total + len(chunk)
+                    self._marks.append((now, self.total))
+                self._check_rate(now)
+                return chunk
+            if now - self._last >= self.idle_s:
+                raise ApiError(408, "body_timeout", f"the upload sent nothing for {self.idle_s:.0f}s "
+                               "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses",
+                               headers={"Connection": "close"})
+            self._check_rate(now)
+
+    def _check_rate(self, now: float) -> None:
+        if self.min_rate <= 0 or now - self.start < self.grace_s:
             return
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ApiError(408, "body_timeout", f"the upload sent nothing for {idle_s:.0f}s "
-                           "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses", headers={"Connection": "close"}) from None
-        yield chunk
+        since = now - self.window_s
+        while len(self._marks) > 1 and self._marks[1][0] <= since:
+            self._marks.popleft()
+        span = now - max(self.start, since)
+        rate = (self.total - self._marks[0][1]) / span if span > 0 else float("inf")
+        if rate < self.min_rate:
+            raise ApiError(408, "body_too_slow", f"the upload arrived at {rate:.0f} bytes/s over the last "
+                           f"{span:.0f}s, below the minimum of {self.min_rate:.0f} "
+                           "(CLCALIB_MIN_BODY_RATE_BYTES_S); send the body from a faster connection",
+                           headers={"Connection": "close"})
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
 
 
 async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
-                  check_space: Callable[[int], None], idle_s: float = 30.0) -> Upload:
-    """Parse the request body into ``dest``. Raises ApiError (400/413/415/422, and 507 from
+                  check_space: Callable[[int], None], idle_s: float = 30.0, min_rate: float = 0.0,
+                  rate_window_s: float = 10.0, rate_grace_s: float = 10.0) -> Upload:
+    """Parse the request body into ``dest``. Raises ApiError (400/413/415/422, 408 for a body
+    that stalls or arrives slower than ``min_rate`` bytes/s, and 507 from
     ``check_space(incoming_bytes)`` when the disk's reserve would be used)."""
     ctype = request.headers.get("content-type", "")
     kind, params = parse_options_header(ctype)
@@ -165,9 +219,10 @@ async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
         "on_header_value": p.on_header_value, "on_header_end": p.on_header_end,
         "on_headers_finished": p.on_headers_finished,
     }
+    body = _Body(request, idle_s, min_rate, rate_window_s, rate_grace_s)
     try:
         parser = MultipartParser(boundary, callbacks)
-        async for chunk in _chunks(request, idle_s):
+        while (chunk := await body.next()) is not None:
             parser.write(chunk)
         parser.finalize()
     except ApiError:
@@ -175,6 +230,7 @@ async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
     except Exception as e:  # python-multipart raises several types for broken bodies
         raise ApiError(400, "bad_multipart", f"malformed multipart body ({str(e)[:200]})") from None
     finally:
+        body.close()
         p.close()
     for role, path in list(p.out.files.items()):
         final = path.with_name(role + sniff_suffix(path, role))

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import ARTIFACT_TYPES, LowOnDisk, Storage
-from jobs.store import PROGRAM, new_job_id
+from jobs.store import PROGRAM, DiskFull, TooManyJobs, new_job_id
+from service.connections import tenant_limits
 from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, forget, store_get
 from service.errors import ApiError, insufficient_storage, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
@@ -45,8 +46,9 @@ SUBMIT_BODY = {
                                         "description": "the model's number of output classes (required with "
                                         "arch; read from the program otherwise)"},
                         "calibration": {**_FILE, "description": "calibration images: a zip or tar of "
-                                        "image files (png/jpg/...), or an .npy/.safetensors float tensor "
-                                        "N x C x H x W already preprocessed"},
+                                        "image files (png/jpg/...), or an .npy/.safetensors tensor N x C x H x W: "
+                                        "float16/bfloat16/float32/float64 already preprocessed, or uint8 pixels "
+                                        "(scaled to [0, 1] and normalised with config.preprocess mean/std)"},
                         "evaluation": {**_FILE, "description": "optional: a zip or tar of class-named "
                                        "folders (0/…, 1/… or names sorted like ImageFolder) to measure "
                                        "FP and quantized top-1 on"},
@@ -66,11 +68,15 @@ SUBMIT_BODY = {
 }
 
 
-def _check_quota(settings: Settings, active: int, stored: int, incoming: int) -> None:
-    """429 when the tenant is at its active-job limit or this upload would pass its stored bytes."""
-    if active >= settings.max_active_jobs:
-        raise ApiError(429, "too_many_jobs", f"you have {active} queued or running jobs, the limit is "
-                       f"{settings.max_active_jobs}; wait for one to finish or cancel one", headers={"Retry-After": "60"})
+def _too_many_jobs(settings: Settings, active: int, pending: int = 0) -> ApiError:
+    being = f" and {pending} more being submitted" if pending else ""
+    return ApiError(429, "too_many_jobs", f"you have {active} queued or running jobs{being}, the limit is "
+                    f"{settings.max_active_jobs} (CLCALIB_MAX_ACTIVE_JOBS); wait for one to finish or cancel one",
+                    headers={"Retry-After": "60"})
+
+
+def _check_bytes(settings: Settings, stored: int, incoming: int) -> None:
+    """429 when this upload would pass the tenant's stored bytes."""
     if stored + incoming > settings.max_tenant_bytes:
         raise ApiError(429, "storage_quota", f"your jobs keep {stored >> 20} MiB of uploads; this one would pass the "
                        f"limit of {settings.max_tenant_bytes >> 20} MiB: delete finished jobs you no longer need",
@@ -103,16 +109,47 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
     pass) and only then commits the job row and enqueues its id. Any bad input is a 4xx with a
     message naming the problem; nothing bad reaches a worker."""
     app = request.app
-    active, stored = await run_in_threadpool(store.usage, tenant)
-    length = request.headers.get("content-length", "")
-    _check_quota(settings, active, stored, int(length) if length.isdigit() else 0)
+    limits = tenant_limits(app)
     job_id = new_job_id()
+    usage = {}
+
+    async def active_besides(reserved: frozenset[str]) -> int:
+        usage["active"], usage["stored"] = await run_in_threadpool(store.usage, tenant, reserved)
+        return usage["active"]
+
+    # the tenant's active jobs and its submits in flight here, counted and reserved at once: 50
+    # concurrent submits at a limit of 3 get 3 slots; the store holds the limit again at the insert
+    reserved, active, pending = await limits.reserve_job(tenant, job_id, settings.max_active_jobs, active_besides)
+    if not reserved:
+        limits.refuse("max_active_jobs")
+        raise _too_many_jobs(settings, active, pending)
+    try:
+        return await _submit(request, tenant, settings, store, storage, response, job_id, usage["stored"], limits)
+    finally:
+        limits.release_job(tenant, job_id)
+
+
+async def _submit(request: Request, tenant: str, settings: Settings, store, storage: Storage, response: Response,
+                  job_id: str, stored: int, limits) -> JobOut:
+    app = request.app
+    length = request.headers.get("content-length", "")
+    _check_bytes(settings, stored, int(length) if length.isdigit() else 0)
+    give_back = limits.take("uploads", tenant, settings.max_uploads_per_tenant)
+    if give_back is None:
+        limits.refuse("max_uploads_per_tenant")
+        raise ApiError(429, "too_many_uploads", f"you are sending {limits.held('uploads', tenant)} uploads at once, "
+                       f"the limit is {settings.max_uploads_per_tenant} (CLCALIB_MAX_UPLOADS_PER_TENANT); wait "
+                       "for one to finish", headers={"Retry-After": "30"})
     dest = storage.inputs_dir(job_id)
     try:
-        up = await receive(request, dest, max_bytes=settings.max_upload_bytes,
-                           max_field_bytes=settings.max_field_bytes,
-                           check_space=lambda incoming: _check_space(storage, settings.min_free_bytes, incoming),
-                           idle_s=settings.body_timeout_s)
+        try:
+            up = await receive(request, dest, max_bytes=settings.max_upload_bytes,
+                               max_field_bytes=settings.max_field_bytes,
+                               check_space=lambda incoming: _check_space(storage, settings.min_free_bytes, incoming),
+                               idle_s=settings.body_timeout_s, min_rate=settings.min_body_rate_bytes_s,
+                               rate_window_s=settings.body_rate_window_s, rate_grace_s=settings.body_rate_grace_s)
+        finally:
+            give_back()  # the body is in (or refused): the tenant may send another
         app.state.metrics.upload_bytes.inc(up.total_bytes)
         config = parse_config(up.texts.get("config"))
         # no arch: the model must be a torch.export program (a zip archive); anything else needs an arch
@@ -139,16 +176,20 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
             config=config.model_dump(mode="json", by_alias=True),
         )
         num_classes = checked["num_classes"]
-        _check_quota(settings, active, stored, up.total_bytes)
+        _check_bytes(settings, stored, up.total_bytes)
+        try:
+            job = await run_in_threadpool(
+                store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
+                config=config.model_dump(mode="json", by_alias=True),
+                inputs={role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()},
+                upload_bytes=up.total_bytes, max_active=settings.max_active_jobs,
+            )  # committed before the id is sent
+        except TooManyJobs as e:  # another API process's submits took the slots meanwhile
+            limits.refuse("max_active_jobs")
+            raise _too_many_jobs(settings, e.active) from None
     except BaseException:
         await run_in_threadpool(storage.delete_job, job_id)
         raise
-    job = await run_in_threadpool(
-        store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
-        config=config.model_dump(mode="json", by_alias=True),
-        inputs={role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()},
-        upload_bytes=up.total_bytes,
-    )  # committed before the id is sent
     try:
         await run_in_threadpool(app.state.broker.enqueue, job.id)
         await run_in_threadpool(store.mark_enqueued, job.id)
@@ -191,14 +232,22 @@ async def get_job(job: OwnedJob) -> JobOut:
 
 
 @router.get(
-    "/v1/jobs/{job_id}/events", responses={**responses(401, 404), 200: {
+    "/v1/jobs/{job_id}/events", responses={**responses(401, 404, 429), 200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "server-sent events: `status` (a JobOut as JSON) whenever the job changes, "
                        "then `end` once it is succeeded, failed or canceled (or `deleted`)"}},
     summary="The job's status as a server-sent-event stream", response_class=EventSourceResponse,
 )
-async def job_events(job: OwnedJob, store: StoreDep,
+async def job_events(request: Request, job: OwnedJob, tenant: Tenant, store: StoreDep, settings: SettingsDep,
                      poll_s: float = Query(0.5, ge=0.1, le=10.0, description="poll period of the store")):
+    limits = tenant_limits(request.app)
+    give_back = limits.take("streams", tenant, settings.max_streams_per_tenant)
+    if give_back is None:
+        limits.refuse("max_streams_per_tenant")
+        raise ApiError(429, "too_many_streams", f"you have {limits.held('streams', tenant)} event streams open, the "
+                       f"limit is {settings.max_streams_per_tenant} (CLCALIB_MAX_STREAMS_PER_TENANT); close one, "
+                       "or poll GET /v1/jobs/{id}", headers={"Retry-After": "10"})
+
     async def stream():  # sse-starlette sends pings and stops this when the client goes away
         seen = None
         while True:
@@ -215,7 +264,22 @@ async def job_events(job: OwnedJob, store: StoreDep,
                 return
             await asyncio.sleep(poll_s)
 
-    return EventSourceResponse(stream(), ping=15, headers={"X-Accel-Buffering": "no"})
+    return _HeldStream(stream(), give_back, ping=15, headers={"X-Accel-Buffering": "no"})
+
+
+class _HeldStream(EventSourceResponse):
+    """An event stream that gives its tenant's stream slot back when it ends, however it ends
+    (the job ended, the client went away, the server stops)."""
+
+    def __init__(self, content, give_back, **kwargs):
+        super().__init__(content, **kwargs)
+        self._give_back = give_back
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._give_back()
 
 
 def _artifacts(job, storage) -> list[Artifact]:
@@ -254,28 +318,43 @@ def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
                         filename=name)
 
 
-@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409),
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409, 507),
              summary="Cancel a queued or running job")
 def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
     """A queued job is never started and its uploads are deleted now; a running one stops at its
     worker's next progress callback or heartbeat (seconds), and that worker deletes its files."""
     forget(job.id)
-    if not store.cancel(job.id):
+    try:
+        canceled = store.cancel(job.id)  # works on a full disk: the store frees its headroom for it
+    except DiskFull as e:
+        raise insufficient_storage(e) from None
+    if not canceled:
         j = store.get(job.id)
         raise ApiError(409, "not_cancelable", f"the job is already {j.state if j else 'deleted'}; nothing to cancel")
     if job.state == State.QUEUED:  # no worker has it: nothing else will read its files
         storage.delete_job(job.id)
-        store.mark_files_deleted(job.id)
+        try:
+            store.mark_files_deleted(job.id)
+        except DiskFull:  # the files are gone; the sweeper's retention pass marks the row later
+            log.warning("job %s: files deleted but not marked (disk full)", job.id)
     log.info("job %s canceled", job.id)
     return JobOut.of(store.get(job.id))
 
 
-@router.delete("/v1/jobs/{job_id}", status_code=204, responses=responses(401, 404),
+@router.delete("/v1/jobs/{job_id}", status_code=204, responses=responses(401, 404, 507),
                summary="Delete a job and its files (canceling it first if needed)")
 def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> Response:
     forget(job.id)
-    store.cancel(job.id)
-    store.delete(job.id)
+    try:
+        store.cancel(job.id)  # both work on a full disk: the store frees its headroom for them
+        store.delete(job.id)
+    except DiskFull:  # and if even that is used up: the files go first (they go anyway), then the row
+        storage.delete_job(job.id)
+        try:
+            store.cancel(job.id)
+            store.delete(job.id)
+        except DiskFull as e:
+            raise insufficient_storage(e) from None
     storage.delete_job(job.id)
     log.info("job %s deleted", job.id)
     return Response(status_code=204)
