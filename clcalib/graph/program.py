@@ -1,115 +1,46 @@
 """A model as a torch.export program: captured from an ``nn.Module``, or read from an untrusted
-``.pt2`` file without running any of its pickles.
-
-``torch.export.load`` unpickles with ``weights_only=False`` in three places: weights and
-constants marked ``use_pickle`` (tensor subclasses), custom objects under ``data/constants``,
-and the sample inputs (it retries with ``weights_only=False`` when the safe load fails). So
-``read_program`` first checks the archive itself: only the member names a plain program has,
-bounded sizes, no pickled payload, and sample inputs that load with ``weights_only=True``. Only
-then does torch read it.
+``.pt2`` file by our own reader (``clcalib.graph.pt2_reader``: nothing in the file is unpickled,
+compiled or evaluated, and its graph is checked against ``clcalib.graph.op_allowlist``).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import re
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from clcalib.errors import UnsupportedModel
+from clcalib.graph.pt2_reader import BadProgram, build_program, read_archive
 
-MAX_MEMBERS = 20_000
-MAX_UNPACKED_BYTES = 4 << 30  # a program's weights, unpacked: 4 GiB is beyond any model we calibrate
-MAX_JSON_BYTES = 256 << 20
-
-# what torch.export.save writes for a plain program (prefix: the archive's own folder name)
-_ALLOWED = re.compile(
-    r"[^/]+/("
-    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/[\w.-]+\.json"
-    r"|data/weights/[\w.-]+\.json|data/weights/weight_\d+"
-    r"|data/constants/[\w.-]+\.json|data/constants/tensor_\d+"
-    r"|data/sample_inputs/[\w.-]+\.pt"
-    r")"
-)
-
-
-class BadProgram(UnsupportedModel):
-    """The upload is not a .pt2 program this clcalib reads safely."""
-
-
-def _refuse(name: str, why: str) -> BadProgram:
-    return BadProgram(f"{name}: {why}. Save the model with torch.export.save(torch.export.export(model.eval(), "
-                      "(example,)), 'model.pt2') from plain tensors (no custom objects or tensor subclasses)")
+__all__ = ["BadProgram", "check_archive", "read_program", "program_from_bytes", "program_to_bytes", "capture",
+           "as_program", "graph_module", "num_outputs"]
 
 
 def check_archive(data: bytes, name: str = "model.pt2") -> None:
-    """Raise BadProgram unless ``data`` is a .pt2 archive whose loading runs no pickle."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise _refuse(name, f"not a torch.export archive (not a zip file: {e})") from None
-    if len(infos) > MAX_MEMBERS:
-        raise _refuse(name, f"{len(infos)} archive members (at most {MAX_MEMBERS})")
-    if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
-        raise _refuse(name, f"unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB")
-    names = [i.filename for i in infos]
-    odd = [n for n in names if not _ALLOWED.fullmatch(n)]
-    if odd:
-        shown = ", ".join(repr(n[:80]) for n in odd[:3])
-        raise _refuse(name, f"it holds members a plain exported program does not have ({shown}): custom objects, "
-                            "compiled code or another kind of archive")
-    if not any("/models/" in n for n in names):
-        raise _refuse(name, "no exported program inside (no models/*.json)")
-    for info in infos:
-        n = info.filename
-        if n.endswith("_config.json"):
-            if info.file_size > MAX_JSON_BYTES:
-                raise _refuse(name, f"{n[:80]} is larger than {MAX_JSON_BYTES >> 20} MiB")
-            try:
-                entries = json.loads(zf.read(info)).get("config", {})
-            except (ValueError, AttributeError) as e:
-                raise _refuse(name, f"{n[:80]} is not valid JSON ({e})") from None
-            pickled = [k for k, v in entries.items() if not isinstance(v, dict) or v.get("use_pickle") is not False]
-            if pickled:
-                raise _refuse(name, f"{len(pickled)} pickled payload(s) ({pickled[0][:80]!r}, ...), which loading "
-                                    "would unpickle with code execution allowed")
-        elif n.endswith(".pt") and info.file_size:  # sample inputs: torch retries unsafely when the safe load fails
-            try:
-                torch.load(io.BytesIO(zf.read(info)), weights_only=True)
-            except Exception:
-                raise _refuse(name, f"its sample inputs ({n[:80]}) hold pickled objects beyond plain tensors") from None
+    """Raise BadProgram unless ``data`` is a .pt2 archive of plain tensors and an allowed graph."""
+    read_archive(data, name)
 
 
 def read_program(path: str | Path) -> torch.export.ExportedProgram:
-    """An ExportedProgram from a ``.pt2`` file, checked first by ``check_archive``."""
+    """An ExportedProgram from a ``.pt2`` file, read by ``pt2_reader``."""
     path = Path(path)
     if not path.is_file():
         raise BadProgram(f"{path}: no such file")
-    data = path.read_bytes()
-    return program_from_bytes(data, path.name)
+    return program_from_bytes(path.read_bytes(), path.name)
 
 
 def program_from_bytes(data: bytes, name: str = "model.pt2") -> torch.export.ExportedProgram:
-    check_archive(data, name)
+    parts = read_archive(data, name)
     quiet = logging.getLogger("torch._export.serde.serialize")  # warns of unused size symbols
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        ep = torch.export.load(io.BytesIO(data))
-    except Exception as e:  # a damaged or version-incompatible program
-        raise _refuse(name, f"torch.export.load failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        return build_program(parts, name)
     finally:
         quiet.setLevel(level)
-    if not isinstance(ep, torch.export.ExportedProgram):
-        raise _refuse(name, f"holds a {type(ep).__name__}, not an ExportedProgram")
-    return ep
 
 
 def num_outputs(ep: torch.export.ExportedProgram) -> int:

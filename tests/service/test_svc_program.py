@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import zipfile
 
 import pytest
@@ -41,15 +42,23 @@ def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_fa
     st.start_api()
     pt2 = _program(tmp_path / "m.pt2")
 
-    # unsafe: sample inputs that only load by unpickling an arbitrary object
-    buf = io.BytesIO()
-    torch.save({"x": Marker()}, buf)
-    bad = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(pt2.read_bytes())) as zin, zipfile.ZipFile(bad, "w") as zout:
+    # unsafe: a constant stored as an opaque object, which torch's loader would unpickle
+    members = {}
+    with zipfile.ZipFile(io.BytesIO(pt2.read_bytes())) as zin:
         for info in zin.infolist():
-            zout.writestr(info, buf.getvalue() if info.filename.endswith("sample_inputs/model.pt") else zin.read(info))
+            members[info.filename] = zin.read(info)
+    cfg_name = next(n for n in members if n.endswith("constants_config.json"))
+    cfg = json.loads(members[cfg_name])
+    cfg["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False, "tensor_meta": None}
+    members[cfg_name] = json.dumps(cfg).encode()
+    members[cfg_name.replace("model_constants_config.json", "tensor_9")] = pickle.dumps(Marker())
+    bad = io.BytesIO()
+    with zipfile.ZipFile(bad, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
     r = _post(st, bad.getvalue(), fmnist_zips["calib"], TINY)
-    assert r.status_code == 422 and r.json()["field"] == "model" and "pickled objects" in r.json()["detail"], r.text
+    assert r.status_code == 422 and r.json()["field"] == "model" and "'evil'" in r.json()["detail"], r.text
+    assert "which loading would unpickle" in r.json()["detail"]
     assert "pickle ran" not in st.logs()
     # not a program at all, and a program exported with a fixed batch size
     r = _post(st, b"PK\x03\x04 not really a zip", fmnist_zips["calib"], TINY)
