@@ -40,9 +40,12 @@ async def readyz(request: Request, response: Response) -> Health:
     return Health(status="ok" if ok else "unavailable", checks=checks)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
+@router.get("/metrics", summary="Prometheus metrics (with API keys configured: any key, as Bearer)",
+            response_class=Response, responses={200: {"content": {"text/plain": {}}}, **responses(401)})
+async def metrics(request: Request, tenant: Tenant) -> Response:
+    """Counts of every tenant's jobs, the queue and the disk: not for anonymous callers. With API
+    keys set it needs one (Authorization: Bearer, as the API); keyless, it is served on loopback
+    only, like the rest of the API."""
     data = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)
 

@@ -116,6 +116,18 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
     with_nan["layer2.0.conv1.weight"] = with_nan["layer2.0.conv1.weight"].clone()
     with_nan["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     with_nan = save(with_nan)
+
+    def weights_with(key: str, value) -> bytes:
+        sd = load(good["model"])
+        sd[key] = value
+        return save(sd)
+
+    def saved_with(key: str, value) -> bytes:  # torch.save (nested tensors have no safetensors form)
+        sd = load(good["model"])
+        sd[key] = value
+        return _saved(sd)
+
+    conv1 = load(good["model"])["conv1.weight"]
     cfg = json.dumps(TINY)
     base = {"model": good["model"], "calibration": good["calibration"], "arch": "resnet18",
             "num_classes": "10", "config": cfg}
@@ -235,6 +247,26 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("labels: a 5 MiB file", w(evaluation=zip_of({f"coat/{n}": d for n, d in fine_imgs.items()}),
                                    labels=b"coat\n" * (5 << 18)), 422, "bad_data", "larger than 4194304 bytes"),
         ("form: unknown field `weights`", {**base, "weights": b"x"}, 422, "unknown_field", "unknown form field"),
+        # issue 24 class 6: inputs that answered 500, and weights that were accepted silently
+        ("model: float8 weights (safetensors)", w(model=weights_with("conv1.weight", conv1.to(torch.float8_e4m3fn))),
+         422, "model_mismatch", "not conv1.weight (float8_e4m3fn)"),
+        ("model: a nested tensor in a state_dict",
+         w(model=saved_with("fc.bias", torch.nested.nested_tensor([torch.zeros(3), torch.zeros(7)]))), 422,
+         "model_mismatch", "not fc.bias (nested, cpu, torch.float32)"),
+        ("model: integer weights", w(model=weights_with("conv1.weight", conv1.to(torch.int32))), 422,
+         "model_mismatch", "not conv1.weight (int32)"),
+        ("model: complex weights", w(model=weights_with("conv1.weight", conv1.to(torch.complex64))), 422,
+         "model_mismatch", "not conv1.weight (complex64)"),
+        ("calibration: a float8 tensor (.safetensors)",
+         w(calibration=save({"x": torch.zeros(4, 3, 28, 28).to(torch.float8_e4m3fn)})), 422, "bad_data",
+         "got dtype float8_e4m3fn"),
+        ("config: preprocess.mean [[0.1]]", w(config=json.dumps({"preprocess": {"mean": [[0.1]]}})), 422,
+         "bad_config", "config.preprocess.mean.0: Input should be a valid number"),
+        ('config: preprocess.mean [{"a": 1}]', w(config=json.dumps({"preprocess": {"mean": [{"a": 1}]}})), 422,
+         "bad_config", "config.preprocess.mean.0: Input should be a valid number"),
+        ("config: 60000 unknown keys (a 5.9 MB error body before)",
+         w(config=json.dumps({f"k{i}": 1 for i in range(60000)})), 422, "bad_config",
+         "more than 52 keys and list values"),
     ]
 
 
@@ -311,6 +343,12 @@ def test_bad_inputs_get_4xx_and_nothing_runs(api_only, good, tmp_path):
         table.append((what, r.status_code, r.json()["code"], r.json()["detail"]))
         if r.status_code != 401:
             failures.append(f"{what}: {r.status_code}")
+    with api_only.client(None) as c:  # the operator's counts of every tenant are not public
+        r = c.get("/metrics")
+        table.append(("metrics: GET /metrics without an API key (keys configured)", r.status_code,
+                      r.json()["code"], r.json()["detail"]))
+        if r.status_code != 401:
+            failures.append(f"metrics without a key: {r.status_code}")
     r = _too_large(api_only, chunked=False)
     table.append(("upload: 80 MiB with Content-Length (cap 64 MiB)", r.status_code, r.json()["code"], r.json()["detail"]))
     if r.status_code != 413:
@@ -396,3 +434,61 @@ def test_every_error_has_the_same_body_shape(api_only, tmp_path):
         r = c.get("/boom")
     assert r.status_code == 500 and r.json()["code"] == "internal_error", r.text
     assert "reference" in r.json()["detail"] and "a bug" not in r.text  # no internals leak
+
+
+def test_error_bodies_are_bounded_and_cheap(api_only):
+    """Issue 24 class 6: a config with 60000 unknown keys was a 5.9 MB error body and stalled the
+    event loop; every error body is now bounded in one place (ErrorBody): detail at most 2000
+    characters, the first 20 errors with more_errors counting the rest, each string in them cut."""
+    import time
+
+    def config_error(config: str):
+        t = time.monotonic()
+        r = post(api_only, {"model": b"x", "calibration": b"x", "arch": "resnet18", "num_classes": "10",
+                            "config": config})
+        return r, time.monotonic() - t
+
+    r, took = config_error(json.dumps({f"k{i}": 1 for i in range(60000)}))
+    assert r.status_code == 422 and "more than 52 keys" in r.json()["detail"], r.text
+    assert len(r.content) < 1000 and took < 5, (len(r.content), took)
+    r, _ = config_error(json.dumps({f"k{i}": 1 for i in range(40)}))  # under the key bound: 40 errors
+    body = r.json()
+    assert r.status_code == 422 and len(body["errors"]) == 20 and body["more_errors"] == 20, r.text
+    assert body["detail"] == "config.k0: Extra inputs are not permitted (and 39 more)"
+    r, _ = config_error(json.dumps({"k" * 200_000: 1}))  # one key of 200000 characters
+    body = r.json()
+    assert r.status_code == 422 and len(body["detail"]) <= 2000 and "characters in all" in body["detail"], r.text
+    assert len(body["errors"][0]["loc"][1]) <= 200 and len(r.content) < 3000, len(r.content)
+    with api_only.client() as c:  # FastAPI's own validation errors go through the same body
+        r = c.get("/v1/jobs", params={"limit": "9" * 50_000})
+    assert r.status_code == 422 and len(r.content) < 3000, (r.status_code, len(r.content))
+
+
+def test_metrics_needs_a_key_when_keys_are_set(api_only, tmp_path):
+    """Issue 24 class 6: /metrics answered without a key; with API keys configured it needs one
+    (Bearer, like the API), and keyless (loopback-only) mode serves it as before."""
+    import sys
+
+    import httpx
+    from svc_helpers import ROOT, Proc, free_port, wait_until
+
+    with api_only.client(None) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
+        assert "Bearer" in r.json()["detail"] and r.headers["WWW-Authenticate"] == "Bearer"
+        assert c.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    with api_only.client("key-b") as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200 and "clcalib_queue_depth" in r.text
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLCALIB_")}
+    env.update(CLCALIB_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    p = Proc([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+              "--port", str(port), "--log-level", "warning"], env, tmp_path / "keyless.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/healthz", timeout=2).status_code == 200, 60, f"the API\n{p.tail()}")
+        r = httpx.get(url + "/metrics", timeout=30)
+        assert r.status_code == 200 and "clcalib_queue_depth" in r.text, r.text
+    finally:
+        p.stop()

@@ -1,10 +1,11 @@
 """A full data disk (issue 14 class 7), on a real small filesystem (tmpfs mounted for the test):
 uploads that would eat the reserve are a 507 with Retry-After, a disk that fills up under an
 upload is a 507 (not a 400), nothing of a refused upload stays on disk, and /readyz and
-/metrics report the free space."""
+/metrics report the free space. Cancel and delete work on a full disk (issue 24)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -112,3 +113,58 @@ def test_a_stalled_upload_body_is_closed_with_408(stack_factory):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"body_timeout" in reply and 1.5 < waited < 10
     assert _no_job_files(st)
+
+
+def _fill(data) -> None:
+    """Write a ballast file until the disk is full (ENOSPC)."""
+    with open(data / "ballast", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_cancel_and_delete_work_on_a_full_disk(small_disk):
+    """Issue 24 class 6: with no disk reserve and a full disk, cancel and delete answered 500: the
+    SQLite store's commit (its write-ahead log grows) failed with 'database or disk is full'. The
+    store keeps 4 MiB of headroom beside the database and frees it for these writes: cancel 200,
+    delete 204. With the headroom gone too, cancel is a 507 naming the full disk, and delete still
+    works (the job's files go first)."""
+    import io
+
+    import numpy as np
+    from svc_fmnist import MOBILENET, TINY
+
+    st = small_disk(48, CLCALIB_MIN_FREE_BYTES=0).start_api()
+    data = st.dir / "data"
+    b = io.BytesIO()
+    np.save(b, np.zeros((4, 3, 28, 28), np.float32))
+    files = {"model": ("m.safetensors", MOBILENET.read_bytes()), "calibration": ("c.npy", b.getvalue())}
+    form = {"arch": "mobilenet_v2", "num_classes": "10", "config": json.dumps({**TINY, "calib_size": 4})}
+    with st.client() as c:
+        ids = []
+        for _ in range(3):
+            r = c.post("/v1/jobs", files=files, data=form)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        assert (data / "jobs.db-headroom").stat().st_size == 4 * MiB
+        _fill(data)
+        assert shutil.disk_usage(data).free < 64 << 10
+        r = c.post(f"/v1/jobs/{ids[0]}/cancel")
+        assert r.status_code == 200 and r.json()["state"] == "canceled", r.text
+        assert not (data / "jobs" / ids[0]).exists()
+        assert c.delete(f"/v1/jobs/{ids[1]}").status_code == 204
+        assert c.get(f"/v1/jobs/{ids[1]}").status_code == 404
+        assert c.get(f"/v1/jobs/{ids[0]}").json()["state"] == "canceled"
+
+        # the headroom used up as well (and the space freed above filled again): cancel is a 507
+        (data / "jobs.db-headroom").unlink(missing_ok=True)
+        _fill(data)
+        r = c.post(f"/v1/jobs/{ids[2]}/cancel")
+        assert r.status_code == 507 and r.json()["code"] == "insufficient_storage", r.text
+        assert "disk is full" in r.json()["detail"] and r.headers["Retry-After"]
+        assert c.delete(f"/v1/jobs/{ids[2]}").status_code == 204  # its files freed the room for it
+        assert c.get(f"/v1/jobs/{ids[2]}").status_code == 404
+    assert "Traceback" not in st.api.tail(200), st.api.tail(200)
