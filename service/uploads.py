@@ -129,69 +129,85 @@ def too_large(cap: int) -> ApiError:
                     "(CLCALIB_MAX_UPLOAD_BYTES); send fewer or smaller files")
 
 
+_END, _WAKE = object(), object()
+
+
 class _Body:
     """The request body's chunks, with two deadlines: ApiError 408 when nothing arrives for
     ``idle_s`` seconds, and, once ``grace_s`` seconds of the body have passed, when fewer than
     ``min_rate`` bytes a second arrived over the last ``window_s`` seconds (a client that sends a
-    byte now and then never trips the first). The rate is measured on a timer, not only when a
-    chunk comes, and the pending read is kept across wake-ups (cancelling it would end the stream)."""
+    byte now and then never trips the first). A reader task moves the chunks into a short queue
+    and notes when each arrived; a timer checks both deadlines every tick, whether chunks come or
+    not, and wakes ``next`` with the 408. Per chunk this costs a queue put and get, no task."""
 
     def __init__(self, request, idle_s: float, min_rate: float = 0.0, window_s: float = 10.0, grace_s: float = 10.0):
-        self._it = request.stream().__aiter__()
         self.idle_s, self.min_rate, self.window_s, self.grace_s = idle_s, min_rate, window_s, grace_s
         self._loop = asyncio.get_running_loop()
         self.start = self._last = self._loop.time()
         self.total = 0
-        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (time, bytes by then)
-        self._pending: asyncio.Future | None = None
+        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (arrival time, bytes by then)
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self._error: ApiError | None = None
+        self._tick = max(0.05, min(1.0, idle_s / 4, window_s / 4 if min_rate > 0 else 1.0))
+        self._reader = self._loop.create_task(self._read(request))
+        self._timer = self._loop.call_later(self._tick, self._on_tick)
 
-    async def next(self) -> bytes | None:
-        """The next chunk; None at the end of the body."""
-        tick = max(0.05, min(1.0, self.window_s / 4))
-        while True:
-            if self._pending is None:
-                self._pending = asyncio.ensure_future(self._it.__anext__())
-            now = self._loop.time()
-            wait = self._last + self.idle_s - now
-            if self.min_rate > 0:
-                wait = min(wait, tick)
-            done, _ = await asyncio.wait({self._pending}, timeout=max(0.0, wait))
-            now = self._loop.time()
-            if done:
-                task, self._pending = self._pending, None
-                try:
-                    chunk = task.result()
-                except StopAsyncIteration:
-                    return None
+    async def _read(self, request) -> None:
+        try:
+            async for chunk in request.stream():
                 if chunk:
-                    self._last, self.total = now, self.total + len(chunk)
-                    self._marks.append((now, self.total))
-                self._check_rate(now)
-                return chunk
-            if now - self._last >= self.idle_s:
-                raise ApiError(408, "body_timeout", f"the upload sent nothing for {self.idle_s:.0f}s "
-                               "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses",
-                               headers={"Connection": "close"})
-            self._check_rate(now)
+                    self._last, self.total = self._loop.time(), self.total + len(chunk)
+                    if self.min_rate > 0:
+                        self._marks.append((self._last, self.total))
+                    await self._queue.put(chunk)
+            await self._queue.put(_END)
+        except Exception as e:  # the client went away (ClientDisconnect), a broken stream
+            await self._queue.put(e)
 
-    def _check_rate(self, now: float) -> None:
-        if self.min_rate <= 0 or now - self.start < self.grace_s:
+    def _on_tick(self) -> None:
+        self._error = self._deadline_passed(self._loop.time())
+        if self._error is None:
+            self._timer = self._loop.call_later(self._tick, self._on_tick)
             return
+        try:
+            self._queue.put_nowait(_WAKE)
+        except asyncio.QueueFull:  # next() is busy with chunks and sees the error at its next call
+            pass
+
+    def _deadline_passed(self, now: float) -> ApiError | None:
+        if now - self._last >= self.idle_s:
+            return ApiError(408, "body_timeout", f"the upload sent nothing for {self.idle_s:.0f}s "
+                            "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses", headers={"Connection": "close"})
+        if self.min_rate <= 0 or now - self.start < self.grace_s:
+            return None
         since = now - self.window_s
         while len(self._marks) > 1 and self._marks[1][0] <= since:
             self._marks.popleft()
         span = now - max(self.start, since)
         rate = (self.total - self._marks[0][1]) / span if span > 0 else float("inf")
-        if rate < self.min_rate:
-            raise ApiError(408, "body_too_slow", f"the upload arrived at {rate:.0f} bytes/s over the last "
-                           f"{span:.0f}s, below the minimum of {self.min_rate:.0f} "
-                           "(CLCALIB_MIN_BODY_RATE_BYTES_S); send the body from a faster connection",
-                           headers={"Connection": "close"})
+        if rate >= self.min_rate:
+            return None
+        return ApiError(408, "body_too_slow", f"the upload arrived at {rate:.0f} bytes/s over the last {span:.0f}s, "
+                        f"below the minimum of {self.min_rate:.0f} (CLCALIB_MIN_BODY_RATE_BYTES_S); send the body "
+                        "from a faster connection", headers={"Connection": "close"})
+
+    async def next(self) -> bytes | None:
+        """The next chunk; None at the end of the body."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            item = await self._queue.get()
+            if item is _WAKE:
+                continue
+            if item is _END:
+                return None
+            if isinstance(item, Exception):
+                raise item
+            return item
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
+        self._timer.cancel()
+        self._reader.cancel()
 
 
 async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
