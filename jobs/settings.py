@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
     validate_workers: int = Field(2, ge=1, le=64, description="upload checks run at once, each in its own "
                                   "warm process (one slow upload must not hold every check)")
     validate_timeout_s: float = Field(300.0, gt=0)
+    validate_slots_per_tenant: int = Field(1, ge=1, le=64, description="upload checks one tenant may have running "
+                                           "at once (its others wait; another tenant's check never waits behind them)")
+    validate_memory_bytes: int = Field(4 << 30, ge=0, description="memory cap of one upload check's sandboxed "
+                                       "process (RLIMIT_DATA; 0: none); a check over it is a 422 naming it")
     validate_sample: int = Field(64, ge=1, le=10000, description="images decoded per archive at upload")
     max_archive_entries: int = Field(200_000, ge=1)
     max_archive_bytes: int = Field(8 << 30, ge=1, description="total decompressed size of one archive")
@@ -78,6 +83,15 @@ class Settings(BaseSettings):
                                    "a tiny image resized to 4096 px would otherwise cost 200 MB of memory")
     max_set_bytes: int = Field(16 << 30, ge=1, description="the decoded calibration set as float32 in the worker "
                                "(the evaluation set streams in batches); the upload check refuses a set that would pass it")
+
+    # the sandbox every upload check and calibration runs in (jobs/sandbox.py)
+    sandbox: Literal["on", "off"] = Field("on", description="'off' runs checks and calibrations unconfined: only "
+                                           "where every uploaded model and file is trusted")
+    sandbox_uid: int = Field(65534, ge=1, description="the uid/gid a sandboxed process of a root service becomes "
+                             "(where the Python installation is readable for it)")
+    worker_memory_bytes: int = Field(16 << 30, ge=0, description="memory cap of one calibration's sandboxed process "
+                                     "(RLIMIT_DATA, host memory; 0: none); a job over it fails naming it, the worker "
+                                     "goes on")
 
     # worker and job lifecycle
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="worker device")

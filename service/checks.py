@@ -1,5 +1,6 @@
-"""Upload checks that need torch. They run in the validator's child processes only (see
-``service.validation``); importing this module imports nothing heavy, calling it does.
+"""Upload checks that need torch. They run in the validator's sandboxed child processes only
+(see ``service.validation`` and ``jobs.sandbox``); importing this module imports nothing heavy,
+calling it does.
 
 Each returns a plain dict: ``{"ok": True, ...}`` or ``{"ok": False, "field", "code", "message"}``.
 """
@@ -12,11 +13,17 @@ from pathlib import Path
 from jobs.store import PROGRAM
 
 
-def init_child(threads: int = 1) -> None:
+def warm_sandbox_child(threads: int = 1) -> None:
+    """Run by ``jobs.sandbox`` in a check's child before it is confined: the heavy imports."""
     import os
 
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the validator never touches a GPU
     import torch
+
+    import clcalib.data  # noqa: F401
+    import clcalib.graph.partition  # noqa: F401
+    import clcalib.graph.program  # noqa: F401
+    import clcalib.graph.registry  # noqa: F401
 
     torch.set_num_threads(threads)
 
@@ -175,4 +182,4 @@ def _strip(msg: str, path: str, role: str) -> str:
     return msg.replace(str(path), role)
 
 
-__all__ = ["check_job", "list_archs", "init_child"]
+__all__ = ["check_job", "list_archs", "warm_sandbox_child"]

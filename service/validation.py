@@ -2,8 +2,11 @@
 
 Cheap checks (form fields, config JSON against the library's ``CalibConfig``, arch name) run
 in the API process. Checks that need torch (weights vs arch, decoding a sample of images, one
-forward pass) run in a small pool of spawned child processes, so the API process never imports
-torch; a check that crashes or hangs its child costs that child, not the API.
+forward pass) run in a sandboxed child process (``jobs.sandbox``), one fresh child per check:
+it sees only that upload's folder, has no network and a memory cap, and answers in JSON, so
+neither a hostile upload nor a child it took over can reach the API process, another tenant's
+files or a later check. Children are started ahead (each imports torch once) so a check does
+not wait for the import.
 """
 
 from __future__ import annotations
@@ -11,106 +14,119 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing
+import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from clcalib.config import MAX_CONFIG_ITEMS, CalibConfig, count_items
+from jobs.sandbox import Child, ChildFailed, Jail
 from jobs.settings import Settings
-from service import checks
 from service.errors import ApiError
 
 log = logging.getLogger("clcalib.service")
+CHECK, ARCHS = "service.checks:check_job", "service.checks:list_archs"
 
 
 class Validator:
-    """Checks run in warm child processes, one check per child at a time (at most
-    ``validate_workers`` at once; more wait their turn). A check that times out or crashes costs
-    its own child only: the others keep running their checks."""
+    """At most ``validate_workers`` checks at once, at most ``validate_slots_per_tenant`` of them
+    one tenant's (its others wait their turn; other tenants' checks do not wait behind them)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
-        self._idle: list[ProcessPoolExecutor] = []
-        self._busy: set[ProcessPoolExecutor] = set()
+        self._warm: list[Child] = []
         self._lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
+        self._tenants: dict[str, asyncio.Semaphore] = {}
         self._archs: list[str] | None = None
+        self.closed = False
 
-    def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=checks.init_child, max_tasks_per_child=200)
+    def _jail(self, child: Child, read: list[str]) -> Jail:
+        return Jail(read=read, tmp=os.path.join(child.cwd, "tmp"), memory_bytes=self.s.validate_memory_bytes,
+                    uid=self.s.sandbox_uid)
 
-    def _take(self) -> ProcessPoolExecutor:
+    def _take(self) -> Child:
         with self._lock:
-            child = self._idle.pop() if self._idle else self._new()
-            self._busy.add(child)
-            return child
-
-    def _give_back(self, child: ProcessPoolExecutor, healthy: bool) -> None:
-        with self._lock:
-            self._busy.discard(child)
-            if healthy:
-                self._idle.append(child)
-                return
-        _kill(child)
+            child = self._warm.pop() if self._warm else None
+            if not self.closed:  # the next check's child starts importing now
+                while len(self._warm) < self.s.validate_workers - (child is None):
+                    self._warm.append(Child(CHECK))
+        return child or Child(CHECK)
 
     def close(self) -> None:
         with self._lock:
-            children, self._idle, self._busy = [*self._idle, *self._busy], [], set()
+            self.closed = True
+            children, self._warm = self._warm, []
         for child in children:
-            _kill(child)
+            child.close()
 
-    async def _call(self, fn, /, timeout: float | None = None, **kwargs):
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.s.validate_workers)
-        async with self._slots:
-            child = self._take()
-            healthy = False
-            try:
-                fut = child.submit(fn, **kwargs)
-                result = await asyncio.wait_for(asyncio.wrap_future(fut), timeout or self.s.validate_timeout_s)
-                healthy = True
-                return result
-            except (asyncio.TimeoutError, TimeoutError):
+    def _tenant_slots(self, tenant: str) -> asyncio.Semaphore:
+        if tenant not in self._tenants:
+            if len(self._tenants) > 10_000:  # idle ones: forget them
+                self._tenants = {t: sem for t, sem in self._tenants.items() if sem.locked()}
+            self._tenants[tenant] = asyncio.Semaphore(self.s.validate_slots_per_tenant)
+        return self._tenants[tenant]
+
+    async def _run(self, child: Child, jail: Jail, kwargs: dict, timeout: float):
+        try:
+            return await run_in_threadpool(child.run, jail, kwargs, timeout, None, self.s.sandbox == "off")
+        except ChildFailed as e:
+            cap = f"{self.s.validate_memory_bytes / 2**30:.1f} GiB"
+            if e.kind == "timeout":
                 raise ApiError(422, "check_timeout",
-                               f"checking the upload took longer than {self.s.validate_timeout_s:.0f}s "
-                               "(CLCALIB_VALIDATE_TIMEOUT_S); send fewer or smaller images, or an archive "
-                               "whose files can be read in name order") from None
-            except BrokenProcessPool:
-                raise ApiError(422, "check_crashed",
-                               "the process checking this upload died (a file that crashes the decoder, "
-                               "or out of memory); check the files decode locally") from None
-            finally:  # a child that timed out, crashed or was abandoned is killed; only it
-                self._give_back(child, healthy)
+                               f"checking the upload took longer than {timeout:.0f}s (CLCALIB_VALIDATE_TIMEOUT_S); "
+                               "send fewer or smaller images, or an archive whose files can be read in name "
+                               "order") from None
+            if e.kind == "memory":
+                raise ApiError(422, "check_memory",
+                               f"checking the upload needed more memory than the cap of {cap} "
+                               "(CLCALIB_VALIDATE_MEMORY_BYTES): fewer or smaller images after preprocessing "
+                               "(config.preprocess.resize/crop), or a smaller model") from None
+            if e.kind == "sandbox":
+                log.error("upload check not run: %s", e.message)
+                raise ApiError(503, "sandbox_unavailable", f"uploads cannot be checked safely on this server: "
+                               f"{e.message}", headers={"Retry-After": "60"}) from None
+            if e.kind == "exception":
+                raise RuntimeError(f"the upload check failed: {e.message}") from None
+            raise ApiError(422, "check_crashed",
+                           f"the process checking this upload died ({e.message}; its memory cap is {cap}): a "
+                           "file that crashes the decoder, or out of memory; check the files decode "
+                           "locally") from None
 
     async def warm(self) -> None:
-        """Start every child (each imports torch once) so no check pays for it."""
-        await asyncio.gather(*(self._call(checks.list_archs, timeout=120) for _ in range(self.s.validate_workers)))
+        """Start the check children (each imports torch once) so no check pays for it."""
+        with self._lock:
+            while len(self._warm) < self.s.validate_workers and not self.closed:
+                self._warm.append(Child(CHECK))
 
     async def archs(self) -> list[str]:
         if self._archs is None:
+            child = Child(ARCHS)
             try:
-                await self.warm()
-                self._archs = await self._call(checks.list_archs, timeout=120)
-            except ApiError as e:
-                raise ApiError(503, "validator_unavailable", f"the validator did not start: {e.detail}") from None
+                self._archs = await self._run(child, self._jail(child, []), {}, 120)
+            except (ApiError, RuntimeError) as e:
+                raise ApiError(503, "validator_unavailable",
+                               f"the validator did not start: {getattr(e, 'detail', e)}") from None
         return self._archs
 
-    async def check_job(self, **kwargs) -> dict:
+    async def check_job(self, *, tenant: str, **kwargs) -> dict:
         s = self.s
-        res = await self._call(checks.check_job, limits=s.data_limits, sample=s.validate_sample, **kwargs)
-        if not res["ok"]:
-            raise ApiError(422, res["code"], res["message"], field=res["field"])
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(s.validate_workers)
+        inputs = {str(Path(v).parent) for k, v in kwargs.items() if k in ("model", "calibration", "evaluation", "labels")
+                  and v is not None}
+        async with self._tenant_slots(tenant), self._slots:
+            child = self._take()
+            res = await self._run(child, self._jail(child, sorted(inputs)),
+                                  {**kwargs, "limits": s.data_limits, "sample": s.validate_sample},
+                                  s.validate_timeout_s)
+        if not isinstance(res, dict) or not res.get("ok"):
+            res = res if isinstance(res, dict) else {}
+            raise ApiError(422, str(res.get("code", "bad_upload"))[:60], str(res.get("message", "the upload was refused")),
+                           field=str(res.get("field", "model"))[:60])
         return res
-
-
-def _kill(child: ProcessPoolExecutor) -> None:
-    for p in list(getattr(child, "_processes", {}).values()):
-        p.kill()
-    child.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_num_classes(raw: str | None) -> int:

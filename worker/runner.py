@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
+from jobs.sandbox import Child, ChildFailed, Jail
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import Storage
@@ -70,6 +72,23 @@ class Heartbeat:
                 return
 
 
+CALIBRATE = "worker.sandboxed:calibrate"
+_next: list[Child] = []  # the next job's sandboxed child, started (torch imported) ahead
+
+
+def start_next() -> None:
+    if not _next:
+        _next.append(Child(CALIBRATE))
+
+
+def take_child() -> Child:
+    """A started calibration child, and the next one starting."""
+    start_next()
+    child = _next.pop()
+    start_next()
+    return child
+
+
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     store = store_for(settings)
     storage = Storage(settings.data_dir)
@@ -112,10 +131,8 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
 
 def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Heartbeat, attempt: int):
     """(state, error, report); state None when the job was taken from this attempt."""
-    from clcalib.config import CalibConfig
-    from clcalib.data import Limits, read_labels
-    from clcalib.errors import CalibrationError, Canceled
-    from clcalib.pipeline import run_calibration
+    from clcalib.errors import Canceled
+    from clcalib.progress import ProgressEvent
 
     jd = storage.job_dir(job.id)
     first = {"seen": False}
@@ -135,25 +152,41 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
         if hb.lost.is_set():
             raise Canceled("the job was canceled, deleted or re-queued")
 
+    out_dir, resume_dir = storage.out_dir(job.id), storage.resume_dir(job.id)
+    for d in (out_dir, resume_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    inputs = {k: str(jd / v) for k, v in job.inputs.items()}
+    model = {"model": inputs["model"]} if job.arch == PROGRAM else \
+        {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
+    child = take_child()
+    jail = Jail(read=sorted({str(Path(p).parent) for p in inputs.values()}), write=[str(out_dir), str(resume_dir)],
+                tmp=str(Path(child.cwd) / "tmp"), memory_bytes=settings.worker_memory_bytes,
+                uid=settings.sandbox_uid, gpu=settings.device != "cpu")
+    kwargs = {"model": model, "calibration": inputs["calibration"], "evaluation": inputs.get("evaluation"),
+              "labels": inputs.get("labels"), "config": {**job.config, "device": settings.device},
+              "out_dir": str(out_dir), "resume_dir": str(resume_dir), "limits": settings.data_limits,
+              "torch_threads": settings.torch_threads}
     try:
-        config = CalibConfig.model_validate({**job.config, "device": settings.device})
-        model = {"model": jd / job.inputs["model"]} if job.arch == PROGRAM else \
-            {"arch": job.arch, "num_classes": job.num_classes, "weights": jd / job.inputs["model"]}
-        report = run_calibration(
-            **model,
-            calibration=jd / job.inputs["calibration"], config=config, out_dir=storage.out_dir(job.id),
-            evaluation=jd / job.inputs["evaluation"] if job.inputs.get("evaluation") else None,
-            labels=read_labels(jd / job.inputs["labels"]) if job.inputs.get("labels") else None,
-            on_progress=on_progress, resume_dir=storage.resume_dir(job.id), limits=Limits(**settings.data_limits),
-        )
+        result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(ProgressEvent(**d)),
+                           off=settings.sandbox == "off")
+        log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
     except Canceled:
         hb.beat()
         return (None, None, None) if hb.lost.is_set() else (State.CANCELED, "canceled", None)
-    except CalibrationError as e:
-        return State.FAILED, str(e).replace(str(jd) + "/", ""), None
-    except Exception as e:  # a bug or the machine (e.g. CUDA out of memory): fail the job, keep the worker
-        log.exception("job %s crashed", job.id)
-        return State.FAILED, f"internal error in the worker: {type(e).__name__}: {str(e)[:500]}", None
+    except ChildFailed as e:
+        cap = f"{settings.worker_memory_bytes / 2**30:.1f} GiB"
+        if e.kind == "memory":
+            return State.FAILED, (f"the calibration needed more host memory than the worker's cap of {cap} "
+                                  "(CLCALIB_WORKER_MEMORY_BYTES): use fewer calibration images (config.calib_size) "
+                                  "or a smaller input size, or ask the operator to raise the cap"), None
+        log.error("job %s: sandboxed calibration ended: %s: %s", job.id, e.kind, e.message)
+        if e.kind == "died":
+            return State.FAILED, (f"the calibration process died ({e.message}); with a memory cap of {cap} "
+                                  "(CLCALIB_WORKER_MEMORY_BYTES) this is most often memory"), None
+        return State.FAILED, f"internal error in the worker: {e.kind}: {e.message[:500]}", None
+    if "error" in result:
+        return State.FAILED, str(result["error"]).replace(str(jd) + "/", ""), None
+    report = result["report"]
     hb.beat()
     if hb.lost.is_set():
         return None, None, None

@@ -21,13 +21,13 @@ def calibrate(self, job_id: str) -> str:
 
 
 @worker_ready.connect
-def _import_torch_once(**_):
-    """The worker imports torch once, when it starts (solo pool: no fork after this)."""
+def _start_first_child(**_):
+    """The first job's sandboxed child starts now (it imports torch); this process never does."""
+    from jobs.sandbox import landlock_abi
+    from worker.runner import start_next
+
     s = get_settings()
-    import torch
+    start_next()
+    log.info("worker ready: device=%s sandbox=%s (landlock ABI %d), memory cap %.1f GiB", s.device, s.sandbox,
+             landlock_abi(), s.worker_memory_bytes / 2**30)
 
-    import clcalib.pipeline  # noqa: F401
-
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
-    log.info("worker ready: device=%s torch=%s threads=%d", s.device, torch.__version__, torch.get_num_threads())

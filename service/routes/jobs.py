@@ -169,6 +169,7 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
             raise ApiError(422, "bad_data", "a labels file maps the evaluation set's class folders; it needs an "
                            "evaluation set (field 'evaluation')", field="labels")
         checked = await app.state.validator.check_job(
+            tenant=tenant,
             model=str(up.files["model"]), arch=arch, num_classes=num_classes,
             calibration=str(up.files["calibration"]),
             evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,

@@ -1,0 +1,426 @@
+"""The sandbox every upload check and every calibration runs in: a fresh child process that
+confines itself, before it reads one uploaded byte, with kernel mechanisms that need no helper
+binary, no root and no container privileges (so they work the same under ``clcalib serve``, in
+CI and in a default Docker container):
+
+- **Landlock** (Linux >= 5.13; ABI 4+ for TCP, 6+ for scopes): the filesystem view is the
+  Python installation and system libraries (read-only), the job's own inputs (read-only) and
+  its output folders plus a private temporary folder (read-write). Nothing else: not the other
+  jobs, not the job database, not ``/etc`` or ``/proc`` of other processes. TCP bind/connect
+  are denied, abstract Unix sockets and signals are scoped to the sandbox, and ptrace of any
+  process outside it is refused.
+- **seccomp**: ``socket()`` and ``io_uring_setup()`` fail with EACCES, so no network of any
+  family (TCP, UDP, a Unix socket path such as PostgreSQL's); foreign syscall ABIs kill the
+  process.
+- **rlimits**: ``RLIMIT_DATA`` caps the heap and anonymous memory (the memory cap: an
+  allocation beyond it fails, the child reports it in one line naming the cap), no core files.
+- **privileges**: ``no_new_privs``; every capability dropped (effective, permitted,
+  inheritable, ambient and the bounding set); the uid/gid become ``sandbox_uid`` when the
+  Python installation is reachable for it (a root install under ``/root``, 0700, is not: the
+  child then stays uid 0 with no capability, and Landlock is what keeps it from root's files).
+- a scrubbed environment: no API keys, database or broker URLs reach the child.
+
+Why these and not bubblewrap/namespaces/cgroups: those need a setuid helper, user namespaces or
+CAP_SYS_ADMIN, which a default Docker container does not grant; Landlock and seccomp are
+unprivileged by design. What they do not cover: CPU time (the callers' timeouts), GPU memory (a
+CUDA job's device memory is the driver's), and a kernel exploit.
+
+The child speaks JSON lines on its stdout (its own prints go to stderr): nothing it sends is
+ever unpickled by the parent. ``python -m jobs.sandbox module:function`` starts one; it imports
+its module, says ``{"ready": true}``, reads one request ``{"jail": ..., "kwargs": ...}``,
+confines itself, runs ``function(**kwargs)`` (with ``emit`` to send events when the function
+takes it) and answers ``{"result": ...}`` or ``{"error": {"kind", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import inspect
+import json
+import os
+import platform
+import resource
+import site
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass, field
+
+MAX_LINE = 4 << 20
+START_TIMEOUT_S = 300.0  # a child's imports (torch) on a loaded machine  # one message from a child; a longer one is a protocol error
+SAFE_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+            "CUDA_DEVICE_ORDER", "PYTHONHASHSEED", "PYTHONUNBUFFERED")
+
+
+@dataclass
+class Jail:
+    """What one sandboxed run may touch, and its memory cap."""
+    read: list[str] = field(default_factory=list)  # the job's inputs (files or folders), read-only
+    write: list[str] = field(default_factory=list)  # its output folders, read-write
+    tmp: str = ""  # a private folder for HOME / TMPDIR / matplotlib's cache, read-write
+    memory_bytes: int = 0  # RLIMIT_DATA; 0: no cap
+    uid: int = 65534  # the unprivileged uid (and gid) a root parent's child becomes
+    gpu: bool = False  # allow the NVIDIA device files and driver information
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be set up: the run must not go on unconfined."""
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a sandboxed child starts with: only what running Python and torch needs."""
+    env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return {**env, **(extra or {})}
+
+
+def command(target: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.sandbox", target]
+
+
+# ---- the child side --------------------------------------------------------------------------
+
+def _system_paths(jail: Jail) -> list[str]:
+    """Read-only paths a Python process with torch needs after start-up (lazy imports, shared
+    libraries, fonts, CPU topology)."""
+    import importlib.util
+
+    here = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # this checkout or site-packages
+    pkgs = [loc for p in ("clcalib", "jobs", "service", "worker")
+            for loc in (getattr(importlib.util.find_spec(p), "submodule_search_locations", None) or [])]
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), sysconfig.get_paths()["stdlib"],
+             *[p for p in sys.path if p and os.path.isdir(p) and p not in here], *pkgs,
+             "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/fonts", "/usr/share/zoneinfo",
+             "/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random",
+             "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", f"/proc/{os.getpid()}", "/sys/devices/system/cpu",
+             "/sys/devices/system/node", "/sys/fs/cgroup"}
+    if jail.gpu:
+        paths |= {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/proc/driver/nvidia",
+                  "/sys/bus/pci", "/sys/devices", "/usr/local/cuda"}
+        paths |= {f"/dev/{d}" for d in os.listdir("/dev") if d.startswith("nvidia")}
+    return sorted(p for p in paths if os.path.exists(p))
+
+
+# Landlock (include/uapi/linux/landlock.h)
+_SYS_CREATE, _SYS_ADD, _SYS_RESTRICT = 444, 445, 446  # the same on x86_64 and aarch64
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1, 2, 4, 8
+_FS_ALL_V1 = (1 << 13) - 1
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1, 2
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1, 2
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PARENT = os.getppid()  # the process that started this child (a worker may be pid 1 in a container)
+
+
+def _sys(*args) -> int:
+    r = _libc.syscall(*[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    if r < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return r
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when it has none (or it is disabled)."""
+    try:
+        return _sys(_SYS_CREATE, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    except OSError:
+        return 0
+
+
+def _landlock(read: list[str], write: list[str]) -> int:
+    abi = landlock_abi()
+    if abi < 1:
+        raise SandboxError("this kernel has no Landlock (Linux >= 5.13 with landlock in the LSM list): the "
+                           "upload checks and calibration cannot be confined. Run on a kernel with Landlock, or "
+                           "set CLCALIB_SANDBOX=off only where every uploaded model is trusted")
+    fs = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | \
+        (_FS_IOCTL_DEV if abi >= 5 else 0)
+    attr = _RulesetAttr(fs, _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0,
+                        _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    ruleset = _sys(_SYS_CREATE, ctypes.byref(attr), size, 0)
+    reading = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+    for paths, rights in ((read, reading), (write, fs)):
+        for p in paths:
+            fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
+            try:
+                allowed = rights if os.path.isdir(p) else rights & _FILE_RIGHTS
+                rule = _PathBeneath(allowed & fs, fd)
+                _sys(_SYS_ADD, ruleset, 1, ctypes.byref(rule), 0)  # LANDLOCK_RULE_PATH_BENEATH
+            finally:
+                os.close(fd)
+    return ruleset
+
+
+# seccomp: a classic BPF filter (include/uapi/linux/filter.h, seccomp.h)
+_ARCH = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}  # audit arch, socket, io_uring_setup
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _seccomp() -> None:
+    machine = platform.machine()
+    if machine not in _ARCH:
+        raise SandboxError(f"no seccomp filter for {machine}; supported: {', '.join(_ARCH)}")
+    audit, nr_socket, nr_uring = _ARCH[machine]
+    ld_w_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    kill, allow, eacces = 0x80000000, 0x7FFF0000, 0x00050000 | 13
+    prog = [
+        (ld_w_abs, 0, 0, 4), (jeq, 1, 0, audit), (ret, 0, 0, kill),  # another syscall ABI: kill
+        (ld_w_abs, 0, 0, 0),
+        (jge, 3, 0, 0x40000000),  # x32 syscalls: refused
+        (jeq, 2, 0, nr_socket), (jeq, 1, 0, nr_uring),
+        (ret, 0, 0, allow), (ret, 0, 0, eacces),
+    ]
+    filt = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), filt)
+    if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise SandboxError(f"seccomp filter refused: {os.strerror(ctypes.get_errno())}")
+
+
+def _readable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid`` can reach and read ``path`` (every folder on the way searchable)."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        p = os.sep.join(parts[:i]) or os.sep
+        st = os.stat(p)
+        bit = 1 if os.path.isdir(p) else 4
+        who = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        if not (st.st_mode >> who) & bit:
+            return False
+    return True
+
+
+def _drop_privileges(jail: Jail) -> str:
+    """Capabilities gone; the unprivileged uid where the interpreter is reachable for it."""
+    how = f"uid {os.getuid()}"
+    if os.getuid() == 0 and _readable_by(sys.executable, jail.uid, jail.uid) and \
+            _readable_by(os.path.dirname(inspect.__file__), jail.uid, jail.uid):
+        for p in jail.write + [jail.tmp]:
+            for root, dirs, files in os.walk(p):
+                for n in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
+                    os.chown(n, jail.uid, jail.uid)
+        os.setgroups([])
+        os.setresgid(jail.uid, jail.uid, jail.uid)
+        os.setresuid(jail.uid, jail.uid, jail.uid)
+        how = f"uid {jail.uid}"
+    for cap in range(64):  # the bounding set: nothing regained by an exec
+        if _libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:  # PR_CAPBSET_DROP; EINVAL: no more caps
+            break
+    _libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()
+    if _libc.capset(header, data) != 0:
+        raise SandboxError(f"could not drop capabilities: {os.strerror(ctypes.get_errno())}")
+    return how + ", no capabilities"
+
+
+def enter(jail: Jail) -> str:
+    """Confine this process (irreversibly). Returns a one-line description of what holds."""
+    os.makedirs(jail.tmp, exist_ok=True)
+    for k in ("HOME", "TMPDIR", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
+        os.environ[k] = jail.tmp
+    import tempfile
+
+    tempfile.tempdir = jail.tmp
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if jail.memory_bytes:
+        resource.setrlimit(resource.RLIMIT_DATA, (jail.memory_bytes, jail.memory_bytes))
+    read = _system_paths(jail) + [p for p in jail.read if os.path.exists(p)]
+    write = [p for p in [*jail.write, jail.tmp] if os.path.exists(p)]
+    ruleset = _landlock(read, write)
+    if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise SandboxError("could not set no_new_privs")
+    who = _drop_privileges(jail)
+    _sys(_SYS_RESTRICT, ruleset, 0)
+    os.close(ruleset)
+    _die_with_parent()  # again: a change of uid clears it
+    _seccomp()
+    return f"landlock ABI {landlock_abi()}, seccomp (no sockets), {who}, memory cap " + \
+        (f"{jail.memory_bytes / 2**30:.1f} GiB" if jail.memory_bytes else "none")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "not enough memory" in text \
+        or "Cannot allocate memory" in text
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the worker or API process that started this child dies, however it dies."""
+    import signal
+
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != _PARENT:  # it died before the line above
+        os._exit(1)
+
+
+def main(target: str) -> None:
+    _die_with_parent()
+    chan = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the function's own prints go to stderr, never into the protocol
+
+    def send(obj) -> None:
+        chan.write(json.dumps(obj, default=str) + "\n")
+
+    module, name = target.split(":")
+    mod = importlib.import_module(module)
+    if hasattr(mod, "warm_sandbox_child"):
+        mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
+    fn = getattr(mod, name)
+    send({"ready": True})
+    request = json.loads(sys.stdin.readline(MAX_LINE) or "null")
+    if not request:
+        return
+    jail = Jail(**request["jail"])
+    off = request.get("off", False)
+    try:
+        how = "off (CLCALIB_SANDBOX=off)" if off else enter(jail)
+    except (SandboxError, OSError) as e:
+        send({"error": {"kind": "sandbox", "message": f"the sandbox could not be set up: {e}"}})
+        return
+    send({"sandbox": how})
+    kwargs = request["kwargs"]
+    if "emit" in inspect.signature(fn).parameters:
+        kwargs["emit"] = lambda ev: send({"event": ev})
+    try:
+        result = fn(**kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+        kind = "memory" if is_out_of_memory(e) else "exception"
+        send({"error": {"kind": kind, "type": type(e).__name__, "message": str(e)[:2000]}})
+        return
+    send({"result": result, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+
+
+# ---- the parent side -------------------------------------------------------------------------
+
+class ChildFailed(RuntimeError):
+    """A sandboxed run ended without a result: ``kind`` is "sandbox", "memory", "exception",
+    "timeout", "died" or "protocol"; ``message`` says what happened, for a person."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+class Child:
+    """One sandboxed child process: started (and its imports done) ahead of its one run."""
+
+    def __init__(self, target: str, env: dict[str, str] | None = None):
+        import subprocess
+        import tempfile
+
+        self.cwd = tempfile.mkdtemp(prefix="clcalib-sandbox-")
+        self.proc = subprocess.Popen(command(target), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=child_env(env), cwd=self.cwd, close_fds=True)
+        self._buf = b""
+        self.ready = False
+        self.how = ""
+        self.peak_rss_bytes = 0
+
+    def _line(self, deadline: float | None) -> dict:
+        import select
+        import time
+
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChildFailed("timeout", "timed out")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                code = self.proc.wait()
+                raise ChildFailed("died", f"the process ended without an answer ({_exit_text(code)})")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
+                raise ChildFailed("protocol", "the process sent a message over the size limit")
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise ChildFailed("protocol", "the process sent something that is not a message") from None
+        if not isinstance(msg, dict):
+            raise ChildFailed("protocol", "the process sent something that is not a message")
+        return msg
+
+    def wait_ready(self, timeout: float) -> None:
+        import time
+
+        if not self.ready:
+            if self._line(time.monotonic() + timeout).get("ready") is not True:
+                raise ChildFailed("protocol", "the process did not start")
+            self.ready = True
+
+    def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False):
+        """The function's result; raises ChildFailed. The child is gone afterwards."""
+        import time
+
+        try:
+            self.wait_ready(START_TIMEOUT_S)  # its imports are not the function's time
+            deadline = time.monotonic() + timeout
+            self.proc.stdin.write((json.dumps({"jail": asdict(jail), "kwargs": kwargs, "off": off}) + "\n").encode())
+            self.proc.stdin.flush()
+            while True:
+                msg = self._line(deadline)
+                if "event" in msg:
+                    if on_event is not None:
+                        on_event(msg["event"])
+                elif "sandbox" in msg:
+                    self.how = str(msg["sandbox"])[:300]
+                elif "error" in msg:
+                    err = msg["error"] if isinstance(msg["error"], dict) else {}
+                    raise ChildFailed(str(err.get("kind", "exception")), str(err.get("message", ""))[:2000])
+                elif "result" in msg:
+                    self.peak_rss_bytes = int(msg.get("peak_rss_bytes") or 0)
+                    return msg["result"]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+def _exit_text(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,81 @@
+"""Payloads run inside the sandbox by tests/test_sandbox.py: each tries something an attacker's
+code would, and returns what happened instead of raising."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _try(fn) -> str:
+    try:
+        fn()
+        return "allowed"
+    except OSError as e:
+        return f"refused: {e.strerror or e}"
+
+
+def escape(*, secret_files: list[str], other_dir: str, own_input: str, out_dir: str) -> dict:
+    """Reads outside the jail, network of every kind, and what the jail does allow."""
+    def read(p):
+        with open(p, "rb") as f:
+            f.read(1)
+
+    def write_own():
+        with open(os.path.join(out_dir, "ok.txt"), "w") as f:
+            f.write("ok")
+
+    def list_other():
+        os.listdir(other_dir)
+
+    def tcp():
+        socket.create_connection(("127.0.0.1", 6379), timeout=2)
+
+    def udp():
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 53))
+
+    def unix():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect("/var/run/postgresql/.s.PGSQL.5432")
+
+    def write_other():
+        with open(os.path.join(other_dir, "planted"), "w") as f:
+            f.write("x")
+
+    out = {f"read {p}": _try(lambda p=p: read(p)) for p in secret_files}
+    out.update({"list other job": _try(list_other), "write other job": _try(write_other), "tcp": _try(tcp),
+                "udp": _try(udp), "unix socket": _try(unix), "read own input": _try(lambda: read(own_input)),
+                "write own output": _try(write_own), "uid": os.getuid(), "import torch": _try(_import_torch),
+                "capabilities": _capabilities(), "env": sorted(k for k in os.environ if "KEY" in k or "URL" in k)})
+    return out
+
+
+def _capabilities() -> str:
+    with open("/proc/self/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("CapEff"))
+
+
+def noisy() -> str:
+    """Writes to stdout (the protocol's pipe, were it not redirected) and returns."""
+    print('{"result": "forged"}')
+    print("garbage that is not JSON")
+    return "real"
+
+
+def _import_torch():
+    import torch
+
+    torch.ones(2) + 1
+
+
+def allocate(*, gib: float) -> int:
+    """Touch ``gib`` GiB of memory."""
+    import torch
+
+    return int(torch.ones(int(gib * 2**30 / 4)).sum())
+
+
+def events(*, n: int, emit) -> str:
+    for i in range(n):
+        emit({"i": i})
+    return "done"

@@ -1,0 +1,77 @@
+"""The sandbox itself (issue 24): a Python payload run inside it, as a hostile upload's code
+would run, cannot read /etc/passwd, another job's folder or the job database, cannot write
+outside its output folder, opens no socket of any kind, holds no capability and gets none of
+the service's secrets; an allocation past the memory cap fails in one line naming it, and the
+next child runs normally."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from jobs.sandbox import Child, ChildFailed, Jail, landlock_abi
+
+HERE = Path(__file__).parent
+ENV = {"PYTHONPATH": str(HERE)}  # the payload module; the child gets no other variable of ours
+
+pytestmark = pytest.mark.skipif(landlock_abi() < 4, reason="this kernel has no Landlock ABI >= 4")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A service's data folder: the job database and two jobs' folders."""
+    d = tmp_path / "data"
+    (d / "jobs" / "mine" / "inputs").mkdir(parents=True)
+    (d / "jobs" / "mine" / "out").mkdir()
+    (d / "jobs" / "other" / "out").mkdir(parents=True)
+    (d / "jobs" / "mine" / "inputs" / "model.safetensors").write_bytes(b"weights")
+    (d / "jobs" / "other" / "out" / "quantized.safetensors").write_bytes(b"another tenant's model")
+    db = sqlite3.connect(d / "jobs.db")
+    db.execute("create table t (x)")
+    db.commit()
+    db.close()
+    return d
+
+
+def test_a_payload_inside_reads_writes_and_connects_nothing_outside_its_job(data_dir, monkeypatch):
+    monkeypatch.setenv("CLCALIB_API_KEYS", "secret-key:acme")  # the service's secrets: not passed on
+    monkeypatch.setenv("CLCALIB_DATABASE_URL", "postgresql://u:pw@127.0.0.1/test")
+    mine, other = data_dir / "jobs" / "mine", data_dir / "jobs" / "other"
+    child = Child("sandbox_payloads:escape", ENV)
+    r = child.run(Jail(read=[str(mine / "inputs")], write=[str(mine / "out")], tmp=str(mine / "tmp")),
+                  {"secret_files": ["/etc/passwd", str(data_dir / "jobs.db"), str(other / "out" / "quantized.safetensors"),
+                                    "/proc/1/environ", str(HERE.parent / "pyproject.toml")],
+                   "other_dir": str(other / "out"), "own_input": str(mine / "inputs" / "model.safetensors"),
+                   "out_dir": str(mine / "out")}, timeout=120)
+    refused = {k: v for k, v in r.items() if isinstance(v, str) and v.startswith("refused")}
+    for what in ["read /etc/passwd", f"read {data_dir / 'jobs.db'}", f"read {other / 'out' / 'quantized.safetensors'}",
+                 "read /proc/1/environ", f"read {HERE.parent / 'pyproject.toml'}", "list other job", "write other job",
+                 "tcp", "udp", "unix socket"]:
+        assert what in refused, (what, r)
+    assert r["read own input"] == "allowed" and r["write own output"] == "allowed", r
+    assert r["import torch"] == "allowed", r  # the library still loads inside
+    assert r["capabilities"] == "0000000000000000", r
+    assert r["env"] == [], r
+    assert os.getuid() != 0 or r["uid"] in (0, 65534), r
+    assert not (other / "out" / "planted").exists()
+    assert (other / "out" / "quantized.safetensors").read_bytes() == b"another tenant's model"
+    assert "landlock ABI" in child.how and "seccomp" in child.how, child.how
+
+
+def test_memory_past_the_cap_fails_in_one_line_and_the_next_child_runs(tmp_path):
+    big = Child("sandbox_payloads:allocate", ENV)
+    with pytest.raises(ChildFailed) as e:
+        big.run(Jail(tmp=str(tmp_path / "a"), memory_bytes=1536 << 20), {"gib": 2.0}, timeout=120)
+    assert e.value.kind == "memory" and "can't allocate memory" in e.value.message, e.value
+    small = Child("sandbox_payloads:allocate", ENV)
+    assert small.run(Jail(tmp=str(tmp_path / "b"), memory_bytes=1536 << 20), {"gib": 0.25}, timeout=120) > 0
+
+
+def test_the_childs_own_output_cannot_forge_a_result(tmp_path):
+    events = []
+    assert Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "e")), {"n": 3}, 60, events.append) == "done"
+    assert events == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert Child("sandbox_payloads:noisy", ENV).run(Jail(tmp=str(tmp_path / "n")), {}, 60) == "real"

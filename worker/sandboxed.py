@@ -1,0 +1,34 @@
+"""What runs inside a calibration's sandboxed child (``jobs.sandbox``): the library's pipeline on
+the job's inputs, its progress events sent to the worker as JSON. The worker process keeps the
+job store, the heartbeat and the cancel; this child sees only the job's inputs and outputs."""
+
+from __future__ import annotations
+
+import json
+
+
+def warm_sandbox_child() -> None:
+    """Before the child is confined: torch and the pipeline imported once."""
+    import clcalib.pipeline  # noqa: F401
+
+
+def calibrate(*, model: dict, calibration: str, evaluation: str | None, labels: str | None, config: dict,
+              out_dir: str, resume_dir: str, limits: dict, torch_threads: int | None, emit) -> dict:
+    """``{"report": ...}``, or ``{"error": message}`` for an error the user's inputs caused."""
+    import torch
+
+    from clcalib.config import CalibConfig
+    from clcalib.data import Limits, read_labels
+    from clcalib.errors import CalibrationError
+    from clcalib.pipeline import run_calibration
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        report = run_calibration(
+            **model, calibration=calibration, config=CalibConfig.model_validate(config), out_dir=out_dir,
+            evaluation=evaluation, labels=read_labels(labels) if labels else None,
+            on_progress=lambda ev: emit(ev.to_dict()), resume_dir=resume_dir, limits=Limits(**limits))
+    except CalibrationError as e:
+        return {"error": str(e)}
+    return {"report": json.loads(json.dumps(report, default=str))}
