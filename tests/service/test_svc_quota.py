@@ -101,6 +101,40 @@ def test_concurrent_submits_hold_the_active_job_limit(tmp_path):
         st.close()
 
 
+def test_two_api_processes_on_postgres_hold_the_limit(tmp_path, postgres_url):
+    """The same over HTTP with two API processes sharing a PostgreSQL store: each process's
+    reservations see only its own submits in flight, so up to 3 + 3 are checked, and the store's
+    insert lets exactly 3 in; the others are 429 too_many_jobs as well."""
+    from jobs.store import Base, Store
+
+    stacks = [Stack(tmp_path / f"api{i}", CLCALIB_MAX_ACTIVE_JOBS=3, CLCALIB_DATABASE_URL=postgres_url)
+              for i in range(2)]
+    files, data = _small_job("key-a")
+    try:
+        for st in stacks:
+            st.start_api()
+        barrier = threading.Barrier(N_CONCURRENT)
+
+        def one(i):
+            with stacks[i % 2].client("key-a", timeout=120) as c:
+                barrier.wait()
+                return c.post("/v1/jobs", files=files, data=data)
+
+        with ThreadPoolExecutor(N_CONCURRENT) as pool:
+            replies = list(pool.map(one, range(N_CONCURRENT)))
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(202) == 3 and statuses.count(429) == N_CONCURRENT - 3, statuses
+        assert all(r.json()["code"] == "too_many_jobs" for r in replies if r.status_code == 429)
+        with stacks[0].client("key-a") as c:
+            assert len(c.get("/v1/jobs").json()["jobs"]) == 3
+    finally:
+        for st in stacks:
+            st.close()
+        s = Store(postgres_url)
+        Base.metadata.drop_all(s.engine)
+        s.close()
+
+
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_the_store_holds_the_limit_across_api_processes(db, tmp_path, request):
     """The insert itself holds the limit: two Store objects (as two API processes: their own
