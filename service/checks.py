@@ -39,7 +39,8 @@ def _fail(field: str, code: str, message: str) -> dict:
 
 
 def check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
-              config: dict, limits: dict, sample: int, labels: str | None = None) -> dict:
+              config: dict, limits: dict, sample: int, labels: str | None = None,
+              worker_memory_bytes: int = 0) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
     torch.export program, converted here as calibration will convert it (so an unsupported
     graph is a 422 now, not a failed job later). Returns ok, counts and num_classes."""
@@ -113,9 +114,11 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
 
     # 3. the model runs on it
+    from clcalib.memory_estimate import activation_bytes, estimate_peak
+
     try:
         with torch.no_grad():
-            y = net(x[:2].float())
+            y, largest, activations = activation_bytes(net, x[:2].float())
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         return _fail("calibration", "model_cannot_run",
@@ -124,6 +127,17 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
     if tuple(y.shape) != (min(2, len(x)), num_classes):
         return _fail("model", "model_mismatch",
                      f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
+    peak = estimate_peak(weight_bytes=sum(p.numel() * 4 for p in net.parameters()), image_bytes=x[0].numel() * 4,
+                         images=min(count, cfg.calib_size), batch_size=cfg.batch_size,
+                         largest_activation=largest, activations=activations)
+    if worker_memory_bytes and peak["total"] > worker_memory_bytes:
+        gib = {k: f"{v / 2**30:.1f}" for k, v in peak.items()}
+        return _fail("calibration", "too_much_memory",
+                     f"this job would need about {gib['total']} GiB in the worker (calibration set {gib['calibration set']}, "
+                     f"cached activations {gib['unit caches']}, one batch {gib['batch']}, model and libraries "
+                     f"{gib['base']} GiB) for images of {tuple(x.shape[1:])}; the worker's memory cap is "
+                     f"{worker_memory_bytes / 2**30:.1f} GiB (CLCALIB_WORKER_MEMORY_BYTES). Use a smaller "
+                     "config.preprocess.resize/crop, fewer images (config.calib_size) or config.batch_size")
     if program is not None:  # the graph converts (units, supported ops) before a worker spends time
         from clcalib.config import Partition
         from clcalib.graph.partition import QuantModel, QuantSpec
@@ -160,7 +174,8 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
             n_eval = len(names)
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
-    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes}
+    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
+            "estimated_peak_bytes": peak["total"]}
 
 
 def _header(src, name: str, max_pixels: int, DataError) -> None:

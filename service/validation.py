@@ -120,7 +120,8 @@ class Validator:
         async with self._tenant_slots(tenant), self._slots:
             child = self._take()
             res = await self._run(child, self._jail(child, sorted(inputs)),
-                                  {**kwargs, "limits": s.data_limits, "sample": s.validate_sample},
+                                  {**kwargs, "limits": s.data_limits, "sample": s.validate_sample,
+                                   "worker_memory_bytes": s.worker_memory_bytes},
                                   s.validate_timeout_s)
         if not isinstance(res, dict) or not res.get("ok"):
             res = res if isinstance(res, dict) else {}

@@ -93,3 +93,25 @@ def test_the_set_budget_is_checked_at_upload_and_reaches_the_worker(tmp_path, fm
         assert job["state"] == "failed" and "more than the 1 MiB allowed" in job["error"], job
     finally:
         st.close()
+
+
+def test_a_job_that_cannot_fit_the_workers_cap_is_refused_at_upload_with_the_figure(tmp_path, reference_model):
+    """Four 28x28 PNGs resized to 1024 px: a few KiB uploaded, GiBs of activations in the worker.
+    The upload check estimates the worker's peak (clcalib/memory_estimate.py) and refuses it."""
+    tiny = _tiny_pngs(tmp_path / "four.zip", n=4)
+    upscaled = {**TINY, "preprocess": {**TINY["preprocess"], "resize": 1024, "crop": None}}
+    st = Stack(tmp_path / "stack", CLCALIB_WORKER_MEMORY_BYTES=2 << 30)
+    try:
+        st.start_api()
+        r = st.submit(reference_model, tiny, upscaled)
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["code"] == "too_much_memory" and body["field"] == "calibration", body
+        assert "the worker's memory cap is 2.0 GiB (CLCALIB_WORKER_MEMORY_BYTES)" in body["detail"], body
+        assert "GiB in the worker" in body["detail"] and "(3, 1024, 1024)" in body["detail"], body
+        r = st.submit(reference_model, tiny, TINY)  # the same images at their size fit
+        assert r.status_code == 202, r.text
+        peaks = {pid: peak_rss(pid) for pid in children(st.api.pid)}
+        assert max(peaks.values()) < 2048 * MiB, {p: v // MiB for p, v in peaks.items()}
+    finally:
+        st.close()
