@@ -17,7 +17,7 @@ from jobs.store import Store
 
 N_JOBS = 20
 FILLER = {**FAST, "method": "minmax", "calib_size": 16}  # the other 19: no reconstruction, ~3 s each
-LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "40"))  # the job to be killed: slow units
+LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "200"))  # the job to be killed: slow units (a sandboxed child runs 40 in ~1 s a unit: too quick to catch)
 
 
 def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url, stack_factory, fmnist_zips):
