@@ -63,3 +63,31 @@ def test_a_check_timeout_costs_only_the_upload_that_caused_it(tmp_path, fmnist_z
         assert all(peak_rss(p) < 1 << 30 for p in children(st.api.pid))
     finally:
         st.close()
+
+
+def test_one_tenants_slow_uploads_cannot_hold_every_check(tmp_path, fmnist_zips, reference_model):
+    """Tenant a sends two slow archives at once: with CLCALIB_VALIDATE_SLOTS_PER_TENANT=1 the
+    second waits for the first, so one of the two check slots stays free for tenant b, whose
+    valid submit is accepted while a's checks still run (before issue 24: 106 s instead of 0.6)."""
+    slow = tmp_path / "slow.tar.gz"
+    _slow_tar(slow)
+    st = Stack(tmp_path / "stack", CLCALIB_VALIDATE_TIMEOUT_S=8, CLCALIB_VALIDATE_SAMPLE=512,
+               CLCALIB_VALIDATE_WORKERS=2, CLCALIB_VALIDATE_SLOTS_PER_TENANT=1)
+    try:
+        st.start_api()
+        out: dict = {}
+        slows = [threading.Thread(target=_submit, args=(st, "key-a", reference_model, slow, out, f"slow{i}"))
+                 for i in range(2)]
+        for t in slows:
+            t.start()
+        time.sleep(1.5)
+        _submit(st, "key-b", reference_model, fmnist_zips["calib"], out, "valid")
+        for t in slows:
+            t.join(120)
+        valid_r, valid_s = out["valid"]
+        assert valid_r.status_code == 202, valid_r.text
+        assert all(out[f"slow{i}"][0].json()["code"] == "check_timeout" for i in range(2)), out
+        # b did not wait behind a's checks: accepted before a's second check (queued behind its first) ended
+        assert valid_s < max(out[f"slow{i}"][1] for i in range(2)) - 4, (valid_s, out)
+    finally:
+        st.close()
