@@ -13,10 +13,11 @@ rate limit on sign-in. Installed by ``create_app`` with ``add_security(app)``.
 - A POST/PUT/PATCH/DELETE without ``Authorization: Bearer`` (a browser's: cookie-authenticated,
   or anything in keyless mode) must come from this origin: an ``Origin`` (else ``Referer``) of
   another origin, ``Origin: null``, or ``Sec-Fetch-Site: cross-site/same-site`` is 403
-  ``cross_origin``. A browser request must also carry the CSRF token of its session (header
-  ``X-CSRF-Token``, or the form field ``csrf_token`` on /login and /logout, which check it
-  themselves): 403 ``csrf_failed`` otherwise. A request with none of Origin, Referer,
-  Sec-Fetch-Site or the page's cookies is a program (the CLI, curl) and needs neither.
+  ``cross_origin``. A signed-in browser's request must also carry its session's CSRF token
+  (header ``X-CSRF-Token``, or the form field ``csrf_token`` on /login and /logout, which check
+  it themselves), and so must a keyless browser's that sent no Origin: 403 ``csrf_failed``
+  otherwise. A request with none of Origin, Referer, Sec-Fetch-Site or the page's cookies is a
+  program (the CLI, curl) and needs neither.
 - Sessions: sign-in stores a random id (``secrets.token_urlsafe``) in the cookie, mapped to the
   tenant in this process's memory (``Sessions``), with an expiry; sign-out drops it.
 - Sign-in is rate limited per client address (``LoginLimiter``: ``LOGIN_MAX_FAILURES`` failed
@@ -141,14 +142,16 @@ def set_csrf_cookie(request: Request, response, token: str) -> None:
 
 
 def _expected_csrf(request: Request) -> str | None:
-    """The token a browser request must carry, or None when it is not a browser's (a program's,
-    or cookie-less in keyed mode: get_tenant answers 401)."""
+    """The token a request must carry, or None when none is asked. Signed in (the cookie is the
+    credential): always the session's. Keyless: a browser's request that sent no Origin (an
+    Origin, already checked, proves the page is ours); a program's (no Origin, Referer,
+    Sec-Fetch-Site or cookie: the CLI) needs none. Keyed without a session: get_tenant answers 401."""
     h = request.headers
     if request.app.state.settings.api_keys:
         s = session_of(request)
         return s.csrf if s is not None else None
-    if (request.cookies.get(CSRF_COOKIE) or h.get("origin") is not None or h.get("referer") is not None
-            or h.get("sec-fetch-site") is not None):
+    if h.get("origin") is None and (request.cookies.get(CSRF_COOKIE) or h.get("referer") is not None
+                                    or h.get("sec-fetch-site") is not None):
         return request.cookies.get(CSRF_COOKIE) or ""
     return None
 
