@@ -31,6 +31,7 @@ import hmac
 import ipaddress
 import math
 import secrets
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -82,36 +83,40 @@ class Sessions:
     def __init__(self, ttl_s: float = SESSION_TTL_S, per_tenant: int = SESSIONS_PER_TENANT, clock=time.time):
         self.ttl_s, self.per_tenant, self.clock = ttl_s, per_tenant, clock
         self._d: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()  # get_tenant is a sync dependency: it runs in the threadpool
 
     @staticmethod
     def _key(sid: str) -> str:
         return hashlib.sha256(sid.encode("utf-8", "replace")).hexdigest()
 
     def create(self, tenant: str) -> tuple[str, Session]:
-        now = self.clock()
-        for k in [k for k, s in self._d.items() if s.expires <= now]:
-            del self._d[k]
-        mine = [k for k, s in self._d.items() if s.tenant == tenant]
-        for k in mine[: max(0, len(mine) - self.per_tenant + 1)]:  # oldest first (insertion order)
-            del self._d[k]
         sid = secrets.token_urlsafe(32)
-        s = Session(tenant=tenant, expires=now + self.ttl_s, csrf=secrets.token_urlsafe(32))
-        self._d[self._key(sid)] = s
+        with self._lock:
+            now = self.clock()
+            for k in [k for k, s in self._d.items() if s.expires <= now]:
+                del self._d[k]
+            mine = [k for k, s in self._d.items() if s.tenant == tenant]
+            for k in mine[: max(0, len(mine) - self.per_tenant + 1)]:  # oldest first (insertion order)
+                del self._d[k]
+            s = Session(tenant=tenant, expires=now + self.ttl_s, csrf=secrets.token_urlsafe(32))
+            self._d[self._key(sid)] = s
         return sid, s
 
     def get(self, sid: str | None) -> Session | None:
         if not sid or len(sid) > 200:
             return None
         k = self._key(sid)
-        s = self._d.get(k)
-        if s is not None and s.expires <= self.clock():
-            del self._d[k]
-            return None
+        with self._lock:
+            s = self._d.get(k)
+            if s is not None and s.expires <= self.clock():
+                del self._d[k]
+                return None
         return s
 
     def drop(self, sid: str | None) -> None:
         if sid:
-            self._d.pop(self._key(sid), None)
+            with self._lock:
+                self._d.pop(self._key(sid), None)
 
     def __len__(self) -> int:
         return len(self._d)
