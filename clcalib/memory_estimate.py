@@ -30,18 +30,16 @@ def activation_bytes(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int
     """(output, largest activation of one image, sum of one image's activations), in bytes,
     from one forward pass on ``x``."""
     sizes: list[int] = []
-    if isinstance(net, fx.GraphModule):
-        class Recorder(fx.Interpreter):
+    if isinstance(net, fx.GraphModule):  # a program: every call checked (op_allowlist.CALL_CHECKS)
+        from clcalib.graph.op_allowlist import checked_interpreter
+
+        class Recorder(checked_interpreter()):
             def run_node(self, n):
                 out = super().run_node(n)
                 if n.op == "call_function" and isinstance(out, torch.Tensor):
                     sizes.append(out.nbytes)
                 return out
-        try:
-            y = Recorder(net).run(x)
-        except Exception:  # an unlifted program's calling convention: the plain call, no figures
-            sizes.clear()
-            y = net(x)
+        y = Recorder(net).run(x)
     else:
         def hook(_m, _i, out):
             if isinstance(out, torch.Tensor):

@@ -161,8 +161,12 @@ def test_code_in_size_expressions_and_guards_is_refused(good, tmp_path):
     with pytest.raises(BadProgram, match="Python guard code"):
         program_from_bytes(_edit_json(good, "models/model.json", guard))
     assert not marker.exists()
-    for expr in ["Pow(Integer(9), Integer(999999999))", "9**9**9", "Symbol('s1').__class__", "open('x')"]:
-        assert not op_allowlist.SYM_EXPR.fullmatch(expr) or "**" in expr, expr
+    for expr in ["Pow(Integer(9), Integer(999999999))", "9**9**9", "Symbol('s1').__class__", "open('x')",
+                 "((1<<4194304)-1)*7", "9" * 26 + "x"]:
+        assert not op_allowlist.plain_size_expression(expr), expr
+    for expr in ["Symbol('s77', positive=True, integer=True)", "Mul(Integer(4), Symbol('s7', integer=True))",
+                 "Min(Integer(64), Mul(Integer(64), s77))", "2*s0 + 1 <= s1"]:
+        assert op_allowlist.plain_size_expression(expr), expr
 
 
 def test_bad_tensor_payloads_are_refused(good):
@@ -194,3 +198,31 @@ def test_no_op_that_takes_a_file_name_or_path_is_allowed():
     assert "torch.ops.aten.from_file.default" in ops  # the walk finds the op of the attack
     allowed = [t for t in ops if op_allowlist.target_allowed(t)]
     assert not allowed, allowed
+
+
+class KeyValue(nn.Module):
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1)  # N, 1, HW, C
+        return torch.nn.functional.scaled_dot_product_attention(t, t[:, :, :2], t[:, :, :2]).mean((1, 2))
+
+
+def test_attention_whose_keys_and_values_disagree_is_refused_before_its_kernel_runs():
+    """The values' slice widened to 4 rows in the JSON: the attention kernel takes the length from
+    the values and would read key rows past the end of the keys (no shape check of torch's sees it)."""
+    from clcalib.errors import UnsupportedModel
+    from clcalib.graph.op_allowlist import UnsafeCall
+    from clcalib.graph.program import as_program
+    from clcalib.memory_estimate import activation_bytes
+
+    x = torch.randn(2, 4, 2, 2)
+    good = program_to_bytes(torch.export.export(KeyValue(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)))
+
+    def widen_values(p):
+        slices = [n for n in _nodes(p) if n["target"] == "torch.ops.aten.slice.Tensor"]
+        end = next(i for i in slices[-1]["inputs"] if i["name"] == "end")
+        end["arg"] = {"as_int": 4}
+    ep = program_from_bytes(_edit_json(good, "models/model.json", widen_values))
+    with pytest.raises(UnsafeCall, match="attention with query .* do not match.*would read outside"):
+        activation_bytes(ep.module(), x)  # the upload check's forward pass
+    with pytest.raises(UnsupportedModel):  # and calibration's conversion refuses it (here torch's decomposition)
+        as_program(ep, x)

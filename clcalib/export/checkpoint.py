@@ -154,7 +154,7 @@ def _stored_program(path, header: dict):
     if len(raw) != size:
         raise ExportError(f"{path}: the stored graph is {len(raw)} bytes, the header says {size}; the file is damaged")
     try:
-        return program_from_bytes(raw, "the stored graph")
+        return program_from_bytes(raw, "the stored graph", decomposed=True)
     except BadProgram as e:
         raise ExportError(f"{path}: {e}") from None
 

@@ -32,8 +32,9 @@ def read_program(path: str | Path) -> torch.export.ExportedProgram:
     return program_from_bytes(path.read_bytes(), path.name)
 
 
-def program_from_bytes(data: bytes, name: str = "model.pt2") -> torch.export.ExportedProgram:
-    parts = read_archive(data, name)
+def program_from_bytes(data: bytes, name: str = "model.pt2", decomposed: bool = False) -> torch.export.ExportedProgram:
+    """``decomposed``: a graph clcalib stored in a checkpoint (see ``op_allowlist.DECOMPOSED``)."""
+    parts = read_archive(data, name, decomposed)
     quiet = logging.getLogger("torch._export.serde.serialize")  # warns of unused size symbols
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -106,11 +107,24 @@ def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
     except Exception as e:
         raise UnsupportedModel(f"the program could not be made functional ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    from clcalib.graph.op_allowlist import UnsafeCall, checked_interpreter
+
+    try:  # the kernels that trust their arguments' shapes, checked once with real tensors
+        with torch.no_grad():
+            checked_interpreter()(ep.module()).run(example[:1].float().to(_device(ep)))
+    except UnsafeCall as e:
+        raise UnsupportedModel(f"the program is refused: {e}") from None
+    except Exception:  # the model does not run on this input: said later, with the reason, by its first use
+        pass
     random = sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function" and _is_random(n)})
     if random:  # a calibration target that changes from call to call cannot be reconstructed
         raise UnsupportedModel(f"the model's forward draws random numbers ({', '.join(random[:3])}): dropout in "
                                "training mode or noise; export it in eval mode without them")
     return ep
+
+
+def _device(ep: torch.export.ExportedProgram) -> torch.device:
+    return next((t.device for t in ep.state_dict.values()), torch.device("cpu"))
 
 
 def _is_random(node: fx.Node) -> bool:

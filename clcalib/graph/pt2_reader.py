@@ -72,9 +72,10 @@ class Parts:
     constants: dict[str, torch.Tensor]
 
 
-def read_archive(data: bytes, name: str = "model.pt2") -> Parts:
+def read_archive(data: bytes, name: str = "model.pt2", decomposed: bool = False) -> Parts:
     """Check ``data`` as described in the module docstring; raise BadProgram naming the first
-    thing that is not plain tensors and an allowed graph."""
+    thing that is not plain tensors and an allowed graph. ``decomposed``: the graph a clcalib
+    checkpoint stores, which may hold the kernels ``run_decompositions`` makes (never an upload)."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
@@ -116,20 +117,22 @@ def read_archive(data: bytes, name: str = "model.pt2") -> Parts:
         return obj
 
     program = read_json(models[0])
-    problems = op_allowlist.check_program(program)
+    problems = op_allowlist.check_program(program, decomposed)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise refuse(name, f"its graph is refused: {problems[0]}{more}")
     tensors = {}
+    budget = [MAX_UNPACKED_BYTES]  # bytes the tensors may take, empty payloads (zero-filled) included
     for kind in ("weights", "constants"):
         config = read_json(f"{prefix}/data/{kind}/{model}_{kind}_config.json").get("config")
         if not isinstance(config, dict):
             raise refuse(name, f"its {kind} config has no 'config' object")
-        tensors[kind] = _tensors(zf, members, f"{prefix}/data/{kind}/", kind, config, name)
+        tensors[kind] = _tensors(zf, members, f"{prefix}/data/{kind}/", kind, config, name, budget)
     return Parts(program, tensors["weights"], tensors["constants"])
 
 
-def _tensors(zf: zipfile.ZipFile, members: dict, folder: str, kind: str, config: dict, name: str):
+def _tensors(zf: zipfile.ZipFile, members: dict, folder: str, kind: str, config: dict, name: str,
+             budget: list[int]):
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
     out: dict[str, torch.Tensor] = {}
@@ -173,6 +176,9 @@ def _tensors(zf: zipfile.ZipFile, members: dict, folder: str, kind: str, config:
         extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides, strict=True)) + 1 if all(sizes) else 0
         if extent > base.numel():
             if base.numel() == 0:  # torch.export.save writes no bytes for an all-zero-size or empty tensor
+                budget[0] -= extent * base.element_size()
+                if budget[0] < 0:
+                    raise refuse(name, f"{what}: its tensors would take more than {MAX_UNPACKED_BYTES >> 30} GiB")
                 base = storages[path] = torch.zeros(extent, dtype=dtype)
             else:
                 raise refuse(name, f"{what} needs {extent} elements, its file holds {base.numel()}")
