@@ -9,11 +9,13 @@ CI and in a default Docker container):
   jobs, not the job database, not ``/etc`` or ``/proc`` of other processes. TCP bind/connect
   are denied, abstract Unix sockets and signals are scoped to the sandbox, and ptrace of any
   process outside it is refused.
-- **seccomp**: ``socket()`` and ``io_uring_setup()`` fail with EACCES, so no network of any
-  family (TCP, UDP, a Unix socket path such as PostgreSQL's); foreign syscall ABIs kill the
-  process.
+- **seccomp** (``seccomp_program``): ``socket()`` and ``io_uring_setup()`` fail with EACCES, so
+  no network of any family (TCP, UDP, a Unix socket path such as PostgreSQL's); no new process
+  (a grandchild would outlive the run), no SysV shared memory, memfd or shared anonymous mmap
+  (memory ``RLIMIT_DATA`` does not count); foreign syscall ABIs kill the process.
 - **rlimits**: ``RLIMIT_DATA`` caps the heap and anonymous memory (the memory cap: an
-  allocation beyond it fails, the child reports it in one line naming the cap), no core files.
+  allocation beyond it fails, the child reports it in one line naming the cap), ``RLIMIT_FSIZE``
+  one file's size, no core files.
 - **privileges**: ``no_new_privs``; every capability dropped (effective, permitted,
   inheritable, ambient and the bounding set); the uid/gid become ``sandbox_uid`` when the
   Python installation is reachable for it (a root install under ``/root``, 0700, is not: the
@@ -44,10 +46,13 @@ import resource
 import site
 import sys
 import sysconfig
+import threading
 from dataclasses import asdict, dataclass, field
 
 MAX_LINE = 4 << 20
-START_TIMEOUT_S = 300.0  # a child's imports (torch) on a loaded machine  # one message from a child; a longer one is a protocol error
+START_TIMEOUT_S = 300.0  # a child's imports (torch) on a loaded machine
+MAX_STDERR = 1 << 20  # a child's stderr relayed to the log; the rest is dropped
+MAX_FILE_BYTES = 16 << 30  # RLIMIT_FSIZE: one file a sandboxed run writes  # one message from a child; a longer one is a protocol error
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "CUDA_DEVICE_ORDER", "PYTHONHASHSEED", "PYTHONUNBUFFERED")
 
@@ -94,12 +99,18 @@ def _system_paths(jail: Jail) -> list[str]:
              "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/fonts", "/usr/share/zoneinfo",
              "/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random",
              "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", f"/proc/{os.getpid()}", "/sys/devices/system/cpu",
-             "/sys/devices/system/node", "/sys/fs/cgroup"}
+             "/sys/devices/system/node"}
     if jail.gpu:
-        paths |= {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/proc/driver/nvidia",
-                  "/sys/bus/pci", "/sys/devices", "/usr/local/cuda"}
-        paths |= {f"/dev/{d}" for d in os.listdir("/dev") if d.startswith("nvidia")}
+        paths |= {"/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/usr/local/cuda"}
     return sorted(p for p in paths if os.path.exists(p))
+
+
+def _devices(jail: Jail) -> list[str]:
+    """Device files opened for writing (and, the GPU's, with ioctl)."""
+    devs = ["/dev/null", "/dev/zero"]
+    if jail.gpu:
+        devs += [f"/dev/{d}" for d in os.listdir("/dev") if d.startswith("nvidia")]
+    return [d for d in devs if os.path.exists(d)]
 
 
 # Landlock (include/uapi/linux/landlock.h)
@@ -140,7 +151,7 @@ def landlock_abi() -> int:
         return 0
 
 
-def _landlock(read: list[str], write: list[str]) -> int:
+def _landlock(read: list[str], write: list[str], devices: list[str]) -> int:
     abi = landlock_abi()
     if abi < 1:
         raise SandboxError("this kernel has no Landlock (Linux >= 5.13 with landlock in the LSM list): the "
@@ -153,7 +164,8 @@ def _landlock(read: list[str], write: list[str]) -> int:
     size = 8 if abi < 4 else 16 if abi < 6 else 24
     ruleset = _sys(_SYS_CREATE, ctypes.byref(attr), size, 0)
     reading = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
-    for paths, rights in ((read, reading), (write, fs)):
+    device = _FS_READ_FILE | _FS_WRITE_FILE | (_FS_IOCTL_DEV if abi >= 5 else 0)
+    for paths, rights in ((read, reading), (write, fs), (devices, device)):
         for p in paths:
             fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
             try:
@@ -165,8 +177,17 @@ def _landlock(read: list[str], write: list[str]) -> int:
     return ruleset
 
 
-# seccomp: a classic BPF filter (include/uapi/linux/filter.h, seccomp.h)
-_ARCH = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}  # audit arch, socket, io_uring_setup
+# seccomp: a classic BPF filter (include/uapi/linux/filter.h, seccomp.h). Per architecture: the
+# audit arch and the syscall numbers of what is refused.
+_ARCH = {
+    "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9,
+               "deny": {"socket": 41, "io_uring_setup": 425, "fork": 57, "vfork": 58, "shmget": 29, "shmat": 30,
+                        "semget": 64, "msgget": 68, "memfd_create": 319}},
+    "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222,
+                "deny": {"socket": 198, "io_uring_setup": 425, "shmget": 194, "shmat": 196, "semget": 190,
+                         "msgget": 186, "memfd_create": 279}},
+}
+_CLONE_THREAD, _MAP_SHARED_ANONYMOUS = 0x10000, 0x21
 
 
 class _SockFilter(ctypes.Structure):
@@ -177,20 +198,55 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
+def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
+    """The filter: no sockets, io_uring, SysV IPC or memfd (shared memory outside RLIMIT_DATA);
+    no new process (fork, vfork, clone without CLONE_THREAD: a grandchild would outlive the run;
+    clone3 answers ENOSYS, so glibc falls back to clone for threads); no shared anonymous mmap;
+    a foreign syscall ABI kills the process."""
+    a = _ARCH[machine]
+    ld, jeq, jset, ret, alu_and = 0x20, 0x15, 0x45, 0x06, 0x54
+    code: list = []  # instructions; jumps name labels, resolved below
+
+    def jump(op, k, yes, no="next"):
+        code.append((op, yes, no, k))
+    code += [(ld, 0, 0, 4)]
+    jump(jeq, a["audit"], "next", "kill")
+    code += [(ld, 0, 0, 0)]
+    if a["x32"]:
+        jump(0x35, 0x40000000, "deny")  # jge: x32 syscalls
+    for nr in a["deny"].values():
+        jump(jeq, nr, "deny")
+    jump(jeq, a["clone3"], "enosys")
+    jump(jeq, a["clone"], "clone")
+    jump(jeq, a["mmap"], "mmap")
+    code += [("allow",)]
+    labels = {"clone": len(code)}
+    code += [(ld, 0, 0, 16)]  # args[0], low 32 bits: clone's flags
+    jump(jset, _CLONE_THREAD, "allow", "deny")
+    labels["mmap"] = len(code)
+    code += [(ld, 0, 0, 16 + 3 * 8), (alu_and, 0, 0, _MAP_SHARED_ANONYMOUS)]  # args[3]: mmap's flags
+    jump(jeq, _MAP_SHARED_ANONYMOUS, "deny", "allow")
+    for name, value in (("allow", 0x7FFF0000), ("deny", 0x00050000 | 13), ("enosys", 0x00050000 | 38),
+                        ("kill", 0x80000000)):
+        labels[name] = len(code)
+        code.append((ret, 0, 0, value))
+    out = []
+    for i, ins in enumerate(code):
+        if ins == ("allow",):
+            ins = (ret, 0, 0, 0x7FFF0000)
+        op, jt, jf, k = ins
+        if isinstance(jt, str) or isinstance(jf, str):
+            jt = 0 if jt == "next" else labels[jt] - i - 1
+            jf = 0 if jf == "next" else labels[jf] - i - 1
+        out.append((op, jt, jf, k))
+    return out
+
+
 def _seccomp() -> None:
     machine = platform.machine()
     if machine not in _ARCH:
         raise SandboxError(f"no seccomp filter for {machine}; supported: {', '.join(_ARCH)}")
-    audit, nr_socket, nr_uring = _ARCH[machine]
-    ld_w_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    kill, allow, eacces = 0x80000000, 0x7FFF0000, 0x00050000 | 13
-    prog = [
-        (ld_w_abs, 0, 0, 4), (jeq, 1, 0, audit), (ret, 0, 0, kill),  # another syscall ABI: kill
-        (ld_w_abs, 0, 0, 0),
-        (jge, 3, 0, 0x40000000),  # x32 syscalls: refused
-        (jeq, 2, 0, nr_socket), (jeq, 1, 0, nr_uring),
-        (ret, 0, 0, allow), (ret, 0, 0, eacces),
-    ]
+    prog = seccomp_program(machine)
     filt = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), filt)
     if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
@@ -216,9 +272,10 @@ def _drop_privileges(jail: Jail) -> str:
     if os.getuid() == 0 and _readable_by(sys.executable, jail.uid, jail.uid) and \
             _readable_by(os.path.dirname(inspect.__file__), jail.uid, jail.uid):
         for p in jail.write + [jail.tmp]:
-            for root, dirs, files in os.walk(p):
+            for root, dirs, files in os.walk(p):  # never through a link: it could name any file
                 for n in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
-                    os.chown(n, jail.uid, jail.uid)
+                    if not os.path.islink(n):
+                        os.chown(n, jail.uid, jail.uid, follow_symlinks=False)
         os.setgroups([])
         os.setresgid(jail.uid, jail.uid, jail.uid)
         os.setresuid(jail.uid, jail.uid, jail.uid)
@@ -243,11 +300,12 @@ def enter(jail: Jail) -> str:
 
     tempfile.tempdir = jail.tmp
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
     if jail.memory_bytes:
         resource.setrlimit(resource.RLIMIT_DATA, (jail.memory_bytes, jail.memory_bytes))
     read = _system_paths(jail) + [p for p in jail.read if os.path.exists(p)]
     write = [p for p in [*jail.write, jail.tmp] if os.path.exists(p)]
-    ruleset = _landlock(read, write)
+    ruleset = _landlock(read, write, _devices(jail))
     if _libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         raise SandboxError("could not set no_new_privs")
     who = _drop_privileges(jail)
@@ -331,8 +389,11 @@ class Child:
 
         self.cwd = tempfile.mkdtemp(prefix="clcalib-sandbox-")
         self.proc = subprocess.Popen(command(target), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=child_env(env), cwd=self.cwd, close_fds=True)
+                                     stderr=subprocess.PIPE, env=child_env(env), cwd=self.cwd, close_fds=True)
+        # its stderr goes to our log, a line at a time, labelled and bounded: it never writes ours
+        threading.Thread(target=_relay, args=(self.proc.stderr, self.proc.pid), daemon=True).start()
         self._buf = b""
+        self._ready_lock = threading.Lock()
         self.ready = False
         self.how = ""
         self.peak_rss_bytes = 0
@@ -358,7 +419,7 @@ class Child:
         line, self._buf = self._buf.split(b"\n", 1)
         try:
             msg = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ChildFailed("protocol", "the process sent something that is not a message") from None
         if not isinstance(msg, dict):
             raise ChildFailed("protocol", "the process sent something that is not a message")
@@ -367,10 +428,11 @@ class Child:
     def wait_ready(self, timeout: float) -> None:
         import time
 
-        if not self.ready:
-            if self._line(time.monotonic() + timeout).get("ready") is not True:
-                raise ChildFailed("protocol", "the process did not start")
-            self.ready = True
+        with self._ready_lock:  # a warm-up and the run may both wait for it
+            if not self.ready:
+                if self._line(time.monotonic() + timeout).get("ready") is not True:
+                    raise ChildFailed("protocol", "the process did not start")
+                self.ready = True
 
     def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False):
         """The function's result; raises ChildFailed. The child is gone afterwards."""
@@ -385,14 +447,18 @@ class Child:
                 msg = self._line(deadline)
                 if "event" in msg:
                     if on_event is not None:
-                        on_event(msg["event"])
+                        try:
+                            on_event(msg["event"])
+                        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+                            raise ChildFailed("protocol", f"the process sent an event that is not one ({e})"[:300]) from None
                 elif "sandbox" in msg:
                     self.how = str(msg["sandbox"])[:300]
                 elif "error" in msg:
                     err = msg["error"] if isinstance(msg["error"], dict) else {}
                     raise ChildFailed(str(err.get("kind", "exception")), str(err.get("message", ""))[:2000])
                 elif "result" in msg:
-                    self.peak_rss_bytes = int(msg.get("peak_rss_bytes") or 0)
+                    peak = msg.get("peak_rss_bytes")
+                    self.peak_rss_bytes = peak if isinstance(peak, int) and 0 <= peak < 1 << 50 else 0
                     return msg["result"]
         finally:
             self.close()
@@ -403,12 +469,26 @@ class Child:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
+        for f in (self.proc.stdin, self.proc.stdout):  # stderr: its relay thread closes it at EOF
             try:
                 f.close()
             except OSError:
                 pass
         shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+def _relay(stream, pid: int) -> None:
+    import logging
+
+    log = logging.getLogger("clcalib.sandbox")
+    left = MAX_STDERR
+    for raw in iter(lambda: stream.readline(4096), b""):
+        if left > 0:
+            left -= len(raw)
+            log.info("[sandbox %d] %s", pid, raw.decode("utf-8", "replace").rstrip()[:1000])
+            if left <= 0:
+                log.warning("[sandbox %d] more output dropped (over %d bytes)", pid, MAX_STDERR)
+    stream.close()
 
 
 def _exit_text(code: int) -> str:

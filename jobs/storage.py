@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -58,15 +59,39 @@ class Storage:
             return []
         return sorted(
             p.name for p in d.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix in ARTIFACT_TYPES
+            if _plain_file(p) and not p.name.startswith(".") and p.suffix in ARTIFACT_TYPES
         )
 
     def artifact_path(self, job_id: str, name: str) -> Path | None:
-        """The file of an artifact named in the job row, or None (never a path outside out/)."""
+        """The file of an artifact named in the job row, or None (never a path outside out/, never
+        a link: a calibration's sandbox writes out/, and a link it planted would be followed)."""
         if "/" in name or "\\" in name or name.startswith(".") or name in ("", ".."):
             return None
         p = self.out_dir(job_id) / name
-        return p if p.is_file() else None
+        return p if _plain_file(p) else None
+
+    def sanitize(self, job_id: str) -> list[str]:
+        """Remove what a sandboxed run may have left in the job's writable folders that is not a
+        plain file or folder (links, fifos, sockets, hard links to elsewhere); returns their names.
+        Run before a calibration starts and after its process is gone."""
+        removed = []
+        for top in (self.out_dir(job_id), self.resume_dir(job_id)):
+            if not top.exists() and not top.is_symlink():
+                continue
+            if not stat.S_ISDIR(top.lstat().st_mode):
+                top.unlink()
+                removed.append(top.name)
+                continue
+            for root, dirs, files in os.walk(top):  # does not follow links
+                for n in dirs + files:
+                    p = Path(root) / n
+                    st = p.lstat()
+                    if stat.S_ISDIR(st.st_mode):
+                        continue
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                        p.unlink()
+                        removed.append(str(p.relative_to(top.parent)))
+        return removed
 
     def delete_job(self, job_id: str) -> None:
         d = self.job_dir(job_id)
@@ -98,3 +123,12 @@ class Storage:
         probe = self.tmp / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
+
+
+def _plain_file(p: Path) -> bool:
+    """A regular file that is not a link and has no other name (no hard link to elsewhere)."""
+    try:
+        st = p.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1

@@ -79,3 +79,32 @@ def events(*, n: int, emit) -> str:
     for i in range(n):
         emit({"i": i})
     return "done"
+
+
+def escape_resources() -> dict:
+    """Ways around the memory cap and past the end of the run."""
+    import mmap
+
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+
+    def shared_anonymous():
+        mmap.mmap(-1, 1 << 20, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+
+    def memfd():
+        os.memfd_create("x")
+
+    def thread():  # threads (clone with CLONE_THREAD) still work: torch needs them
+        import threading
+
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+
+    def private_file_map():
+        mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # counted by RLIMIT_DATA: allowed
+
+    return {"fork": _try(fork), "shared anonymous mmap": _try(shared_anonymous), "memfd": _try(memfd),
+            "thread": _try(thread), "private mmap": _try(private_file_map)}

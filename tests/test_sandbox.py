@@ -75,3 +75,31 @@ def test_the_childs_own_output_cannot_forge_a_result(tmp_path):
     assert Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "e")), {"n": 3}, 60, events.append) == "done"
     assert events == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert Child("sandbox_payloads:noisy", ENV).run(Jail(tmp=str(tmp_path / "n")), {}, 60) == "real"
+
+
+def test_no_process_outlives_the_run_and_no_memory_escapes_the_cap(tmp_path):
+    r = Child("sandbox_payloads:escape_resources", ENV).run(Jail(tmp=str(tmp_path / "t")), {}, 60)
+    assert r["fork"].startswith("refused") and r["shared anonymous mmap"].startswith("refused"), r
+    assert r["memfd"].startswith("refused"), r
+    assert r["thread"] == "allowed" and r["private mmap"] == "allowed", r
+
+
+def test_links_a_run_leaves_in_its_outputs_are_never_served(tmp_path):
+    """A sandboxed run cannot read /etc/shadow, but it could leave out/report.json -> /etc/shadow
+    for the API to serve: the worker removes every entry of out/ and resume/ that is not a plain
+    file once the run is over, and the API serves plain files only."""
+    from jobs.storage import Storage
+
+    st = Storage(tmp_path / "data")
+    out = st.out_dir("j1")
+    out.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("the job database")
+    (out / "report.json").symlink_to(secret)
+    os.link(secret, out / "model.onnx")  # a second name of a file outside
+    (out / "quantized.safetensors").write_bytes(b"ok")
+    assert st.artifacts("j1") == ["quantized.safetensors"]
+    assert st.artifact_path("j1", "report.json") is None and st.artifact_path("j1", "model.onnx") is None
+    assert sorted(st.sanitize("j1")) == ["out/model.onnx", "out/report.json"]
+    assert secret.read_text() == "the job database"
+    assert sorted(p.name for p in out.iterdir()) == ["quantized.safetensors"]

@@ -73,6 +73,27 @@ class Heartbeat:
 
 
 CALIBRATE = "worker.sandboxed:calibrate"
+MAX_WARNINGS = 50  # warnings of one attempt kept in the job's history
+
+
+def _event(d: dict):
+    """A progress event from a sandboxed child's message: known fields of the right types only."""
+    import dataclasses
+
+    from clcalib.progress import ProgressEvent
+
+    kinds = {f.name: f.type for f in dataclasses.fields(ProgressEvent)}
+    out = {}
+    for k, v in (d if isinstance(d, dict) else {}).items():
+        if k not in kinds or isinstance(v, (dict, list)):
+            continue
+        if isinstance(v, str):
+            v = v[:2000]
+        out[k] = v
+    try:
+        return ProgressEvent(**out)
+    except TypeError:
+        return ProgressEvent(stage="prepare")
 _next: list[Child] = []  # the next job's sandboxed child, started (torch imported) ahead
 
 
@@ -132,15 +153,18 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
 def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Heartbeat, attempt: int):
     """(state, error, report); state None when the job was taken from this attempt."""
     from clcalib.errors import Canceled
-    from clcalib.progress import ProgressEvent
 
     jd = storage.job_dir(job.id)
     first = {"seen": False}
     t0 = time.monotonic()
 
+    warnings = {"n": 0}
+
     def on_progress(ev) -> None:
         if ev.stage == "warning":  # in the job's history now; in its metrics at the end
-            store.note(job.id, attempt, {"event": "warning", "message": ev.message})
+            warnings["n"] += 1
+            if warnings["n"] <= MAX_WARNINGS:  # a child's events are untrusted: bounded
+                store.note(job.id, attempt, {"event": "warning", "message": ev.message[:2000]})
             return
         d = ev.to_dict()
         d["attempt"] = attempt
@@ -158,6 +182,8 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
     inputs = {k: str(jd / v) for k, v in job.inputs.items()}
     model = {"model": inputs["model"]} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
+    for name in storage.sanitize(job.id):  # left by an earlier attempt's sandbox
+        log.warning("job %s: removed %s from its folders (not a plain file)", job.id, name)
     child = take_child()
     jail = Jail(read=sorted({str(Path(p).parent) for p in inputs.values()}), write=[str(out_dir), str(resume_dir)],
                 tmp=str(Path(child.cwd) / "tmp"), memory_bytes=settings.worker_memory_bytes,
@@ -167,8 +193,12 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
               "out_dir": str(out_dir), "resume_dir": str(resume_dir), "limits": settings.data_limits,
               "torch_threads": settings.torch_threads}
     try:
-        result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(ProgressEvent(**d)),
-                           off=settings.sandbox == "off")
+        try:
+            result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(_event(d)),
+                               off=settings.sandbox == "off")
+        finally:
+            for name in storage.sanitize(job.id):  # a link planted in out/ would be served by the API
+                log.warning("job %s: removed %s from its outputs (not a plain file)", job.id, name)
         log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
     except Canceled:
         hb.beat()
