@@ -109,7 +109,19 @@ class Validator:
             except (ApiError, RuntimeError) as e:
                 raise ApiError(503, "validator_unavailable",
                                f"the validator did not start: {getattr(e, 'detail', e)}") from None
+            await self._started()
         return self._archs
+
+    async def _started(self) -> None:
+        """Wait until the warm check children have done their imports: a service that answers
+        its architectures is ready to check an upload at once."""
+        with self._lock:
+            warm = list(self._warm)
+        for child in warm:
+            try:
+                await run_in_threadpool(child.wait_ready, 300)
+            except ChildFailed as e:
+                log.warning("a warm check process did not start: %s", e.message)
 
     async def check_job(self, *, tenant: str, **kwargs) -> dict:
         s = self.s
