@@ -47,6 +47,7 @@ def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_fa
     with zipfile.ZipFile(io.BytesIO(pt2.read_bytes())) as zin:
         for info in zin.infolist():
             members[info.filename] = zin.read(info)
+    pt2_members = dict(members)
     cfg_name = next(n for n in members if n.endswith("constants_config.json"))
     cfg = json.loads(members[cfg_name])
     cfg["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False, "tensor_meta": None}
@@ -60,6 +61,23 @@ def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_fa
     assert r.status_code == 422 and r.json()["field"] == "model" and "'evil'" in r.json()["detail"], r.text
     assert "which loading would unpickle" in r.json()["detail"]
     assert "pickle ran" not in st.logs()
+    # unsafe: a graph that reads a file (aten.from_file on the job database, shared: writable)
+    model_json = next(n for n in members if n.endswith("models/model.json"))
+    program = json.loads(members[model_json])
+    node = program["graph_module"]["graph"]["nodes"][0]
+    node["target"] = "torch.ops.aten.from_file.default"
+    node["inputs"] = [{"name": "filename", "arg": {"as_string": str(st.dir / "data" / "jobs.db")}, "kind": 1},
+                      {"name": "shared", "arg": {"as_bool": True}, "kind": 1}]
+    reading = dict(members, **{model_json: json.dumps(program).encode()})
+    del reading[cfg_name.replace("model_constants_config.json", "tensor_9")]
+    reading[cfg_name] = pt2_members[cfg_name]
+    bad = io.BytesIO()
+    with zipfile.ZipFile(bad, "w") as zout:
+        for name, data in reading.items():
+            zout.writestr(name, data)
+    r = _post(st, bad.getvalue(), fmnist_zips["calib"], TINY)
+    assert r.status_code == 422 and "aten.from_file.default is not on the allowlist" in r.json()["detail"], r.text
+    assert "SQLite" not in r.text
     # not a program at all, and a program exported with a fixed batch size
     r = _post(st, b"PK\x03\x04 not really a zip", fmnist_zips["calib"], TINY)
     assert r.status_code == 422 and "torch.export" in r.json()["detail"], r.text
