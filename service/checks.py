@@ -143,9 +143,21 @@ def check_job(*, model: str, arch: str, num_classes: int | None, calibration: st
         from clcalib.graph.partition import QuantModel, QuantSpec
 
         try:
-            QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
+            qm = QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
         except ModelMismatchError as e:
             return _fail("model", "unsupported_model", str(e))
+        from clcalib.config import ExportFormat
+
+        if ExportFormat.ONNX in cfg.export:  # every op has a translation: known now, not after calibration
+            from clcalib.errors import ExportError
+            from clcalib.export.onnx_qdq import build_onnx
+
+            try:
+                build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+            except ExportError as e:
+                return _fail("config", "unsupported_export",
+                             f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave "
+                             "\"onnx\" out of config.export to calibrate it and download the checkpoint")
 
     # 4. the evaluation set: class folders that fit num_classes, decodable, same size
     n_eval = 0

@@ -109,3 +109,23 @@ def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_fa
 def test_an_arch_without_num_classes_is_still_required_to_name_it(api_only, fmnist_zips, reference_model, fields):
     r = _post(api_only, reference_model.read_bytes(), fmnist_zips["calib"], TINY, **fields)
     assert r.status_code == 422 and r.json()["field"] == "num_classes", r.text
+
+
+def test_an_onnx_export_the_model_cannot_have_is_refused_at_upload(api_only, tmp_path):
+    """Swin's shifted windows have no ONNX translation yet: asked for with export ["onnx"], that is
+    a 422 naming the op at upload, not a failed job after its calibration; without it, accepted."""
+    import numpy as np
+    import torchvision
+
+    torch.manual_seed(0)
+    swin = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                              window_size=[4, 4], num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    pt2 = program_to_bytes(torch.export.export(swin, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x.numpy())
+    r = _post(api_only, pt2, calib, {**TINY, "export": ["onnx"]})
+    assert r.status_code == 422 and r.json()["code"] == "unsupported_export" and r.json()["field"] == "config", r.text
+    assert "cannot be exported to ONNX" in r.json()["detail"], r.text
+    r = _post(api_only, pt2, calib, TINY)
+    assert r.status_code == 202, r.text
