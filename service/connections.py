@@ -108,6 +108,17 @@ class TenantLimits:
     def refuse(self, limit: str) -> None:
         self.refused[limit] = self.refused.get(limit, 0) + 1
 
+    def take_or_429(self, kind: str, tenant: str, limit: int, setting: str, what: str, advice: str, retry_after: int):
+        """``take``, or a 429 ``too_many_<kind>`` naming the setting (and counted for /metrics)."""
+        from service.errors import ApiError
+
+        release = self.take(kind, tenant, limit)
+        if release is None:
+            self.refuse(setting)
+            raise ApiError(429, f"too_many_{kind}", f"you have {self.held(kind, tenant)} {what}, the limit is {limit} "
+                           f"(CLCALIB_{setting.upper()}); {advice}", headers={"Retry-After": str(retry_after)})
+        return release
+
     def take(self, kind: str, tenant: str, limit: int):
         """One more ``kind`` for ``tenant``: a function that gives it back (once, however often it
         is called), or None when the tenant already holds ``limit``."""

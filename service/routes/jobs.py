@@ -134,12 +134,8 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
     app = request.app
     length = request.headers.get("content-length", "")
     _check_bytes(settings, stored, int(length) if length.isdigit() else 0)
-    give_back = limits.take("uploads", tenant, settings.max_uploads_per_tenant)
-    if give_back is None:
-        limits.refuse("max_uploads_per_tenant")
-        raise ApiError(429, "too_many_uploads", f"you are sending {limits.held('uploads', tenant)} uploads at once, "
-                       f"the limit is {settings.max_uploads_per_tenant} (CLCALIB_MAX_UPLOADS_PER_TENANT); wait "
-                       "for one to finish", headers={"Retry-After": "30"})
+    give_back = limits.take_or_429("uploads", tenant, settings.max_uploads_per_tenant, "max_uploads_per_tenant",
+                                   "uploads being sent at once", "wait for one to finish", 30)
     dest = storage.inputs_dir(job_id)
     try:
         try:
@@ -242,12 +238,8 @@ async def get_job(job: OwnedJob) -> JobOut:
 async def job_events(request: Request, job: OwnedJob, tenant: Tenant, store: StoreDep, settings: SettingsDep,
                      poll_s: float = Query(0.5, ge=0.1, le=10.0, description="poll period of the store")):
     limits = tenant_limits(request.app)
-    give_back = limits.take("streams", tenant, settings.max_streams_per_tenant)
-    if give_back is None:
-        limits.refuse("max_streams_per_tenant")
-        raise ApiError(429, "too_many_streams", f"you have {limits.held('streams', tenant)} event streams open, the "
-                       f"limit is {settings.max_streams_per_tenant} (CLCALIB_MAX_STREAMS_PER_TENANT); close one, "
-                       "or poll GET /v1/jobs/{id}", headers={"Retry-After": "10"})
+    give_back = limits.take_or_429("streams", tenant, settings.max_streams_per_tenant, "max_streams_per_tenant",
+                                   "event streams open", "close one, or poll GET /v1/jobs/{id}", 10)
 
     async def stream():  # sse-starlette sends pings and stops this when the client goes away
         seen = None
