@@ -317,10 +317,12 @@ def enter(jail: Jail) -> str:
         (f"{jail.memory_bytes / 2**30:.1f} GiB" if jail.memory_bytes else "none")
 
 
-def is_out_of_memory(e: BaseException) -> bool:
+def is_out_of_memory(e: BaseException | str) -> bool:
+    """An allocation refused under the cap, however the code that met it worded it (a library
+    that turns it into its own error keeps errno's text, sometimes cut short)."""
     text = str(e)
     return isinstance(e, MemoryError) or "can't allocate memory" in text or "not enough memory" in text \
-        or "Cannot allocate memory" in text
+        or "Cannot allocate memor" in text or "ENOMEM" in text
 
 
 def _die_with_parent() -> None:

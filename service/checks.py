@@ -38,7 +38,18 @@ def _fail(field: str, code: str, message: str) -> dict:
     return {"ok": False, "field": field, "code": code, "message": message}
 
 
-def check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
+def check_job(**kwargs) -> dict:
+    """``_check_job``; a refusal that was really an allocation refused under the validator's
+    memory cap is reported as that (the validator answers 422 check_memory naming the cap)."""
+    from jobs.sandbox import is_out_of_memory
+
+    res = _check_job(**kwargs)
+    if not res["ok"] and is_out_of_memory(res["message"]):
+        raise MemoryError(res["message"])
+    return res
+
+
+def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
               config: dict, limits: dict, sample: int, labels: str | None = None,
               worker_memory_bytes: int = 0) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a

@@ -21,6 +21,7 @@ def calibrate(*, model: dict, calibration: str, evaluation: str | None, labels: 
     from clcalib.data import Limits, read_labels
     from clcalib.errors import CalibrationError
     from clcalib.pipeline import run_calibration
+    from jobs.sandbox import is_out_of_memory
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -30,5 +31,7 @@ def calibrate(*, model: dict, calibration: str, evaluation: str | None, labels: 
             evaluation=evaluation, labels=read_labels(labels) if labels else None,
             on_progress=lambda ev: emit(ev.to_dict()), resume_dir=resume_dir, limits=Limits(**limits))
     except CalibrationError as e:
+        if is_out_of_memory(e):  # e.g. reading the weights under the cap: the cap, not the file, is the cause
+            raise MemoryError(str(e)) from None
         return {"error": str(e)}
     return {"report": json.loads(json.dumps(report, default=str))}

@@ -115,3 +115,22 @@ def test_a_job_that_cannot_fit_the_workers_cap_is_refused_at_upload_with_the_fig
         assert max(peaks.values()) < 2048 * MiB, {p: v // MiB for p, v in peaks.items()}
     finally:
         st.close()
+
+
+def test_a_job_over_the_workers_memory_cap_fails_in_one_line_and_the_worker_goes_on(tmp_path, fmnist_zips,
+                                                                                   reference_model):
+    """The API's estimate passes the job (its operator's cap is the default); the worker was
+    started with a far smaller one: each job fails naming the cap, the worker takes the next."""
+    st = Stack(tmp_path / "stack")
+    try:
+        st.start_api()
+        ids = [st.submit(reference_model, fmnist_zips["calib"], TINY).json()["id"] for _ in range(2)]
+        st.env["CLCALIB_WORKER_MEMORY_BYTES"] = str(64 * MiB)
+        worker = st.start_worker()
+        for job_id in ids:
+            job = st.wait_state(job_id, timeout=180)
+            assert job["state"] == "failed", job
+            assert "CLCALIB_WORKER_MEMORY_BYTES" in job["error"] and "\n" not in job["error"], job["error"]
+        assert worker.alive()
+    finally:
+        st.close()
