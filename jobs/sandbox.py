@@ -29,7 +29,7 @@ CUDA job's device memory is the driver's), and a kernel exploit.
 
 The child speaks JSON lines on its stdout (its own prints go to stderr): nothing it sends is
 ever unpickled by the parent. ``python -m jobs.sandbox module:function`` starts one; it imports
-its module, says ``{"ready": true}``, reads one request ``{"jail": ..., "kwargs": ...}``,
+its module, says ``{"ready": true, "info": module.ready_info()}``, reads one request ``{"jail": ..., "kwargs": ...}``,
 confines itself, runs ``function(**kwargs)`` (with ``emit`` to send events when the function
 takes it) and answers ``{"result": ...}`` or ``{"error": {"kind", "message"}}``.
 """
@@ -347,7 +347,8 @@ def main(target: str) -> None:
     if hasattr(mod, "warm_sandbox_child"):
         mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
     fn = getattr(mod, name)
-    send({"ready": True})
+    # what the module tells its parent before any upload is read (trusted: nothing untrusted ran yet)
+    send({"ready": True, "info": mod.ready_info() if hasattr(mod, "ready_info") else None})
     request = json.loads(sys.stdin.readline(MAX_LINE) or "null")
     if not request:
         return
@@ -397,6 +398,7 @@ class Child:
         self._buf = b""
         self._ready_lock = threading.Lock()
         self.ready = False
+        self.info = None  # what the module said with its "ready" (``ready_info``)
         self.how = ""
         self.peak_rss_bytes = 0
 
@@ -432,9 +434,10 @@ class Child:
 
         with self._ready_lock:  # a warm-up and the run may both wait for it
             if not self.ready:
-                if self._line(time.monotonic() + timeout).get("ready") is not True:
+                msg = self._line(time.monotonic() + timeout)
+                if msg.get("ready") is not True:
                     raise ChildFailed("protocol", "the process did not start")
-                self.ready = True
+                self.info, self.ready = msg.get("info"), True
 
     def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False):
         """The function's result; raises ChildFailed. The child is gone afterwards."""

@@ -34,6 +34,11 @@ def list_archs() -> list[str]:
     return list(ARCHS)
 
 
+def ready_info() -> dict:
+    """Sent by each check process when its imports are done: the API process never imports torch."""
+    return {"archs": list_archs()}
+
+
 def _fail(field: str, code: str, message: str) -> dict:
     return {"ok": False, "field": field, "code": code, "message": message}
 

@@ -27,7 +27,7 @@ from jobs.settings import Settings
 from service.errors import ApiError
 
 log = logging.getLogger("clcalib.service")
-CHECK, ARCHS = "service.checks:check_job", "service.checks:list_archs"
+CHECK = "service.checks:check_job"
 
 
 class Validator:
@@ -50,10 +50,14 @@ class Validator:
     def _take(self) -> Child:
         with self._lock:
             child = self._warm.pop() if self._warm else None
-            if not self.closed:  # the next check's child starts importing now
-                while len(self._warm) < self.s.validate_workers - (child is None):
-                    self._warm.append(Child(CHECK))
         return child or Child(CHECK)
+
+    def _refill(self) -> None:
+        """Start the next checks' processes, after a check: their imports then do not compete
+        for the CPU with the checks running (a check finding none ready starts its own)."""
+        with self._lock:
+            while len(self._warm) < self.s.validate_workers and not self.closed:
+                self._warm.append(Child(CHECK))
 
     def close(self) -> None:
         with self._lock:
@@ -97,31 +101,27 @@ class Validator:
 
     async def warm(self) -> None:
         """Start the check children (each imports torch once) so no check pays for it."""
-        with self._lock:
-            while len(self._warm) < self.s.validate_workers and not self.closed:
-                self._warm.append(Child(CHECK))
+        self._refill()
 
     async def archs(self) -> list[str]:
+        """The registry's architectures, from the first warm check process once its imports are
+        done (so a service that answers them checks an upload without waiting for torch)."""
         if self._archs is None:
-            child = Child(ARCHS)
-            try:
-                self._archs = await self._run(child, self._jail(child, []), {}, 120)
-            except (ApiError, RuntimeError) as e:
-                raise ApiError(503, "validator_unavailable",
-                               f"the validator did not start: {getattr(e, 'detail', e)}") from None
-            await self._started()
+            await self.warm()
+            with self._lock:
+                warm = list(self._warm)
+            for child in warm:
+                try:
+                    await run_in_threadpool(child.wait_ready, 300)
+                except ChildFailed as e:
+                    log.warning("a check process did not start: %s", e.message)
+                    continue
+                if self._archs is None and isinstance(child.info, dict):
+                    self._archs = [str(a) for a in child.info.get("archs", [])]
+            if self._archs is None:
+                raise ApiError(503, "validator_unavailable", "the validator did not start: no check process "
+                               "answered; see the API's log")
         return self._archs
-
-    async def _started(self) -> None:
-        """Wait until the warm check children have done their imports: a service that answers
-        its architectures is ready to check an upload at once."""
-        with self._lock:
-            warm = list(self._warm)
-        for child in warm:
-            try:
-                await run_in_threadpool(child.wait_ready, 300)
-            except ChildFailed as e:
-                log.warning("a warm check process did not start: %s", e.message)
 
     async def check_job(self, *, tenant: str, **kwargs) -> dict:
         s = self.s
@@ -131,10 +131,13 @@ class Validator:
                   and v is not None}
         async with self._tenant_slots(tenant), self._slots:
             child = self._take()
-            res = await self._run(child, self._jail(child, sorted(inputs)),
-                                  {**kwargs, "limits": s.data_limits, "sample": s.validate_sample,
-                                   "worker_memory_bytes": s.worker_memory_bytes},
-                                  s.validate_timeout_s)
+            try:
+                res = await self._run(child, self._jail(child, sorted(inputs)),
+                                      {**kwargs, "limits": s.data_limits, "sample": s.validate_sample,
+                                       "worker_memory_bytes": s.worker_memory_bytes},
+                                      s.validate_timeout_s)
+            finally:
+                self._refill()
         if not isinstance(res, dict) or not res.get("ok"):
             res = res if isinstance(res, dict) else {}
             raise ApiError(422, str(res.get("code", "bad_upload"))[:60], str(res.get("message", "the upload was refused")),
