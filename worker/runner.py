@@ -82,10 +82,10 @@ def _event(d: dict):
 
     from clcalib.progress import ProgressEvent
 
-    kinds = {f.name: f.type for f in dataclasses.fields(ProgressEvent)}
+    names = {f.name for f in dataclasses.fields(ProgressEvent)}
     out = {}
     for k, v in (d if isinstance(d, dict) else {}).items():
-        if k not in kinds or isinstance(v, (dict, list)):
+        if k not in names or isinstance(v, (dict, list)):
             continue
         if isinstance(v, str):
             v = v[:2000]
@@ -94,6 +94,15 @@ def _event(d: dict):
         return ProgressEvent(**out)
     except TypeError:
         return ProgressEvent(stage="prepare")
+
+
+def _sanitize(storage: Storage, job_id: str) -> None:
+    """Before a run (what an earlier attempt left) and after it (a link planted in out/ would be
+    served by the API): only plain files stay in the job's writable folders."""
+    for name in storage.sanitize(job_id):
+        log.warning("job %s: removed %s from its folders (not a plain file)", job_id, name)
+
+
 _next: list[Child] = []  # the next job's sandboxed child, started (torch imported) ahead
 
 
@@ -182,8 +191,7 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
     inputs = {k: str(jd / v) for k, v in job.inputs.items()}
     model = {"model": inputs["model"]} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
-    for name in storage.sanitize(job.id):  # left by an earlier attempt's sandbox
-        log.warning("job %s: removed %s from its folders (not a plain file)", job.id, name)
+    _sanitize(storage, job.id)
     child = take_child()
     jail = Jail(read=sorted({str(Path(p).parent) for p in inputs.values()}), write=[str(out_dir), str(resume_dir)],
                 tmp=str(Path(child.cwd) / "tmp"), memory_bytes=settings.worker_memory_bytes,
@@ -197,8 +205,7 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
             result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(_event(d)),
                                off=settings.sandbox == "off")
         finally:
-            for name in storage.sanitize(job.id):  # a link planted in out/ would be served by the API
-                log.warning("job %s: removed %s from its outputs (not a plain file)", job.id, name)
+            _sanitize(storage, job.id)
         log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
     except Canceled:
         hb.beat()
