@@ -236,10 +236,18 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ), checked in ONNX Runtime")
+    from clcalib.export.profiles import DEFAULT, PROFILES
+
+    p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ) for a runtime, checked there")
     p.add_argument("--checkpoint", required=True, help="quantized.safetensors written by calibrate or a job")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="default: onnx (QDQ)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--target", choices=list(PROFILES), default=DEFAULT,
+                   help=f"the runtime the file is written for (docs/deploy.md; default {DEFAULT}): "
+                   + "; ".join(f"{k}: {v.summary}" for k, v in PROFILES.items()))
+    p.add_argument("--calib", help="calibration images (folder, zip or tensor file): the ranges of the tensors the "
+                   "calibration kept in float, which integer targets write in 8 bits (default: the --eval images)")
+    p.add_argument("--latency", action="store_true", help="also time the file against the FP32 export in its runtime")
     p.add_argument("--eval", help="folder or zip with one subfolder per class: check top-1 there "
                    "(default: agreement with the torch model on 256 random inputs)")
     p.add_argument("--labels", help=LABELS_HELP)
@@ -251,31 +259,54 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from clcalib.config import Preprocess
-    from clcalib.data import LabeledSet
+    from clcalib.data import LabeledSet, load_calibration
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
-    from clcalib.export.onnx_check import export_checked, require_onnx
+    from clcalib.export.onnx_check import export_checked
+    from clcalib.export.onnx_qdq import RANGE_IMAGES
+    from clcalib.export.profiles import check_target
 
-    require_onnx()
     model = load_quantized(a.checkpoint)
+    prof = check_target(a.target, bool(model.header["config"].get("w_symmetric")))
     shape = tuple(model.header["input_shape"])
+    pre = Preprocess.model_validate(model.header["preprocess"])
+    ranges = load_calibration(a.calib, pre, RANGE_IMAGES) if a.calib else None
     if a.eval:
-        data = LabeledSet(a.eval, Preprocess.model_validate(model.header["preprocess"]), labels=_labels(a))
+        data = LabeledSet(a.eval, pre, labels=_labels(a))
         _mapping_note(data)
         if data.shape != tuple(shape[1:]):
             raise DataError(f"--eval {a.eval}: images come out {data.shape} with the checkpoint's "
                             f"preprocessing, but the model was calibrated on {tuple(shape[1:])}")
         images, labels = data.images(), data.labels  # streamed once for torch and ONNX Runtime
+        if ranges is None and prof.integer_ops:
+            ranges = LabeledSet(a.eval, pre, labels=_labels(a)).images()
+            ranges = next(iter(ranges)) if not isinstance(ranges, torch.Tensor) else ranges
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, images, labels)[0]}
+    if ranges is None and prof.integer_ops:
+        raise CalibrationError(f"export target {a.target} writes the tensors the calibration kept in float as 8-bit "
+                               "codes and needs images for their ranges: give --calib (the calibration images) or "
+                               "--eval, or use --target reference")
+    out = {"onnx": str(a.out), **export_checked(model, a.out, shape, images, labels, target=a.target,
+                                                range_images=ranges)[0]}
+    if a.latency:
+        from clcalib.export.latency import latency_vs_fp32
+
+        out["onnx_latency"] = latency_vs_fp32(model, a.out, shape, (1, 32), prof.runtime)
     if a.json:
         print(json.dumps(out))
     else:
-        top = f", top-1 {out['onnx_top1']:.2f} %" if labels is not None else ""
-        print(f"{a.out}: {out['onnx_bytes'] / 1e6:.2f} MB{top}, agreement with the torch model {out['onnx_top1_agreement']:.2f} % "
-              f"on {out['onnx_checked_images']} {'images' if labels is not None else 'random inputs'}, "
-              f"max |logit diff| {out['onnx_max_abs_logit_diff']:.3g}")
+        from clcalib.export.onnx_check import RUNTIMES
+
+        print(f"{a.out}: {out['onnx_bytes'] / 1e6:.2f} MB, target {a.target}")
+        for k, name in RUNTIMES.items():
+            if f"{k}_top1_agreement" in out:
+                top = f"top-1 {out[f'{k}_top1']:.2f} %, " if labels is not None else ""
+                print(f"  {name}: {top}agreement with the torch model {out[f'{k}_top1_agreement']:.2f} % on "
+                      f"{out[f'{k}_checked_images']} {'images' if labels is not None else 'random inputs'}, "
+                      f"max |logit diff| {out[f'{k}_max_abs_logit_diff']:.3g}")
+        for b, t in out.get("onnx_latency", {}).get("batches", {}).items():
+            print(f"  batch {b}: {t['ms']:.2f} ms, {t['x_fp32']:.2f}x the FP32 model's {t['fp32_ms']:.2f} ms in {prof.runtime}")
     return 0
 
 

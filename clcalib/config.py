@@ -74,6 +74,10 @@ class ExportFormat(str, Enum):
     ONNX = "onnx"  # model.onnx in QDQ form, checked in ONNX Runtime in the same run
 
 
+# the runtimes model.onnx can be written for; what each means: clcalib/export/profiles.py
+ExportTarget = Literal["onnxruntime", "onnxruntime-avx2", "openvino", "reference"]
+
+
 MIN_BITS, MAX_BITS = 2, 8  # the bit widths clcalib calibrates, stores and exports
 
 
@@ -224,6 +228,12 @@ class CalibConfig(Strict):
     export: tuple[ExportFormat, ...] = Field(
         (), description='extra artifacts beside the checkpoint: ["onnx"] writes model.onnx (QDQ), checked in ONNX Runtime'
     )
+    export_target: ExportTarget = Field(
+        "onnxruntime",
+        description="the runtime model.onnx is written for (docs/deploy.md): onnxruntime (integer kernels, "
+        "x86 CPUs with VNNI and ARM), onnxruntime-avx2 (x86 without VNNI), openvino (needs w_symmetric), "
+        "reference (exact float simulation of every bit width, slow)",
+    )
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()
     pdquant: PdQuant = PdQuant()
@@ -232,6 +242,11 @@ class CalibConfig(Strict):
     def _consistent(self):
         if self.beta[0] < self.beta[1] or self.beta[1] < 1:
             raise ValueError(f"beta must anneal downwards and stay >= 1 (|2h-1|^(beta-1) is infinite at h=0.5 below 1), got {self.beta}")
+        if ExportFormat.ONNX in self.export:
+            from clcalib.export.profiles import settings_problem
+
+            if problem := settings_problem(self.export_target, self.w_symmetric):
+                raise ValueError(problem)
         if self.cl_calib.enabled and not self.method.reconstructs:
             raise ValueError(
                 f"cl_calib needs a reconstruction method (adaround, brecq, qdrop, pdquant), got method={self.method.value}"

@@ -32,6 +32,8 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--drop-prob", "drop_prob"),
     ("--drop-scope", "drop_scope"),
     ("--export", "export"),
+    ("--target", "export_target"),
+    ("--w-symmetric", "w_symmetric"),
     ("--resize", "preprocess.resize"),
     ("--crop", "preprocess.crop"),
     ("--mean", "preprocess.mean"),

@@ -45,20 +45,29 @@ def _finite(x):
     return None if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))) else x
 
 
-def _quantized_logits(model, path: Path, calib, evalset, export: bool, device) -> tuple[Tensor | None, dict]:
+def _quantized_logits(model, path: Path, calib, evalset, export: bool, device, config: CalibConfig
+                      ) -> tuple[Tensor | None, dict]:
     """The reloaded model's logits on the evaluation set (None without one) and, with ``export``,
-    model.onnx checked in ONNX Runtime on the same images in the same pass (else on the
-    calibration images, without labels); raises ExportError on a mismatch."""
+    model.onnx written for ``config.export_target`` and checked in its runtime on the same images
+    in the same pass (else on the calibration images, without labels), with its latency against
+    FP32 there; raises ExportError on a mismatch."""
+    from clcalib.export.latency import latency_vs_fp32
     from clcalib.export.onnx_check import export_checked
+    from clcalib.export.profiles import profile
 
     shape = (1, *calib.shape[1:])
     with exact_numerics():
         if not export:
             return (predict(model, evalset.images(), device=device) if evalset is not None else None), {}
+        target = dict(target=config.export_target, range_images=calib)
         if evalset is None:
-            return None, export_checked(model, path, shape, calib, device=device)[0]
-        onnx, q_logits = export_checked(model, path, shape, evalset.images(), evalset.labels, device=device)
-        return q_logits, onnx
+            q_logits, onnx = None, export_checked(model, path, shape, calib, device=device, **target)[0]
+        else:
+            onnx, q_logits = export_checked(model, path, shape, evalset.images(), evalset.labels, device=device, **target)
+    onnx["onnx_latency"] = latency_vs_fp32(model.cpu(), path, shape, (1, config.batch_size),
+                                           profile(config.export_target).runtime)
+    model.to(device)
+    return q_logits, onnx
 
 
 def run_calibration(
@@ -88,9 +97,9 @@ def run_calibration(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if ExportFormat.ONNX in config.export:  # before hours of calibration, not after
-        from clcalib.export.onnx_check import require_onnx
+        from clcalib.export.profiles import check_target
 
-        require_onnx()
+        check_target(config.export_target, config.w_symmetric)
     if model is not None:
         from clcalib.graph.program import num_outputs, read_program
 
@@ -143,7 +152,7 @@ def run_calibration(
     if evalset is not None or export:
         emit(ProgressEvent(stage="evaluate" if evalset is not None else "export", num_units=len(result.units),
                            unit=len(result.units)))
-    q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device)
+    q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device, config)
     metrics.update(onnx)
     if evalset is not None:
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})

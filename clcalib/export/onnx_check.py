@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from clcalib.errors import ExportError
+from clcalib.export.profiles import DEFAULT, profile
 from clcalib.metrics import agreement, top1
 
 # An export whose top-1 agrees with the torch model's on fewer images than this (%) fails. Not
@@ -23,33 +24,49 @@ MIN_AGREEMENT = 97.0
 
 def require_onnx() -> None:
     """Fail now, with the install command, if the ONNX packages are missing."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ExportError("ONNX export needs the onnx and onnxruntime packages: pip install 'clcalib[onnx]'") from None
+    from clcalib.export.profiles import require_runtime
+
+    require_runtime("onnxruntime")
 
 
 def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images: Tensor | Iterable[Tensor],
                    labels: Tensor | None = None, device: str | torch.device = "cpu",
-                   threads: int | None = None) -> tuple[dict, Tensor]:
-    """Export ``model`` to ``path`` and check it in ONNX Runtime first: the file appears only if
+                   threads: int | None = None, target: str = DEFAULT,
+                   range_images: Tensor | None = None) -> tuple[dict, Tensor]:
+    """Export ``model`` to ``path`` for the runtime ``target`` (export/profiles.py) and check it
+    first, in ONNX Runtime and, for target openvino, in OpenVINO too: the file appears only if
     it passes, a failing one is removed. One pass over ``images`` (an evaluation set streams
-    and is decoded once) gives the torch model's logits (on ``device``) and ONNX Runtime's.
-    Returns (``onnx_bytes`` and check_logits's fields, the torch logits)."""
+    and is decoded once) gives the torch model's logits (on ``device``) and each runtime's.
+    ``range_images``: calibration images, for the integer profiles' 8-bit ranges. Returns
+    (``onnx_bytes``, ``export_target`` and check_logits's fields per runtime, the torch logits:
+    the calibrated model's, also when the file runs its low-bit activations at 8 bits)."""
     from clcalib.atomic import atomic_path
     from clcalib.export.onnx_qdq import build_onnx
     from clcalib.metrics import predict
+    from clcalib.quant.switch import eight_bit_activations
 
+    prof = profile(target)
     with atomic_path(Path(path)) as tmp:  # one temporary file, renamed only once the check passed
-        tmp.write_bytes(build_onnx(model, tuple(input_shape)).SerializeToString())
-        run = OnnxRunner(tmp, threads)
-        torch_logits, ort_logits = [], []
+        tmp.write_bytes(build_onnx(model, tuple(input_shape), target=target, range_images=range_images).SerializeToString())
+        runners = {"onnx": OnnxRunner(tmp, threads)}
+        if prof.runtime == "openvino":
+            from clcalib.export.openvino_check import OpenVinoRunner
+
+            runners["openvino"] = OpenVinoRunner(tmp, threads)
+        torch_logits, file_logits = [], []
+        got: dict[str, list[Tensor]] = {k: [] for k in runners}
         for x in _batches(images, BATCH):
             torch_logits.append(predict(model, [x], device=device))
-            ort_logits.append(run(x))
+            if prof.activations == "8bit":  # the model the file is: low-bit activations widened to 8 bits
+                with eight_bit_activations(model):
+                    file_logits.append(predict(model, [x], device=device))
+            for k, run in runners.items():
+                got[k].append(run(x))
         torch_logits = torch.cat(torch_logits)
-        out = {"onnx_bytes": tmp.stat().st_size, **check_logits(tmp, torch_logits, torch.cat(ort_logits), labels)}
+        ref = torch.cat(file_logits) if file_logits else torch_logits
+        out = {"onnx_bytes": tmp.stat().st_size, "export_target": target}
+        for k in runners:
+            out.update(check_logits(tmp, ref, torch.cat(got[k]), labels, runtime=k))
     return out, torch_logits
 
 
@@ -104,22 +121,26 @@ def check_onnx(path: str | Path, torch_logits: Tensor, images: Tensor | Iterable
     return check_logits(path, torch_logits, onnx_predict(path, images, threads=threads), labels)
 
 
-def check_logits(path: str | Path, torch_logits: Tensor, ort_logits: Tensor, labels: Tensor | None = None) -> dict:
-    """check_onnx's fields from both models' logits on the same images (``path`` names the file
-    in the error)."""
-    ref = torch_logits.detach().cpu().float()
+RUNTIMES = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}  # field prefix -> the runtime's name
+
+
+def check_logits(path: str | Path, torch_logits: Tensor, ort_logits: Tensor, labels: Tensor | None = None,
+                 runtime: str = "onnx") -> dict:
+    """check_onnx's fields (prefixed ``runtime``: onnx, openvino) from both models' logits on the
+    same images (``path`` names the file in the error)."""
+    ref, name = torch_logits.detach().cpu().float(), RUNTIMES[runtime]
     if ort_logits.shape != ref.shape:
-        raise ExportError(f"{path}: ONNX Runtime gives logits of shape {tuple(ort_logits.shape)}, "
+        raise ExportError(f"{path}: {name} gives logits of shape {tuple(ort_logits.shape)}, "
                           f"the torch model {tuple(ref.shape)}")
     out = {
-        "onnx_top1": top1(ort_logits, labels) if labels is not None else None,
-        "onnx_top1_agreement": agreement(ref, ort_logits),
-        "onnx_max_abs_logit_diff": float((ref - ort_logits).abs().max()),
-        "onnx_checked_images": len(ort_logits),
+        f"{runtime}_top1": top1(ort_logits, labels) if labels is not None else None,
+        f"{runtime}_top1_agreement": agreement(ref, ort_logits),
+        f"{runtime}_max_abs_logit_diff": float((ref - ort_logits).abs().max()),
+        f"{runtime}_checked_images": len(ort_logits),
     }
-    if not out["onnx_top1_agreement"] >= MIN_AGREEMENT:
+    if not out[f"{runtime}_top1_agreement"] >= MIN_AGREEMENT:
         raise ExportError(
-            f"{path}: ONNX Runtime's top-1 agrees with the torch model's on only {out['onnx_top1_agreement']:.2f} % "
+            f"{path}: {name}'s top-1 agrees with the torch model's on only {out[f'{runtime}_top1_agreement']:.2f} % "
             f"of {len(ort_logits)} images (at least {MIN_AGREEMENT} % expected; max |logit diff| "
-            f"{out['onnx_max_abs_logit_diff']:.3g}); the export is wrong, please report it")
+            f"{out[f'{runtime}_max_abs_logit_diff']:.3g}); the export is wrong, please report it")
     return out

@@ -39,11 +39,12 @@ from torch import fx, nn
 
 from clcalib.config import MAX_BITS, MIN_BITS
 from clcalib.errors import ExportError, UnsupportedModel
+from clcalib.export.profiles import DEFAULT, Profile, profile
 from clcalib.graph.trace import trace
 from clcalib.graph.units import fetch_attr
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
-from clcalib.quant.primitives import qmax_of
+from clcalib.quant.primitives import qmax_of, widen_to_8bit
 from clcalib.quant.switch import quantization
 from clcalib.quant.weight import WState
 
@@ -53,11 +54,22 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 @dataclass(frozen=True)
 class Value:
-    """An ONNX tensor name, and the activation quantizer whose DequantizeLinear produced it (if
-    any): a zero point of 0 means the value is >= 0, so a ReLU on it is a no-op."""
+    """An ONNX tensor name; ``dq``: a DequantizeLinear produced it (integer kernels can take it);
+    ``nonnegative``: its zero point is 0, so the value is >= 0 and a ReLU on it is a no-op."""
 
     name: str
-    quantizer: ActQuantizer | None = None
+    dq: bool = False
+    nonnegative: bool = False
+
+
+@dataclass(frozen=True)
+class Codes:
+    """An activation's uint8 QDQ: scale, zero point, and the top code (< 255: the narrower
+    range of a low-bit quantizer or a folded ReLU6)."""
+
+    scale: np.float32
+    zero: int
+    top: int = 255
 
 
 def _onnx():
@@ -69,9 +81,15 @@ def _onnx():
 
 
 class _Graph:
-    def __init__(self, quantized: bool):
+    def __init__(self, quantized: bool, profile: Profile, ranges: dict[str, tuple[float, float]] | None = None):
         self.onnx = _onnx()
         self.quantized = quantized
+        self.profile = profile
+        # integer profiles: the observed range of every float tensor, by fx node name, and which
+        # node made each ONNX tensor (to requantize a float value an integer op takes)
+        self.ranges = ranges or {}
+        self.origin: dict[str, str] = {}
+        self._requantized: dict[str, Value] = {}
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
@@ -112,8 +130,9 @@ class _Graph:
 
     # --- quantization ------------------------------------------------------------------------
     def act_quant(self, x: Value, q: ActQuantizer, hint: str, clamp_max: float | None = None) -> Value:
-        """Q -> Clip -> DQ. ``clamp_max``: a ReLU6-style clamp before the quantizer, folded into
-        the code range (exact when the zero point is 0, see ``layer``)."""
+        """The calibrated quantizer ``q`` as Q -> (Clip) -> DQ. ``clamp_max``: a ReLU6-style clamp
+        before the quantizer, folded into the code range (exact when the zero point is 0, see
+        ``layer``)."""
         if not self.quantized:
             return Value(x.name)
         if not q.initialized:
@@ -121,17 +140,41 @@ class _Graph:
         _check_bits(q.bits, hint)
         scale = np.float32(q.step_size().item())
         zero = int(_codes(q.zero.detach().cpu().reshape(1), q.bits, hint + " zero point")[0])
-        s = self.const(hint + ".scale", np.array(scale, np.float32))
-        z = self.const(hint + ".zero", np.array(zero, np.uint8))
-        y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")
-        code_max = qmax_of(q.bits)
+        top = qmax_of(q.bits)
         if clamp_max is not None:  # round(min(x, c) / s) == min(round(x / s), round(c / s)): round is monotone
-            code_max = min(code_max, int(np.round(np.float32(clamp_max) / scale)))
-        if code_max < 255:  # narrow codes: the integer range of the calibrated bit width
+            top = min(top, int(np.round(np.float32(clamp_max) / scale)))
+        if top < 255 and self.profile.activations == "8bit":  # the same clamp range on a finer grid
+            widened, zero = widen_to_8bit(scale, zero, top)
+            scale, top = np.float32(widened), 255
+        return self.qdq(x, Codes(scale, zero, top), hint)
+
+    def qdq(self, x: Value, c: Codes, hint: str) -> Value:
+        """QuantizeLinear (uint8) -> Clip to the top code when it is below 255 (the reference
+        profile's narrow codes) -> DequantizeLinear."""
+        s = self.const(hint + ".scale", np.array(c.scale, np.float32))
+        z = self.const(hint + ".zero", np.array(c.zero, np.uint8))
+        y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")
+        if c.top < 255:
             lo = self.const(hint + ".qmin", np.array(0, np.uint8))
-            hi = self.const(hint + ".qmax", np.array(code_max, np.uint8))
+            hi = self.const(hint + ".qmax", np.array(c.top, np.uint8))
             y = self.op("Clip", [y, lo, hi], hint + ".clip")
-        return Value(self.op("DequantizeLinear", [y, s, z], hint + ".dq"), q)
+        return Value(self.op("DequantizeLinear", [y, s, z], hint + ".dq"), dq=True, nonnegative=c.zero == 0)
+
+    def integer_input(self, x: Value, hint: str) -> Value:
+        """``x`` as an integer op's input: itself when a DequantizeLinear made it (or the profile
+        keeps float between the calibrated quantizers), else an 8-bit QDQ with the range observed
+        on the calibration images (once per tensor)."""
+        if not (self.quantized and self.profile.integer_ops) or x.dq or type(x) is not Value:  # not a Size
+            return x
+        if x.name in self._requantized:
+            return self._requantized[x.name]
+        node = self.origin.get(x.name)
+        if node not in self.ranges:
+            raise ExportError(f"{hint}: export target {self.profile.name} needs the range of its float input "
+                              f"{node or x.name}, which was not observed; give calibration images to the export")
+        lo, hi = self.ranges[node]
+        self._requantized[x.name] = v = self.qdq(x, _uint8_codes(lo, hi), hint + ".in8")
+        return v
 
     def weight(self, layer: QuantLayer, hint: str) -> str:
         wq = layer.wq
@@ -141,7 +184,7 @@ class _Graph:
             raise ExportError(f"{hint}: weights are in state {wq.state.value!r}, not integer codes; calibrate first")
         _check_bits(wq.bits, hint)
         TP = self.onnx.TensorProto
-        elem, offset = _weight_type(TP, wq.bits)
+        elem, offset = _weight_type(TP, wq.bits, self.profile)
         zero = _codes(wq.zero.detach().cpu().reshape(-1), wq.bits, hint + " weight zero point") - offset
         codes = _codes(wq.q.detach().cpu(), wq.bits, hint + " weight codes") - offset
         q = self.const(hint + ".wq", codes, elem)
@@ -152,6 +195,7 @@ class _Graph:
     def layer(self, layer: QuantLayer, x: Value, hint: str) -> Value:
         if layer.in_quant is not None:
             x = self.act_quant(x, layer.in_quant, hint + ".in")
+        x = self.integer_input(x, hint)
         w = self.weight(layer, hint)
         b = self.const(hint + ".bias", layer.bias.detach().cpu().float().numpy())
         if layer.is_conv:
@@ -188,7 +232,7 @@ class _Graph:
         raise ExportError(f"{hint}: activation {type(act).__name__} has no ONNX export here")
 
     def relu(self, x: Value, hint: str) -> Value:
-        if x.quantizer is not None and x.quantizer.nonnegative:
+        if x.nonnegative:
             return x  # dequantized codes with zero point 0 are already >= 0: the ReLU is a no-op
         return Value(self.op("Relu", [x.name], hint + ".relu"))
 
@@ -201,12 +245,19 @@ def _codes(t: torch.Tensor, bits: int, what: str) -> np.ndarray:
     return a.astype(np.int32)
 
 
-def _weight_type(TP, bits: int) -> tuple[int, int]:
+def _weight_type(TP, bits: int, profile: Profile) -> tuple[int, int]:
     """The ONNX type of ``bits``-bit weight codes and the offset subtracted from them (and their
-    zero point) to fit it; see the module docstring for why 8 bits are unsigned."""
-    if bits == 8:
+    zero point) to fit it; see the module docstring and profiles.py for which and why."""
+    if bits == 8 and not profile.signed_weights:
         return TP.UINT8, 0
-    return (TP.INT4 if bits <= 4 else TP.INT8), 1 << (bits - 1)
+    return (TP.INT4 if bits <= 4 and profile.packed_weights else TP.INT8), 1 << (bits - 1)
+
+
+def _uint8_codes(lo: float, hi: float) -> Codes:
+    """Asymmetric uint8 codes covering [lo, hi] and 0 (so that 0 and a ReLU's floor are exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32(max(hi - lo, 1e-8) / 255.0)
+    return Codes(scale, int(np.clip(np.round(-lo / scale), 0, 255)))
 
 
 def _check_bits(bits: int, where: str) -> None:
@@ -250,6 +301,7 @@ def _flatten(g: _Graph, x: Value, start_dim=0, end_dim=-1, *, hint: str) -> Valu
 def _add(g: _Graph, a: Value, b: Value, *, hint: str) -> Value:
     if not (isinstance(a, Value) and isinstance(b, Value)):
         raise ExportError(f"{hint}: add with a constant is not exported")
+    a, b = g.integer_input(a, hint), g.integer_input(b, hint)
     return Value(g.op("Add", [a.name, b.name], hint))
 
 
@@ -289,10 +341,38 @@ def _call(fn, g: _Graph, args, kwargs, hint: str):
                           f"{sorted(kwargs)}") from None
 
 
-def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: bool = True, name: str = "clcalib"):
-    """The ONNX ModelProto of ``model`` (a QuantModel): QDQ, or with ``quantized=False`` plain
-    FP32 from the layers' float weights (BatchNorm folded), for a like-for-like baseline."""
+RANGE_IMAGES = 256  # calibration images whose float tensors give the integer profiles' 8-bit ranges
+
+
+def observed_ranges(model: nn.Module, traced: fx.Graph, images: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Min and max of every float tensor of the quantized model over ``images``, by fx node name."""
+    ranges: dict[str, tuple[float, float]] = {}
+
+    class Observer(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                lo, hi = float(out.min()), float(out.max())
+                old = ranges.get(n.name, (lo, hi))
+                ranges[n.name] = (min(lo, old[0]), max(hi, old[1]))
+            return out
+
+    gm = fx.GraphModule(model, traced)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x in images[:RANGE_IMAGES].split(64):
+            Observer(gm).run(x.float().to(device))
+    return ranges
+
+
+def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: bool = True, name: str = "clcalib",
+               target: str = DEFAULT, range_images: torch.Tensor | None = None):
+    """The ONNX ModelProto of ``model`` (a QuantModel): QDQ written for the runtime ``target``
+    (profiles.py), or with ``quantized=False`` plain FP32 from the layers' float weights
+    (BatchNorm folded), for a like-for-like baseline. Integer targets need ``range_images``
+    (calibration images) for the tensors the calibration left in float."""
     onnx = _onnx()
+    prof = profile(target)
     try:
         traced = trace(model)
     except UnsupportedModel as e:
@@ -303,8 +383,14 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
 
     functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
     with torch.no_grad(), quantization(model, False):  # shapes for the ops that need a rank or a head size
-        ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:]))
-    g = _Graph(quantized)
+        ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:], device=next(model.parameters()).device))
+    ranges = None
+    if quantized and prof.integer_ops:
+        if range_images is None:
+            raise ExportError(f"export target {target} quantizes the tensors the calibration kept in float to 8 bits "
+                              "and needs calibration images for their ranges; give them, or use target reference")
+        ranges = observed_ranges(model, traced, range_images)
+    g = _Graph(quantized, prof, ranges)
     mods = dict(model.named_modules())
     env: dict[fx.Node, object] = {}
     out: Value | None = None
@@ -330,6 +416,8 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
             what = getattr(node.target, "__name__", str(node.target))
             raise ExportError(f"{node.name}: {node.op} {what!r} has no ONNX export here "
                               "(supported: conv/linear layers, add, relu, relu6, max/global-average pooling, flatten, mean)")
+        if isinstance(env.get(node), Value):
+            g.origin.setdefault(env[node].name, node.name)
     if not isinstance(out, Value):
         raise ExportError("the model must return one tensor (the logits)")
     g.nodes.append(onnx.helper.make_node("Identity", [out.name], [OUTPUT_NAME], name=OUTPUT_NAME))
@@ -351,11 +439,12 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     return proto
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], *, quantized: bool = True) -> int:
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], *, quantized: bool = True,
+                target: str = DEFAULT, range_images: torch.Tensor | None = None) -> int:
     """Write ``model`` as ONNX (QDQ) to ``path`` atomically; returns the file size in bytes."""
     from clcalib.atomic import atomic_path
 
-    proto = build_onnx(model, tuple(input_shape), quantized=quantized)
+    proto = build_onnx(model, tuple(input_shape), quantized=quantized, target=target, range_images=range_images)
     with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path).stat().st_size

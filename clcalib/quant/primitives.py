@@ -3,6 +3,7 @@ an integer in that range (symmetric = zero point fixed at 2^(bits-1))."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +30,13 @@ def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """quantize + dequantize, differentiable in x and scale (STE through the rounding)."""
     q = torch.clamp(round_ste(x / scale) + zero, 0, qmax_of(bits))
     return dequantize(q, scale, zero)
+
+
+def widen_to_8bit(scale: float, zero: int, top: int) -> tuple[float, int]:
+    """8-bit codes over the range of ``top + 1`` codes of step ``scale`` from ``zero``: the same
+    clamp range, a finer grid. How the integer export profiles write a low-bit activation so
+    that int8 kernels take it (clcalib/export/profiles.py); float32 like the step it scales."""
+    return float(np.float32(scale) * np.float32(top) / np.float32(255.0)), int(round(zero * 255 / top))
 
 
 def choose_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool = False) -> tuple[Tensor, Tensor]:

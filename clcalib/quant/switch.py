@@ -9,6 +9,7 @@ from torch import nn
 
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
+from clcalib.quant.primitives import qmax_of, widen_to_8bit
 
 
 @contextmanager
@@ -23,6 +24,28 @@ def quantization(model: nn.Module, enabled: bool):
     finally:
         for m, s in zip(mods, saved, strict=True):
             m.active = s
+
+
+@contextmanager
+def eight_bit_activations(model: nn.Module):
+    """Every activation quantizer below 8 bits runs as 8 bits over its calibrated clamp range
+    (``widen_to_8bit``): the model an integer export profile writes, for checking the file."""
+    mods = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.bits < 8 and m.initialized]
+    saved = [(m.bits, m.scale.detach().clone(), m.zero.detach().clone()) for m in mods]
+    with torch.no_grad():
+        for m in mods:
+            scale, zero = widen_to_8bit(float(m.step_size()), int(m.zero.item()), qmax_of(m.bits))
+            m.bits = 8
+            m.scale.fill_(scale)
+            m.zero.fill_(zero)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, (bits, scale, zero) in zip(mods, saved, strict=True):
+                m.bits = bits
+                m.scale.copy_(scale)
+                m.zero.copy_(zero)
 
 
 @contextmanager
