@@ -153,8 +153,16 @@ def _print_table(report: dict) -> None:
         ("calibration time", _fmt(m["calibration_seconds"], " s")),
     ]
     if m.get("onnx_bytes") is not None:
-        rows.append(("ONNX (QDQ) in ONNX Runtime", f"{report['onnx']}: {m['onnx_bytes'] / 1e6:.2f} MB, top-1 {_fmt(m['onnx_top1'])}, "
-                     f"agreement with torch {_fmt(m['onnx_top1_agreement'])} % on {m['onnx_checked_images']} images"))
+        from clcalib.export.onnx_check import RUNTIMES
+
+        rows.append((f"{report['onnx']} (target {m.get('export_target', 'reference')})", f"{m['onnx_bytes'] / 1e6:.2f} MB"))
+        for k, name in RUNTIMES.items():
+            if m.get(f"{k}_top1_agreement") is not None:
+                rows.append((f"  in {name}", f"top-1 {_fmt(m[f'{k}_top1'])}, agreement with torch "
+                             f"{_fmt(m[f'{k}_top1_agreement'])} % on {m[f'{k}_checked_images']} images"))
+        for b, t in (m.get("onnx_latency") or {}).get("batches", {}).items():
+            rows.append((f"  latency, batch {b}", f"{t['ms']:.2f} ms = {t['x_fp32']:.2f}x FP32 ({t['fp32_ms']:.2f} ms) "
+                         f"in {m['onnx_latency']['runtime']}"))
     if report.get("class_mapping"):
         cm = sorted(report["class_mapping"].items(), key=lambda kv: kv[1])
         rows.append(("evaluation classes", ", ".join(f"{n}={i}" for n, i in cm[:10]) + (", ..." if len(cm) > 10 else "")))

@@ -106,7 +106,10 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     # model.onnx beside the checkpoint, checked in ONNX Runtime on the same 500 images
     assert report["onnx"] == "model.onnx" and m["onnx_bytes"] == (out / "model.onnx").stat().st_size
     assert m["onnx_checked_images"] == 500 and m["onnx_top1_agreement"] >= 99.0, m
-    assert abs(m["onnx_top1"] - m["quant_top1"]) <= 0.6, m
+    # the default target runs the 4-bit activations as 8-bit codes over their calibrated ranges
+    # (int8 kernels): at least as accurate as the calibrated model, and faster than FP32 there
+    assert m["export_target"] == "onnxruntime" and m["onnx_top1"] >= m["quant_top1"] - 0.6, m
+    assert set(m["onnx_latency"]["batches"]) == {"1", "32"}, m["onnx_latency"]
     from clcalib.export import read_header
 
     header = read_header(out / "quantized.safetensors")

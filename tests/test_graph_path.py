@@ -122,18 +122,23 @@ def test_other_architectures_calibrate_save_reload_and_export(make, size, onnx, 
     if onnx:
         from clcalib.export.onnx_check import session
 
-        export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size))
+        export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size), target="reference")  # exact simulation
+        export_onnx(reloaded, tmp_path / "int.onnx", (1, 3, size, size), range_images=data)  # default: integer kernels
         for batch in (1, 8):  # the batch dimension stays dynamic in the file
             got = torch.from_numpy(session(tmp_path / "q.onnx").run(None, {"input": data[:batch].numpy()})[0])
+            fast = torch.from_numpy(session(tmp_path / "int.onnx").run(None, {"input": data[:batch].numpy()})[0])
             with torch.no_grad():
                 ref = reloaded(data[:batch])
             # float LayerNorm/GELU/attention differ in the last bits between torch and ONNX Runtime,
             # which can move a value across a quantizer's rounding boundary: a step, not more
             assert ref.abs().max() > 0.1 and torch.allclose(got, ref, atol=0.02 * float(ref.abs().max()))
             assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.85
+            # the integer file adds 8-bit codes where the calibration kept float (residual sums)
+            assert float((fast - ref).norm() / ref.norm()) < 0.15, float((fast - ref).norm() / ref.norm())
     else:  # Swin's shifted windows (roll, pad, index, masks) have no QDQ export yet: refused by name
-        with pytest.raises(ExportError, match="has no ONNX export here"):
-            export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size))
+        for target in ("reference", "onnxruntime"):
+            with pytest.raises(ExportError, match="has no ONNX export here"):
+                export_onnx(reloaded, tmp_path / "q.onnx", (1, 3, size, size), target=target, range_images=data)
 
 
 def test_the_checkpoint_carries_no_float_layer_weights_and_no_calibration_images(tmp_path):
@@ -236,7 +241,9 @@ def test_cli_calibrates_an_exported_program_on_real_images(tmp_path, reference):
     r = cli("evaluate", "--checkpoint", tmp_path / "out" / "quantized.safetensors", "--eval", evalz, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["quant_top1"] == pytest.approx(report["metrics"]["quant_top1"])
-    assert report["metrics"]["onnx_top1_agreement"] >= 99.0
+    # the default target adds 8-bit codes where the calibration kept float (residual sums; ranges
+    # from these 64 images): 98.7 % on these 300 images, where the exact reference file gives 100
+    assert report["metrics"]["onnx_top1_agreement"] >= 98.0
     r = cli("calibrate", "--model", tmp_path / "m.pt2", "--arch", "resnet18", "--calib", calib, "--out", tmp_path / "x")
     assert r.returncode != 0 and "not both" in r.stderr and "Traceback" not in r.stderr
     assert REFERENCE.is_dir()

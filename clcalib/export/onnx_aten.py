@@ -19,6 +19,7 @@ from torch import nn
 
 from clcalib.errors import ExportError
 from clcalib.export.onnx_qdq import Value, _adaptive_avg_pool, _flatten, _mean
+from clcalib.export.onnx_qdq import _add as _add_tensors
 
 aten = torch.ops.aten
 
@@ -62,6 +63,13 @@ def _binary(op_type: str):
         return Size(out) if isinstance(like, Size) else Value(out)
 
     return fn
+
+
+def _add(g, a, b, *, hint: str) -> Value:
+    """Two tensors: the residual add integer kernels take (onnx_qdq._add); sizes or a constant: Add."""
+    if type(a) is Value and type(b) is Value:
+        return _add_tensors(g, a, b, hint=hint)
+    return _binary("Add")(g, a, b, hint=hint)
 
 
 def _size(g, x: Value, dim: int, *, hint: str) -> Size:
@@ -167,7 +175,7 @@ def _unary(op_type: str):
 
 
 ATEN_FUNCTIONS = {
-    aten.add.Tensor: _binary("Add"), aten.mul.Tensor: _binary("Mul"), aten.sub.Tensor: _binary("Sub"),
+    aten.add.Tensor: _add, aten.mul.Tensor: _binary("Mul"), aten.sub.Tensor: _binary("Sub"),
     aten.div.Tensor: _binary("Div"), aten.matmul.default: _binary("MatMul"),
     operator.mul: _binary("Mul"), operator.floordiv: _binary("Div"), operator.sub: _binary("Sub"),
     aten.relu.default: lambda g, x, *, hint: g.relu(x, hint), aten.hardtanh.default: _hardtanh,

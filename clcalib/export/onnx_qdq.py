@@ -170,8 +170,9 @@ class _Graph:
             return self._requantized[x.name]
         node = self.origin.get(x.name)
         if node not in self.ranges:
-            raise ExportError(f"{hint}: export target {self.profile.name} needs the range of its float input "
-                              f"{node or x.name}, which was not observed; give calibration images to the export")
+            raise ExportError(f"{hint}: export target {self.profile.name} writes its float input {node or x.name} as "
+                              "8-bit codes and needs calibration images for the range; give them (clcalib export "
+                              "--calib), or use target reference")
         lo, hi = self.ranges[node]
         self._requantized[x.name] = v = self.qdq(x, _uint8_codes(lo, hi), hint + ".in8")
         return v
@@ -384,11 +385,8 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
     with torch.no_grad(), quantization(model, False):  # shapes for the ops that need a rank or a head size
         ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:], device=next(model.parameters()).device))
-    ranges = None
-    if quantized and prof.integer_ops:
-        if range_images is None:
-            raise ExportError(f"export target {target} quantizes the tensors the calibration kept in float to 8 bits "
-                              "and needs calibration images for their ranges; give them, or use target reference")
+    ranges = None  # without images, the first float input an integer op takes is refused by name
+    if quantized and prof.integer_ops and range_images is not None:
         ranges = observed_ranges(model, traced, range_images)
     g = _Graph(quantized, prof, ranges)
     mods = dict(model.named_modules())
