@@ -1,0 +1,234 @@
+"""Export speed side by side: clcalib's ONNX files for each export target against Intel NNCF's
+and ONNX Runtime's own quantizer (``quantize_static``) on the same model and calibration images,
+timed in ONNX Runtime and OpenVINO against the FP32 file in the same run, with each file's
+top-1 in both runtimes.
+
+Per model and input size one JSON row (all files of the group are timed interleaved, so their
+ratios to FP32 hold on a busy machine) is appended to --out as soon as it is measured; groups
+already there are skipped. NNCF and OpenVINO are bench extras (pip install -e '.[bench]'),
+never runtime dependencies.
+
+    python -m bench.export_speed --models resnet18,mobilenet_v2 --sizes 28 --out bench/results/export_speed.jsonl
+    python -m bench.export_speed --models resnet18,mobilenet_v2 --sizes 224 --method mse --calib-size 256 \\
+        --eval-size 1000 --out bench/results/export_speed.jsonl
+    python -m bench.export_speed --table bench/results/export_speed.jsonl > bench/RESULTS_export.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.fmnist import PREPROCESS, REFERENCE
+
+BITS = ("W8A8", "W4A8", "W4A4")
+
+
+def _images(split_name: str, idx, size: int):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from bench.fmnist import split
+
+    x, y = split(split_name)
+    t = torch.from_numpy(x[np.asarray(idx)].astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
+    t = (t - 0.286) / 0.353
+    if size != t.shape[-1]:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return t.contiguous(), torch.from_numpy(y[np.asarray(idx)].astype(np.int64))
+
+
+def _top1(run, x, y, batch: int = 250) -> float:
+    import torch
+
+    logits = torch.cat([torch.as_tensor(run(x[i:i + batch].numpy())) for i in range(0, len(x), batch)])
+    return round(100.0 * float((logits.argmax(1) == y).float().mean()), 2)
+
+
+def _runners(path: Path) -> dict:
+    """Each runtime's function of a batch, or the one-line reason it cannot load the file."""
+    import numpy as np
+
+    from clcalib.errors import ExportError
+    from clcalib.export.onnx_check import session
+    from clcalib.export.openvino_check import compiled
+
+    out: dict = {}
+    try:
+        s = session(path)
+        out["onnxruntime"] = lambda x: s.run(None, {"input": x})[0]
+    except ExportError as e:
+        out["onnxruntime"] = str(e)
+    try:
+        req = compiled(path).create_infer_request()
+        out["openvino"] = lambda x: np.asarray(next(iter(req.infer({0: x}).values())))
+    except ExportError as e:
+        out["openvino"] = str(e)
+    return out
+
+
+def nncf_file(fp32: Path, calib, out: Path) -> float:
+    """NNCF's default post-training quantization of the FP32 file; returns its seconds."""
+    import nncf
+    import onnx
+
+    model = onnx.load(fp32)
+    t = time.perf_counter()
+    q = nncf.quantize(model, nncf.Dataset([{"input": calib[i:i + 1].numpy()} for i in range(len(calib))]),
+                      subset_size=len(calib))
+    seconds = time.perf_counter() - t
+    onnx.save(q, out)
+    return seconds
+
+
+def ort_static_file(fp32: Path, calib, out: Path) -> float:
+    """ONNX Runtime's quantize_static with its defaults (QDQ, uint8 activations, int8 weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i:i + 1].numpy()} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    t = time.perf_counter()
+    quantize_static(str(fp32), str(out), Reader())
+    return time.perf_counter() - t
+
+
+def run_group(model: str, size: int, args) -> dict:
+    import numpy as np
+    import torch
+
+    import clcalib as lib
+    from bench.fmnist import calibration_indices
+    from clcalib.export.latency import median_ms
+    from clcalib.export.onnx_qdq import export_onnx
+    from clcalib.graph.registry import build_model, read_state_dict
+
+    torch.set_num_threads(args.threads)
+    fp = build_model(model, 10, read_state_dict(REFERENCE / f"fmnist_{model}.safetensors"))
+    calib, _ = _images("train", calibration_indices(args.calib_size), size)
+    x, y = _images("t10k", range(0, 10000, 10000 // args.eval_size), size)
+    shape = (1, 3, size, size)
+    files: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        models = {}
+        for bits in args.bits.split(","):
+            t = time.perf_counter()
+            res = lib.calibrate(fp, calib, {"method": args.method, "w_bits": int(bits[1]), "a_bits": int(bits[3]),
+                                            "iters": args.iters, "w_symmetric": True, "device": "cpu",
+                                            "calib_size": args.calib_size, "preprocess": PREPROCESS})
+            models[bits] = (res.model, time.perf_counter() - t)
+            with torch.no_grad():
+                torch_top1 = round(100.0 * float((torch.cat([res.model(b) for b in x.split(250)]).argmax(1) == y)
+                                                 .float().mean()), 2)
+            for target in (("onnxruntime", "reference") if bits == "W8A8" else ("onnxruntime",)):
+                name = f"clcalib {bits} {target}"
+                export_onnx(res.model, d / f"{len(files)}.onnx", shape, target=target, range_images=calib)
+                files[name] = {"path": d / f"{len(files)}.onnx", "torch_top1": torch_top1,
+                               "quantize_seconds": round(models[bits][1], 1)}
+        first = next(iter(models.values()))[0]
+        export_onnx(first, d / "fp32.onnx", shape, quantized=False)
+        files = {"FP32": {"path": d / "fp32.onnx"}, **files}
+        files["NNCF W8A8"] = {"path": d / "nncf.onnx", "quantize_seconds": round(nncf_file(d / "fp32.onnx", calib, d / "nncf.onnx"), 1)}
+        files["ORT quantize_static W8A8"] = {"path": d / "ort.onnx",
+                                             "quantize_seconds": round(ort_static_file(d / "fp32.onnx", calib, d / "ort.onnx"), 1)}
+        for f in files.values():
+            f["bytes"] = f["path"].stat().st_size
+            for runtime, run in _runners(f["path"]).items():
+                f[f"{runtime}_top1"] = _top1(run, x, y) if callable(run) else None
+                if not callable(run):
+                    f[f"{runtime}_error"] = run
+        latency: dict = {}
+        for runtime in ("onnxruntime", "openvino"):
+            for batch in (1, 32):
+                xb = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
+                ms = median_ms({k: f["path"] for k, f in files.items() if f[f"{runtime}_top1"] is not None}, runtime, xb)
+                latency[f"{runtime}_b{batch}"] = {k: round(v, 4) for k, v in ms.items()}
+        for f in files.values():
+            del f["path"]
+    return {"model": model, "size": size, "method": args.method, "iters": args.iters, "calib_images": args.calib_size,
+            "eval_images": len(y), "files": files, "latency_ms": latency}
+
+
+def table(rows: list[dict]) -> str:
+    cmds = "; ".join(f"`{c}`" for c in dict.fromkeys(r["cmd"] for r in rows))
+    r0 = rows[0]
+    out = ["# Export speed: clcalib's files against NNCF and ONNX Runtime's quantizer", "",
+           f"Generated by `python -m bench.export_speed --table bench/results/export_speed.jsonl` from the rows of {cmds} "
+           f"(ONNX Runtime {r0['onnxruntime']}, OpenVINO {r0['openvino']}, NNCF {r0['nncf']}, torch {r0['torch']}; "
+           f"{r0['cpu']}, {r0['threads']} threads). Latency: median ms per batch over 40 timed runs per file, the files "
+           "of one model and size interleaved in 5 rounds in one process; shown as x the FP32 file's time in the same "
+           "runtime (lower is faster). Top-1 on Fashion-MNIST test images (every 10th at 28 px, fewer at 224 px) in "
+           "each runtime. clcalib files: symmetric weights, first conv and last linear 8-bit.", ""]
+    for r in rows:
+        lat = r["latency_ms"]
+        out += [f"## {r['model']}, {r['size']} px ({r['method']}"
+                + (f", {r['iters']} it/unit" if r["method"] not in ("minmax", "mse") else "")
+                + f", {r['calib_images']} calibration images, {r['eval_images']} test images)", "",
+                "| file | torch top-1 | ONNX Runtime top-1 | OpenVINO top-1 | MB | quantize s "
+                "| OpenVINO bs 1 | OpenVINO bs 32 | ONNX Runtime bs 1 | ONNX Runtime bs 32 |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, f in r["files"].items():
+            ratios = []
+            for key in ("openvino_b1", "openvino_b32", "onnxruntime_b1", "onnxruntime_b32"):
+                ms, base = lat[key].get(name), lat[key]["FP32"]
+                ratios.append("does not load" if ms is None else f"**{ms / base:.2f}** ({ms:.2f} ms)")
+            top = [("does not load" if f[k] is None else f"{f[k]:.2f}") for k in ("onnxruntime_top1", "openvino_top1")]
+            out.append(f"| {name} | {f.get('torch_top1', '-')} | {top[0]} | {top[1]} | "
+                       f"{f['bytes'] / 1e6:.2f} | {f.get('quantize_seconds', '-')} | " + " | ".join(ratios) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table([json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines()]), end="")
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v2")
+    p.add_argument("--sizes", default="28")
+    p.add_argument("--bits", default=",".join(BITS))
+    p.add_argument("--method", default="qdrop")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--eval-size", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for calibration")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    import platform
+
+    import nncf
+    import onnxruntime
+    import openvino
+    import torch
+
+    out = Path(a.out)
+    done = set()
+    if out.exists():
+        done = {(r["model"], r["size"], r["method"]) for r in map(json.loads, out.read_text().splitlines())}
+    for model in a.models.split(","):
+        for size in map(int, a.sizes.split(",")):
+            if (model, size, a.method) in done:
+                continue
+            row = run_group(model, size, a)
+            row.update({"cmd": "python -m bench.export_speed " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                        "threads": a.threads, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
+                        "nncf": nncf.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()})
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{model} {size}px done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
