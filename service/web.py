@@ -10,6 +10,7 @@ checks it, and the request's origin). Every template is autoescaped, whatever it
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from starlette.concurrency import run_in_threadpool
 
-from clcalib.config import CalibConfig, Method
+from clcalib.config import CalibConfig, ExportTarget, Method
 from jobs.states import State
 from service.deps import LOCAL_TENANT, StoreDep, store_get, tenant_of
 from service.errors import ApiError
@@ -71,7 +72,8 @@ async def home(request: Request, store: StoreDep, state: State | None = None):
     archs = await request.app.state.validator.archs()  # from the validator child: this process never imports torch
     cfg = CalibConfig()
     return _page(request, "jobs.html.j2", tenant=tenant, jobs=[JobOut.of(j) for j in jobs], archs=archs,
-                 methods=[m.value for m in Method], states=[s.value for s in State], state=state, cfg=cfg)
+                 methods=[m.value for m in Method], states=[s.value for s in State], state=state, cfg=cfg,
+                 export_targets=typing.get_args(ExportTarget))
 
 
 @router.post("/login")

@@ -27,7 +27,7 @@ async function submitJob(form) {
                  mean: numbers(f.get("mean")), std: numbers(f.get("std"))},
   };
   if (f.get("cl_calib")) config.cl_calib = {enabled: true};
-  if (f.get("onnx")) config.export = ["onnx"];
+  if (f.get("onnx")) { config.export = ["onnx"]; config.export_target = f.get("export_target"); }
   const body = new FormData();
   body.append("model", f.get("model"));
   body.append("calibration", f.get("calibration"));
