@@ -1,4 +1,5 @@
-"""ONNX export benchmark: for each reference model and bit setting, calibrate (qdrop, short
+"""ONNX export benchmark of the exact ``reference`` layout (the integer targets' speed:
+bench/export_speed.py): for each reference model and bit setting, calibrate (qdrop, short
 schedule) through the same pipeline as the CLI with ``export: ["onnx"]``, then hold ONNX Runtime
 against the reloaded torch checkpoint on the 10k test images; at W8A8 also time the QDQ file
 against the FP32 ONNX export of the same model in ONNX Runtime (same run, interleaved).
@@ -92,7 +93,7 @@ def run_one(model: str, bits: str, iters: int, calib: Path, test: Path, threads:
     torch.set_num_threads(threads)
     cfg = CalibConfig.model_validate({"method": "qdrop", "w_bits": int(bits[1]), "a_bits": int(bits[3]), "iters": iters,
                                       "seed": 0, "device": "cpu", "calib_size": 1024, "preprocess": PREPROCESS,
-                                      "export": ["onnx"], "w_symmetric": w_symmetric,
+                                      "export": ["onnx"], "export_target": "reference", "w_symmetric": w_symmetric,
                                       "act_placement": placement})
     weights = REFERENCE / f"fmnist_{model}.safetensors"
     with tempfile.TemporaryDirectory() as d:
