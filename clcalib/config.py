@@ -75,7 +75,7 @@ class ExportFormat(str, Enum):
 
 
 # the runtimes model.onnx can be written for; what each means: clcalib/export/profiles.py
-ExportTarget = Literal["onnxruntime", "onnxruntime-avx2", "openvino", "reference"]
+ExportTarget = Literal["onnxruntime", "onnxruntime-avx2", "openvino", "tensorrt", "reference"]
 
 
 MIN_BITS, MAX_BITS = 2, 8  # the bit widths clcalib calibrates, stores and exports
@@ -231,7 +231,7 @@ class CalibConfig(Strict):
     export_target: ExportTarget = Field(
         "onnxruntime",
         description="the runtime model.onnx is written for (docs/deploy.md): onnxruntime (integer kernels, "
-        "x86 CPUs with VNNI and ARM), onnxruntime-avx2 (x86 without VNNI), openvino (needs w_symmetric), "
+        "x86 CPUs with VNNI and ARM), onnxruntime-avx2 (x86 without VNNI), openvino and tensorrt (need w_symmetric), "
         "reference (exact float simulation of every bit width, slow)",
     )
     preprocess: Preprocess = Preprocess()

@@ -370,3 +370,27 @@ def test_openvino_target_needs_symmetric_weights_and_is_checked_in_openvino(cali
     got, _ = export_checked(calibrated["model"], tmp_path / "ov.onnx", SHAPE, x, y, target="openvino",
                             range_images=calibrated["calib"])
     assert got["openvino_top1_agreement"] >= 98.0 and got["onnx_top1_agreement"] >= 98.0, got
+
+
+def test_tensorrt_target_has_zero_point_0_everywhere_and_keeps_the_clamps(calibrated, tmp_path):
+    """TensorRT takes only symmetric int8: every activation QDQ is INT8 with zero point 0, the
+    calibrated clamps stay (a ReLU or Clip before each quantizer), and ONNX Runtime agrees with
+    the model run with 8-bit activations."""
+    from clcalib.config import CalibConfig
+    from clcalib.export.onnx_check import export_checked
+
+    with pytest.raises(ValueError, match="export target tensorrt: its int8 kernels need symmetric weights"):
+        CalibConfig.model_validate({"export": ["onnx"], "export_target": "tensorrt"})
+    x, y = images("t10k", range(0, 10000, 50))
+    got, _ = export_checked(calibrated["model"], tmp_path / "trt.onnx", SHAPE, x, y, target="tensorrt",
+                            range_images=calibrated["calib"])
+    assert got["onnx_top1_agreement"] >= 98.0, got
+    proto = onnx.load(tmp_path / "trt.onnx")
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    qs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert qs and all(inits[n.input[2]].data_type == onnx.TensorProto.INT8 and
+                      int(numpy_helper.to_array(inits[n.input[2]])) == 0 for n in qs)
+    clamped = sum(producer.get(n.input[0]) is not None and producer[n.input[0]].op_type in ("Relu", "Clip") for n in qs)
+    acts = [m for m in calibrated["model"].modules() if isinstance(m, ActQuantizer) and m.initialized]
+    assert clamped == len(acts), (clamped, len(acts))

@@ -146,11 +146,25 @@ class _Graph:
         if top < 255 and self.profile.activations == "8bit":  # the same clamp range on a finer grid
             widened, zero = widen_to_8bit(scale, zero, top)
             scale, top = np.float32(widened), 255
-        return self.qdq(x, Codes(scale, zero, top), hint)
+        return self.qdq(x, Codes(scale, zero, top), hint, clamp=True)
 
-    def qdq(self, x: Value, c: Codes, hint: str) -> Value:
+    def qdq(self, x: Value, c: Codes, hint: str, clamp: bool = False) -> Value:
         """QuantizeLinear (uint8) -> Clip to the top code when it is below 255 (the reference
-        profile's narrow codes) -> DequantizeLinear."""
+        profile's narrow codes) -> DequantizeLinear. Profiles with symmetric activations get
+        int8 codes with zero point 0 covering the same range, and first, where ``clamp`` says the
+        quantizer's range is part of the model, its clamp in float (a ReLU when the range starts
+        at 0): a symmetric range would let through what the calibrated one clips."""
+        if self.profile.symmetric_activations:
+            lo, hi = -c.zero * float(c.scale), (c.top - c.zero) * float(c.scale)
+            if clamp and c.zero == 0:
+                x = Value(self.op("Relu", [x.name], hint + ".floor"))
+            elif clamp:
+                bounds = [self.const(hint + ".lo", np.array(lo, np.float32)), self.const(hint + ".hi", np.array(hi, np.float32))]
+                x = Value(self.op("Clip", [x.name, *bounds], hint + ".clamp"))
+            s = self.const(hint + ".scale", np.array(max(abs(lo), hi, 1e-8) / 127.0, np.float32))
+            z = self.const(hint + ".zero", np.array(0, np.int8))
+            y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")
+            return Value(self.op("DequantizeLinear", [y, s, z], hint + ".dq"), dq=True, nonnegative=clamp and c.zero == 0)
         s = self.const(hint + ".scale", np.array(c.scale, np.float32))
         z = self.const(hint + ".zero", np.array(c.zero, np.uint8))
         y = self.op("QuantizeLinear", [x.name, s, z], hint + ".q")

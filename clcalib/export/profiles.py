@@ -45,6 +45,7 @@ class Profile:
     packed_weights: bool
     runtime: str  # where the export is checked: "onnxruntime" or "openvino"
     symmetric_weights_only: bool = False  # the runtime's int8 kernels need zero point 0 in the weights
+    symmetric_activations: bool = False  # int8 activations with zero point 0 (TensorRT)
 
 
 PROFILES = {
@@ -63,6 +64,11 @@ PROFILES = {
                 "only with zero point 0: needs w_symmetric: true), checked in OpenVINO and ONNX Runtime",
                 integer_ops=True, activations="8bit", signed_weights=True, packed_weights=False,
                 runtime="openvino", symmetric_weights_only=True),
+        Profile("tensorrt", "TensorRT's explicit quantization: int8 weights and activations, both with zero point 0 "
+                "(needs w_symmetric: true; activation ranges re-expressed symmetric, a ReLU kept before each "
+                "quantizer that folded one); checked in ONNX Runtime here, in TensorRT by bench/gpu_tensorrt.py",
+                integer_ops=True, activations="8bit", signed_weights=True, packed_weights=False,
+                runtime="onnxruntime", symmetric_weights_only=True, symmetric_activations=True),
         Profile("reference", "exact simulation of every bit width (2-4-bit weights packed in INT4, narrow "
                 "activation codes clipped); float kernels between the Q/DQ pairs, slower than FP32",
                 integer_ops=False, activations="calibrated", signed_weights=False, packed_weights=True,
