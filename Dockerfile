@@ -24,7 +24,7 @@ COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install -c constraints.txt --extra-index-url "${TORCH_INDEX}" torch torchvision \
- && pip install -c constraints.txt ".[postgres,onnx]"
+ && pip install -c constraints.txt ".[postgres,onnx,s3]"
 
 USER clcalib
 VOLUME ["/data"]

@@ -1,0 +1,105 @@
+"""The object store behind the service (jobs/objects.py), on a real S3 API (moto's server on
+loopback; IAM signatures checked for the credential faults) and on the data folder: keys stay inside their job, uploads are
+atomic and hashed, reads stream in bounded chunks, and each fault raises a message naming it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+from svc_helpers import S3Server
+
+from jobs.objects import (
+    CHUNK,
+    LocalObjects,
+    ObjectMissing,
+    S3Objects,
+    StoreMisconfigured,
+    StoreUnavailable,
+    artifact_key,
+    input_key,
+    job_prefix,
+    resume_key,
+    retrying,
+)
+
+JOB = "0123456789abcdef0123456789abcdef"
+
+
+def creds(monkeypatch, key: str, secret: str) -> None:
+    """boto3 reads them from the environment, as the service does."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+
+
+def test_keys_never_leave_the_job_prefix(tmp_path):
+    assert input_key(JOB, "inputs/model.safetensors") == f"jobs/{JOB}/inputs/model.safetensors"
+    assert artifact_key(JOB, "report.json") == f"jobs/{JOB}/out/report.json"
+    assert resume_key(JOB).startswith(job_prefix(JOB))
+    for bad in ("../x", "..", "", ".hidden", "a/b", "a\\b", "x/../../y", "report.json\x00", "é.json", "a" * 200):
+        with pytest.raises(ValueError):
+            artifact_key(JOB, bad)
+    for bad in ("inputs/../../../etc/passwd", "out/model.pt", "inputs/", "inputs/a/b", "/inputs/x"):
+        with pytest.raises(ValueError):
+            input_key(JOB, bad)
+    for bad in ("../other", "a/b", "", "x" * 65, "ab cd"):
+        with pytest.raises(ValueError):
+            job_prefix(bad)
+    with pytest.raises(ValueError):
+        LocalObjects(tmp_path).path("jobs/../../etc/passwd")
+
+
+def test_both_stores_hash_stream_and_delete(tmp_path, monkeypatch):
+    s3 = S3Server(tmp_path / "s3").start()
+    try:
+        creds(monkeypatch, s3.key, s3.secret)
+        stores = [LocalObjects(tmp_path / "data"), S3Objects(s3.bucket, s3.url)]
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(3 * CHUNK + 123))
+        want = hashlib.sha256(big.read_bytes()).hexdigest()
+        for st in stores:
+            st.check()
+            d = st.put_file(big, artifact_key(JOB, "quantized.safetensors"))
+            assert (d.sha256, d.size) == (want, big.stat().st_size), st.kind
+            size, chunks = st.open(artifact_key(JOB, "quantized.safetensors"))
+            parts = list(chunks)
+            assert size == d.size and max(map(len, parts)) <= CHUNK, st.kind  # bounded: never the whole file
+            assert hashlib.sha256(b"".join(parts)).hexdigest() == want
+            st.get_file(artifact_key(JOB, "quantized.safetensors"), tmp_path / st.kind / "copy")
+            assert (tmp_path / st.kind / "copy").read_bytes() == big.read_bytes()
+            assert JOB in st.job_ids() and st.size(artifact_key(JOB, "report.json")) is None
+            with pytest.raises(ObjectMissing):
+                st.open(artifact_key(JOB, "report.json"))
+            st.delete_job(JOB)
+            assert not st.exists(artifact_key(JOB, "quantized.safetensors")) and JOB not in st.job_ids(), st.kind
+        assert s3.keys() == []
+    finally:
+        s3.stop()
+
+
+def test_store_faults_name_the_problem(tmp_path, monkeypatch):
+    s3 = S3Server(tmp_path / "s3").start(auth=True)
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    creds(monkeypatch, s3.key, "not-the-secret")
+    with pytest.raises(StoreMisconfigured, match=r"refused the service's credentials \(SignatureDoesNotMatch\)"):
+        S3Objects(s3.bucket, s3.url).check()
+    with pytest.raises(StoreMisconfigured, match="credentials"):  # an upload as well as the check
+        S3Objects(s3.bucket, s3.url).put_file(f, artifact_key(JOB, "report.json"))
+    creds(monkeypatch, "AKIANOSUCHKEY0000000", s3.secret)
+    with pytest.raises(StoreMisconfigured, match=r"InvalidAccessKeyId"):
+        S3Objects(s3.bucket, s3.url).check()
+    creds(monkeypatch, s3.key, s3.secret)
+    with pytest.raises(StoreMisconfigured, match=r"bucket 'no-such-bucket' does not exist"):
+        S3Objects("no-such-bucket", s3.url).check()
+    st = S3Objects(s3.bucket, s3.url, timeout_s=1)
+    st.check()
+    s3.kill()
+    with pytest.raises(StoreUnavailable, match="cannot be reached"):
+        st.check()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"uploading report.json: .*cannot be reached.*\(tried for 2s\)"):
+        retrying(lambda: st.put_file(f, artifact_key(JOB, "report.json")), 2.0, "uploading report.json")
+    assert 1.0 < time.monotonic() - t0 < 30
