@@ -159,8 +159,10 @@ class Stack:
             self.api.stop()
             self.api = None
 
-    def start_worker(self, wait: bool = True) -> Proc:
-        w = Proc([sys.executable, "-m", "worker"], self.env, self.dir / f"worker{len(self.workers)}.log")
+    def start_worker(self, wait: bool = True, prefix: list[str] | None = None, env: dict | None = None) -> Proc:
+        """``prefix``: a command the worker runs under (e.g. a confinement); ``env``: overrides."""
+        w = Proc([*(prefix or []), sys.executable, "-m", "worker"], {**self.env, **(env or {})},
+                 self.dir / f"worker{len(self.workers)}.log")
         self.workers.append(w)
         if wait:
             wait_until(lambda: "worker ready" in w.log.read_text(errors="replace") or not w.alive(), 90,
