@@ -15,7 +15,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 clcalib \
- && mkdir -p /data && chown clcalib /data
+ && mkdir -p /data /scratch && chown clcalib /data /scratch  # a new named volume takes this owner
 
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
