@@ -268,7 +268,7 @@ class LocalObjects(Objects):
 
     def job_ids(self) -> dict[str, float]:
         d = self.root / "jobs"
-        return {p.name: p.stat().st_mtime for p in d.iterdir() if p.is_dir()} if d.is_dir() else {}
+        return {p.name: p.stat().st_mtime for p in d.iterdir() if p.is_dir() and p.name.isalnum()} if d.is_dir() else {}
 
     def check(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -412,7 +412,7 @@ class S3Objects(Objects):
         out: dict[str, float] = {}
         for o in self._keys("jobs/"):
             parts = o["Key"].split("/")
-            if len(parts) > 2:
+            if len(parts) > 2 and parts[1].isascii() and parts[1].isalnum():  # not a key this service made
                 out[parts[1]] = max(out.get(parts[1], 0.0), o["LastModified"].timestamp())
         return out
 

@@ -15,7 +15,9 @@ partial upload is never visible as an artifact. An unreachable store is retried 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -90,7 +92,7 @@ class Workspace:
             return
         snap = self.dir / ".resume-upload"
         try:
-            shutil.copyfile(self.resume_file, snap, follow_symlinks=False)
+            _copy_plain(self.resume_file, snap)
             self.objects.put_file(snap, resume_key(self.job_id))
             self._synced = stamp
             self.resume_uploads += 1
@@ -121,9 +123,13 @@ class Workspace:
         stated = (report or {}).get("sha256") or {}
         done = []
         for name in list_artifacts(self.out):
+            try:
+                key = artifact_key(self.job_id, name)
+            except ValueError:  # a name the run made up that no download could ask for
+                log.warning("job %s: %r left in out/ is not an artifact name; not uploaded", self.job_id, name[:80])
+                continue
             path = self.out / name
-            d = retrying(lambda k=artifact_key(self.job_id, name), p=path: self.objects.put_file(p, k),
-                         self.retry_s, f"uploading {name}", log)
+            d = retrying(lambda k=key, p=path: self.objects.put_file(p, k), self.retry_s, f"uploading {name}", log)
             if name in stated and stated[name] != d.sha256:
                 raise ArtifactMismatch(f"{name} changed after its report was written (SHA-256 {d.sha256[:12]}… "
                                        f"uploaded, {str(stated[name])[:12]}… in the report)")
@@ -133,6 +139,18 @@ class Workspace:
     def close(self) -> None:
         self._stop.set()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _copy_plain(src: Path, dst: Path) -> None:
+    """Copy ``src`` only if it is a plain file: the sandboxed run writes resume/, and this process
+    (which may read what the run may not) must not follow a link it planted there."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(f"{src.name} is not a plain file")
+        with open(dst, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
 
 
 def clear_stale(scratch: Path, store) -> list[str]:

@@ -103,3 +103,35 @@ def test_store_faults_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(StoreUnavailable, match=r"uploading report.json: .*cannot be reached.*\(tried for 2s\)"):
         retrying(lambda: st.put_file(f, artifact_key(JOB, "report.json")), 2.0, "uploading report.json")
     assert 1.0 < time.monotonic() - t0 < 30
+
+
+def test_workspace_publishes_only_plain_named_files_matching_the_report(tmp_path):
+    """What a sandboxed run leaves in its scratch folder is untrusted: a link planted as the
+    resume state is not followed (this process may read what the run may not), a made-up artifact
+    name is not uploaded, and a checkpoint that differs from its report's hash fails the job."""
+    from worker.workspace import ArtifactMismatch, Workspace
+
+    objects = LocalObjects(tmp_path / "store")
+    ws = Workspace(tmp_path / "scratch", objects, JOB, retry_s=1)
+    ws.fetch({})
+    secret = tmp_path / "secret"
+    secret.write_text("the worker's credentials")
+    ws.resume_file.symlink_to(secret)
+    ws.sync_resume()
+    assert not objects.exists(resume_key(JOB)) and ws.resume_uploads == 0
+    ws.resume_file.unlink()
+    ws.resume_file.write_bytes(b"units")
+    ws.sync_resume()
+    ws.sync_resume()  # unchanged: not uploaded twice
+    assert objects.exists(resume_key(JOB)) and ws.resume_uploads == 1
+
+    (ws.out / "quantized.safetensors").write_bytes(b"weights")
+    (ws.out / "évil name.json").write_bytes(b"{}")
+    good = hashlib.sha256(b"weights").hexdigest()
+    assert ws.publish({"sha256": {"quantized.safetensors": good}}) == [
+        {"name": "quantized.safetensors", "sha256": good, "size": 7}]
+    assert sorted(p.name for p in (tmp_path / "store" / "jobs" / JOB / "out").iterdir()) == ["quantized.safetensors"]
+    with pytest.raises(ArtifactMismatch, match="changed after its report was written"):
+        ws.publish({"sha256": {"quantized.safetensors": "0" * 64}})
+    ws.close()
+    assert not ws.dir.exists()
