@@ -135,3 +135,26 @@ def test_workspace_publishes_only_plain_named_files_matching_the_report(tmp_path
         ws.publish({"sha256": {"quantized.safetensors": "0" * 64}})
     ws.close()
     assert not ws.dir.exists()
+
+
+def test_the_embedded_default_needs_no_boto3(tmp_path):
+    """Without CLCALIB_S3_BUCKET nothing imports boto3 (``clcalib serve`` needs only the base
+    install); with it and no boto3, the message says what to install."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["boto3"] = None  # as if not installed: importing it raises ImportError
+import service.app, worker.runner
+from jobs.objects import StoreMisconfigured, objects_for
+from jobs.settings import Settings
+assert objects_for(Settings(data_dir={str(tmp_path)!r})).kind == "local"
+try:
+    objects_for(Settings(data_dir={str(tmp_path)!r}, s3_bucket="b"))
+except StoreMisconfigured as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'clcalib[s3]'" in r.stdout, r.stdout
