@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-from svc_helpers import S3Server
 
 from jobs.objects import (
     CHUNK,
@@ -51,36 +50,33 @@ def test_keys_never_leave_the_job_prefix(tmp_path):
         LocalObjects(tmp_path).path("jobs/../../etc/passwd")
 
 
-def test_both_stores_hash_stream_and_delete(tmp_path, monkeypatch):
-    s3 = S3Server(tmp_path / "s3").start()
-    try:
-        creds(monkeypatch, s3.key, s3.secret)
-        stores = [LocalObjects(tmp_path / "data"), S3Objects(s3.bucket, s3.url)]
-        big = tmp_path / "big.bin"
-        big.write_bytes(os.urandom(3 * CHUNK + 123))
-        want = hashlib.sha256(big.read_bytes()).hexdigest()
-        for st in stores:
-            st.check()
-            d = st.put_file(big, artifact_key(JOB, "quantized.safetensors"))
-            assert (d.sha256, d.size) == (want, big.stat().st_size), st.kind
-            size, chunks = st.open(artifact_key(JOB, "quantized.safetensors"))
-            parts = list(chunks)
-            assert size == d.size and max(map(len, parts)) <= CHUNK, st.kind  # bounded: never the whole file
-            assert hashlib.sha256(b"".join(parts)).hexdigest() == want
-            st.get_file(artifact_key(JOB, "quantized.safetensors"), tmp_path / st.kind / "copy")
-            assert (tmp_path / st.kind / "copy").read_bytes() == big.read_bytes()
-            assert JOB in st.job_ids() and st.size(artifact_key(JOB, "report.json")) is None
-            with pytest.raises(ObjectMissing):
-                st.open(artifact_key(JOB, "report.json"))
-            st.delete_job(JOB)
-            assert not st.exists(artifact_key(JOB, "quantized.safetensors")) and JOB not in st.job_ids(), st.kind
-        assert s3.keys() == []
-    finally:
-        s3.stop()
+def test_both_stores_hash_stream_and_delete(tmp_path, monkeypatch, s3_server):
+    s3 = s3_server()
+    creds(monkeypatch, s3.key, s3.secret)
+    stores = [LocalObjects(tmp_path / "data"), S3Objects(s3.bucket, s3.url)]
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * CHUNK + 123))
+    want = hashlib.sha256(big.read_bytes()).hexdigest()
+    for st in stores:
+        st.check()
+        d = st.put_file(big, artifact_key(JOB, "quantized.safetensors"))
+        assert (d.sha256, d.size) == (want, big.stat().st_size), st.kind
+        size, chunks = st.open(artifact_key(JOB, "quantized.safetensors"))
+        parts = list(chunks)
+        assert size == d.size and max(map(len, parts)) <= CHUNK, st.kind  # bounded: never the whole file
+        assert hashlib.sha256(b"".join(parts)).hexdigest() == want
+        st.get_file(artifact_key(JOB, "quantized.safetensors"), tmp_path / st.kind / "copy")
+        assert (tmp_path / st.kind / "copy").read_bytes() == big.read_bytes()
+        assert JOB in st.job_ids() and st.size(artifact_key(JOB, "report.json")) is None
+        with pytest.raises(ObjectMissing):
+            st.open(artifact_key(JOB, "report.json"))
+        st.delete_job(JOB)
+        assert not st.exists(artifact_key(JOB, "quantized.safetensors")) and JOB not in st.job_ids(), st.kind
+    assert s3.keys() == []
 
 
-def test_store_faults_name_the_problem(tmp_path, monkeypatch):
-    s3 = S3Server(tmp_path / "s3").start(auth=True)
+def test_store_faults_name_the_problem(tmp_path, monkeypatch, s3_server):
+    s3 = s3_server(auth=True)
     f = tmp_path / "f"
     f.write_bytes(b"x")
     creds(monkeypatch, s3.key, "not-the-secret")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from svc_fmnist import FAST, MOBILENET
-from svc_helpers import ROOT, S3Server, wait_until
+from svc_helpers import ROOT, wait_until
 
 from jobs.store import Store
 
@@ -34,8 +34,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_two_workers_without_the_api_disk(redis_server, postgres_url, stack_factory, fmnist_zips, tmp_path):
-    s3 = S3Server(tmp_path / "s3").start()
+def test_two_workers_without_the_api_disk(redis_server, postgres_url, stack_factory, s3_server, fmnist_zips,
+                                         tmp_path):
+    s3 = s3_server()
     redis = redis_server()
     st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=postgres_url, CLCALIB_STALE_AFTER_S=4,
                        CLCALIB_VALIDATE_SAMPLE=8, CLCALIB_OBJECT_RETRY_S=4, **s3.env)
