@@ -189,7 +189,7 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
         _check_bytes(settings, stored, up.total_bytes)
         inputs = {role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()}
         try:  # checked inputs into the object store (in the data folder they are in place already)
-            for role, rel in inputs.items():
+            for role, rel in inputs.items() if app.state.objects.kind != "local" else ():
                 await run_in_threadpool(app.state.objects.put_file, up.files[role], input_key(job_id, rel))
         except ObjectStoreError as e:
             log.error("job %s: uploads not stored: %s", job_id, e)

@@ -28,6 +28,20 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture
+def own_postgres_url():
+    """A PostgreSQL database of this test alone (the session's is shared by the tests of one
+    process, and some count its rows), dropped afterwards with its connections."""
+    import psycopg
+
+    admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    name = f"clcalib_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
 def s3_server(tmp_path):
     """Start moto's S3 server (``S3Server.start``'s arguments); stopped after the test, whatever
     state the test left it in."""

@@ -34,11 +34,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_two_workers_without_the_api_disk(redis_server, postgres_url, stack_factory, s3_server, fmnist_zips,
+def test_two_workers_without_the_api_disk(redis_server, own_postgres_url, stack_factory, s3_server, fmnist_zips,
                                          tmp_path):
     s3 = s3_server()
     redis = redis_server()
-    st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=postgres_url, CLCALIB_STALE_AFTER_S=4,
+    st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=own_postgres_url, CLCALIB_STALE_AFTER_S=4,
                        CLCALIB_VALIDATE_SAMPLE=8, CLCALIB_OBJECT_RETRY_S=4, **s3.env)
     api_data = Path(st.env["CLCALIB_DATA_DIR"])
     st.start_api()
@@ -73,7 +73,7 @@ def test_two_workers_without_the_api_disk(redis_server, postgres_url, stack_fact
         return j if done and s3.keys(f"jobs/{victim}/resume/") else None
 
     seen = wait_until(two_units_stored, 180, "the long job's state after two units in the store", period=0.2)
-    store = Store(postgres_url, create=False)
+    store = Store(own_postgres_url, create=False)
     holder = store.get(victim).worker  # clcalib-cpu-<pid>@<host>
     store.close()
     killed = next(w for w in workers if f"-{w.pid}@" in holder)
