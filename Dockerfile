@@ -15,7 +15,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 clcalib \
- && mkdir -p /data && chown clcalib /data
+ && mkdir -p /data /scratch && chown clcalib /data /scratch  # a new named volume takes this owner
 
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
@@ -24,7 +24,7 @@ COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install -c constraints.txt --extra-index-url "${TORCH_INDEX}" torch torchvision \
- && pip install -c constraints.txt ".[postgres,onnx,openvino]"
+ && pip install -c constraints.txt ".[postgres,onnx,openvino,s3]"
 
 USER clcalib
 VOLUME ["/data"]

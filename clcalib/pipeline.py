@@ -6,6 +6,7 @@ describes exactly what a user downloads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -68,6 +69,14 @@ def _quantized_logits(model, path: Path, calib, evalset, export: bool, device, c
                                            profile(config.export_target).runtime)
     model.to(device)
     return q_logits, onnx
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def run_calibration(
@@ -196,6 +205,9 @@ def run_calibration(
         "torch_threads": torch.get_num_threads(),
     }
     save({"metrics": metrics})  # same tensors, now with the measured metrics in the header
+    # what the downloads must hash to (the service checks its uploads against it, clients their downloads)
+    hashed = [ckpt] + ([out / ONNX_NAME] if report["onnx"] else [])
+    report["sha256"] = {p.name: _sha256(p) for p in hashed}
     write_json_atomic(report, out / REPORT_NAME)
     write_report_html(report, out / REPORT_HTML_NAME)
     return report

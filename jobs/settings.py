@@ -27,6 +27,19 @@ class Settings(BaseSettings):
         None, description="Celery broker; unset: the embedded file-backed queue in data_dir/queue"
     )
 
+    # object storage (jobs/objects.py): unset s3_bucket keeps every byte in data_dir
+    s3_bucket: str | None = Field(None, description="S3-compatible bucket for uploads, resume state and artifacts; "
+                                  "workers then need no disk shared with the API. Credentials from boto3's chain "
+                                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_SHARED_CREDENTIALS_FILE); unset: "
+                                  "the data folder")
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://minio:9000; unset: AWS S3")
+    s3_region: str = Field("us-east-1", description="the bucket's region (MinIO accepts any)")
+    s3_timeout_s: float = Field(10.0, gt=0, description="connect timeout of one object-store request")
+    object_retry_s: float = Field(120.0, ge=0, description="how long a worker retries an unreachable object "
+                                  "store (inputs, artifacts) before it fails the job")
+    scratch_dir: Path | None = Field(None, description="the worker's private folder for a job's inputs and "
+                                     "outputs while it runs (deleted after); default data_dir/scratch")
+
     # API
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -141,6 +154,10 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
 
+    @property
+    def scratch(self) -> Path:
+        return self.scratch_dir or self.data_dir / "scratch"
+
 
 @lru_cache
 def get_settings() -> Settings:
@@ -150,4 +167,5 @@ def get_settings() -> Settings:
 def env_summary(s: Settings) -> str:
     store = s.store_url.split("@")[-1] if "@" in s.store_url else s.store_url
     broker = (s.redis_url or "").split("@")[-1] or f"embedded queue in {s.queue_dir}"
-    return f"store={store} broker={broker} data_dir={s.data_dir.resolve()} pid={os.getpid()}"
+    objects = f"s3 {s.s3_endpoint_url or 'AWS'} bucket {s.s3_bucket}" if s.s3_bucket else "data_dir"
+    return f"store={store} broker={broker} objects={objects} data_dir={s.data_dir.resolve()} pid={os.getpid()}"

@@ -54,13 +54,7 @@ class Storage:
         return self.job_dir(job_id) / RESUME
 
     def artifacts(self, job_id: str) -> list[str]:
-        d = self.out_dir(job_id)
-        if not d.is_dir():
-            return []
-        return sorted(
-            p.name for p in d.iterdir()
-            if _plain_file(p) and not p.name.startswith(".") and p.suffix in ARTIFACT_TYPES
-        )
+        return list_artifacts(self.out_dir(job_id))
 
     def artifact_path(self, job_id: str, name: str) -> Path | None:
         """The file of an artifact named in the job row, or None (never a path outside out/, never
@@ -74,24 +68,7 @@ class Storage:
         """Remove what a sandboxed run may have left in the job's writable folders that is not a
         plain file or folder (links, fifos, sockets, hard links to elsewhere); returns their names.
         Run before a calibration starts and after its process is gone."""
-        removed = []
-        for top in (self.out_dir(job_id), self.resume_dir(job_id)):
-            if not top.exists() and not top.is_symlink():
-                continue
-            if not stat.S_ISDIR(top.lstat().st_mode):
-                top.unlink()
-                removed.append(top.name)
-                continue
-            for root, dirs, files in os.walk(top):  # does not follow links
-                for n in dirs + files:
-                    p = Path(root) / n
-                    st = p.lstat()
-                    if stat.S_ISDIR(st.st_mode):
-                        continue
-                    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-                        p.unlink()
-                        removed.append(str(p.relative_to(top.parent)))
-        return removed
+        return sanitize_dirs(self.out_dir(job_id), self.resume_dir(job_id))
 
     def delete_job(self, job_id: str) -> None:
         d = self.job_dir(job_id)
@@ -132,3 +109,34 @@ def _plain_file(p: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def list_artifacts(folder: Path) -> list[str]:
+    """The artifact files a run left in ``folder`` (plain files of a known type), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if _plain_file(p) and not p.name.startswith(".") and p.suffix in ARTIFACT_TYPES)
+
+
+def sanitize_dirs(*folders: Path) -> list[str]:
+    """Remove what a sandboxed run may have left in its writable ``folders`` that is not a plain
+    file or folder (links, fifos, sockets, hard links to elsewhere); returns their names."""
+    removed = []
+    for top in folders:
+        if not top.exists() and not top.is_symlink():
+            continue
+        if not stat.S_ISDIR(top.lstat().st_mode):
+            top.unlink()
+            removed.append(top.name)
+            continue
+        for root, dirs, files in os.walk(top):  # does not follow links
+            for n in dirs + files:
+                p = Path(root) / n
+                st = p.lstat()
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                    p.unlink()
+                    removed.append(str(p.relative_to(top.parent)))
+    return removed

@@ -115,13 +115,19 @@ class Job:
     finished_at: float | None
     error: str | None
     metrics: dict | None
-    artifacts: list
+    artifacts: list  # names
     files_deleted: bool
     history: list
+    digests: dict  # artifact name -> {"sha256", "size"} (rows written before issue 26 have none)
 
     @classmethod
     def of(cls, row: JobRow) -> Job:
-        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+        d = {f: getattr(row, f) for f in cls.__dataclass_fields__ if f != "digests"}
+        # the column holds names, or {"name", "sha256", "size"} since artifacts carry their hash
+        arts = d["artifacts"] or []
+        d["artifacts"] = [a["name"] if isinstance(a, dict) else a for a in arts]
+        d["digests"] = {a["name"]: {"sha256": a["sha256"], "size": a["size"]} for a in arts if isinstance(a, dict)}
+        return cls(**d)
 
     @property
     def terminal(self) -> bool:
@@ -444,6 +450,7 @@ class Store:
     def finish(self, job_id: str, attempt: int, state: str, *, error: str | None = None,
                metrics: dict | None = None, artifacts: list | None = None,
                progress: dict | None = None) -> bool:
+        """``artifacts``: names, or ``{"name", "sha256", "size"}`` of each (recorded only once uploaded)."""
         assert state in TERMINAL
         now = self.clock()
         values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now,

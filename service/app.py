@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clcalib.config import CalibConfig
+from jobs.objects import objects_for
 from jobs.settings import Settings, env_summary, get_settings
 from jobs.storage import Storage
 from jobs.store import Store
@@ -38,12 +39,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         st = app.state
-        st.storage = Storage(settings.data_dir)
+        st.storage = Storage(settings.data_dir)  # uploads are staged here while they are checked
+        st.objects = objects_for(settings)  # where they go then, and the artifacts come from
         st.store = Store(settings.store_url)
         st.broker = Broker(settings)
         st.validator = Validator(settings)
         st.metrics = Metrics(st.store, st.broker, st.storage)
-        st.sweeper = Sweeper(settings, st.store, st.storage, st.broker)
+        st.sweeper = Sweeper(settings, st.store, st.storage, st.broker, st.objects)
         log.info("clcalib API starting: %s", env_summary(settings))
         if not settings.api_keys:
             log.warning("no API keys configured (CLCALIB_API_KEYS): single-tenant mode, "

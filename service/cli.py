@@ -136,16 +136,23 @@ def cmd_watch(args) -> int:
 
 
 def cmd_download(args) -> int:
+    from service.client import DigestMismatch
+
     out = Path(args.output)
     with _client(args) as c:
-        names = [args.name] if args.name else [a["name"] for a in c.artifacts(args.job_id)]
+        listed = {a["name"]: a.get("sha256") for a in c.artifacts(args.job_id)}
+        names = [args.name] if args.name else list(listed)
         if not names:
             print(f"job {args.job_id} has no artifacts (yet)", file=sys.stderr)
             return 1
         if len(names) > 1 or out.is_dir():
             out.mkdir(parents=True, exist_ok=True)
         for n in names:
-            print(c.download(args.job_id, n, out))
+            try:  # each file's SHA-256 checked against what the server recorded
+                print(c.download(args.job_id, n, out, sha256=listed.get(n)))
+            except DigestMismatch as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
     return 0
 
 

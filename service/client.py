@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,10 @@ class ApiError(Exception):
         self.status, self.body = status, body
         detail = body.get("detail") if isinstance(body, dict) else body
         super().__init__(f"HTTP {status}: {detail}")
+
+
+class DigestMismatch(Exception):
+    """A download whose bytes do not hash to what the server recorded."""
 
 
 class Client:
@@ -110,7 +115,10 @@ class Client:
     def artifacts(self, job_id: str) -> list[dict]:
         return self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts")).json()["artifacts"]
 
-    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+    def download(self, job_id: str, name: str, dest: str | Path, sha256: str | None = None) -> Path:
+        """The artifact, written atomically; its SHA-256 must equal the one the server recorded (the
+        X-Checksum-Sha256 header, and ``sha256`` when given, e.g. from the artifact list), else
+        DigestMismatch and nothing is written."""
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / name
@@ -118,9 +126,16 @@ class Client:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
+            expected = {e.lower() for e in (r.headers.get("x-checksum-sha256"), sha256) if e}
+            h = hashlib.sha256()
             with atomic_path(dest) as tmp, open(tmp, "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
+                    h.update(chunk)
                     f.write(chunk)
+                got = h.hexdigest()
+                if expected - {got}:
+                    raise DigestMismatch(f"{name}: the download's SHA-256 is {got}, the server recorded "
+                                         f"{' and '.join(sorted(expected))}; nothing was written, download it again")
         return dest
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict]]:

@@ -4,6 +4,7 @@ check (``get_owned_job``) every job route goes through."""
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from typing import Annotated
 
@@ -11,12 +12,14 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from jobs.objects import Objects, ObjectStoreError
 from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.store import Job, Store
 from service.errors import ApiError, not_found
 from service.security import SESSION_COOKIE, session_of
 
+log = logging.getLogger("clcalib.service")
 LOCAL_TENANT = "local"
 ROW_TTL_S = 0.2  # many pollers of one job share one read of its row per TTL, per API process
 
@@ -73,6 +76,23 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+def get_objects(request: Request) -> Objects:
+    return request.app.state.objects
+
+
+def delete_job_files(storage: Storage, objects: Objects, job_id: str) -> bool:
+    """A job's uploads staged on this API's disk and its objects (in the data folder they are the
+    same files); False when the object store could not do it (the sweeper tries again: objects of
+    jobs it does not know, files of expired jobs not yet marked deleted)."""
+    storage.delete_job(job_id)
+    try:
+        objects.delete_job(job_id)
+    except ObjectStoreError as e:
+        log.warning("job %s: objects not deleted yet (%s)", job_id, e)
+        return False
+    return True
+
+
 
 
 def tenant_of(keys: dict[str, str], key: str) -> str | None:
@@ -126,4 +146,5 @@ async def get_owned_job(
 OwnedJob = Annotated[Job, Depends(get_owned_job)]
 StoreDep = Annotated[Store, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+ObjectsDep = Annotated[Objects, Depends(get_objects)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

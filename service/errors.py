@@ -110,3 +110,9 @@ def responses(*codes: int) -> dict[int, dict]:
         507: "the server's data disk is low (CLCALIB_MIN_FREE_BYTES kept free); retry later (Retry-After)",
     }
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+def object_store_error(why: Exception) -> ApiError:
+    """503 naming what the object store did not do (unreachable, credentials, bucket): the
+    operator's to fix, the client's to retry."""
+    return ApiError(503, "object_store_unavailable", f"{str(why)[:600]}; try again later", headers={"Retry-After": "30"})

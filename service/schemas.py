@@ -45,6 +45,8 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = Field(None, description="report.json's metrics once succeeded")
     error: str | None = None
     artifacts: list[str] = Field(default_factory=list, description="names under /artifacts/{name}")
+    artifact_sha256: dict[str, str] = Field(default_factory=dict, description="artifact name -> hex SHA-256 "
+                                            "recorded when the worker stored it")
     attempts: int = Field(description="deliveries so far (a lost worker's job is re-queued)")
     created_at: str
     started_at: str | None = None
@@ -62,6 +64,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id, state=job.state, arch=job.arch, num_classes=job.num_classes, config=job.config,
             progress=prog, metrics=job.metrics, error=job.error, artifacts=list(job.artifacts or []),
+            artifact_sha256={n: d["sha256"] for n, d in (job.digests or {}).items()},
             attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
             finished_at=iso(job.finished_at), updated_at=iso(job.updated_at),
             files_deleted=job.files_deleted,
@@ -77,6 +80,8 @@ class JobList(BaseModel):
 class Artifact(BaseModel):
     name: str
     size: int
+    sha256: str | None = Field(None, description="hex SHA-256 of the file as stored (also the download's "
+                               "X-Checksum-Sha256 header); null for jobs finished before hashes were recorded")
     url: str
 
 

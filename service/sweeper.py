@@ -17,12 +17,17 @@ from __future__ import annotations
 import logging
 import threading
 
+from jobs.objects import LocalObjects, ObjectStoreError
+from service.deps import delete_job_files
+
 log = logging.getLogger("clcalib.service")
 
 
 class Sweeper:
-    def __init__(self, settings, store, storage, broker):
+    def __init__(self, settings, store, storage, broker, objects=None):
+        """``objects``: where the jobs' bytes live (default: ``storage``'s data folder)."""
         self.s, self.store, self.storage, self.broker = settings, store, storage, broker
+        self.objects = objects if objects is not None else LocalObjects(storage.root)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -84,15 +89,25 @@ class Sweeper:
         self._restore_lost()
         if s.retention_days > 0:  # 0: keep forever
             for job_id in self.store.expired(s.retention_days * 86400):
-                self.storage.delete_job(job_id)
+                if not delete_job_files(self.storage, self.objects, job_id):
+                    break  # the object store is down: the next pass
                 self.store.mark_files_deleted(job_id)
                 log.info("job %s: files deleted after %.1f days of retention", job_id, s.retention_days)
         if self.passes % 20 == 0:
             known = self.store.all_ids()
             horizon = self.store.clock() - max(3600.0, 2 * s.validate_timeout_s)
-            for job_id in self.storage.job_ids_on_disk() - known:
+            for job_id in self.storage.job_ids_on_disk() - known:  # uploads staged by a submit that died
                 d = self.storage.job_dir(job_id)
                 if d.stat().st_mtime < horizon:
                     self.storage.delete_job(job_id)
                     log.info("removed orphaned folder of job %s", job_id)
+            if self.objects.kind != "local":  # objects of deleted jobs whose delete failed, of dead submits
+                try:
+                    stored = self.objects.job_ids()
+                except ObjectStoreError as e:
+                    log.warning("orphaned objects not checked: %s", e)
+                    stored = {}
+                for job_id, mtime in stored.items():
+                    if job_id not in known and mtime < horizon and delete_job_files(self.storage, self.objects, job_id):
+                        log.info("removed orphaned objects of job %s", job_id)
         self.passes += 1

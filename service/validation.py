@@ -94,6 +94,9 @@ class Validator:
                                f"{e.message}", headers={"Retry-After": "60"}) from None
             if e.kind == "exception":
                 raise RuntimeError(f"the upload check failed: {e.message}") from None
+            if self.closed or "killed by SIGTERM" in e.message:  # the server stopping, not the upload
+                raise ApiError(503, "shutting_down", "the server stopped while checking this upload; send it "
+                               "again", headers={"Retry-After": "10"}) from None
             raise ApiError(422, "check_crashed",
                            f"the process checking this upload died ({e.message}; its memory cap is {cap}): a "
                            "file that crashes the decoder, or out of memory; check the files decode "

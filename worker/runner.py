@@ -15,14 +15,16 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.objects import Objects, ObjectStoreError, objects_for, resume_key
 from jobs.sandbox import Child, ChildFailed, Jail
 from jobs.settings import Settings
 from jobs.states import State
-from jobs.storage import Storage
 from jobs.store import PROGRAM, Store
+from worker.workspace import ArtifactMismatch, Workspace
 
 log = logging.getLogger("clcalib.worker")
 _stores: dict[str, Store] = {}
+_objects: dict[tuple, Objects] = {}
 
 
 def store_for(settings: Settings) -> Store:
@@ -30,6 +32,13 @@ def store_for(settings: Settings) -> Store:
     if url not in _stores:
         _stores[url] = Store(url)
     return _stores[url]
+
+
+def objects_of(settings: Settings) -> Objects:
+    key = (settings.s3_bucket, settings.s3_endpoint_url, str(settings.data_dir))
+    if key not in _objects:
+        _objects[key] = objects_for(settings)
+    return _objects[key]
 
 
 class Heartbeat:
@@ -96,10 +105,10 @@ def _event(d: dict):
         return ProgressEvent(stage="prepare")
 
 
-def _sanitize(storage: Storage, job_id: str) -> None:
+def _sanitize(ws: Workspace, job_id: str) -> None:
     """Before a run (what an earlier attempt left) and after it (a link planted in out/ would be
-    served by the API): only plain files stay in the job's writable folders."""
-    for name in storage.sanitize(job_id):
+    uploaded as an artifact): only plain files stay in the job's writable folders."""
+    for name in ws.sanitize():
         log.warning("job %s: removed %s from its folders (not a plain file)", job_id, name)
 
 
@@ -121,7 +130,7 @@ def take_child() -> Child:
 
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     store = store_for(settings)
-    storage = Storage(settings.data_dir)
+    objects = objects_of(settings)
     # the message is a turn: run the fairest queued job, which need not be the one it names
     job = store.claim_next(worker_name, stale_after_s=settings.stale_after_s,
                            max_attempts=settings.max_attempts, hint=job_id)
@@ -133,37 +142,54 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     log.info("job %s: attempt %d on %s", job_id, attempt, worker_name)
     hb = Heartbeat(store, job_id, attempt, settings.heartbeat_s)
     hb.start()
+    ws = Workspace(settings.scratch, objects, job_id, settings.object_retry_s)
+    artifacts: list = []
     try:
-        state, error, report = _calibrate(job, settings, storage, store, hb, attempt)
+        state, error, report = _calibrate(job, settings, ws, store, hb, attempt)
+        if state == State.SUCCEEDED:  # every artifact stored before any is recorded
+            artifacts = ws.publish(report)
+    except (ObjectStoreError, ArtifactMismatch) as e:  # after object_retry_s of retries: one line
+        state, error, report = State.FAILED, str(e), None
+        log.error("job %s: %s", job_id, e)
     finally:
         hb.stop()
+        ws.close()
     if state is None:  # canceled by the user, deleted, or taken over: someone else owns the row now
         now = store.get(job_id)
-        if now is None:
-            storage.delete_job(job_id)
-        elif now.state == State.CANCELED:  # a canceled job's files count against its tenant: free them now
-            storage.delete_job(job_id)
-            store.mark_files_deleted(job_id)
+        if now is None or now.state == State.CANCELED:  # a canceled job's files count against its tenant
+            _delete_files(objects, job_id)
+            if now is not None:
+                store.mark_files_deleted(job_id)
         log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
         return "stopped"
     final = dict(hb._progress or {}, stage="done" if state == State.SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
                  attempt=attempt)
     ok = store.finish(job_id, attempt, state, error=error,
                       metrics=(report or {}).get("metrics") if state == State.SUCCEEDED else None,
-                      artifacts=storage.artifacts(job_id) if state == State.SUCCEEDED else [], progress=final)
+                      artifacts=artifacts if state == State.SUCCEEDED else [], progress=final)
     if ok and state == State.SUCCEEDED:
-        storage.delete_resume(job_id)
+        try:
+            objects.delete(resume_key(job_id))
+        except ObjectStoreError as e:  # retention removes it with the job
+            log.warning("job %s: resume state not deleted (%s)", job_id, e)
     if store.get(job_id) is None:  # deleted while finishing
-        storage.delete_job(job_id)
+        _delete_files(objects, job_id)
     log.info("job %s: %s%s", job_id, state if ok else f"{state} (dropped: row moved on)", f" ({error})" if error else "")
     return state
 
 
-def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Heartbeat, attempt: int):
+def _delete_files(objects: Objects, job_id: str) -> None:
+    try:
+        objects.delete_job(job_id)
+    except ObjectStoreError as e:  # the sweeper removes objects of jobs it does not know
+        log.warning("job %s: files not deleted (%s)", job_id, e)
+
+
+def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbeat, attempt: int):
     """(state, error, report); state None when the job was taken from this attempt."""
     from clcalib.errors import Canceled
 
-    jd = storage.job_dir(job.id)
+    jd = ws.dir
     first = {"seen": False}
     t0 = time.monotonic()
 
@@ -185,13 +211,11 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
         if hb.lost.is_set():
             raise Canceled("the job was canceled, deleted or re-queued")
 
-    out_dir, resume_dir = storage.out_dir(job.id), storage.resume_dir(job.id)
-    for d in (out_dir, resume_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    inputs = {k: str(jd / v) for k, v in job.inputs.items()}
+    out_dir, resume_dir = ws.out, ws.resume
+    inputs = ws.fetch(job.inputs)  # ObjectStoreError after object_retry_s: the job fails naming it
     model = {"model": inputs["model"]} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
-    _sanitize(storage, job.id)
+    _sanitize(ws, job.id)
     child = take_child()
     jail = Jail(read=sorted({str(Path(p).parent) for p in inputs.values()}), write=[str(out_dir), str(resume_dir)],
                 tmp=str(Path(child.cwd) / "tmp"), memory_bytes=settings.worker_memory_bytes,
@@ -200,12 +224,14 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
               "labels": inputs.get("labels"), "config": {**job.config, "device": settings.device},
               "out_dir": str(out_dir), "resume_dir": str(resume_dir), "limits": settings.data_limits,
               "torch_threads": settings.torch_threads}
+    ws.start_sync()  # resume state goes to the store as units finish: another worker resumes from it
     try:
         try:
             result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(_event(d)),
                                off=settings.sandbox == "off")
         finally:
-            _sanitize(storage, job.id)
+            _sanitize(ws, job.id)
+            ws.stop_sync(final=True)
         log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
     except Canceled:
         hb.beat()

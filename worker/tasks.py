@@ -24,10 +24,16 @@ def calibrate(self, job_id: str) -> str:
 def _start_first_child(**_):
     """The first job's sandboxed child starts now (it imports torch); this process never does."""
     from jobs.sandbox import landlock_abi
-    from worker.runner import start_next
+    from worker.runner import start_next, store_for
+    from worker.workspace import clear_stale
 
     s = get_settings()
     start_next()
+    try:
+        for name in clear_stale(s.scratch, store_for(s)):
+            log.info("removed scratch folder %s left by an earlier worker", name)
+    except Exception as e:  # the store not reachable yet: the folders go at the next start
+        log.warning("scratch folders not checked: %s", e)
     log.info("worker ready: device=%s sandbox=%s (landlock ABI %d), memory cap %.1f GiB", s.device, s.sandbox,
              landlock_abi(), s.worker_memory_bytes / 2**30)
 

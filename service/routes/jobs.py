@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from jobs.objects import ObjectMissing, ObjectStoreError, artifact_key, input_key
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import ARTIFACT_TYPES, LowOnDisk, Storage
 from jobs.store import PROGRAM, DiskFull, TooManyJobs, new_job_id
 from service.connections import tenant_limits
-from service.deps import OwnedJob, SettingsDep, StorageDep, StoreDep, Tenant, forget, store_get
-from service.errors import ApiError, insufficient_storage, responses
+from service.deps import (
+    ObjectsDep,
+    OwnedJob,
+    SettingsDep,
+    StorageDep,
+    StoreDep,
+    Tenant,
+    delete_job_files,
+    forget,
+    store_get,
+)
+from service.errors import ApiError, insufficient_storage, object_store_error, responses
 from service.schemas import Artifact, ArtifactList, JobList, JobOut
 from service.uploads import receive
 from service.validation import parse_arch, parse_config, parse_num_classes
@@ -119,6 +131,7 @@ async def submit(request: Request, tenant: Tenant, settings: SettingsDep, store:
 
     # the tenant's active jobs and its submits in flight here, counted and reserved at once: 50
     # concurrent submits at a limit of 3 get 3 slots; the store holds the limit again at the insert
+    await _objects_ready(app)  # before the body is read: a store that is down costs no upload
     reserved, active, pending = await limits.reserve_job(tenant, job_id, settings.max_active_jobs, active_besides)
     if not reserved:
         limits.refuse("max_active_jobs")
@@ -174,19 +187,27 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
         )
         num_classes = checked["num_classes"]
         _check_bytes(settings, stored, up.total_bytes)
+        inputs = {role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()}
+        try:  # checked inputs into the object store (in the data folder they are in place already)
+            for role, rel in inputs.items() if app.state.objects.kind != "local" else ():
+                await run_in_threadpool(app.state.objects.put_file, up.files[role], input_key(job_id, rel))
+        except ObjectStoreError as e:
+            log.error("job %s: uploads not stored: %s", job_id, e)
+            raise object_store_error(e) from None
         try:
             job = await run_in_threadpool(
                 store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
-                config=config.model_dump(mode="json", by_alias=True),
-                inputs={role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()},
+                config=config.model_dump(mode="json", by_alias=True), inputs=inputs,
                 upload_bytes=up.total_bytes, max_active=settings.max_active_jobs,
             )  # committed before the id is sent
         except TooManyJobs as e:  # another API process's submits took the slots meanwhile
             limits.refuse("max_active_jobs")
             raise _too_many_jobs(settings, e.active) from None
     except BaseException:
-        await run_in_threadpool(storage.delete_job, job_id)
+        await run_in_threadpool(delete_job_files, storage, app.state.objects, job_id)
         raise
+    if app.state.objects.kind != "local":  # the staged copies: workers read the store
+        await run_in_threadpool(storage.delete_job, job_id)
     try:
         await run_in_threadpool(app.state.broker.enqueue, job.id)
         await run_in_threadpool(store.mark_enqueued, job.id)
@@ -275,45 +296,80 @@ class _HeldStream(EventSourceResponse):
             self._give_back()
 
 
-def _artifacts(job, storage) -> list[Artifact]:
+async def _objects_ready(app) -> None:
+    """503 naming the problem when the object store cannot be used now (checked at most every 5 s
+    while it answers)."""
+    st = app.state
+    if st.objects.kind == "local" or asyncio.get_running_loop().time() < getattr(st, "objects_ok_until", 0.0):
+        return
+    try:
+        await run_in_threadpool(st.objects.check)
+    except ObjectStoreError as e:
+        log.error("object store not usable: %s", e)
+        raise object_store_error(e) from None
+    st.objects_ok_until = asyncio.get_running_loop().time() + 5.0
+
+
+def _artifacts(job, objects) -> list[Artifact]:
     out = []
     for name in job.artifacts or []:
-        p = storage.artifact_path(job.id, name)
-        if p is not None:
-            out.append(Artifact(name=name, size=p.stat().st_size, url=f"/v1/jobs/{job.id}/artifacts/{name}"))
+        d = job.digests.get(name)
+        size = d["size"] if d else objects.size(artifact_key(job.id, name))  # a row from before hashes
+        if size is not None:
+            out.append(Artifact(name=name, size=size, sha256=d["sha256"] if d else None,
+                                url=f"/v1/jobs/{job.id}/artifacts/{name}"))
     return out
 
 
-@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=responses(401, 404),
-            summary="The job's downloadable files (once succeeded)")
-def list_artifacts(job: OwnedJob, storage: StorageDep) -> ArtifactList:
-    return ArtifactList(artifacts=_artifacts(job, storage))
+@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=responses(401, 404, 503),
+            summary="The job's downloadable files (once succeeded), each with its size and SHA-256")
+def list_artifacts(job: OwnedJob, objects: ObjectsDep) -> ArtifactList:
+    try:
+        return ArtifactList(artifacts=_artifacts(job, objects))
+    except ObjectStoreError as e:
+        raise object_store_error(e) from None
 
 
 @router.get(
-    "/v1/jobs/{job_id}/artifacts/{name}", responses={**responses(401, 404), 200: {
+    "/v1/jobs/{job_id}/artifacts/{name}", responses={**responses(401, 404, 503), 200: {
         "content": {"application/octet-stream": {}, "application/json": {}, "text/html": {}},
-        "description": "the file, streamed"}},
+        "description": "the file, streamed from the object store; `X-Checksum-Sha256` (hex) and `Repr-Digest` "
+                       "(RFC 9530) carry its SHA-256 as recorded when the worker stored it"}},
     summary="Download one artifact (quantized.safetensors, model.onnx when config export has \"onnx\", report.json, report.html)",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
 )
-def get_artifact(job: OwnedJob, storage: StorageDep, name: str):
+def get_artifact(job: OwnedJob, objects: ObjectsDep, name: str):
     if job.files_deleted:
         raise ApiError(404, "expired", "this job's files were deleted after the retention period")
-    p = storage.artifact_path(job.id, name) if name in (job.artifacts or []) else None
-    if p is None:
+    opened = None
+    if name in (job.artifacts or []):
+        try:
+            opened = objects.open(artifact_key(job.id, name))
+        except ObjectMissing:
+            pass
+        except ObjectStoreError as e:
+            raise object_store_error(e) from None
+    if opened is None:
         names = ", ".join(job.artifacts or []) or "none yet"
         raise ApiError(404, "not_found", f"no artifact {name[:80]!r} for this job (available: {names})")
-    if p.suffix == ".html":  # the report opens in the browser (and the web page's frame); it runs no script
-        return FileResponse(p, media_type=ARTIFACT_TYPES[".html"], filename=name, content_disposition_type="inline",
-                            headers={"Content-Security-Policy": REPORT_CSP})
-    return FileResponse(p, media_type=ARTIFACT_TYPES.get(p.suffix, "application/octet-stream"),
-                        filename=name)
+    size, chunks = opened  # streamed a chunk at a time (jobs.objects.CHUNK): memory stays bounded
+    suffix = "." + name.rsplit(".", 1)[-1]
+    headers = {"Content-Length": str(size)}
+    digest = job.digests.get(name)
+    if digest:
+        headers["X-Checksum-Sha256"] = digest["sha256"]
+        headers["Repr-Digest"] = f"sha-256=:{base64.b64encode(bytes.fromhex(digest['sha256'])).decode()}:"
+    if suffix == ".html":  # the report opens in the browser (and the web page's frame); it runs no script
+        headers.update({"Content-Disposition": f'inline; filename="{name}"', "Content-Security-Policy": REPORT_CSP})
+    else:
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return StreamingResponse(chunks, media_type=ARTIFACT_TYPES.get(suffix, "application/octet-stream"),
+                             headers=headers)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=responses(401, 404, 409, 507),
              summary="Cancel a queued or running job")
-def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
+def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep, objects: ObjectsDep) -> JobOut:
     """A queued job is never started and its uploads are deleted now; a running one stops at its
     worker's next progress callback or heartbeat (seconds), and that worker deletes its files."""
     forget(job.id)
@@ -324,8 +380,7 @@ def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
     if not canceled:
         j = store.get(job.id)
         raise ApiError(409, "not_cancelable", f"the job is already {j.state if j else 'deleted'}; nothing to cancel")
-    if job.state == State.QUEUED:  # no worker has it: nothing else will read its files
-        storage.delete_job(job.id)
+    if job.state == State.QUEUED and delete_job_files(storage, objects, job.id):  # no worker reads them now
         try:
             store.mark_files_deleted(job.id)
         except DiskFull:  # the files are gone; the sweeper's retention pass marks the row later
@@ -336,7 +391,7 @@ def cancel_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> JobOut:
 
 @router.delete("/v1/jobs/{job_id}", status_code=204, responses=responses(401, 404, 507),
                summary="Delete a job and its files (canceling it first if needed)")
-def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> Response:
+def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep, objects: ObjectsDep) -> Response:
     forget(job.id)
     try:
         store.cancel(job.id)  # both work on a full disk: the store frees its headroom for them
@@ -348,6 +403,6 @@ def delete_job(job: OwnedJob, store: StoreDep, storage: StorageDep) -> Response:
             store.delete(job.id)
         except DiskFull as e:
             raise insufficient_storage(e) from None
-    storage.delete_job(job.id)
+    delete_job_files(storage, objects, job.id)  # objects it could not delete: the sweeper's orphan pass
     log.info("job %s deleted", job.id)
     return Response(status_code=204)

@@ -19,11 +19,14 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
-            summary="Readiness: store, broker and storage reachable")
+            summary="Readiness: store, broker, storage and object store reachable")
 async def readyz(request: Request, response: Response) -> Health:
     st = request.app.state
     checks = {}
-    for name, fn in (("store", st.store.ping), ("broker", st.broker.ping), ("storage", st.storage.writable)):
+    probes = [("store", st.store.ping), ("broker", st.broker.ping), ("storage", st.storage.writable)]
+    if st.objects.kind != "local":  # the data folder is "storage" already
+        probes.append(("objects", st.objects.check))
+    for name, fn in probes:
         try:
             await run_in_threadpool(fn)
             checks[name] = "ok"

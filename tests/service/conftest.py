@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from svc_fmnist import FMNIST, REFERENCE, write_zip
-from svc_helpers import PG_ADMIN, RedisServer, Stack
+from svc_helpers import PG_ADMIN, RedisServer, S3Server, Stack
 
 
 @pytest.fixture
@@ -21,6 +21,36 @@ def redis_server(tmp_path):
         s.start()
         servers.append(s)
         return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def own_postgres_url():
+    """A PostgreSQL database of this test alone (the session's is shared by the tests of one
+    process, and some count its rows), dropped afterwards with its connections."""
+    import psycopg
+
+    admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    name = f"clcalib_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """Start moto's S3 server (``S3Server.start``'s arguments); stopped after the test, whatever
+    state the test left it in."""
+    servers = []
+
+    def make(**kw) -> S3Server:
+        s = S3Server(tmp_path / f"s3-{len(servers)}")
+        servers.append(s)
+        return s.start(**kw)
 
     yield make
     for s in servers:

@@ -91,3 +91,31 @@ def test_one_tenants_slow_uploads_cannot_hold_every_check(tmp_path, fmnist_zips,
         assert valid_s < max(out[f"slow{i}"][1] for i in range(2)) - 4, (valid_s, out)
     finally:
         st.close()
+
+
+def test_a_check_ended_by_the_server_stopping_is_a_503_not_the_uploads_fault():
+    """Found by bench/soak.py: the API restarted (SIGTERM to its process group) while checking an
+    upload, and the client was told its file crashed the decoder (422)."""
+    import asyncio
+
+    import pytest
+
+    from jobs.sandbox import ChildFailed
+    from jobs.settings import Settings
+    from service.errors import ApiError
+    from service.validation import Validator
+
+    class Dies:
+        def __init__(self, how: str):
+            self.how = how
+
+        def run(self, *a, **k):
+            raise ChildFailed("died", f"the process ended without an answer ({self.how})")
+
+    v = Validator(Settings())
+    with pytest.raises(ApiError) as e:
+        asyncio.run(v._run(Dies("killed by SIGTERM"), None, {}, 1.0))
+    assert (e.value.status, e.value.body()["code"]) == (503, "shutting_down")
+    with pytest.raises(ApiError) as e:
+        asyncio.run(v._run(Dies("killed by SIGSEGV"), None, {}, 1.0))
+    assert (e.value.status, e.value.body()["code"]) == (422, "check_crashed")
