@@ -41,7 +41,7 @@ EVAL_BATCH = 256
 @dataclass
 class UnitReport:
     name: str
-    loss_before: float  # rec_loss on the calibration set, quantized inputs, nearest rounding
+    loss_before: float  # rec_loss on the calibration set (its first OBSERVE_SAMPLES images for range-only methods), quantized inputs, nearest rounding
     loss_after: float  # the same after reconstruction (hard rounding)
     seconds: float
     extra: dict[str, list[float]] = field(default_factory=dict)  # curves of added loss terms
@@ -92,14 +92,18 @@ class Reconstructor:
             # host plan: kept in (unpinned) host memory; the Stager gathers each batch into a
             # pinned buffer (torch's pinned allocator rounds blocks up to powers of two and keeps them)
             store = self.device if plan.where == "device" else torch.device("cpu")
-            x_q, _ = capture(self.qm, unit, self.data, EVAL_BATCH, quant=True, outputs=False, store=store)
-            x_f, y_f = capture(self.qm, unit, self.data, EVAL_BATCH, quant=False, outputs=True, store=store)
+            learns = cfg.method.reconstructs and cfg.iters > 0
+            # ranges only (minmax, mse, iters 0): the quantizers see OBSERVE_SAMPLES images, so the
+            # rest would only feed the unit's error figure, at a full prefix pass per unit each
+            data = self.data if learns else self.data[:OBSERVE_SAMPLES]
+            x_q, _ = capture(self.qm, unit, data, EVAL_BATCH, quant=True, outputs=False, store=store)
+            x_f, y_f = capture(self.qm, unit, data, EVAL_BATCH, quant=False, outputs=True, store=store)
             with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
                 unit(x_q[:OBSERVE_SAMPLES].to(self.device))
             before = self._unit_error(unit, x_q, y_f)
             extra: dict[str, list[float]] = {}
             executor = "none"
-            if cfg.method.reconstructs and cfg.iters > 0:
+            if learns:
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + k)
                 if cfg.method.spec.granularity is Granularity.LAYER:
                     for layer in unit.layers():  # layer-wise inside the unit
@@ -109,7 +113,7 @@ class Reconstructor:
                 else:
                     drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
                     executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
-            after = self._unit_error(unit, x_q, y_f)
+            after = self._unit_error(unit, x_q, y_f) if learns else before
         report = UnitReport(name, before, after, time.perf_counter() - t, extra, plan.where, executor)
         self._emit(stage="unit_done", unit=k, unit_name=name, iteration=cfg.iters, loss=after)
         return report
