@@ -3,7 +3,7 @@
 The same calibrated integers can be written so that a runtime's integer kernels take every
 conv, linear and add end to end (fast), or as an exact float simulation of any bit width
 (``reference``). Where they differ is one of these facts, each measured in
-bench/RESULTS_export.md and held by tests/test_export_profiles.py:
+bench/RESULTS_export.md and docs/deploy.md, and held by tests/test_onnx_export.py:
 
 - ``integer_ops``: runtimes fuse ``DequantizeLinear -> Conv/Gemm/Add -> QuantizeLinear`` into one
   integer kernel only when every input comes from a DequantizeLinear and the output goes
@@ -23,7 +23,8 @@ bench/RESULTS_export.md and held by tests/test_export_profiles.py:
   OpenVINO's and VNNI CPUs' int8 kernels take; UINT8 in the reference, which is exact on x86 CPUs
   without VNNI as well (their u8 x s8 kernel adds two products in a saturating int16).
 - ``packed_weights``: 2-4-bit weight codes stored as INT4 (half the file) in the reference; the
-  runtimes' integer convs take only 8-bit weights, so integer profiles store them in INT8.
+  runtimes' integer convs take only 8-bit weights, so integer profiles store them in INT8
+  (packed INT4, resnet18 W4A8 ran 19 of 20 convs in float in ONNX Runtime 1.32).
 """
 
 from __future__ import annotations
