@@ -252,16 +252,9 @@ class LocalObjects(Objects):
         return size
 
     def delete_job(self, job_id: str) -> None:
-        d = self.root / job_prefix(job_id)
-        if d.exists():
-            # rename first so a half-deleted folder is never mistaken for a job's files
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            trash = self.tmp / f"del-{job_id}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.replace(d, trash)
-            except OSError:
-                trash = d
-            shutil.rmtree(trash, ignore_errors=True)
+        from jobs.storage import remove_folder
+
+        remove_folder(self.root / job_prefix(job_id), self.tmp, job_id)
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)

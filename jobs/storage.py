@@ -71,15 +71,7 @@ class Storage:
         return sanitize_dirs(self.out_dir(job_id), self.resume_dir(job_id))
 
     def delete_job(self, job_id: str) -> None:
-        d = self.job_dir(job_id)
-        if d.exists():
-            # rename first so a half-deleted folder is never mistaken for a job's files
-            trash = self.tmp / f"del-{job_id}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.replace(d, trash)
-            except OSError:
-                trash = d
-            shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(self.job_dir(job_id), self.tmp, job_id)
 
     def delete_resume(self, job_id: str) -> None:
         shutil.rmtree(self.resume_dir(job_id), ignore_errors=True)
@@ -140,3 +132,16 @@ def sanitize_dirs(*folders: Path) -> list[str]:
                     p.unlink()
                     removed.append(str(p.relative_to(top.parent)))
     return removed
+
+
+def remove_folder(d: Path, tmp: Path, tag: str) -> None:
+    """Delete the folder ``d``: renamed into ``tmp`` first, so that a half-deleted folder is never
+    mistaken for a job's files."""
+    if d.exists():
+        tmp.mkdir(parents=True, exist_ok=True)
+        trash = tmp / f"del-{tag}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(d, trash)
+        except OSError:
+            trash = d
+        shutil.rmtree(trash, ignore_errors=True)
