@@ -23,6 +23,7 @@ from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.program import BadProgram, check_archive, program_from_bytes, program_to_bytes
 from clcalib.graph.registry import ARCHS, build_model
 from clcalib.metrics import predict
+from clcalib.quant.switch import quantization
 
 SPEC = QuantSpec.from_config(CalibConfig())
 
@@ -73,6 +74,80 @@ def _tiny_vit():
                                                hidden_dim=32, mlp_dim=64, num_classes=10)
     nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: every output would be 0
     return vit
+
+
+class _TimmAttention(nn.Module):  # timm's Attention: one qkv Linear, unbind(0), fused attention
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _TimmAttention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class _SplitGate(nn.Module):  # MobileViT-v2's linear attention splits one conv's output with split()
+    def __init__(self, c):
+        super().__init__()
+        self.qkv = nn.Conv2d(c, 1 + 2 * c, 1)
+        self.out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([1, x.shape[1], x.shape[1]], dim=1)
+        ctx = (k * q.softmax(dim=-1)).sum(dim=-1, keepdim=True)
+        return x + self.out(torch.relu(v) * ctx)
+
+
+class TimmLikeViT(nn.Module):
+    """timm's ViT and MobileViT graph patterns, written without timm: ops that return several
+    tensors (unbind, split) inside a block, which the partitioner once took for sizes."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.gate = _SplitGate(dim)
+        self.patch = nn.Conv2d(dim, dim, 8, stride=8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(_TimmBlock(dim, 2), _TimmBlock(dim, 2))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(self.gate(torch.relu(self.stem(x)))).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_timm_style_attention_and_split_blocks_are_units(tmp_path):
+    """Issue 30: `clcalib inspect` of timm's ViT / MobileViT crashed in the partitioner."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    (tmp_path / "vit.pt2").write_bytes(_pt2(TimmLikeViT(), x))
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "inspect", "--model", str(tmp_path / "vit.pt2"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    units = {u["unit"]: u for u in json.loads(r.stdout)}
+    assert {"gate", "blocks.0", "blocks.1"} <= set(units), sorted(units)
+    assert {lay["name"] for lay in units["blocks.0"]["layers"]} == {
+        "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.fc1", "blocks.0.fc2"}
+    model = TimmLikeViT().eval()
+    qm = QuantModel(model, SPEC, x)
+    with torch.no_grad(), quantization(qm.model, False):  # the partitioned graph computes what the model does
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
