@@ -325,3 +325,51 @@ def test_w8a8_every_layer_runs_on_integer_kernels_in_onnx_runtime(tmp_path):
     with torch.no_grad():
         ref = res.model(x)
     assert check_onnx(path, ref, x, y)["onnx_top1_agreement"] >= 99.0
+
+
+class _ZooOps(nn.Module):
+    """The ops timm's zoo needs beyond the CNN set (issue 30): ResNet-D's average-pool shortcut
+    (ceil_mode, count_include_pad=False), GhostNet's in-place slice of channels (slice_scatter),
+    timm attention's unbind, MobileViT's split, a chunk, PoolFormer's GroupNorm, DenseNet's lone
+    BatchNorm, an explicit pad, hard-sigmoid gates and a partial slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 12, 1)
+        self.head = nn.Linear(6, 10)
+        nn.init.uniform_(self.bn.running_var, 0.5, 2)
+        nn.init.normal_(self.bn.running_mean)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pool(x)  # 15 -> 8 with a partial last window
+        y = self.gn(y) + torch.relu(self.bn(y))
+        y = torch.nn.functional.pad(y, (1, 0, 0, 1))
+        z = self.conv(y)
+        a, b, c = z.split([4, 4, 4], dim=1)
+        p, q = c.chunk(2, dim=1)
+        out = (a * torch.nn.functional.hardsigmoid(b)).clone()
+        out[:, :2] = p + q  # slice_scatter
+        t = out.flatten(2).transpose(1, 2)  # N x L x 4
+        u, v = t.reshape(t.shape[0], -1, 2, 2).permute(2, 0, 1, 3).unbind(0)
+        w = torch.cat([(u * v).sum(dim=1), torch.rsqrt(t.pow(2).mean(1) + 1) + t[:, 3:5].mean(1)], dim=1)
+        return self.head(torch.cat([w, w.abs().clamp(max=3)], dim=1)[:, :6])
+
+
+def test_timm_zoo_ops_export_to_the_float_model(tmp_path):
+    from clcalib.config import CalibConfig
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.quant.switch import quantization
+
+    torch.manual_seed(0)
+    net, x = _ZooOps().eval(), torch.randn(8, 3, 15, 15)
+    qm = QuantModel(net, QuantSpec.from_config(CalibConfig()), x[:2])
+    export_onnx(qm, tmp_path / "fp32.onnx", (1, 3, 15, 15), quantized=False)
+    with torch.no_grad(), quantization(qm.model, False):
+        ref = qm(x)
+        assert torch.allclose(ref, net(x), atol=1e-5)
+    assert float((onnx_predict(tmp_path / "fp32.onnx", x) - ref).abs().max()) < 1e-4
