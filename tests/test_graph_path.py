@@ -329,3 +329,54 @@ def test_cl_calib_reaches_through_the_graph_of_a_transformer():
     top = res.model.model.graph
     x = next(n for n in top.nodes if n.op == "placeholder")
     assert [u.target for u in x.users] == ["conv_proj"]  # nothing after the first unit reads the input
+
+
+class RollNet(SkipNet):  # Swin's shifted windows in one op: no ONNX translation
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.b(torch.roll(torch.relu(self.a(x)), 1, dims=2)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_an_export_that_cannot_succeed_is_refused_before_calibrating(tmp_path):
+    """Issue 30: `clcalib calibrate --export onnx` names the op in seconds, before any unit is spent."""
+    torch.manual_seed(0)
+    (tmp_path / "roll.pt2").write_bytes(_pt2(RollNet(), torch.randn(2, 3, 16, 16)))
+    import numpy as np
+
+    np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--model", str(tmp_path / "roll.pt2"),
+                        "--calib", str(tmp_path / "calib.npy"), "--out", str(tmp_path / "out"), "--iters", "1",
+                        "--device", "cpu", "--export", "onnx", "--quiet"],
+                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    assert "'roll.default' has no ONNX export here" in r.stderr and "Leave \"onnx\" out of config.export" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "quantized.safetensors").exists()
+
+
+def test_a_late_export_failure_keeps_the_calibration(tmp_path, monkeypatch):
+    """If the export still fails after calibration, the checkpoint and report are written and the
+    failure is a warning in the report (metrics.export_error), not a lost run."""
+    import numpy as np
+
+    import clcalib.export.onnx_check as onnx_check
+    from clcalib.pipeline import run_calibration
+
+    def broken(*args, **kwargs):
+        raise ExportError("ONNX Runtime agrees with the torch model on only 3 % of images")
+
+    monkeypatch.setattr(onnx_check, "export_checked", broken)
+    torch.manual_seed(0)
+    (tmp_path / "m.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
+    seen = []
+    report = run_calibration(model=tmp_path / "m.pt2", calibration=tmp_path / "calib.npy", out_dir=tmp_path / "out",
+                             config=CalibConfig(iters=1, calib_size=16, batch_size=8, device="cpu", export=["onnx"]),
+                             on_progress=lambda e: seen.append(e))
+    m = report["metrics"]
+    assert "agrees with the torch model on only 3 %" in m["export_error"] and report["onnx"] is None
+    assert any("ONNX export failed after calibration" in w for w in m["warnings"])
+    assert any(e.stage == "warning" and "ONNX export failed" in e.message for e in seen)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]["export_error"] == m["export_error"]
+    assert load_quantized(tmp_path / "out" / "quantized.safetensors") is not None
+    assert not (tmp_path / "out" / "model.onnx").exists()

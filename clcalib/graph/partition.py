@@ -185,7 +185,16 @@ class QuantModel(nn.Module):
             from clcalib.graph.units import convert_graph
 
             self.program = as_program(model, example_input)  # kept: the checkpoint rebuilds from it
-            self.model = convert_graph(graph_module(self.program), spec)
+            try:
+                self.model = convert_graph(graph_module(self.program), spec)
+            except UnsupportedModel:
+                raise
+            except Exception as e:  # a graph form the partitioner does not know: a refusal, never a crash
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise UnsupportedModel(
+                    f"clcalib cannot split this model's graph into reconstruction units ({type(e).__name__}: {first}). "
+                    "This is a limit of clcalib, not a fault in the file, and retrying will not help; "
+                    "please report it with the model's architecture") from None
         else:
             self.program = None
             self.model = copy.deepcopy(model).eval().float()
