@@ -105,11 +105,17 @@ def run_calibration(
         from clcalib.export.onnx_check import require_onnx
 
         require_onnx()
+    notes: list[str] = []  # what the run chose for the user (the report says so)
     if model is not None:
-        from clcalib.graph.program import num_outputs, read_program
+        from clcalib.graph.program import num_outputs, preprocess_for_program, read_program
 
         fp_model = read_program(model)
         arch, num_classes = Path(model).name, num_outputs(fp_model)
+        given = set(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else set()
+        pre, note = preprocess_for_program(fp_model, config.preprocess, given)
+        if note is not None:
+            config = config.model_copy(update={"preprocess": pre})
+            notes.append(note)
     elif arch is None or num_classes is None or weights is None:
         raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
     else:
@@ -203,6 +209,7 @@ def run_calibration(
         "device": result.device,
         "calib_images": len(calib),
         "calib_sha256": result.calib_sha256,
+        "notes": notes,
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
         "class_mapping": evalset.mapping if evalset is not None else None,

@@ -56,10 +56,12 @@ def check_job(**kwargs) -> dict:
 
 def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
               config: dict, limits: dict, sample: int, labels: str | None = None,
-              worker_memory_bytes: int = 0) -> dict:
+              worker_memory_bytes: int = 0, preprocess_given: list[str] | None = None) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
     torch.export program, converted here as calibration will convert it (so an unsupported
-    graph is a 422 now, not a failed job later). Returns ok, counts and num_classes."""
+    graph is a 422 now, not a failed job later). Returns ok, counts and num_classes, and for a
+    program with a fixed square input where ``preprocess_given`` (the config.preprocess fields the
+    user set) lacks resize/crop, ``preprocess``: the config's preprocessing with the program's size."""
     import torch
 
     from clcalib.config import CalibConfig
@@ -79,7 +81,7 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
     lim = Limits(**limits)
 
     # 1. the weights fit the arch, or the program is one we read safely
-    program = None
+    program = preprocess_note = None
     try:
         if arch == PROGRAM:
             from clcalib.graph.program import num_outputs, read_program
@@ -89,6 +91,15 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             if num_classes is not None and num_classes != classes:
                 raise ModelMismatchError(f"the program returns {classes} classes, num_classes says {num_classes}")
             num_classes, net = classes, program.module()
+            from clcalib.errors import UnsupportedModel
+            from clcalib.graph.program import preprocess_for_program
+
+            try:
+                pre, preprocess_note = preprocess_for_program(program, cfg.preprocess, set(preprocess_given or []))
+            except UnsupportedModel as e:
+                return _fail("model", "unsupported_model", str(e))
+            if preprocess_note is not None:
+                cfg = cfg.model_copy(update={"preprocess": pre})
         else:
             net = build_model(arch, num_classes, read_state_dict(model))
     except ModelMismatchError as e:
@@ -137,6 +148,18 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             y, largest, activations = activation_bytes(net, x[:2].float())
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if program is not None:
+            from clcalib.graph.program import input_size
+
+            want = input_size(program)
+            if want is not None and tuple(want) != tuple(x.shape[1:]):
+                c, h, w = want
+                flags = (f"config.preprocess resize {h} and crop {h} (clcalib submit --resize {h} --crop {h})"
+                         if h == w else f"images of {h}x{w} pixels (a tensor upload, .npy or .safetensors)")
+                return _fail("calibration", "model_cannot_run",
+                             f"the model takes images of {c}x{h}x{w}, the calibration data comes out as "
+                             f"{'x'.join(map(str, x.shape[1:]))} with config.preprocess; send {flags}"
+                             + ("" if want[0] == x.shape[1] else f", and {c}-channel images"))
         return _fail("calibration", "model_cannot_run",
                      f"{arch} cannot run on the calibration data of shape {tuple(x.shape[1:])} ({msg}); "
                      "check config.preprocess and the image channels")
@@ -202,8 +225,11 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             n_eval = len(names)
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
-    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
-            "estimated_peak_bytes": peak["total"]}
+    out = {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
+           "estimated_peak_bytes": peak["total"]}
+    if preprocess_note is not None:
+        out["preprocess"] = cfg.preprocess.model_dump(mode="json")
+    return out
 
 
 def _header(src, name: str, max_pixels: int, DataError) -> None:

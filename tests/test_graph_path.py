@@ -380,3 +380,37 @@ def test_a_late_export_failure_keeps_the_calibration(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]["export_error"] == m["export_error"]
     assert load_quantized(tmp_path / "out" / "quantized.safetensors") is not None
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_programs_fixed_input_size_is_the_default_preprocessing(tmp_path):
+    """Issue 30: a .pt2 fixes its input size; without resize/crop the run uses it (and says so),
+    and a program asking for absurdly large images is refused by name."""
+    from clcalib.config import Preprocess
+    from clcalib.graph.program import preprocess_for_program
+    from clcalib.pipeline import run_calibration
+
+    torch.manual_seed(0)
+    (tmp_path / "m.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    calib = write_zip(tmp_path / "calib.zip", "train", calibration_indices(16, seed=0), by_class=False)  # 28 px
+    cfg = CalibConfig.model_validate({"iters": 1, "calib_size": 16, "batch_size": 8, "device": "cpu",
+                                      "preprocess": {"mean": 0.286, "std": 0.353}})
+    report = run_calibration(model=tmp_path / "m.pt2", calibration=calib, out_dir=tmp_path / "out", config=cfg)
+    assert (report["config"]["preprocess"]["resize"], report["config"]["preprocess"]["crop"]) == (16, 16)
+    assert report["notes"] == ["preprocessing resize 16, crop 16 taken from the program's input size (3x16x16), "
+                               "as config.preprocess did not set resize or crop"]
+    assert "taken from the program" in (tmp_path / "out" / "report.html").read_text()
+    program = program_from_bytes((tmp_path / "m.pt2").read_bytes())
+    given = Preprocess(resize=20, crop=16)
+    assert preprocess_for_program(program, given, {"resize", "crop"}) == (given, None)  # the user's choice stays
+
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 10)
+
+        def forward(self, x):
+            return self.fc(x.mean((2, 3)))
+
+    huge = torch.export.export(Huge(), (torch.zeros(2, 3, 5000, 5000),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(UnsupportedModel, match="3x5000x5000 images, larger than the 4096 px"):
+        preprocess_for_program(huge, Preprocess(), set())

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from clcalib.config import Preprocess
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.storage import ARTIFACT_TYPES, LowOnDisk, Storage
@@ -171,8 +172,11 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
             evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,
             labels=str(up.files["labels"]) if "labels" in up.files else None,
             config=config.model_dump(mode="json", by_alias=True),
+            preprocess_given=sorted(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else [],
         )
         num_classes = checked["num_classes"]
+        if program and checked.get("preprocess") is not None:  # the program's input size (a checked child's answer: validated)
+            config = config.model_copy(update={"preprocess": Preprocess.model_validate(checked["preprocess"])})
         _check_bytes(settings, stored, up.total_bytes)
         try:
             job = await run_in_threadpool(
