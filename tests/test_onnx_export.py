@@ -341,6 +341,7 @@ class _ZooOps(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.conv = nn.Conv2d(8, 12, 1)
         self.head = nn.Linear(6, 10)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)  # ECA's channel attention
         nn.init.uniform_(self.bn.running_var, 0.5, 2)
         nn.init.normal_(self.bn.running_mean)
 
@@ -348,6 +349,7 @@ class _ZooOps(nn.Module):
         x = self.stem(x)
         y = self.pool(x)  # 15 -> 8 with a partial last window
         y = self.gn(y) + torch.relu(self.bn(y))
+        y = y * torch.sigmoid(self.eca(y.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1))
         y = torch.nn.functional.pad(y, (1, 0, 0, 1))
         z = self.conv(y)
         a, b, c = z.split([4, 4, 4], dim=1)

@@ -332,6 +332,17 @@ def _addmm(g, bias: Value, a: Value, b: Value, *, beta=1, alpha=1, hint: str) ->
     return Value(g.op("Add", [g.op("MatMul", [a.name, b.name], hint + ".mm"), bias.name], hint))
 
 
+def _conv1d(g, x: Value, weight: Value, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1, *,
+            hint: str) -> Value:
+    """A float Conv1d between layers (ECA's channel attention): clcalib quantizes Conv2d/Linear only."""
+    if isinstance(padding, str):
+        raise ExportError(f"{hint}: conv1d padding={padding!r} is not exported; use explicit padding")
+    one = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731
+    ins = [x.name, weight.name] + ([bias.name] if isinstance(bias, Value) else [])
+    return Value(g.op("Conv", ins, hint, strides=one(stride), pads=one(padding) * 2, dilations=one(dilation),
+                      group=groups))
+
+
 def _leaky_relu(g, x: Value, negative_slope=0.01, *, hint: str) -> Value:
     return Value(g.op("LeakyRelu", [x.name], hint, alpha=float(negative_slope)))
 
@@ -369,7 +380,7 @@ ATEN_FUNCTIONS = {
     aten._native_batch_norm_legit_no_training.default: _batch_norm,
     aten.sum.dim_IntList: _reduce("ReduceSum"), aten.amax.default: _reduce("ReduceMax"),
     aten.hardsigmoid.default: lambda g, x, *, hint: Value(g.op("HardSigmoid", [x.name], hint, alpha=1 / 6, beta=0.5)),
-    aten.leaky_relu.default: _leaky_relu, aten.mish.default: _unary("Mish"),
+    aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d, aten.mish.default: _unary("Mish"),
     aten.clamp.default: _clamp, aten.pow.Tensor_Scalar: _pow, aten.sqrt.default: _unary("Sqrt"),
     aten.rsqrt.default: lambda g, x, *, hint: Value(g.op("Reciprocal", [g.op("Sqrt", [x.name], hint + ".sqrt")], hint)),
     aten.neg.default: _unary("Neg"), aten.exp.default: _unary("Exp"), aten.abs.default: _unary("Abs"),
