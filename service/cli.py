@@ -95,6 +95,9 @@ def _summary(m: dict) -> str:
         parts.append(f"weights {m['weight_bytes'] / 1e6:.2f} MB ({m.get('compression_vs_fp32', 0):.1f}x smaller)")
     if m.get("calibration_seconds") is not None:
         parts.append(f"calibrated in {m['calibration_seconds']:.0f} s")
+    if m.get("export_error"):
+        parts.append(f"WARNING: the ONNX export failed after calibration ({m['export_error'][:300]}); the checkpoint "
+                     "and report are published")
     return "; ".join(parts)
 
 
@@ -140,7 +143,12 @@ def cmd_download(args) -> int:
     with _client(args) as c:
         names = [args.name] if args.name else [a["name"] for a in c.artifacts(args.job_id)]
         if not names:
-            print(f"job {args.job_id} has no artifacts (yet)", file=sys.stderr)
+            j = c.status(args.job_id)
+            why = {State.FAILED: f"it failed: {j.get('error') or 'no reason recorded'}",
+                   State.CANCELED: "it was canceled", State.SUCCEEDED: "its files were removed (retention)"
+                   if j.get("files_deleted") else "it succeeded without artifacts"}.get(
+                       j["state"], f"it is {j['state']}; artifacts come when it succeeds (clcalib watch {args.job_id})")
+            print(f"job {args.job_id} has no artifacts: {why}", file=sys.stderr)
             return 1
         if len(names) > 1 or out.is_dir():
             out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +173,10 @@ def cmd_jobs(args) -> int:
     with _client(args) as c:
         page = c.jobs(limit=args.limit, cursor=args.cursor, state=args.state)
         for j in page["jobs"]:
-            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}{_where(j)}")
+            why = f"  {j['error'][:100]}" if j.get("error") and j["state"] == State.FAILED else ""
+            if (j.get("metrics") or {}).get("export_error"):
+                why = "  (calibrated; the ONNX export failed: see its report)"
+            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}{_where(j)}{why}")
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}", file=sys.stderr)
     return 0

@@ -414,3 +414,14 @@ def test_a_programs_fixed_input_size_is_the_default_preprocessing(tmp_path):
     huge = torch.export.export(Huge(), (torch.zeros(2, 3, 5000, 5000),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with pytest.raises(UnsupportedModel, match="3x5000x5000 images, larger than the 4096 px"):
         preprocess_for_program(huge, Preprocess(), set())
+
+
+def test_a_program_given_as_weights_says_what_it_is(tmp_path):
+    """Issue 30: a .pt2 given with --arch was answered by torch's truncated unpickling error."""
+    (tmp_path / "vit.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--arch", "resnet18", "--num-classes", "10",
+                        "--weights", str(tmp_path / "vit.pt2"), "--calib", str(tmp_path / "none.zip"),
+                        "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "vit.pt2: this is a torch.export program (.pt2)" in r.stderr, r.stderr
+    assert "give it with --model" in r.stderr and "without an arch" in r.stderr
