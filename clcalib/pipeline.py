@@ -89,13 +89,15 @@ def run_calibration(
     resume_dir: str | Path | None = None,
     limits: Limits = DEFAULT_LIMITS,
     labels: list[str] | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Writes out_dir/quantized.safetensors and out_dir/report.json (each atomically) and
     returns the report dict. The model: ``arch`` + ``num_classes`` + ``weights`` (a registry
     architecture), or ``model``, a torch.export program (.pt2). ``resume_dir`` keeps per-unit state so a rerun with the same
     inputs continues after the last fully reconstructed unit. ``limits``: the bounds on
     reading the image sets (a service passes its operator's settings). ``labels``: the class
-    names in the model's index order, for evaluation folders named by class. ``on_progress`` may raise
+    names in the model's index order, for evaluation folders named by class. ``model_name``: the
+    program's name in the report and checkpoint (default: its file name). ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
     out = Path(out_dir)
@@ -110,7 +112,7 @@ def run_calibration(
         from clcalib.graph.program import num_outputs, preprocess_for_program, read_program
 
         fp_model = read_program(model)
-        arch, num_classes = Path(model).name, num_outputs(fp_model)
+        arch, num_classes = model_name or Path(model).name, num_outputs(fp_model)
         given = set(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else set()
         pre, note = preprocess_for_program(fp_model, config.preprocess, given)
         if note is not None:

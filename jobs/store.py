@@ -127,6 +127,14 @@ class Job:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def model_file(self) -> str | None:
+        """The uploaded model's file name as the client sent it (display only; kept in the
+        history's first entry, so rows need no new column)."""
+        first = (self.history or [{}])[0]
+        name = first.get("model_file") if isinstance(first, dict) and first.get("event") == "submitted" else None
+        return name if isinstance(name, str) else None
+
 
 def normalize_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://"):
@@ -262,15 +270,16 @@ class Store:
 
     # ---- API side ---------------------------------------------------------------------
     def create(self, *, id: str, owner: str, arch: str, num_classes: int, config: dict,
-               inputs: dict, upload_bytes: int, max_active: int | None = None) -> Job:
+               inputs: dict, upload_bytes: int, max_active: int | None = None, model_file: str | None = None) -> Job:
         """Insert a queued job. ``max_active``: only if the owner then has at most that many queued
         or running jobs, counted in the insert's transaction (see the module docstring); else
-        TooManyJobs and nothing is inserted."""
+        TooManyJobs and nothing is inserted. ``model_file``: the client's name of the model file."""
         now = self.clock()
+        history = [{"event": "submitted", "model_file": model_file, "at": now}] if model_file else []
         row = JobRow(
             id=id, owner=owner, state=State.QUEUED, arch=arch, num_classes=num_classes, config=config,
             inputs=inputs, upload_bytes=upload_bytes, attempts=0, created_at=now, updated_at=now,
-            artifacts=[], history=[], files_deleted=False,
+            artifacts=[], history=history, files_deleted=False,
         )
         with self.session.begin() as s:
             if max_active is not None and self.engine.dialect.name == "postgresql":

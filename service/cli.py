@@ -101,6 +101,10 @@ def _summary(m: dict) -> str:
     return "; ".join(parts)
 
 
+_FINAL_STAGES = {"export": "saving the checkpoint / exporting", "evaluate": "evaluating the reloaded checkpoint",
+                 "done": "done"}
+
+
 def _watch(c, job_id: str) -> int:
     """One progress bar over every unit's iterations, then a short summary."""
     from tqdm import tqdm
@@ -120,6 +124,11 @@ def _watch(c, job_id: str) -> int:
             loss = p.get("loss")
             bar.set_description(f"unit {unit + 1}/{p['num_units']} {p.get('unit_name', '')}", refresh=False)
             bar.set_postfix_str(f"{p.get('stage', '')}" + (f" loss={loss:.4g}" if loss is not None else ""), refresh=False)
+            bar.refresh()
+        elif bar is not None and p.get("stage") in _FINAL_STAGES:  # after the last unit: no iterations to count
+            bar.n = bar.total
+            bar.set_description(_FINAL_STAGES[p["stage"]], refresh=False)
+            bar.set_postfix_str("", refresh=False)
             bar.refresh()
         elif bar is None:
             print(f"{data['state']} {p.get('stage', '')}".strip(), file=sys.stderr)
@@ -176,7 +185,7 @@ def cmd_jobs(args) -> int:
             why = f"  {j['error'][:100]}" if j.get("error") and j["state"] == State.FAILED else ""
             if (j.get("metrics") or {}).get("export_error"):
                 why = "  (calibrated; the ONNX export failed: see its report)"
-            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}{_where(j)}{why}")
+            print(f"{j['id']}  {j['state']:9}  {j.get('model') or j['arch']:14} {j['created_at']}{_where(j)}{why}")
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}", file=sys.stderr)
     return 0

@@ -39,6 +39,7 @@ class JobOut(BaseModel):
     id: str
     state: State
     arch: str
+    model: str = Field(description="what the user sent: the registry arch, or the .pt2 program's file name")
     num_classes: int
     config: dict[str, Any] = Field(description="the job's CalibConfig (device is the worker's)")
     progress: Progress | None = None
@@ -60,7 +61,8 @@ class JobOut(BaseModel):
         if job.progress:
             prog = Progress.model_validate({k: v for k, v in job.progress.items() if k in Progress.model_fields})
         return cls(
-            id=job.id, state=job.state, arch=job.arch, num_classes=job.num_classes, config=job.config,
+            id=job.id, state=job.state, arch=job.arch, model=job.model_file or job.arch, num_classes=job.num_classes,
+            config=job.config,
             progress=prog, metrics=job.metrics, error=job.error, artifacts=list(job.artifacts or []),
             attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
             finished_at=iso(job.finished_at), updated_at=iso(job.updated_at),

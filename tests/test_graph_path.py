@@ -398,7 +398,12 @@ def test_a_programs_fixed_input_size_is_the_default_preprocessing(tmp_path):
     assert (report["config"]["preprocess"]["resize"], report["config"]["preprocess"]["crop"]) == (16, 16)
     assert report["notes"] == ["preprocessing resize 16, crop 16 taken from the program's input size (3x16x16), "
                                "as config.preprocess did not set resize or crop"]
-    assert "taken from the program" in (tmp_path / "out" / "report.html").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "taken from the program" in html
+    # what is off says "off" (no CL-Calib or PD-Quant fields); layers are named as inspect names them
+    assert "cl_calib.enabled" not in html and "pdquant." not in html and ">off<" in html
+    assert report["layers"] and not any(".body" in layer["name"] for layer in report["layers"])
+    assert {layer["name"] for layer in report["layers"]} >= {"a_block.a", "a_block.b"}
     program = program_from_bytes((tmp_path / "m.pt2").read_bytes())
     given = Preprocess(resize=20, crop=16)
     assert preprocess_for_program(program, given, {"resize", "crop"}) == (given, None)  # the user's choice stays

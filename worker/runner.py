@@ -189,7 +189,7 @@ def _calibrate(job, settings: Settings, storage: Storage, store: Store, hb: Hear
     for d in (out_dir, resume_dir):
         d.mkdir(parents=True, exist_ok=True)
     inputs = {k: str(jd / v) for k, v in job.inputs.items()}
-    model = {"model": inputs["model"]} if job.arch == PROGRAM else \
+    model = {"model": inputs["model"], "model_name": job.model_file} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
     _sanitize(storage, job.id)
     child = take_child()

@@ -84,6 +84,16 @@ def _check_bytes(settings: Settings, stored: int, incoming: int) -> None:
                        headers={"Retry-After": "300"})
 
 
+def display_name(name: str | None) -> str | None:
+    """The client's file name, for display only: its last path part, printable, at most 100
+    characters (it is never a path on this server)."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()[:100]
+    return base or None
+
+
 def _is_zip(path) -> bool:
     if path is None:
         return False
@@ -184,6 +194,7 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
                 config=config.model_dump(mode="json", by_alias=True),
                 inputs={role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()},
                 upload_bytes=up.total_bytes, max_active=settings.max_active_jobs,
+                model_file=display_name(up.filenames.get("model")) if program else None,
             )  # committed before the id is sent
         except TooManyJobs as e:  # another API process's submits took the slots meanwhile
             limits.refuse("max_active_jobs")
