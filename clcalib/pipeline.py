@@ -69,7 +69,13 @@ def check_exportable(model, example: Tensor, config: CalibConfig) -> None:
 
     qm = QuantModel(model, QuantSpec.from_config(config), example, config.partition)
     try:
-        build_onnx(qm, (1, *example.shape[1:]), quantized=False)
+        try:
+            build_onnx(qm, (1, *example.shape[1:]), quantized=False)
+        except ExportError:
+            raise
+        except Exception as e:  # an exporter bug on this form: a refusal now, not a failure after calibration
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"the exporter failed on this model ({type(e).__name__}: {first})") from None
     except ExportError as e:
         raise ExportError(f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave \"onnx\" out "
                           "of config.export (no --export onnx) to calibrate it and keep the checkpoint") from None

@@ -185,6 +185,9 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             qm = QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
         except ModelMismatchError as e:
             return _fail("model", "unsupported_model", str(e))
+        except Exception as e:  # a form clcalib does not handle: a refusal by name, never a 500 that says retry
+            return _fail("model", "unsupported_model", f"clcalib cannot convert this model ({_first_line(e)}); "
+                         "this is a limit of clcalib, not of the file, and retrying will not help")
         from clcalib.config import ExportFormat
 
         if ExportFormat.ONNX in cfg.export:  # every op has a translation: known now, not after calibration
@@ -192,7 +195,12 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             from clcalib.export.onnx_qdq import build_onnx
 
             try:
-                build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+                try:
+                    build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+                except ExportError:
+                    raise
+                except Exception as e:  # an exporter bug on this form: the same refusal, named
+                    raise ExportError(f"the exporter failed on this model ({_first_line(e)})") from None
             except ExportError as e:
                 return _fail("config", "unsupported_export",
                              f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave "
@@ -230,6 +238,11 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
     if preprocess_note is not None:
         out["preprocess"] = cfg.preprocess.model_dump(mode="json")
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 def _header(src, name: str, max_pixels: int, DataError) -> None:
