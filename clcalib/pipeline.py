@@ -18,7 +18,7 @@ from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import DEFAULT_LIMITS, LabeledSet, Limits, load_calibration
 from clcalib.diagnostics import layer_sqnr, per_class
-from clcalib.errors import DataError, ExportError, ModelMismatchError
+from clcalib.errors import Canceled, DataError, ExportError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict, top1
@@ -178,8 +178,10 @@ def run_calibration(
     export_error = None
     try:
         q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device)
-    except ExportError as e:  # calibration is done: keep it, publish it, say what failed
-        export_error = str(e)
+    except Exception as e:  # calibration is done: keep it, publish it, say what failed
+        if isinstance(e, (MemoryError, Canceled)):
+            raise
+        export_error = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {str(e)[:300]}"
         warnings.append(f"the ONNX export failed after calibration ({export_error}); the checkpoint and this report "
                         f"are complete: run `clcalib export --checkpoint {CHECKPOINT_NAME} --out model.onnx` "
                         "once the exporter supports the model")
