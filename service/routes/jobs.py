@@ -186,7 +186,10 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
         )
         num_classes = checked["num_classes"]
         if program and checked.get("preprocess") is not None:  # the program's input size (a checked child's answer: validated)
-            config = config.model_copy(update={"preprocess": Preprocess.model_validate(checked["preprocess"])})
+            try:
+                config = config.model_copy(update={"preprocess": Preprocess.model_validate(checked["preprocess"])})
+            except ValueError:  # pydantic's ValidationError: not what our check sends; keep the user's config
+                log.warning("job %s: the upload check answered an invalid preprocess; ignored", job_id)
         _check_bytes(settings, stored, up.total_bytes)
         try:
             job = await run_in_threadpool(
