@@ -141,11 +141,15 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
         return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
 
     # 3. the model runs on it
+    import time
+
     from clcalib.memory_estimate import activation_bytes, estimate_peak
 
     try:
+        t0 = time.perf_counter()
         with torch.no_grad():
             y, largest, activations = activation_bytes(net, x[:2].float())
+        probe_s = time.perf_counter() - t0
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if program is not None:
@@ -234,10 +238,20 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
     out = {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
-           "estimated_peak_bytes": peak["total"]}
+           "estimated_peak_bytes": peak["total"], "work_s": _work_s(cfg, probe_s, len(x[:2]), min(count, cfg.calib_size))}
     if preprocess_note is not None:
         out["preprocess"] = cfg.preprocess.model_dump(mode="json")
     return out
+
+
+def _work_s(cfg, probe_s: float, probed: int, images: int) -> float:
+    """The job's work in this check's seconds: a reconstruction iteration is about a forward and
+    a backward pass (3 forwards) of one batch through the whole model (its units in turn), plus
+    the passes over the calibration set that cache inputs and set ranges. The API turns it into
+    an estimate with the ratio finished jobs measured (``Store.speed_factor``)."""
+    per_image = probe_s / max(probed, 1)
+    iters = cfg.iters if cfg.method.reconstructs else 0
+    return round(per_image * (3 * cfg.batch_size * iters + 4 * images), 4)
 
 
 def _first_line(e: BaseException) -> str:

@@ -55,9 +55,24 @@ def cmd_submit(args) -> int:
                        num_classes=args.num_classes, config=config, evaluation=args.evaluation, labels=args.labels)
         if args.watch:
             print(job["id"], file=sys.stderr)
+            if _estimate(job):
+                print(_estimate(job), file=sys.stderr)
             return _watch(c, job["id"])
         _print(job) if args.json else print(job["id"])
+        if not args.json and _estimate(job):
+            print(_estimate(job), file=sys.stderr)
     return 0
+
+
+def _estimate(j: dict) -> str:
+    """'estimated time: about 12 min once running (...)', or '' without an estimate."""
+    s = j.get("estimate_s")
+    if not isinstance(s, (int, float)):
+        return ""
+    when = f"about {s / 60:.0f} min" if s >= 90 else f"about {max(s, 1):.0f} s"
+    basis = (f"from the last {j['estimate_basis']} jobs on this service" if j.get("estimate_basis")
+             else "from the upload check's own speed: no finished job to scale it by yet")
+    return f"estimated time: {when} once running ({basis})"
 
 
 def cmd_status(args) -> int:
@@ -67,6 +82,8 @@ def cmd_status(args) -> int:
         _print(j)
         return 0
     print(f"job {j['id']}: {j['state']}{_where(j)}")
+    if j["state"] in (State.QUEUED, State.RUNNING) and _estimate(j):
+        print(_estimate(j))
     if j.get("error"):
         print(f"error: {j['error']}")
     if j.get("metrics"):

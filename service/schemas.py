@@ -45,6 +45,10 @@ class JobOut(BaseModel):
     progress: Progress | None = None
     metrics: dict[str, Any] | None = Field(None, description="report.json's metrics once succeeded")
     error: str | None = None
+    estimate_s: float | None = Field(None, description="estimated seconds the job takes once running: the upload "
+                                     "check's measured work times how long recent jobs took on this service's "
+                                     "workers for theirs (estimate_basis: how many; 0: the check's own speed)")
+    estimate_basis: int | None = None
     artifacts: list[str] = Field(default_factory=list, description="names under /artifacts/{name}")
     attempts: int = Field(description="deliveries so far (a lost worker's job is re-queued)")
     created_at: str
@@ -64,11 +68,16 @@ class JobOut(BaseModel):
             id=job.id, state=job.state, arch=job.arch, model=job.model_file or job.arch, num_classes=job.num_classes,
             config=job.config,
             progress=prog, metrics=job.metrics, error=job.error, artifacts=list(job.artifacts or []),
+            estimate_s=_number(job.submitted.get("estimate_s")), estimate_basis=_number(job.submitted.get("estimate_basis")),
             attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
             finished_at=iso(job.finished_at), updated_at=iso(job.updated_at),
             files_deleted=job.files_deleted,
             links=Links(self=u, events=f"{u}/events", artifacts=f"{u}/artifacts", cancel=f"{u}/cancel"),
         )
+
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 class JobList(BaseModel):

@@ -146,6 +146,7 @@ def test_a_programs_input_size_is_the_default_preprocessing_at_upload(api_only, 
     assert r.status_code == 202, r.text
     pre = r.json()["config"]["preprocess"]
     assert (r.json()["model"], r.json()["arch"]) == ("m.pt2", "program")  # the file's name, for the job list
+    assert r.json()["estimate_s"] > 0 and r.json()["estimate_basis"] == 0  # no finished job to scale by yet
     assert (pre["resize"], pre["crop"], pre["mean"][0]) == (20, 20, 0.286)
     r = _post(api_only, pt2, fmnist_zips["calib"], {**config, "preprocess": {"resize": 32, "crop": 28}})
     assert r.status_code == 422 and r.json()["field"] in ("model", "calibration"), r.text
