@@ -350,6 +350,8 @@ class _ZooOps(nn.Module):
         y = self.pool(x)  # 15 -> 8 with a partial last window
         y = self.gn(y) + torch.relu(self.bn(y))
         y = y * torch.sigmoid(self.eca(y.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1))
+        gx = torch.linalg.vector_norm(y, 2, dim=(2, 3), keepdim=True)  # ConvNeXt-V2's GRN
+        y = torch.addcmul(y, y, gx / (gx.mean(1, keepdim=True) + 1e-6), value=0.5) + torch.sin(y).cos()
         y = torch.nn.functional.pad(y, (1, 0, 0, 1))
         z = self.conv(y)
         a, b, c = z.split([4, 4, 4], dim=1)
@@ -365,10 +367,12 @@ class _ZooOps(nn.Module):
 def test_timm_zoo_ops_export_to_the_float_model(tmp_path):
     from clcalib.config import CalibConfig
     from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.graph.program import check_archive, program_to_bytes
     from clcalib.quant.switch import quantization
 
     torch.manual_seed(0)
     net, x = _ZooOps().eval(), torch.randn(8, 3, 15, 15)
+    check_archive(program_to_bytes(torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))))
     qm = QuantModel(net, QuantSpec.from_config(CalibConfig()), x[:2])
     export_onnx(qm, tmp_path / "fp32.onnx", (1, 3, 15, 15), quantized=False)
     with torch.no_grad(), quantization(qm.model, False):

@@ -343,6 +343,27 @@ def _conv1d(g, x: Value, weight: Value, bias=None, stride=(1,), padding=(0,), di
                       group=groups))
 
 
+def _vector_norm(g, x: Value, ord=2, dim=None, keepdim=False, *, dtype=None, hint: str) -> Value:
+    """ConvNeXt-V2's GRN: the L2 (or L1) norm over the given dims."""
+    if ord not in (1, 2) or dim is None or dtype is not None:
+        raise ExportError(f"{hint}: vector norm of order {ord} over {dim} is not exported; only L1/L2 over given dims")
+    axes = g.const(hint + ".axes", np.array([dim] if isinstance(dim, int) else list(dim), np.int64))
+    return Value(g.op("ReduceL2" if ord == 2 else "ReduceL1", [x.name, axes], hint, keepdims=int(keepdim)))
+
+
+def _addcmul(g, x: Value, a: Value, b: Value, *, value=1, hint: str) -> Value:
+    prod = g.op("Mul", [a.name, b.name], hint + ".prod")
+    if value != 1:
+        prod = g.op("Mul", [prod, g.const(hint + ".value", np.array(value, np.float32))], hint + ".scaled")
+    return Value(g.op("Add", [x.name, prod], hint))
+
+
+def _cumsum(g, x: Value, dim: int, *, dtype=None, hint: str) -> Value:
+    if dtype is not None:
+        raise ExportError(f"{hint}: cumsum to another dtype is not exported")
+    return Value(g.op("CumSum", [x.name, g.const(hint + ".axis", np.array(dim, np.int64))], hint))
+
+
 def _leaky_relu(g, x: Value, negative_slope=0.01, *, hint: str) -> Value:
     return Value(g.op("LeakyRelu", [x.name], hint, alpha=float(negative_slope)))
 
@@ -380,7 +401,9 @@ ATEN_FUNCTIONS = {
     aten._native_batch_norm_legit_no_training.default: _batch_norm,
     aten.sum.dim_IntList: _reduce("ReduceSum"), aten.amax.default: _reduce("ReduceMax"),
     aten.hardsigmoid.default: lambda g, x, *, hint: Value(g.op("HardSigmoid", [x.name], hint, alpha=1 / 6, beta=0.5)),
-    aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d, aten.mish.default: _unary("Mish"),
+    aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d,
+    aten.linalg_vector_norm.default: _vector_norm, aten.addcmul.default: _addcmul, aten.cumsum.default: _cumsum,
+    aten.sin.default: _unary("Sin"), aten.cos.default: _unary("Cos"), aten.bitwise_not.default: _unary("Not"), aten.mish.default: _unary("Mish"),
     aten.clamp.default: _clamp, aten.pow.Tensor_Scalar: _pow, aten.sqrt.default: _unary("Sqrt"),
     aten.rsqrt.default: lambda g, x, *, hint: Value(g.op("Reciprocal", [g.op("Sqrt", [x.name], hint + ".sqrt")], hint)),
     aten.neg.default: _unary("Neg"), aten.exp.default: _unary("Exp"), aten.abs.default: _unary("Abs"),

@@ -39,6 +39,7 @@ ATEN = frozenset("""
     threshold prelu glu clamp clamp_min clamp_max clip
     softmax log_softmax
     erf exp log sqrt rsqrt reciprocal pow abs neg sign maximum minimum where
+    addcmul linalg_vector_norm sin cos cumsum bitwise_not
     max_pool2d avg_pool2d adaptive_avg_pool2d adaptive_max_pool2d avg_pool1d max_pool1d adaptive_avg_pool1d
     add sub rsub mul div true_divide floor_divide mean sum amax amin max min var var_mean std prod
     view reshape flatten unflatten permute transpose contiguous clone expand expand_as
