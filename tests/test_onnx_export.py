@@ -359,6 +359,7 @@ class _ZooOps(nn.Module):
         out = (a * torch.nn.functional.hardsigmoid(b)).clone()
         out[:, :2] = p + q  # slice_scatter
         t = out.flatten(2).transpose(1, 2)  # N x L x 4
+        t = t.contiguous().view(-1, 4).reshape_as(t)  # LeViT's reshape_as
         u, v = t.reshape(t.shape[0], -1, 2, 2).permute(2, 0, 1, 3).unbind(0)
         w = torch.cat([(u * v).sum(dim=1), torch.rsqrt(t.pow(2).mean(1) + 1) + t[:, 3:5].mean(1)], dim=1)
         return self.head(torch.cat([w, w.abs().clamp(max=3)], dim=1)[:, :6])

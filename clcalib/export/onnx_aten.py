@@ -386,6 +386,8 @@ ATEN_FUNCTIONS = {
     aten.max_pool2d.default: _max_pool, aten.adaptive_avg_pool2d.default: _adaptive_avg_pool,
     aten.mean.dim: _mean, aten.flatten.using_ints: _flatten,
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten.sym_size.int: _size,
+    aten.reshape_as.default: lambda g, x, other, *, hint: Value(
+        g.op("Reshape", [x.name, g.op("Shape", [other.name], hint + ".shape")], hint)),
     aten.permute.default: _permute, aten.transpose.int: _transpose, aten.cat.default: _cat,
     aten.expand.default: _expand, aten.select.int: _select, aten.slice.Tensor: _slice,
     aten.unsqueeze.default: _axes_op("Unsqueeze"), aten.squeeze.dim: _axes_op("Squeeze"),
