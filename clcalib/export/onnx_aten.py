@@ -364,6 +364,51 @@ def _cumsum(g, x: Value, dim: int, *, dtype=None, hint: str) -> Value:
     return Value(g.op("CumSum", [x.name, g.const(hint + ".axis", np.array(dim, np.int64))], hint))
 
 
+def _index(g, x: Value, indices, *, hint: str) -> Value:
+    """``x[..., idx]`` with one index tensor (a relative-position bias table looked up by its
+    index buffer: Swin, CoAtNet, MaxViT): Gather along that dimension. Index buffers arrive as
+    float initializers (whole numbers, exact below 2^24) and are cast back to int64."""
+    used = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or not isinstance(used[0][1], Value):
+        raise ExportError(f"{hint}: indexing with {len(used)} index tensors is not exported; only one")
+    dim, idx = used[0]
+    as_int = g.op("Cast", [idx.name], hint + ".idx", to=g.onnx.TensorProto.INT64)
+    return Value(g.op("Gather", [x.name, as_int], hint, axis=dim))
+
+
+def _roll(g, x: Value, shifts, dims=(), *, hint: str) -> Value:
+    """Swin's shifted windows: each roll as the tail and the head of the dimension, swapped."""
+    shifts, dims = list(shifts), list(dims)
+    if not dims or len(shifts) != len(dims) or not all(isinstance(v, int) for v in shifts + dims):
+        raise ExportError(f"{hint}: roll over a flattened tensor or by run-time shifts is not exported")
+    shape = g.shape_of(0, hint)
+    for k, (shift, dim) in enumerate(zip(shifts, dims, strict=True)):
+        size = shape[dim]
+        if not isinstance(size, int):
+            raise ExportError(f"{hint}: roll along a dimension of run-time size is not exported")
+        cut = size - shift % size
+        if cut in (0, size):
+            continue
+        tail = _slice_op(g, x, dim, cut, size, 1, f"{hint}.{k}.tail")
+        head = _slice_op(g, x, dim, 0, cut, 1, f"{hint}.{k}.head")
+        x = Value(g.op("Concat", [tail, head], f"{hint}.{k}", axis=dim))
+    return x
+
+
+def _upsample_nearest(g, x: Value, output_size=None, scale_factors=None, *, hint: str) -> Value:
+    """torch's nearest: source index floor(i * in / out), ONNX Resize's asymmetric + floor."""
+    shape = g.shape_of(0, hint)
+    if output_size is not None and all(isinstance(v, int) for v in output_size):
+        scales = [output_size[i] / shape[2 + i] for i in range(2)]
+    elif scale_factors is not None:
+        scales = [float(v) for v in scale_factors]
+    else:
+        raise ExportError(f"{hint}: nearest upsampling to a run-time size is not exported")
+    sc = g.const(hint + ".scales", np.array([1.0, 1.0, *scales], np.float32))
+    return Value(g.op("Resize", [x.name, "", sc], hint, mode="nearest", coordinate_transformation_mode="asymmetric",
+                      nearest_mode="floor"))
+
+
 def _leaky_relu(g, x: Value, negative_slope=0.01, *, hint: str) -> Value:
     return Value(g.op("LeakyRelu", [x.name], hint, alpha=float(negative_slope)))
 
@@ -404,6 +449,8 @@ ATEN_FUNCTIONS = {
     aten.sum.dim_IntList: _reduce("ReduceSum"), aten.amax.default: _reduce("ReduceMax"),
     aten.hardsigmoid.default: lambda g, x, *, hint: Value(g.op("HardSigmoid", [x.name], hint, alpha=1 / 6, beta=0.5)),
     aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d,
+    aten.index.Tensor: _index, aten.roll.default: _roll, aten.upsample_nearest2d.vec: _upsample_nearest,
+    aten._unsafe_view.default: _reshape,
     aten.linalg_vector_norm.default: _vector_norm, aten.addcmul.default: _addcmul, aten.cumsum.default: _cumsum,
     aten.sin.default: _unary("Sin"), aten.cos.default: _unary("Cos"), aten.bitwise_not.default: _unary("Not"), aten.mish.default: _unary("Mish"),
     aten.clamp.default: _clamp, aten.pow.Tensor_Scalar: _pow, aten.sqrt.default: _unary("Sqrt"),
