@@ -430,3 +430,33 @@ def test_a_program_given_as_weights_says_what_it_is(tmp_path):
                        capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "vit.pt2: this is a torch.export program (.pt2)" in r.stderr, r.stderr
     assert "give it with --model" in r.stderr and "without an arch" in r.stderr
+
+
+class TwoHeads(SkipNet):  # DeiT's / LeViT's distillation heads, averaged in eval
+    def __init__(self):
+        super().__init__()
+        self.head_dist = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.b(torch.relu(self.a(x)))).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_distillation_heads_are_the_classifier(tmp_path):
+    """Issue 30 (zoo): deit_tiny_distilled and levit end in two Linear heads whose logits are
+    averaged; both are the classifier (8-bit weights, FP logits), and the model exports."""
+    from clcalib.export.onnx_check import session
+    from clcalib.export.onnx_qdq import export_onnx
+
+    torch.manual_seed(0)
+    model, data = TwoHeads().eval(), torch.randn(32, 3, 16, 16)
+    result = clcalib.calibrate(model, data, CalibConfig(iters=1, calib_size=32, batch_size=8, device="cpu", a_bits=8),
+                               on_progress=lambda e: None)
+    last = result.model.units()[-1]
+    assert sorted(h.wq.bits for h in last.layers()) == [8, 8] and last.output_quantizer() is None
+    export_onnx(result.model, tmp_path / "q.onnx", (1, 3, 16, 16))
+    got = torch.from_numpy(session(tmp_path / "q.onnx").run(None, {"input": data[:8].numpy()})[0])
+    with torch.no_grad():
+        ref = result.model(data[:8])
+    assert torch.allclose(got, ref, atol=0.02 * float(ref.abs().max()))

@@ -222,13 +222,20 @@ class QuantModel(nn.Module):
     def _apply_first_last_bits(self) -> None:
         units = self.units()
         last = units[-1]
-        if len(units) < 2 or not (isinstance(last.body, QuantLayer) and not last.body.is_conv):
-            raise UnsupportedModel("the model must end in a Linear classifier")
-        last.body.out_quant = None  # logits stay FP
+        # one Linear classifier, or a unit of Linear heads only whose logits are combined
+        # (DeiT's and LeViT's distillation heads, averaged in eval)
+        heads = [last.body] if isinstance(last.body, QuantLayer) else last.layers()
+        if len(units) < 2 or not heads or not all(not h.is_conv for h in heads):
+            raise UnsupportedModel("the model must end in a Linear classifier (or Linear heads whose outputs are "
+                                   "combined)")
+        for h in heads:
+            h.out_quant = None  # logits stay FP
+        last.out_quant = None
         fl = self.spec.first_last_bits
         if fl is not None:
             units[0].layers()[0].wq.bits = fl
-            last.body.wq.bits = fl
+            for h in heads:
+                h.wq.bits = fl
             before = units[-2].output_quantizer()
             if before is not None:  # none where a LayerNorm sits before the classifier (transformers)
                 before.bits = fl
