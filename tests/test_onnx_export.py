@@ -356,6 +356,10 @@ class _ZooOps(nn.Module):
         y = torch.addcmul(y, y, gx / (gx.mean(1, keepdim=True) + 1e-6), value=0.5) + torch.sin(y).cos()
         y = torch.roll(y, (2, -3), (2, 3)) + self.table[self.index.view(-1)].view(8, 8, 8).permute(2, 0, 1)
         y = y + torch.nn.functional.interpolate(y[:, :, ::2, ::2], scale_factor=2.0, mode="nearest")
+        mask = torch.zeros(y.shape[0], 8, 8, dtype=torch.bool)  # EdgeNeXt's position encoding
+        pos = (~mask).cumsum(1, dtype=torch.float32)
+        enc = torch.stack((pos.sin(), pos.cos()), dim=3).reshape(y.shape[0], 8, 16)
+        y = y + enc[:, None, :, :8].clamp_min(0.1)
         y = torch.nn.functional.pad(y, (1, 0, 0, 1))
         z = self.conv(y)
         a, b, c = z.split([4, 4, 4], dim=1)

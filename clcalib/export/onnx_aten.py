@@ -358,10 +358,36 @@ def _addcmul(g, x: Value, a: Value, b: Value, *, value=1, hint: str) -> Value:
     return Value(g.op("Add", [x.name, prod], hint))
 
 
+def _onnx_type(g, dtype, hint: str) -> int:
+    TP = g.onnx.TensorProto
+    types = {torch.float32: TP.FLOAT, torch.bool: TP.BOOL, torch.int64: TP.INT64, torch.int32: TP.INT32}
+    if dtype not in types:
+        raise ExportError(f"{hint}: dtype {dtype} is not exported")
+    return types[dtype]
+
+
 def _cumsum(g, x: Value, dim: int, *, dtype=None, hint: str) -> Value:
     if dtype is not None:
-        raise ExportError(f"{hint}: cumsum to another dtype is not exported")
+        x = Value(g.op("Cast", [x.name], hint + ".cast", to=_onnx_type(g, dtype, hint)))
     return Value(g.op("CumSum", [x.name, g.const(hint + ".axis", np.array(dim, np.int64))], hint))
+
+
+def _zeros(g, size, *, dtype=None, layout=None, device=None, pin_memory=None, hint: str) -> Value:
+    """EdgeNeXt's position-encoding mask, batch-sized: ConstantOfShape."""
+    elem = _onnx_type(g, dtype or torch.float32, hint)
+    value = g.onnx.helper.make_tensor(hint + ".zero", elem, [1], [0])
+    return Value(g.op("ConstantOfShape", [_ints(g, list(size), hint)], hint, value=value))
+
+
+def _to_copy(g, x: Value, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
+             memory_format=None, hint: str) -> Value:
+    return x if dtype is None else Value(g.op("Cast", [x.name], hint, to=_onnx_type(g, dtype, hint)))
+
+
+def _stack(g, tensors, dim=0, *, hint: str) -> Value:
+    axes = g.const(hint + ".axes", np.array([dim], np.int64))
+    parts = [g.op("Unsqueeze", [t.name, axes], f"{hint}.{i}") for i, t in enumerate(tensors)]
+    return Value(g.op("Concat", parts, hint, axis=dim))
 
 
 def _index(g, x: Value, indices, *, hint: str) -> Value:
@@ -449,6 +475,8 @@ ATEN_FUNCTIONS = {
     aten.sum.dim_IntList: _reduce("ReduceSum"), aten.amax.default: _reduce("ReduceMax"),
     aten.hardsigmoid.default: lambda g, x, *, hint: Value(g.op("HardSigmoid", [x.name], hint, alpha=1 / 6, beta=0.5)),
     aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d,
+    aten.zeros.default: _zeros, aten._to_copy.default: _to_copy, aten.stack.default: _stack,
+    aten.clamp_min.default: lambda g, x, lo, *, hint: _clamp(g, x, lo, None, hint=hint),
     aten.index.Tensor: _index, aten.roll.default: _roll, aten.upsample_nearest2d.vec: _upsample_nearest,
     aten._unsafe_view.default: _reshape,
     aten.linalg_vector_norm.default: _vector_norm, aten.addcmul.default: _addcmul, aten.cumsum.default: _cumsum,
