@@ -368,6 +368,11 @@ class _ZooOps(nn.Module):
         out[:, :2] = p + q  # slice_scatter
         t = out.flatten(2).transpose(1, 2)  # N x L x 4
         t = t.contiguous().view(-1, 4).reshape_as(t)  # LeViT's reshape_as
+        bias = self.table[:4, :4].reshape(1, 4, 4) * 0.1  # attention with an additive float mask (CoAtNet)
+        att = torch.nn.functional.scaled_dot_product_attention(t[:, None, :4], t[:, None, :4], t[:, None, :4],
+                                                               attn_mask=bias)[:, 0]
+        t = torch.cat([t[:, :4] + att, t[:, 4:]], dim=1)
+        t = t + torch.nn.functional.interpolate(t[:, None, ::2], size=(t.shape[1], 4), mode="bilinear")[:, 0]
         u, v = t.reshape(t.shape[0], -1, 2, 2).permute(2, 0, 1, 3).unbind(0)
         w = torch.cat([(u * v).sum(dim=1), torch.rsqrt(t.pow(2).mean(1) + 1) + t[:, 3:5].mean(1)], dim=1)
         return self.head(torch.cat([w, w.abs().clamp(max=3)], dim=1)[:, :6])

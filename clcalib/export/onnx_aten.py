@@ -120,8 +120,12 @@ def _layer_norm(g, x: Value, shape, weight=None, bias=None, eps=1e-5, cudnn_enab
 
 def _sdpa(g, q: Value, k: Value, v: Value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
           enable_gqa=False, *, hint: str) -> Value:
-    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
-        raise ExportError(f"{hint}: attention with a mask, causal masking, dropout or grouped heads is not exported")
+    mask_node = g.current.kwargs.get("attn_mask", g.current.args[3] if len(g.current.args) > 3 else None)
+    meta = mask_node.meta.get("tensor_meta") if isinstance(mask_node, torch.fx.Node) else None
+    float_mask = isinstance(attn_mask, Value) and meta is not None and meta.dtype == torch.float32
+    if (attn_mask is not None and not float_mask) or is_causal or dropout_p or enable_gqa:
+        raise ExportError(f"{hint}: attention with a boolean mask, causal masking, dropout or grouped heads is not "
+                          "exported (an additive float mask, a relative-position bias, is)")
     dim = g.shape_of(0, hint)[-1]
     s = g.const(hint + ".scale", np.array(scale if scale is not None else 1.0 / math.sqrt(dim), np.float32))
     rank = _rank(g, hint)
@@ -129,6 +133,8 @@ def _sdpa(g, q: Value, k: Value, v: Value, attn_mask=None, dropout_p=0.0, is_cau
     perm[-1], perm[-2] = perm[-2], perm[-1]
     kt = g.op("Transpose", [k.name], hint + ".kt", perm=perm)
     logits = g.op("Mul", [g.op("MatMul", [q.name, kt], hint + ".qk"), s], hint + ".scaled")
+    if float_mask:  # CoAtNet's / MaxViT's relative-position bias, added to the scaled logits
+        logits = g.op("Add", [logits, attn_mask.name], hint + ".bias")
     attn = g.op("Softmax", [logits], hint + ".softmax", axis=-1)
     return Value(g.op("MatMul", [attn, v.name], hint))
 
@@ -435,6 +441,20 @@ def _upsample_nearest(g, x: Value, output_size=None, scale_factors=None, *, hint
                       nearest_mode="floor"))
 
 
+def _upsample_bilinear(g, x: Value, output_size=None, align_corners=False, scale_factors=None, *, hint: str) -> Value:
+    """MobileViT's resize back to the feature map: ONNX Resize, linear, half-pixel (or align-corners)."""
+    shape = g.shape_of(0, hint)
+    if output_size is not None and all(isinstance(v, int) for v in output_size):
+        sizes = _ints(g, [_size(g, x, 0, hint=hint + ".n"), shape[1], *output_size], hint + ".sizes")
+        return Value(g.op("Resize", [x.name, "", "", sizes], hint, mode="linear",
+                          coordinate_transformation_mode="align_corners" if align_corners else "half_pixel"))
+    if scale_factors is None:
+        raise ExportError(f"{hint}: bilinear resizing to a run-time size is not exported")
+    sc = g.const(hint + ".scales", np.array([1.0, 1.0, *map(float, scale_factors)], np.float32))
+    return Value(g.op("Resize", [x.name, "", sc], hint, mode="linear",
+                      coordinate_transformation_mode="align_corners" if align_corners else "half_pixel"))
+
+
 def _leaky_relu(g, x: Value, negative_slope=0.01, *, hint: str) -> Value:
     return Value(g.op("LeakyRelu", [x.name], hint, alpha=float(negative_slope)))
 
@@ -477,6 +497,7 @@ ATEN_FUNCTIONS = {
     aten.leaky_relu.default: _leaky_relu, aten.conv1d.default: _conv1d,
     aten.zeros.default: _zeros, aten._to_copy.default: _to_copy, aten.stack.default: _stack,
     aten.clamp_min.default: lambda g, x, lo, *, hint: _clamp(g, x, lo, None, hint=hint),
+    aten.upsample_bilinear2d.vec: _upsample_bilinear,
     aten.index.Tensor: _index, aten.roll.default: _roll, aten.upsample_nearest2d.vec: _upsample_nearest,
     aten._unsafe_view.default: _reshape,
     aten.linalg_vector_norm.default: _vector_norm, aten.addcmul.default: _addcmul, aten.cumsum.default: _cumsum,
