@@ -40,6 +40,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'clcalib' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names, the lazily imported ones included (``dir(clcalib)`` lists ``calibrate``)."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "CalibConfig", "CalibrationError", "CalibrationResult", "Canceled", "ClCalib", "ConfigError",
     "DataError", "ExportError", "Method", "ModelMismatchError", "PdQuant", "Preprocess",

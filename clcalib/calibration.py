@@ -118,8 +118,13 @@ def calibrate(
     ``config.method`` on ``calibration_data``
     (N x C x H x W, already preprocessed; or an iterable of such batches, e.g. a DataLoader of
     (image, label) pairs, of which the first ``config.calib_size`` images are used). ``on_progress`` receives ProgressEvents and may raise
-    Canceled. With ``resume_dir``, state is saved after each unit and a rerun on the same
+    Canceled; without one, a line per finished unit goes to stderr (``clcalib.progress.PrintProgress``).
+    With ``resume_dir``, state is saved after each unit and a rerun on the same
     inputs continues after the last finished unit."""
+    if on_progress is None:
+        from clcalib.progress import PrintProgress
+
+        on_progress = PrintProgress()
     with exact_numerics():
         return _calibrate(model, calibration_data, config, on_progress, resume_dir, extra_losses)
 

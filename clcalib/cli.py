@@ -132,6 +132,10 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
                              config=cfg, out_dir=a.out, evaluation=a.eval, on_progress=_Bar(a.quiet),
                              resume_dir=a.resume_dir, labels=_labels(a))
     _print_table(report)
+    if report["metrics"].get("export_error"):  # calibrated and saved; the export it asked for is missing
+        print(f"clcalib: the ONNX export failed after calibration; {Path(a.out) / report['checkpoint']} and "
+              "report.json are written", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from clcalib.metrics import sqnr_db
-from clcalib.quant.layer import QuantLayer
+from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import quantization
 
 MAX_CONFUSION_CLASSES = 100  # a larger matrix is not kept (nor readable)
@@ -18,6 +18,17 @@ MAX_CONFUSION_CLASSES = 100  # a larger matrix is not kept (nor readable)
 
 def _db(v: float) -> float | None:
     return None if math.isinf(v) or math.isnan(v) else round(v, 3)
+
+
+def _shown(name: str, units: list[str]) -> str:
+    """A layer's name as ``clcalib inspect`` shows it: without the ``body`` of the unit holding it
+    (``blocks.3.body.conv_dw`` -> ``blocks.3.conv_dw``; a lone layer's unit is the layer)."""
+    for u in units:
+        if name == f"{u}.body":
+            return u
+        if name.startswith(f"{u}.body."):
+            return f"{u}.{name[len(u) + 6:]}"
+    return name
 
 
 @torch.no_grad()
@@ -44,8 +55,9 @@ def layer_sqnr(model: nn.Module, images: Tensor) -> list[dict]:
         for h in hooks:
             h.remove()
     order = [n for n in outs[True] if n in outs[False]]  # forward order (dict insertion)
+    units = [n.removeprefix("model.") for n, m in model.named_modules() if isinstance(m, QuantUnit)]
     mods = dict(layers)
-    return [{"name": n, "weight_sqnr_db": _db(sqnr_db(mods[n].weight, mods[n].wq(mods[n].weight))),
+    return [{"name": _shown(n, units), "weight_sqnr_db": _db(sqnr_db(mods[n].weight, mods[n].wq(mods[n].weight))),
              "output_sqnr_db": _db(sqnr_db(outs[False][n], outs[True][n]))} for n in order]
 
 

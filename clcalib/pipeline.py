@@ -19,7 +19,7 @@ from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import DEFAULT_LIMITS, LabeledSet, Limits, load_calibration
 from clcalib.diagnostics import layer_sqnr, per_class
-from clcalib.errors import DataError, ModelMismatchError
+from clcalib.errors import Canceled, DataError, ExportError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict, top1
@@ -79,6 +79,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_exportable(model, example: Tensor, config: CalibConfig) -> None:
+    """Raise ExportError (naming the op) unless the model, converted as calibration will convert
+    it, has an ONNX translation for every op: a few seconds before calibrating, not hours after."""
+    from clcalib.export.onnx_qdq import build_onnx
+    from clcalib.graph.partition import QuantModel, QuantSpec
+
+    qm = QuantModel(model, QuantSpec.from_config(config), example, config.partition)
+    try:
+        try:
+            build_onnx(qm, (1, *example.shape[1:]), quantized=False)
+        except ExportError:
+            raise
+        except Exception as e:  # an exporter bug on this form: a refusal now, not a failure after calibration
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"the exporter failed on this model ({type(e).__name__}: {first})") from None
+    except ExportError as e:
+        raise ExportError(f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave \"onnx\" out "
+                          "of config.export (no --export onnx) to calibrate it and keep the checkpoint") from None
+
+
 def run_calibration(
     *,
     arch: str | None = None,
@@ -93,13 +113,15 @@ def run_calibration(
     resume_dir: str | Path | None = None,
     limits: Limits = DEFAULT_LIMITS,
     labels: list[str] | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Writes out_dir/quantized.safetensors and out_dir/report.json (each atomically) and
     returns the report dict. The model: ``arch`` + ``num_classes`` + ``weights`` (a registry
     architecture), or ``model``, a torch.export program (.pt2). ``resume_dir`` keeps per-unit state so a rerun with the same
     inputs continues after the last fully reconstructed unit. ``limits``: the bounds on
     reading the image sets (a service passes its operator's settings). ``labels``: the class
-    names in the model's index order, for evaluation folders named by class. ``on_progress`` may raise
+    names in the model's index order, for evaluation folders named by class. ``model_name``: the
+    program's name in the report and checkpoint (default: its file name). ``on_progress`` may raise
     ``clcalib.errors.Canceled`` to stop between iterations. Raises only CalibrationError
     subclasses for bad inputs."""
     out = Path(out_dir)
@@ -109,11 +131,17 @@ def run_calibration(
         from clcalib.export.profiles import check_target
 
         check_target(config.export_target, config.w_symmetric)
+    notes: list[str] = []  # what the run chose for the user (the report says so)
     if model is not None:
-        from clcalib.graph.program import num_outputs, read_program
+        from clcalib.graph.program import num_outputs, preprocess_for_program, read_program
 
         fp_model = read_program(model)
-        arch, num_classes = Path(model).name, num_outputs(fp_model)
+        arch, num_classes = model_name or Path(model).name, num_outputs(fp_model)
+        given = set(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else set()
+        pre, note = preprocess_for_program(fp_model, config.preprocess, given)
+        if note is not None:
+            config = config.model_copy(update={"preprocess": pre})
+            notes.append(note)
     elif arch is None or num_classes is None or weights is None:
         raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
     else:
@@ -143,6 +171,10 @@ def run_calibration(
     for w in warnings:
         emit(ProgressEvent(stage="warning", message=w))
 
+    if ExportFormat.ONNX in config.export:  # every op translates: known now, not after calibration
+        emit(ProgressEvent(stage="prepare", message="checking the ONNX export"))
+        check_exportable(fp_model, calib[:2], config)
+
     result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
     emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
     ckpt = out / CHECKPOINT_NAME
@@ -161,8 +193,21 @@ def run_calibration(
     if evalset is not None or export:
         emit(ProgressEvent(stage="evaluate" if evalset is not None else "export", num_units=len(result.units),
                            unit=len(result.units)))
-    q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device, config)
+    export_error = None
+    try:
+        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device, config)
+    except Exception as e:  # calibration is done: keep it, publish it, say what failed
+        if isinstance(e, (MemoryError, Canceled)):
+            raise
+        export_error = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {str(e)[:300]}"
+        warnings.append(f"the ONNX export failed after calibration ({export_error}); the checkpoint and this report "
+                        f"are complete: run `clcalib export --checkpoint {CHECKPOINT_NAME} --out model.onnx` "
+                        "once the exporter supports the model")
+        emit(ProgressEvent(stage="warning", message=warnings[-1]))
+        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, False, device, config)
     metrics.update(onnx)
+    if export_error is not None:
+        metrics["export_error"] = export_error
     if evalset is not None:
         metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
@@ -192,6 +237,7 @@ def run_calibration(
         "device": result.device,
         "calib_images": len(calib),
         "calib_sha256": result.calib_sha256,
+        "notes": notes,
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
         "class_mapping": evalset.mapping if evalset is not None else None,
@@ -200,7 +246,7 @@ def run_calibration(
         "layers": layer_sqnr(result.model, calib[:DIAGNOSTIC_IMAGES].to(device)),
         "layer_images": min(DIAGNOSTIC_IMAGES, len(calib)),
         "checkpoint": CHECKPOINT_NAME,
-        "onnx": ONNX_NAME if ExportFormat.ONNX in config.export else None,
+        "onnx": ONNX_NAME if ExportFormat.ONNX in config.export and export_error is None else None,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
     }

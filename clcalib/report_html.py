@@ -121,7 +121,14 @@ def render(report: dict) -> str:
     m = report.get("metrics") or {}
     c = report.get("config") or {}
     settings = {k: v for k, v in c.items() if not isinstance(v, dict)}
+    if "device" in settings and report.get("device") and settings["device"] != report["device"]:
+        settings["device"] = f"{settings['device']} (ran on {report['device']})"
+    on = {"preprocess": True, "cl_calib": bool((c.get("cl_calib") or {}).get("enabled")),
+          "pdquant": c.get("method") == "pdquant"}  # a term that is off: its settings say nothing
     for block in ("preprocess", "cl_calib", "pdquant"):
+        if not on[block]:
+            settings[block] = "off"
+            continue
         for k, v in (c.get(block) or {}).items():
             settings[f"{block}.{k}"] = v
     return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=_figures(report))

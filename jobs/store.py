@@ -133,6 +133,19 @@ class Job:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def submitted(self) -> dict:
+        """What the submit recorded beside the row's columns (the history's first entry, so rows
+        need no new column): ``model_file``, the uploaded model's name as the client sent it
+        (display only); ``work_s`` and ``estimate_s``, the time estimate (see ``speed_factor``)."""
+        first = (self.history or [{}])[0]
+        return first if isinstance(first, dict) and first.get("event") == "submitted" else {}
+
+    @property
+    def model_file(self) -> str | None:
+        name = self.submitted.get("model_file")
+        return name if isinstance(name, str) else None
+
 
 def normalize_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://"):
@@ -268,15 +281,17 @@ class Store:
 
     # ---- API side ---------------------------------------------------------------------
     def create(self, *, id: str, owner: str, arch: str, num_classes: int, config: dict,
-               inputs: dict, upload_bytes: int, max_active: int | None = None) -> Job:
+               inputs: dict, upload_bytes: int, max_active: int | None = None,
+               submitted: dict | None = None) -> Job:
         """Insert a queued job. ``max_active``: only if the owner then has at most that many queued
         or running jobs, counted in the insert's transaction (see the module docstring); else
-        TooManyJobs and nothing is inserted."""
+        TooManyJobs and nothing is inserted. ``submitted``: see ``Job.submitted``."""
         now = self.clock()
+        history = [{"event": "submitted", **submitted, "at": now}] if submitted else []
         row = JobRow(
             id=id, owner=owner, state=State.QUEUED, arch=arch, num_classes=num_classes, config=config,
             inputs=inputs, upload_bytes=upload_bytes, attempts=0, created_at=now, updated_at=now,
-            artifacts=[], history=[], files_deleted=False,
+            artifacts=[], history=history, files_deleted=False,
         )
         with self.session.begin() as s:
             if max_active is not None and self.engine.dialect.name == "postgresql":
@@ -289,6 +304,27 @@ class Store:
                 if active > max_active:
                     raise TooManyJobs(active - 1, max_active)  # rolls the insert back
         return Job.of(row)
+
+    def speed_factor(self, recent: int = 20) -> tuple[float | None, int]:
+        """(median of calibration seconds / the upload check's ``work_s``, jobs it is from) over
+        the last ``recent`` succeeded jobs that have both: how much faster or slower this
+        service's workers are than the check's measure. (None, 0) before any such job."""
+        with self.session() as s:
+            rows = s.execute(select(JobRow.history, JobRow.metrics).where(JobRow.state == State.SUCCEEDED)
+                             .order_by(JobRow.finished_at.desc()).limit(5 * recent)).all()
+        ratios = []
+        for history, metrics in rows:
+            first = (history or [{}])[0]
+            work = first.get("work_s") if isinstance(first, dict) else None
+            took = (metrics or {}).get("total_seconds")
+            if isinstance(work, (int, float)) and work > 0 and isinstance(took, (int, float)) and took > 0:
+                ratios.append(took / work)
+            if len(ratios) >= recent:
+                break
+        if not ratios:
+            return None, 0
+        ratios.sort()
+        return ratios[len(ratios) // 2], len(ratios)
 
     def mark_enqueued(self, job_id: str) -> None:
         with self.session.begin() as s:

@@ -56,10 +56,12 @@ def check_job(**kwargs) -> dict:
 
 def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
               config: dict, limits: dict, sample: int, labels: str | None = None,
-              worker_memory_bytes: int = 0) -> dict:
+              worker_memory_bytes: int = 0, preprocess_given: list[str] | None = None) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
     torch.export program, converted here as calibration will convert it (so an unsupported
-    graph is a 422 now, not a failed job later). Returns ok, counts and num_classes."""
+    graph is a 422 now, not a failed job later). Returns ok, counts and num_classes, and for a
+    program with a fixed square input where ``preprocess_given`` (the config.preprocess fields the
+    user set) lacks resize/crop, ``preprocess``: the config's preprocessing with the program's size."""
     import torch
 
     from clcalib.config import CalibConfig
@@ -79,7 +81,7 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
     lim = Limits(**limits)
 
     # 1. the weights fit the arch, or the program is one we read safely
-    program = None
+    program = preprocess_note = None
     try:
         if arch == PROGRAM:
             from clcalib.graph.program import num_outputs, read_program
@@ -89,6 +91,15 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             if num_classes is not None and num_classes != classes:
                 raise ModelMismatchError(f"the program returns {classes} classes, num_classes says {num_classes}")
             num_classes, net = classes, program.module()
+            from clcalib.errors import UnsupportedModel
+            from clcalib.graph.program import preprocess_for_program
+
+            try:
+                pre, preprocess_note = preprocess_for_program(program, cfg.preprocess, set(preprocess_given or []))
+            except UnsupportedModel as e:
+                return _fail("model", "unsupported_model", str(e))
+            if preprocess_note is not None:
+                cfg = cfg.model_copy(update={"preprocess": pre})
         else:
             net = build_model(arch, num_classes, read_state_dict(model))
     except ModelMismatchError as e:
@@ -130,13 +141,29 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
         return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
 
     # 3. the model runs on it
+    import time
+
     from clcalib.memory_estimate import activation_bytes, estimate_peak
 
     try:
+        t0 = time.perf_counter()
         with torch.no_grad():
             y, largest, activations = activation_bytes(net, x[:2].float())
+        probe_s = time.perf_counter() - t0
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if program is not None:
+            from clcalib.graph.program import input_size
+
+            want = input_size(program)
+            if want is not None and tuple(want) != tuple(x.shape[1:]):
+                c, h, w = want
+                flags = (f"config.preprocess resize {h} and crop {h} (clcalib submit --resize {h} --crop {h})"
+                         if h == w else f"images of {h}x{w} pixels (a tensor upload, .npy or .safetensors)")
+                return _fail("calibration", "model_cannot_run",
+                             f"the model takes images of {c}x{h}x{w}, the calibration data comes out as "
+                             f"{'x'.join(map(str, x.shape[1:]))} with config.preprocess; send {flags}"
+                             + ("" if want[0] == x.shape[1] else f", and {c}-channel images"))
         return _fail("calibration", "model_cannot_run",
                      f"{arch} cannot run on the calibration data of shape {tuple(x.shape[1:])} ({msg}); "
                      "check config.preprocess and the image channels")
@@ -162,6 +189,9 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             qm = QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
         except ModelMismatchError as e:
             return _fail("model", "unsupported_model", str(e))
+        except Exception as e:  # a form clcalib does not handle: a refusal by name, never a 500 that says retry
+            return _fail("model", "unsupported_model", f"clcalib cannot convert this model ({_first_line(e)}); "
+                         "this is a limit of clcalib, not of the file, and retrying will not help")
         from clcalib.config import ExportFormat
 
         if ExportFormat.ONNX in cfg.export:  # every op has a translation: known now, not after calibration
@@ -169,7 +199,12 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             from clcalib.export.onnx_qdq import build_onnx
 
             try:
-                build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+                try:
+                    build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+                except ExportError:
+                    raise
+                except Exception as e:  # an exporter bug on this form: the same refusal, named
+                    raise ExportError(f"the exporter failed on this model ({_first_line(e)})") from None
             except ExportError as e:
                 return _fail("config", "unsupported_export",
                              f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave "
@@ -202,8 +237,26 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             n_eval = len(names)
         except DataError as e:
             return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
-    return {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
-            "estimated_peak_bytes": peak["total"]}
+    out = {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
+           "estimated_peak_bytes": peak["total"], "work_s": _work_s(cfg, probe_s, len(x[:2]), min(count, cfg.calib_size))}
+    if preprocess_note is not None:
+        out["preprocess"] = cfg.preprocess.model_dump(mode="json")
+    return out
+
+
+def _work_s(cfg, probe_s: float, probed: int, images: int) -> float:
+    """The job's work in this check's seconds: a reconstruction iteration is about a forward and
+    a backward pass (3 forwards) of one batch through the whole model (its units in turn), plus
+    the passes over the calibration set that cache inputs and set ranges. The API turns it into
+    an estimate with the ratio finished jobs measured (``Store.speed_factor``)."""
+    per_image = probe_s / max(probed, 1)
+    iters = cfg.iters if cfg.method.reconstructs else 0
+    return round(per_image * (3 * cfg.batch_size * iters + 4 * images), 4)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 def _header(src, name: str, max_pixels: int, DataError) -> None:

@@ -55,9 +55,24 @@ def cmd_submit(args) -> int:
                        num_classes=args.num_classes, config=config, evaluation=args.evaluation, labels=args.labels)
         if args.watch:
             print(job["id"], file=sys.stderr)
+            if _estimate(job):
+                print(_estimate(job), file=sys.stderr)
             return _watch(c, job["id"])
         _print(job) if args.json else print(job["id"])
+        if not args.json and _estimate(job):
+            print(_estimate(job), file=sys.stderr)
     return 0
+
+
+def _estimate(j: dict) -> str:
+    """'estimated time: about 12 min once running (...)', or '' without an estimate."""
+    s = j.get("estimate_s")
+    if not isinstance(s, (int, float)):
+        return ""
+    when = f"about {s / 60:.0f} min" if s >= 90 else f"about {max(s, 1):.0f} s"
+    basis = (f"from the last {j['estimate_basis']} jobs on this service" if j.get("estimate_basis")
+             else "from the upload check's own speed: no finished job to scale it by yet")
+    return f"estimated time: {when} once running ({basis})"
 
 
 def cmd_status(args) -> int:
@@ -67,6 +82,8 @@ def cmd_status(args) -> int:
         _print(j)
         return 0
     print(f"job {j['id']}: {j['state']}{_where(j)}")
+    if j["state"] in (State.QUEUED, State.RUNNING) and _estimate(j):
+        print(_estimate(j))
     if j.get("error"):
         print(f"error: {j['error']}")
     if j.get("metrics"):
@@ -95,7 +112,14 @@ def _summary(m: dict) -> str:
         parts.append(f"weights {m['weight_bytes'] / 1e6:.2f} MB ({m.get('compression_vs_fp32', 0):.1f}x smaller)")
     if m.get("calibration_seconds") is not None:
         parts.append(f"calibrated in {m['calibration_seconds']:.0f} s")
+    if m.get("export_error"):
+        parts.append(f"WARNING: the ONNX export failed after calibration ({m['export_error'][:300]}); the checkpoint "
+                     "and report are published")
     return "; ".join(parts)
+
+
+_FINAL_STAGES = {"export": "saving the checkpoint / exporting", "evaluate": "evaluating the reloaded checkpoint",
+                 "done": "done"}
 
 
 def _watch(c, job_id: str) -> int:
@@ -117,6 +141,11 @@ def _watch(c, job_id: str) -> int:
             loss = p.get("loss")
             bar.set_description(f"unit {unit + 1}/{p['num_units']} {p.get('unit_name', '')}", refresh=False)
             bar.set_postfix_str(f"{p.get('stage', '')}" + (f" loss={loss:.4g}" if loss is not None else ""), refresh=False)
+            bar.refresh()
+        elif bar is not None and p.get("stage") in _FINAL_STAGES:  # after the last unit: no iterations to count
+            bar.n = bar.total
+            bar.set_description(_FINAL_STAGES[p["stage"]], refresh=False)
+            bar.set_postfix_str("", refresh=False)
             bar.refresh()
         elif bar is None:
             print(f"{data['state']} {p.get('stage', '')}".strip(), file=sys.stderr)
@@ -143,7 +172,12 @@ def cmd_download(args) -> int:
         listed = {a["name"]: a.get("sha256") for a in c.artifacts(args.job_id)}
         names = [args.name] if args.name else list(listed)
         if not names:
-            print(f"job {args.job_id} has no artifacts (yet)", file=sys.stderr)
+            j = c.status(args.job_id)
+            why = {State.FAILED: f"it failed: {j.get('error') or 'no reason recorded'}",
+                   State.CANCELED: "it was canceled", State.SUCCEEDED: "its files were removed (retention)"
+                   if j.get("files_deleted") else "it succeeded without artifacts"}.get(
+                       j["state"], f"it is {j['state']}; artifacts come when it succeeds (clcalib watch {args.job_id})")
+            print(f"job {args.job_id} has no artifacts: {why}", file=sys.stderr)
             return 1
         if len(names) > 1 or out.is_dir():
             out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +206,10 @@ def cmd_jobs(args) -> int:
     with _client(args) as c:
         page = c.jobs(limit=args.limit, cursor=args.cursor, state=args.state)
         for j in page["jobs"]:
-            print(f"{j['id']}  {j['state']:9}  {j['arch']:14} {j['created_at']}{_where(j)}")
+            why = f"  {j['error'][:100]}" if j.get("error") and j["state"] == State.FAILED else ""
+            if (j.get("metrics") or {}).get("export_error"):
+                why = "  (calibrated; the ONNX export failed: see its report)"
+            print(f"{j['id']}  {j['state']:9}  {j.get('model') or j['arch']:14} {j['created_at']}{_where(j)}{why}")
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}", file=sys.stderr)
     return 0

@@ -39,11 +39,16 @@ class JobOut(BaseModel):
     id: str
     state: State
     arch: str
+    model: str = Field(description="what the user sent: the registry arch, or the .pt2 program's file name")
     num_classes: int
     config: dict[str, Any] = Field(description="the job's CalibConfig (device is the worker's)")
     progress: Progress | None = None
     metrics: dict[str, Any] | None = Field(None, description="report.json's metrics once succeeded")
     error: str | None = None
+    estimate_s: float | None = Field(None, description="estimated seconds the job takes once running: the upload "
+                                     "check's measured work times how long recent jobs took on this service's "
+                                     "workers for theirs (estimate_basis: how many; 0: the check's own speed)")
+    estimate_basis: int | None = None
     artifacts: list[str] = Field(default_factory=list, description="names under /artifacts/{name}")
     artifact_sha256: dict[str, str] = Field(default_factory=dict, description="artifact name -> hex SHA-256 "
                                             "recorded when the worker stored it")
@@ -62,14 +67,20 @@ class JobOut(BaseModel):
         if job.progress:
             prog = Progress.model_validate({k: v for k, v in job.progress.items() if k in Progress.model_fields})
         return cls(
-            id=job.id, state=job.state, arch=job.arch, num_classes=job.num_classes, config=job.config,
+            id=job.id, state=job.state, arch=job.arch, model=job.model_file or job.arch, num_classes=job.num_classes,
+            config=job.config,
             progress=prog, metrics=job.metrics, error=job.error, artifacts=list(job.artifacts or []),
             artifact_sha256={n: d["sha256"] for n, d in (job.digests or {}).items()},
+            estimate_s=_number(job.submitted.get("estimate_s")), estimate_basis=_number(job.submitted.get("estimate_basis")),
             attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
             finished_at=iso(job.finished_at), updated_at=iso(job.updated_at),
             files_deleted=job.files_deleted,
             links=Links(self=u, events=f"{u}/events", artifacts=f"{u}/artifacts", cancel=f"{u}/cancel"),
         )
+
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 class JobList(BaseModel):

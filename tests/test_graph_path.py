@@ -23,6 +23,7 @@ from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.program import BadProgram, check_archive, program_from_bytes, program_to_bytes
 from clcalib.graph.registry import ARCHS, build_model
 from clcalib.metrics import predict
+from clcalib.quant.switch import quantization
 
 SPEC = QuantSpec.from_config(CalibConfig())
 
@@ -73,6 +74,80 @@ def _tiny_vit():
                                                hidden_dim=32, mlp_dim=64, num_classes=10)
     nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: every output would be 0
     return vit
+
+
+class _TimmAttention(nn.Module):  # timm's Attention: one qkv Linear, unbind(0), fused attention
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _TimmAttention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class _SplitGate(nn.Module):  # MobileViT-v2's linear attention splits one conv's output with split()
+    def __init__(self, c):
+        super().__init__()
+        self.qkv = nn.Conv2d(c, 1 + 2 * c, 1)
+        self.out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([1, x.shape[1], x.shape[1]], dim=1)
+        ctx = (k * q.softmax(dim=-1)).sum(dim=-1, keepdim=True)
+        return x + self.out(torch.relu(v) * ctx)
+
+
+class TimmLikeViT(nn.Module):
+    """timm's ViT and MobileViT graph patterns, written without timm: ops that return several
+    tensors (unbind, split) inside a block, which the partitioner once took for sizes."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.gate = _SplitGate(dim)
+        self.patch = nn.Conv2d(dim, dim, 8, stride=8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(_TimmBlock(dim, 2), _TimmBlock(dim, 2))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(self.gate(torch.relu(self.stem(x)))).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_timm_style_attention_and_split_blocks_are_units(tmp_path):
+    """Issue 30: `clcalib inspect` of timm's ViT / MobileViT crashed in the partitioner."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    (tmp_path / "vit.pt2").write_bytes(_pt2(TimmLikeViT(), x))
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "inspect", "--model", str(tmp_path / "vit.pt2"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    units = {u["unit"]: u for u in json.loads(r.stdout)}
+    assert {"gate", "blocks.0", "blocks.1"} <= set(units), sorted(units)
+    assert {lay["name"] for lay in units["blocks.0"]["layers"]} == {
+        "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.fc1", "blocks.0.fc2"}
+    model = TimmLikeViT().eval()
+    qm = QuantModel(model, SPEC, x)
+    with torch.no_grad(), quantization(qm.model, False):  # the partitioned graph computes what the model does
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -261,3 +336,134 @@ def test_cl_calib_reaches_through_the_graph_of_a_transformer():
     top = res.model.model.graph
     x = next(n for n in top.nodes if n.op == "placeholder")
     assert [u.target for u in x.users] == ["conv_proj"]  # nothing after the first unit reads the input
+
+
+class RollNet(SkipNet):  # Swin's shifted windows in one op: no ONNX translation
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.b(torch.roll(torch.relu(self.a(x)), 1, dims=2)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_an_export_that_cannot_succeed_is_refused_before_calibrating(tmp_path):
+    """Issue 30: `clcalib calibrate --export onnx` names the op in seconds, before any unit is spent."""
+    torch.manual_seed(0)
+    (tmp_path / "roll.pt2").write_bytes(_pt2(RollNet(), torch.randn(2, 3, 16, 16)))
+    import numpy as np
+
+    np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--model", str(tmp_path / "roll.pt2"),
+                        "--calib", str(tmp_path / "calib.npy"), "--out", str(tmp_path / "out"), "--iters", "1",
+                        "--device", "cpu", "--export", "onnx", "--quiet"],
+                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    assert "'roll.default' has no ONNX export here" in r.stderr and "Leave \"onnx\" out of config.export" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "quantized.safetensors").exists()
+
+
+def test_a_late_export_failure_keeps_the_calibration(tmp_path, monkeypatch):
+    """If the export still fails after calibration, the checkpoint and report are written and the
+    failure is a warning in the report (metrics.export_error), not a lost run."""
+    import numpy as np
+
+    import clcalib.export.onnx_check as onnx_check
+    from clcalib.pipeline import run_calibration
+
+    def broken(*args, **kwargs):
+        raise ExportError("ONNX Runtime agrees with the torch model on only 3 % of images")
+
+    monkeypatch.setattr(onnx_check, "export_checked", broken)
+    torch.manual_seed(0)
+    (tmp_path / "m.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
+    seen = []
+    report = run_calibration(model=tmp_path / "m.pt2", calibration=tmp_path / "calib.npy", out_dir=tmp_path / "out",
+                             config=CalibConfig(iters=1, calib_size=16, batch_size=8, device="cpu", export=["onnx"]),
+                             on_progress=lambda e: seen.append(e))
+    m = report["metrics"]
+    assert "agrees with the torch model on only 3 %" in m["export_error"] and report["onnx"] is None
+    assert any("ONNX export failed after calibration" in w for w in m["warnings"])
+    assert any(e.stage == "warning" and "ONNX export failed" in e.message for e in seen)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]["export_error"] == m["export_error"]
+    assert load_quantized(tmp_path / "out" / "quantized.safetensors") is not None
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_a_programs_fixed_input_size_is_the_default_preprocessing(tmp_path):
+    """Issue 30: a .pt2 fixes its input size; without resize/crop the run uses it (and says so),
+    and a program asking for absurdly large images is refused by name."""
+    from clcalib.config import Preprocess
+    from clcalib.graph.program import preprocess_for_program
+    from clcalib.pipeline import run_calibration
+
+    torch.manual_seed(0)
+    (tmp_path / "m.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    calib = write_zip(tmp_path / "calib.zip", "train", calibration_indices(16, seed=0), by_class=False)  # 28 px
+    cfg = CalibConfig.model_validate({"iters": 1, "calib_size": 16, "batch_size": 8, "device": "cpu",
+                                      "preprocess": {"mean": 0.286, "std": 0.353}})
+    report = run_calibration(model=tmp_path / "m.pt2", calibration=calib, out_dir=tmp_path / "out", config=cfg)
+    assert (report["config"]["preprocess"]["resize"], report["config"]["preprocess"]["crop"]) == (16, 16)
+    assert report["notes"] == ["preprocessing resize 16, crop 16 taken from the program's input size (3x16x16), "
+                               "as config.preprocess did not set resize or crop"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "taken from the program" in html
+    # what is off says "off" (no CL-Calib or PD-Quant fields); layers are named as inspect names them
+    assert "cl_calib.enabled" not in html and "pdquant." not in html and ">off<" in html
+    assert report["layers"] and not any(".body" in layer["name"] for layer in report["layers"])
+    assert {layer["name"] for layer in report["layers"]} >= {"a_block.a", "a_block.b"}
+    program = program_from_bytes((tmp_path / "m.pt2").read_bytes())
+    given = Preprocess(resize=20, crop=16)
+    assert preprocess_for_program(program, given, {"resize", "crop"}) == (given, None)  # the user's choice stays
+
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 10)
+
+        def forward(self, x):
+            return self.fc(x.mean((2, 3)))
+
+    huge = torch.export.export(Huge(), (torch.zeros(2, 3, 5000, 5000),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(UnsupportedModel, match="3x5000x5000 images, larger than the 4096 px"):
+        preprocess_for_program(huge, Preprocess(), set())
+
+
+def test_a_program_given_as_weights_says_what_it_is(tmp_path):
+    """Issue 30: a .pt2 given with --arch was answered by torch's truncated unpickling error."""
+    (tmp_path / "vit.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
+    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--arch", "resnet18", "--num-classes", "10",
+                        "--weights", str(tmp_path / "vit.pt2"), "--calib", str(tmp_path / "none.zip"),
+                        "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "vit.pt2: this is a torch.export program (.pt2)" in r.stderr, r.stderr
+    assert "give it with --model" in r.stderr and "without an arch" in r.stderr
+
+
+class TwoHeads(SkipNet):  # DeiT's / LeViT's distillation heads, averaged in eval
+    def __init__(self):
+        super().__init__()
+        self.head_dist = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.b(torch.relu(self.a(x)))).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_distillation_heads_are_the_classifier(tmp_path):
+    """Issue 30 (zoo): deit_tiny_distilled and levit end in two Linear heads whose logits are
+    averaged; both are the classifier (8-bit weights, FP logits), and the model exports."""
+    from clcalib.export.onnx_check import session
+    from clcalib.export.onnx_qdq import export_onnx
+
+    torch.manual_seed(0)
+    model, data = TwoHeads().eval(), torch.randn(32, 3, 16, 16)
+    result = clcalib.calibrate(model, data, CalibConfig(iters=1, calib_size=32, batch_size=8, device="cpu", a_bits=8),
+                               on_progress=lambda e: None)
+    last = result.model.units()[-1]
+    assert sorted(h.wq.bits for h in last.layers()) == [8, 8] and last.output_quantizer() is None
+    export_onnx(result.model, tmp_path / "q.onnx", (1, 3, 16, 16))
+    got = torch.from_numpy(session(tmp_path / "q.onnx").run(None, {"input": data[:8].numpy()})[0])
+    with torch.no_grad():
+        ref = result.model(data[:8])
+    assert torch.allclose(got, ref, atol=0.02 * float(ref.abs().max()))

@@ -394,3 +394,71 @@ def test_tensorrt_target_has_zero_point_0_everywhere_and_keeps_the_clamps(calibr
     clamped = sum(producer.get(n.input[0]) is not None and producer[n.input[0]].op_type in ("Relu", "Clip") for n in qs)
     acts = [m for m in calibrated["model"].modules() if isinstance(m, ActQuantizer) and m.initialized]
     assert clamped == len(acts), (clamped, len(acts))
+
+
+class _ZooOps(nn.Module):
+    """The ops timm's zoo needs beyond the CNN set (issue 30): ResNet-D's average-pool shortcut
+    (ceil_mode, count_include_pad=False), GhostNet's in-place slice of channels (slice_scatter),
+    timm attention's unbind, MobileViT's split, a chunk, PoolFormer's GroupNorm, DenseNet's lone
+    BatchNorm, an explicit pad, hard-sigmoid gates and a partial slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 12, 1)
+        self.head = nn.Linear(6, 10)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)  # ECA's channel attention
+        self.table = nn.Parameter(torch.randn(7, 8))  # a relative-position bias table and its index
+        self.register_buffer("index", torch.tensor([[3, 0, 6, 1, 2, 5, 4, 0]]).repeat(8, 1))
+        nn.init.uniform_(self.bn.running_var, 0.5, 2)
+        nn.init.normal_(self.bn.running_mean)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pool(x)  # 15 -> 8 with a partial last window
+        y = self.gn(y) + torch.relu(self.bn(y))
+        y = y * torch.sigmoid(self.eca(y.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1))
+        gx = torch.linalg.vector_norm(y, 2, dim=(2, 3), keepdim=True)  # ConvNeXt-V2's GRN
+        y = torch.addcmul(y, y, gx / (gx.mean(1, keepdim=True) + 1e-6), value=0.5) + torch.sin(y).cos()
+        y = torch.roll(y, (2, -3), (2, 3)) + self.table[self.index.view(-1)].view(8, 8, 8).permute(2, 0, 1)
+        y = y + torch.nn.functional.interpolate(y[:, :, ::2, ::2], scale_factor=2.0, mode="nearest")
+        mask = torch.zeros(y.shape[0], 8, 8, dtype=torch.bool)  # EdgeNeXt's position encoding
+        pos = (~mask).cumsum(1, dtype=torch.float32)
+        enc = torch.stack((pos.sin(), pos.cos()), dim=3).reshape(y.shape[0], 8, 16)
+        y = y + enc[:, None, :, :8].clamp_min(0.1)
+        y = torch.nn.functional.pad(y, (1, 0, 0, 1))
+        z = self.conv(y)
+        a, b, c = z.split([4, 4, 4], dim=1)
+        p, q = c.chunk(2, dim=1)
+        out = (a * torch.nn.functional.hardsigmoid(b)).clone()
+        out[:, :2] = p + q  # slice_scatter
+        t = out.flatten(2).transpose(1, 2)  # N x L x 4
+        t = t.contiguous().view(-1, 4).reshape_as(t)  # LeViT's reshape_as
+        bias = self.table[:4, :4].reshape(1, 4, 4) * 0.1  # attention with an additive float mask (CoAtNet)
+        att = torch.nn.functional.scaled_dot_product_attention(t[:, None, :4], t[:, None, :4], t[:, None, :4],
+                                                               attn_mask=bias)[:, 0]
+        t = torch.cat([t[:, :4] + att, t[:, 4:]], dim=1)
+        t = t + torch.nn.functional.interpolate(t[:, None, ::2], size=(t.shape[1], 4), mode="bilinear")[:, 0]
+        u, v = t.reshape(t.shape[0], -1, 2, 2).permute(2, 0, 1, 3).unbind(0)
+        w = torch.cat([(u * v).sum(dim=1), torch.rsqrt(t.pow(2).mean(1) + 1) + t[:, 3:5].mean(1)], dim=1)
+        return self.head(torch.cat([w, w.abs().clamp(max=3)], dim=1)[:, :6])
+
+
+def test_timm_zoo_ops_export_to_the_float_model(tmp_path):
+    from clcalib.config import CalibConfig
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.graph.program import check_archive, program_to_bytes
+    from clcalib.quant.switch import quantization
+
+    torch.manual_seed(0)
+    net, x = _ZooOps().eval(), torch.randn(8, 3, 15, 15)
+    check_archive(program_to_bytes(torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))))
+    qm = QuantModel(net, QuantSpec.from_config(CalibConfig()), x[:2])
+    export_onnx(qm, tmp_path / "fp32.onnx", (1, 3, 15, 15), quantized=False)
+    with torch.no_grad(), quantization(qm.model, False):
+        ref = qm(x)
+        assert torch.allclose(ref, net(x), atol=1e-5)
+    assert float((onnx_predict(tmp_path / "fp32.onnx", x) - ref).abs().max()) < 1e-4

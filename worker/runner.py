@@ -213,7 +213,7 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
 
     out_dir, resume_dir = ws.out, ws.resume
     inputs = ws.fetch(job.inputs)  # ObjectStoreError after object_retry_s: the job fails naming it
-    model = {"model": inputs["model"]} if job.arch == PROGRAM else \
+    model = {"model": inputs["model"], "model_name": job.model_file} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
     _sanitize(ws, job.id)
     child = take_child()

@@ -426,8 +426,8 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
             out = args[0]
         else:
             what = getattr(node.target, "__name__", str(node.target))
-            raise ExportError(f"{node.name}: {node.op} {what!r} has no ONNX export here "
-                              "(supported: conv/linear layers, add, relu, relu6, max/global-average pooling, flatten, mean)")
+            raise ExportError(f"{node.name}: {node.op} {what!r} has no ONNX export here (exported: conv/linear layers and "
+                              f"{', '.join(sorted({getattr(t, '__name__', str(t)).split('.')[0] for t in functions}))})")
         if isinstance(env.get(node), Value):
             g.origin.setdefault(env[node].name, node.name)
     if not isinstance(out, Value):

@@ -39,9 +39,10 @@ ATEN = frozenset("""
     threshold prelu glu clamp clamp_min clamp_max clip
     softmax log_softmax
     erf exp log sqrt rsqrt reciprocal pow abs neg sign maximum minimum where
+    addcmul linalg_vector_norm sin cos cumsum bitwise_not
     max_pool2d avg_pool2d adaptive_avg_pool2d adaptive_max_pool2d avg_pool1d max_pool1d adaptive_avg_pool1d
     add sub rsub mul div true_divide floor_divide mean sum amax amin max min var var_mean std prod
-    view reshape flatten unflatten permute transpose contiguous clone expand expand_as
+    view reshape reshape_as flatten unflatten permute transpose contiguous clone expand expand_as
     squeeze unsqueeze slice select split split_with_sizes chunk unbind narrow cat stack index index_select
     gather roll pad constant_pad_nd reflection_pad2d replication_pad2d flip repeat tile alias detach
     lift_fresh_copy to type_as masked_fill eq ne lt gt le ge logical_not logical_and logical_or
@@ -69,7 +70,7 @@ DECOMPOSED = frozenset("""
 # no-op dropout, type_as to the same dtype, a permutation einsum, contiguous on a contiguous
 # tensor): an in-place write to the result could reach a weight
 MAY_ALIAS = frozenset("""
-    dropout feature_dropout alpha_dropout native_dropout type_as _unsafe_view einsum contiguous to reshape
+    dropout feature_dropout alpha_dropout native_dropout type_as _unsafe_view einsum contiguous to reshape reshape_as
     flatten unflatten expand_as matmul alias detach _to_copy clone lift_fresh_copy
 """.split()) - {"clone", "lift_fresh_copy", "_to_copy"}
 

@@ -185,7 +185,16 @@ class QuantModel(nn.Module):
             from clcalib.graph.units import convert_graph
 
             self.program = as_program(model, example_input)  # kept: the checkpoint rebuilds from it
-            self.model = convert_graph(graph_module(self.program), spec)
+            try:
+                self.model = convert_graph(graph_module(self.program), spec)
+            except UnsupportedModel:
+                raise
+            except Exception as e:  # a graph form the partitioner does not know: a refusal, never a crash
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise UnsupportedModel(
+                    f"clcalib cannot split this model's graph into reconstruction units ({type(e).__name__}: {first}). "
+                    "This is a limit of clcalib, not a fault in the file, and retrying will not help; "
+                    "please report it with the model's architecture") from None
         else:
             self.program = None
             self.model = copy.deepcopy(model).eval().float()
@@ -213,13 +222,20 @@ class QuantModel(nn.Module):
     def _apply_first_last_bits(self) -> None:
         units = self.units()
         last = units[-1]
-        if len(units) < 2 or not (isinstance(last.body, QuantLayer) and not last.body.is_conv):
-            raise UnsupportedModel("the model must end in a Linear classifier")
-        last.body.out_quant = None  # logits stay FP
+        # one Linear classifier, or a unit of Linear heads only whose logits are combined
+        # (DeiT's and LeViT's distillation heads, averaged in eval)
+        heads = [last.body] if isinstance(last.body, QuantLayer) else last.layers()
+        if len(units) < 2 or not heads or not all(not h.is_conv for h in heads):
+            raise UnsupportedModel("the model must end in a Linear classifier (or Linear heads whose outputs are "
+                                   "combined)")
+        for h in heads:
+            h.out_quant = None  # logits stay FP
+        last.out_quant = None
         fl = self.spec.first_last_bits
         if fl is not None:
             units[0].layers()[0].wq.bits = fl
-            last.body.wq.bits = fl
+            for h in heads:
+                h.wq.bits = fl
             before = units[-2].output_quantizer()
             if before is not None:  # none where a LayerNorm sits before the classifier (transformers)
                 before.bits = fl

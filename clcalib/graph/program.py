@@ -16,7 +16,7 @@ from clcalib.errors import UnsupportedModel
 from clcalib.graph.pt2_reader import BadProgram, build_program, read_archive
 
 __all__ = ["BadProgram", "check_archive", "read_program", "program_from_bytes", "program_to_bytes", "capture",
-           "as_program", "graph_module", "num_outputs"]
+           "as_program", "graph_module", "num_outputs", "input_size", "preprocess_for_program"]
 
 
 def check_archive(data: bytes, name: str = "model.pt2") -> None:
@@ -52,6 +52,42 @@ def num_outputs(ep: torch.export.ExportedProgram) -> int:
         raise UnsupportedModel(f"the program's output is {tuple(val.shape) if val is not None else 'unknown'}; "
                                "clcalib calibrates classifiers returning N x classes logits")
     return int(val.shape[1])
+
+
+def input_size(ep: torch.export.ExportedProgram) -> tuple[int, ...] | None:
+    """C x H x W of the program's image input when fixed (a dynamic height/width: None)."""
+    names = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    ph = next((n for n in ep.graph.nodes if n.op == "placeholder" and names and n.name == names[0]), None)
+    val = ph.meta.get("val") if ph is not None else None
+    if val is None or val.dim() != 4 or not all(isinstance(d, int) for d in val.shape[1:]):
+        return None
+    return tuple(int(d) for d in val.shape[1:])
+
+
+def preprocess_for_program(ep: torch.export.ExportedProgram, preprocess, given: set[str]):
+    """(preprocess, note): a program whose input is a fixed square H x H sets ``resize`` and
+    ``crop`` to H wherever the user gave neither (``given``: the preprocess fields set by the
+    user); the note says so, for the report. Sizes are validated like a user's (at most 4096 px)."""
+    from pydantic import ValidationError
+
+    size = input_size(ep)
+    if size is None or len(size) != 3:
+        return preprocess, None
+    c, h, w = size
+    if h != w:  # resize/crop make square images: the user must choose, the error names the size
+        return preprocess, None
+    update = {k: h for k in ("resize", "crop") if k not in given and getattr(preprocess, k) != h}
+    if not update:
+        return preprocess, None
+    try:
+        new = type(preprocess).model_validate({**preprocess.model_dump(), **update})
+    except ValidationError:
+        raise UnsupportedModel(f"the program takes {c}x{h}x{w} images, larger than the 4096 px clcalib "
+                               "preprocesses images to") from None
+    note = (f"preprocessing {', '.join(f'{k} {v}' for k, v in update.items())} taken from the program's input "
+            f"size ({c}x{h}x{w}), as config.preprocess did not set {' or '.join(update)}")
+    return new, note
 
 
 def program_to_bytes(ep: torch.export.ExportedProgram) -> bytes:
@@ -100,8 +136,11 @@ def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
             f"the program's input has shape {shape}; clcalib needs an N x C x H x W input with a dynamic batch "
             "dimension: torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))")
     if tuple(int(d) for d in val.shape[1:]) != tuple(example.shape[1:]):
-        raise UnsupportedModel(f"the program takes images of shape {tuple(int(d) for d in val.shape[1:])}, "
-                               f"the data has {tuple(example.shape[1:])}; check the preprocessing (resize/crop)")
+        c, h, w = (int(d) for d in val.shape[1:])
+        fix = (f"set config.preprocess resize {h} and crop {h} (--resize {h} --crop {h}), or leave both unset: a "
+               "program's input size is their default") if h == w else f"send a tensor of {c}x{h}x{w} images"
+        raise UnsupportedModel(f"the program takes images of {c}x{h}x{w}, the data comes out as "
+                               f"{'x'.join(map(str, example.shape[1:]))}; {fix}")
     try:
         ep = ep.run_decompositions({})
     except Exception as e:

@@ -50,6 +50,17 @@ def get_arch(name: str) -> Arch:
         raise ModelMismatchError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
 
 
+def _is_program(path: Path) -> bool:
+    """A zip holding a torch.export program's graph (``models/<name>.json``), not torch.save's pickle."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/")[-2:-1] == ["models"] and n.endswith(".json") for n in z.namelist()[:10_000])
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors, or from a PyTorch file read with ``weights_only=True``
     (a pickle that carries code is refused by torch and never executed)."""
@@ -67,6 +78,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             pass  # not safetensors after all; try torch's format below
         else:
             return _checked(path, tensors)
+    if _is_program(path):
+        raise ModelMismatchError(
+            f"{path.name}: this is a torch.export program (.pt2), not a state_dict for an arch; a program carries its "
+            "own architecture: give it with --model (clcalib calibrate/inspect) or submit it without an arch "
+            "(clcalib submit without --arch)")
     import torch
 
     try:

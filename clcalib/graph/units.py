@@ -173,9 +173,17 @@ def _fuse_layers(gm: fx.GraphModule, spec) -> list[_Layer]:
     return layers
 
 
+def _holds_tensor(val) -> bool:
+    """A tensor, or a tuple/list with one (``unbind``, ``split``, ``chunk``, ``native_layer_norm``)."""
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(_holds_tensor(v) for v in val)
+
+
 def _is_shape(n: fx.Node) -> bool:
-    """A symbolic size (the batch), or arithmetic on sizes: not a tensor that flows."""
-    return not isinstance(n.meta.get("val"), torch.Tensor) and n.op == "call_function"
+    """A symbolic size (the batch), or arithmetic on sizes: not a tensor that flows. An op that
+    returns several tensors (timm's attention: ``qkv.unbind(0)``) flows like one tensor."""
+    return n.op == "call_function" and not _holds_tensor(n.meta.get("val"))
 
 
 def _rebase_sizes(graph: fx.Graph) -> None:

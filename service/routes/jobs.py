@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from clcalib.config import Preprocess
 from jobs.objects import ObjectMissing, ObjectStoreError, artifact_key, input_key
 from jobs.settings import Settings
 from jobs.states import State
@@ -93,6 +94,27 @@ def _check_bytes(settings: Settings, stored: int, incoming: int) -> None:
         raise ApiError(429, "storage_quota", f"your jobs keep {stored >> 20} MiB of uploads; this one would pass the "
                        f"limit of {settings.max_tenant_bytes >> 20} MiB: delete finished jobs you no longer need",
                        headers={"Retry-After": "300"})
+
+
+async def _submitted(store, checked: dict, model_file: str | None) -> dict:
+    """The submit's record (``Job.submitted``): the model's file name and the time estimate, the
+    check's measured work times the ratio recent jobs took on this service's workers."""
+    out: dict = {"model_file": model_file} if model_file else {}
+    work = checked.get("work_s")
+    if isinstance(work, (int, float)) and 0 < work < 1e9:
+        factor, basis = await run_in_threadpool(store.speed_factor)
+        out.update(work_s=float(work), estimate_s=round(float(work) * (factor or 1.0), 1), estimate_basis=basis)
+    return out
+
+
+def display_name(name: str | None) -> str | None:
+    """The client's file name, for display only: its last path part, printable, at most 100
+    characters (it is never a path on this server)."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()[:100]
+    return base or None
 
 
 def _is_zip(path) -> bool:
@@ -184,8 +206,14 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
             evaluation=str(up.files["evaluation"]) if "evaluation" in up.files else None,
             labels=str(up.files["labels"]) if "labels" in up.files else None,
             config=config.model_dump(mode="json", by_alias=True),
+            preprocess_given=sorted(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else [],
         )
         num_classes = checked["num_classes"]
+        if program and checked.get("preprocess") is not None:  # the program's input size (a checked child's answer: validated)
+            try:
+                config = config.model_copy(update={"preprocess": Preprocess.model_validate(checked["preprocess"])})
+            except ValueError:  # pydantic's ValidationError: not what our check sends; keep the user's config
+                log.warning("job %s: the upload check answered an invalid preprocess; ignored", job_id)
         _check_bytes(settings, stored, up.total_bytes)
         inputs = {role: p.relative_to(storage.job_dir(job_id)).as_posix() for role, p in up.files.items()}
         try:  # checked inputs into the object store (in the data folder they are in place already)
@@ -199,6 +227,7 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
                 store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
                 config=config.model_dump(mode="json", by_alias=True), inputs=inputs,
                 upload_bytes=up.total_bytes, max_active=settings.max_active_jobs,
+                submitted=await _submitted(store, checked, display_name(up.filenames.get("model")) if program else None),
             )  # committed before the id is sent
         except TooManyJobs as e:  # another API process's submits took the slots meanwhile
             limits.refuse("max_active_jobs")

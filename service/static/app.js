@@ -26,6 +26,12 @@ async function submitJob(form) {
     preprocess: {resize: intOrNull("resize"), crop: intOrNull("crop"),
                  mean: numbers(f.get("mean")), std: numbers(f.get("std"))},
   };
+  if (!f.get("arch")) {  // a .pt2 program: resize/crop left at the form's defaults come from its input size
+    for (const name of ["resize", "crop"]) {
+      const input = form.elements[name];
+      if (input && input.value === input.defaultValue) delete config.preprocess[name];
+    }
+  }
   if (f.get("cl_calib")) config.cl_calib = {enabled: true};
   if (f.get("onnx")) { config.export = ["onnx"]; config.export_target = f.get("export_target"); }
   const body = new FormData();

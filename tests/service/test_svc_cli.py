@@ -35,7 +35,9 @@ def test_folder_upload_flags_status_and_state_filter(api_only, tmp_path):
     jid = r.stdout.strip()
     try:
         s = cli("status", *common, jid)
-        assert s.returncode == 0 and s.stdout.strip() == f"job {jid}: queued", s.stdout
+        lines = s.stdout.strip().splitlines()
+        assert s.returncode == 0 and lines[0] == f"job {jid}: queued", s.stdout
+        assert lines[1].startswith("estimated time: about ") and "once running" in lines[1], s.stdout  # issue 30
         full = cli("status", *common, jid, "--json")
         job = json.loads(full.stdout)
         assert job["config"]["iters"] == 2 and job["config"]["preprocess"]["resize"] is None  # the flags arrived

@@ -129,3 +129,25 @@ def test_an_onnx_export_the_model_cannot_have_is_refused_at_upload(api_only, tmp
     assert "cannot be exported to ONNX" in r.json()["detail"], r.text
     r = _post(api_only, pt2, calib, TINY)
     assert r.status_code == 202, r.text
+
+
+def test_a_programs_input_size_is_the_default_preprocessing_at_upload(api_only, fmnist_zips, tmp_path):
+    """Issue 30: a .pt2 fixes its input size; a submit without resize/crop takes it (the job's
+    config shows it), and a size that contradicts the program is refused with the exact flags."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    pt2 = program_to_bytes(torch.export.export(net, (torch.randn(2, 3, 20, 20),),
+                                               dynamic_shapes=({0: torch.export.Dim("batch")},)))
+    config = {**TINY, "preprocess": {"mean": 0.286, "std": 0.353}}  # 28-px images, no resize/crop given
+    r = _post(api_only, pt2, fmnist_zips["calib"], config)
+    assert r.status_code == 202, r.text
+    pre = r.json()["config"]["preprocess"]
+    assert (r.json()["model"], r.json()["arch"]) == ("m.pt2", "program")  # the file's name, for the job list
+    assert r.json()["estimate_s"] > 0 and r.json()["estimate_basis"] == 0  # no finished job to scale by yet
+    assert (pre["resize"], pre["crop"], pre["mean"][0]) == (20, 20, 0.286)
+    r = _post(api_only, pt2, fmnist_zips["calib"], {**config, "preprocess": {"resize": 32, "crop": 28}})
+    assert r.status_code == 422 and r.json()["field"] in ("model", "calibration"), r.text
+    assert "takes images of 3x20x20" in r.json()["detail"] and "--resize 20 --crop 20" in r.json()["detail"], r.text
