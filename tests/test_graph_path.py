@@ -338,17 +338,17 @@ def test_cl_calib_reaches_through_the_graph_of_a_transformer():
     assert [u.target for u in x.users] == ["conv_proj"]  # nothing after the first unit reads the input
 
 
-class RollNet(SkipNet):  # Swin's shifted windows in one op: no ONNX translation
+class FlipNet(SkipNet):  # a mirrored feature map: flip has no ONNX translation (roll has one now)
     def forward(self, x):
         x = torch.relu(self.bn(self.stem(x)))
-        x = torch.relu(x + self.b(torch.roll(torch.relu(self.a(x)), 1, dims=2)))
+        x = torch.relu(x + self.b(torch.flip(torch.relu(self.a(x)), dims=(2,))))
         return self.head(x.mean((2, 3)))
 
 
 def test_an_export_that_cannot_succeed_is_refused_before_calibrating(tmp_path):
     """Issue 30: `clcalib calibrate --export onnx` names the op in seconds, before any unit is spent."""
     torch.manual_seed(0)
-    (tmp_path / "roll.pt2").write_bytes(_pt2(RollNet(), torch.randn(2, 3, 16, 16)))
+    (tmp_path / "roll.pt2").write_bytes(_pt2(FlipNet(), torch.randn(2, 3, 16, 16)))
     import numpy as np
 
     np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
@@ -357,7 +357,7 @@ def test_an_export_that_cannot_succeed_is_refused_before_calibrating(tmp_path):
                         "--device", "cpu", "--export", "onnx", "--quiet"],
                        capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2, r.stderr
-    assert "'roll.default' has no ONNX export here" in r.stderr and "Leave \"onnx\" out of config.export" in r.stderr
+    assert "'flip.default' has no ONNX export here" in r.stderr and "Leave \"onnx\" out of config.export" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out" / "quantized.safetensors").exists()
 
 
