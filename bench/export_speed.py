@@ -187,7 +187,28 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {name} | {f.get('torch_top1', '-')} | {top[0]} | {top[1]} | "
                        f"{f['bytes'] / 1e6:.2f} | {f.get('quantize_seconds', '-')} | " + " | ".join(ratios) + " |")
         out.append("")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + [NOTES]) + "\n"
+
+
+NOTES = """## Reading these tables
+
+- The rows of 2026-12-06 were measured while two other jobs (a test suite, a model zoo check) ran
+  on the same 2 cores: within one row the files were interleaved, so ratios are comparable, but
+  they scatter (mobilenet_v2's W8A8 and W4A8 integer files have the same graph, yet took 0.79x
+  and 1.71x FP32 in OpenVINO at batch 1 in one row). A quieter probe of the same files
+  (mobilenet_v2 W8A8, minmax ranges) gave 0.74 ms for clcalib's file, 0.78 ms for NNCF's and
+  1.08 ms for FP32 at batch 1 in OpenVINO, 7.9 / 8.1 / 8.2 ms at batch 32.
+- resnet18 W8A8 against NNCF: the same speed in ONNX Runtime (0.24x against 0.20x at batch 1,
+  0.62x both at 32) and in OpenVINO at batch 1 (0.58x against 0.60x), 0.41x against 0.37x at
+  batch 32; both about 4x faster than the `reference` layout clcalib wrote before, and than
+  ORT's `quantize_static` file in ONNX Runtime.
+- ORT's `quantize_static` files (its defaults) do not load in OpenVINO 2026.4 ("No suitable
+  implementations"), and its per-tensor weights cost mobilenet_v2 half its accuracy (41.5 %).
+- "quantize s" is each tool's own time: qdrop at 200 iterations per unit against NNCF's
+  min/max statistics and bias correction, not a like-for-like comparison of range setting.
+- 4-bit weights are stored in INT8 in the integer targets (the runtimes' integer convs take
+  nothing else, docs/deploy.md), so W4 files are as large as W8 ones here; the checkpoint packs
+  them."""
 
 
 def main(argv: list[str] | None = None) -> int:
