@@ -204,6 +204,11 @@ NOTES = """## Reading these tables
   ORT's `quantize_static` file in ONNX Runtime.
 - ORT's `quantize_static` files (its defaults) do not load in OpenVINO 2026.4 ("No suitable
   implementations"), and its per-tensor weights cost mobilenet_v2 half its accuracy (41.5 %).
+- 224 px: the reference models were trained at 28 px, so at 224 px (the test images upscaled)
+  every file scores near chance (14 %): these rows measure speed only. resnet18 W8A8 there:
+  0.49x / 0.63x FP32 in OpenVINO (NNCF 0.44x / 0.91x), 0.42x / 0.41x in ONNX Runtime (NNCF
+  0.57x / 0.38x). clcalib's minmax took 117 s against NNCF's 31 s on 64 images (3.8x; 12x
+  before range-only methods stopped capturing every image per unit).
 - "quantize s" is each tool's own time: qdrop at 200 iterations per unit against NNCF's
   min/max statistics and bias correction, not a like-for-like comparison of range setting.
 - 4-bit weights are stored in INT8 in the integer targets (the runtimes' integer convs take
