@@ -36,6 +36,9 @@ def main() -> None:
     hidden = os.path.realpath(a.hide)
     top = "/" + hidden.strip("/").split("/")[0]
     allowed = [os.path.join("/", e) for e in os.listdir("/") if os.path.join("/", e) != top]
+    # the interpreter's own tree, when it lies beside the hidden one (a virtualenv in /tmp)
+    allowed += [p for p in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+                if os.path.commonpath([p, hidden]) not in (p, hidden)]
     for path in allowed + [os.path.realpath(d) for d in a.allow]:
         if os.path.commonpath([path, hidden]) == hidden:
             sys.exit(f"--allow {path} would expose the hidden folder")
