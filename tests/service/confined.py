@@ -36,8 +36,10 @@ def main() -> None:
     hidden = os.path.realpath(a.hide)
     top = "/" + hidden.strip("/").split("/")[0]
     allowed = [os.path.join("/", e) for e in os.listdir("/") if os.path.join("/", e) != top]
-    # the interpreter's own tree, when it lies beside the hidden one (a virtualenv in /tmp)
-    allowed += [p for p in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    # the interpreter's own tree and this checkout, when they lie beside the hidden one (a
+    # virtualenv or a clone in /tmp)
+    repo = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    allowed += [p for p in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix), repo}
                 if os.path.commonpath([p, hidden]) not in (p, hidden)]
     for path in allowed + [os.path.realpath(d) for d in a.allow]:
         if os.path.commonpath([path, hidden]) == hidden:
