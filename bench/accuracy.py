@@ -155,8 +155,19 @@ def run_one(spec: dict) -> dict:
             "unit_caches": [u.get("caches") for u in report["units"]],  # device / host memory
             "peak_device_memory_bytes": m.get("peak_device_memory_bytes"),
             "gpu": torch.cuda.get_device_name() if spec["device"].startswith("cuda") else None,
+            "weight_bytes": m.get("weight_bytes"),
+            "mixed_precision": _mixed_summary(report.get("mixed_precision")),
             "config": report["config"],  # resolved: a row stays readable after a default changes
             "host": socket.gethostname(), "cpu": cpu_model(), "commit": spec.get("commit"), "torch": report["versions"]["torch"], "python": platform.python_version()}
+
+
+def _mixed_summary(mixed: dict | None) -> dict | None:
+    """What a table needs of a mixed-precision run: its size, its bits, its search."""
+    if not mixed:
+        return None
+    keep = {k: mixed[k] for k in ("allocation", "uniform", "sensitivity_seconds", "proxy_rank_agreement", "search")
+            if k in mixed}
+    return keep
 
 
 def main(argv=None) -> int:

@@ -156,6 +156,17 @@ def _print_table(report: dict) -> None:
         ("weights", f"{m['weight_bytes'] / 1e6:.2f} MB vs {m['fp32_weight_bytes'] / 1e6:.2f} MB FP32 ({m['compression_vs_fp32']:.1f}x)"),
         ("calibration time", _fmt(m["calibration_seconds"], " s")),
     ]
+    mp = report.get("mixed_precision") or {}
+    if mp.get("allocation"):
+        a = mp["allocation"]
+        acts = f", activations {a['a_bits_avg']:.2f} bits on average" if a.get("a_bits_avg") is not None else ""
+        rows.append(("mixed precision", f"weights {a['w_bits_avg']:.2f} bits on average{acts} "
+                     f"(sensitivity {mp['sensitivity_seconds']:.0f} s); per-layer bits in report.json config.layer_bits"))
+    if mp.get("search"):
+        s = mp["search"]
+        done = [p for p in s["probes"] if p["top1"] is not None]
+        rows.append(("accuracy target", f"{'met' if s['met'] else 'NOT met'}: FP - {s['max_top1_drop']:g} points, "
+                     f"{len(done)} candidate(s) calibrated" + (", stopped by the time budget" if s["stopped_by_time_budget"] else "")))
     if m.get("onnx_bytes") is not None:
         from clcalib.export.onnx_check import RUNTIMES
 
@@ -244,6 +255,81 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     qm = QuantModel(model, QuantSpec.from_config(cfg), example, cfg.partition)
     units = describe(qm)
     print(json.dumps(units) if a.json else render(units))
+    return 0
+
+
+def _add_sensitivity(sub) -> None:
+    p = sub.add_parser("sensitivity", help="measure what each layer's (and activation's) bits cost, to choose "
+                       "per-layer bits (docs/mixed_precision.md)",
+                       description="Each site alone quantized at each width, everything else FP: the KL divergence "
+                       "of the predictions from FP on calibration images; with --eval also the real top-1 drop.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", help="a registered architecture (with --num-classes and --weights)")
+    g.add_argument("--num-classes", type=int, help="the model's output classes (with --arch)")
+    g.add_argument("--weights", help="the model's state_dict: .safetensors or a torch file (loaded weights_only)")
+    g.add_argument("--model", help="any model as a torch.export program (.pt2), instead of --arch")
+    g.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    g.add_argument("--eval", help="labeled folder/zip: also each site's real top-1 drop there (slower), and how "
+                   "well the proxy ranks the sites")
+    g.add_argument("--eval-images", type=int, default=1000, help="evaluation images used with --eval (default 1000)")
+    g.add_argument("--labels", help=LABELS_HELP)
+    g.add_argument("--config", help="JSON file of config fields; the flags below override it")
+    g.add_argument("--images", type=int, default=256, help="calibration images measured on (default 256)")
+    g.add_argument("--w-widths", type=_widths, default=(2, 3, 4, 8), help="weight widths measured (default 2,3,4,8)")
+    g.add_argument("--a-widths", type=_widths, default=None,
+                   help="activation widths measured (e.g. 2,4,8; default: activations not measured)")
+    g.add_argument("--json", help="write the table as JSON here")
+    g.add_argument("--plot", help="write the bar chart (SVG) here")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_config_flags(p, only={"--method", "--w-bits", "--a-bits", "--first-last-bits", "--partition", "--device",
+                              "--seed", "--calib-size", "--resize", "--crop", "--mean", "--std", "--w-symmetric"})
+    p.set_defaults(func=cmd_sensitivity)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    from clcalib.config import _bit_choices
+
+    try:
+        return _bit_choices(tuple(int(v) for v in text.replace(",", " ").split()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    import torch
+
+    from clcalib.data import LabeledSet, load_calibration
+    from clcalib.mixed.plan import sensitivity
+    from clcalib.mixed.sensitivity import rank_agreement
+    from clcalib.mixed.table import render
+    from clcalib.pipeline import load_model
+
+    cfg = config_from_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    _model_args(a)
+    fp_model, arch, _, cfg, notes = load_model(a.arch, a.num_classes, a.weights, a.model, None, cfg)
+    for n in notes:
+        print(f"clcalib: {n}", file=sys.stderr)
+    calib = load_calibration(a.calib, cfg.preprocess, cfg.calib_size, cfg.seed)
+    evaluation = None
+    if a.eval:
+        data = LabeledSet(a.eval, cfg.preprocess, labels=_labels(a))
+        _mapping_note(data)
+        evaluation = (torch.cat(list(data.images(limit=a.eval_images))), data.labels[:a.eval_images])
+    costs, seconds = sensitivity(fp_model, calib, cfg, lambda e: None, a.w_widths, a.a_widths, a.images, evaluation)
+    rank = rank_agreement(costs)
+    print(render(costs, rank))
+    print(f"{arch}: {len(costs)} sites measured in {seconds:.0f} s")
+    report = {"arch": arch, "config": cfg.model_dump(mode="json", by_alias=True),
+              "mixed_precision": {"sensitivity": [c.to_dict() for c in costs], "sensitivity_seconds": seconds,
+                                  "proxy_rank_agreement": rank}}
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    if a.plot:
+        from clcalib.report_html import mixed_figures
+
+        Path(a.plot).write_text(mixed_figures(report["mixed_precision"])["sensitivity"])
     return 0
 
 
@@ -337,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate(sub)
     _add_export(sub)
     _add_inspect(sub)
+    _add_sensitivity(sub)
     # the service's and the worker's commands (serve, submit, worker, ...) register themselves
     # as entry points; the library does not import them by name
     for ep in sorted(entry_points(group="clcalib.commands"), key=lambda e: e.name):

@@ -172,6 +172,57 @@ class PdQuant(Strict):
     )
 
 
+def _bit_choices(v: tuple[int, ...]) -> tuple[int, ...]:
+    if any(not MIN_BITS <= b <= MAX_BITS for b in v) or len(set(v)) != len(v):
+        raise ValueError(f"bit choices must be distinct widths from {MIN_BITS} to {MAX_BITS}, got {list(v)}")
+    return tuple(sorted(v))
+
+
+MAX_LAYER_BITS = 4096  # per-layer entries a config may hold (a model's layers and activation sites)
+BitChoices = tuple[int, ...]
+
+
+class Budget(Strict):
+    """Mixed precision under a size budget: each layer's weight bits (with ``weight_mb`` or
+    ``w_bits_avg``) and each activation quantizer's bits (with ``a_bits_avg``) chosen from the
+    choices to minimise the measured sensitivity (docs/mixed_precision.md); what has no budget
+    keeps w_bits / a_bits."""
+
+    weight_mb: float | None = Field(None, gt=0, le=1e6, description="stored weight size in MB (10^6 bytes, the "
+                                    "report's weight_bytes: codes, scales, zero points, biases)")
+    w_bits_avg: float | None = Field(None, ge=MIN_BITS, le=MAX_BITS, description="average weight bits per "
+                                     "parameter over the quantized layers (first/last included)")
+    a_bits_avg: float | None = Field(None, ge=MIN_BITS, le=MAX_BITS, description="average activation bits, "
+                                     "weighted by each quantized activation's size per image; null: a_bits everywhere")
+    w_choices: BitChoices = Field((2, 3, 4, 8), min_length=1, max_length=7, description="weight bit widths a layer may get")
+    a_choices: BitChoices = Field((2, 4, 8), min_length=1, max_length=7, description="activation bit widths (with a_bits_avg)")
+    images: int = Field(256, ge=1, le=4096, description="calibration images the sensitivity is measured on")
+
+    _choices = field_validator("w_choices", "a_choices")(lambda v: _bit_choices(v))
+
+
+class Target(Strict):
+    """Accuracy target: the smallest mixed-precision model (weights) whose top-1 on the
+    evaluation set is within ``max_top1_drop`` points of the FP model's; needs an evaluation set."""
+
+    max_top1_drop: float = Field(ge=0.0, le=100.0, description="allowed top-1 loss in points against FP")
+    time_budget_s: float | None = Field(None, gt=0, le=30 * 86400, description="stop searching after this "
+                                        "long and return the best model found so far; null: no limit")
+    w_bits_avg: tuple[float, ...] = Field((2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0), min_length=1, max_length=12,
+                                          description="the average weight bits of the candidates searched")
+    w_choices: BitChoices = Field((2, 3, 4, 8), min_length=1, max_length=7, description="weight bit widths a layer may get")
+    images: int = Field(256, ge=1, le=4096, description="calibration images the sensitivity is measured on")
+
+    _choices = field_validator("w_choices")(lambda v: _bit_choices(v))
+
+    @field_validator("w_bits_avg")
+    @classmethod
+    def _ladder(cls, v):
+        if any(not MIN_BITS <= b <= MAX_BITS for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"candidate average weight bits must be distinct values from {MIN_BITS} to {MAX_BITS}")
+        return tuple(sorted(v))
+
+
 class CalibConfig(Strict):
     """Everything that decides a calibration result. Unknown keys are rejected."""
 
@@ -234,6 +285,14 @@ class CalibConfig(Strict):
         "x86 CPUs with VNNI and ARM), onnxruntime-avx2 (x86 without VNNI), openvino and tensorrt (need w_symmetric), "
         "reference (exact float simulation of every bit width, slow)",
     )
+    layer_bits: dict[str, int] = Field(
+        default_factory=dict, max_length=MAX_LAYER_BITS,
+        description="per-layer bits: a layer's name sets its weight bits, an activation quantizer's name "
+        "(ending .out_quant / .in_quant) its bits; names as `clcalib inspect` lists them. Filled by budget and target",
+    )
+    budget: Budget | None = Field(None, description="mixed precision under a size budget (sets layer_bits)")
+    target: Target | None = Field(None, description="the smallest model within an accuracy drop of FP (needs an "
+                                  "evaluation set; sets layer_bits)")
     preprocess: Preprocess = Preprocess()
     cl_calib: ClCalib = ClCalib()
     pdquant: PdQuant = PdQuant()
@@ -247,6 +306,16 @@ class CalibConfig(Strict):
 
             if problem := settings_problem(self.export_target, self.w_symmetric):
                 raise ValueError(problem)
+        for name, bits in self.layer_bits.items():
+            if not MIN_BITS <= bits <= MAX_BITS or not 0 < len(name) <= 512:
+                raise ValueError(f"layer_bits[{name[:80]!r}]: bits must be from {MIN_BITS} to {MAX_BITS} and names "
+                                 f"1 to 512 characters, got {bits}")
+        if self.budget is not None and self.target is not None:
+            raise ValueError("give a budget or a target, not both: the target searches over budgets itself")
+        if self.budget is not None and self.budget.weight_mb is not None and self.budget.w_bits_avg is not None:
+            raise ValueError("budget: give weight_mb or w_bits_avg, not both")
+        if self.budget is not None and (self.budget.weight_mb, self.budget.w_bits_avg, self.budget.a_bits_avg) == (None,) * 3:
+            raise ValueError("budget needs weight_mb or w_bits_avg (weights), a_bits_avg (activations), or both")
         if self.cl_calib.enabled and not self.method.reconstructs:
             raise ValueError(
                 f"cl_calib needs a reconstruction method (adaround, brecq, qdrop, pdquant), got method={self.method.value}"
@@ -269,6 +338,8 @@ def _items(tp) -> int:
         return _capacity(tp)
     if origin in (Union, types.UnionType):
         return max(_items(a) for a in args)
+    if origin is dict:  # a bounded mapping (layer_bits): every entry a key and its value
+        return MAX_LAYER_BITS * (1 + _items(args[1]))
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:  # a variable tuple: of an enum, each value once
             n = len(args[0]) if isinstance(args[0], type) and issubclass(args[0], Enum) else 8

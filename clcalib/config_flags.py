@@ -46,6 +46,13 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--cl-critic", "cl_calib.critic"),
     ("--cl-negatives", "cl_calib.negatives"),
     ("--cl-rec-weight", "cl_calib.rec_weight"),
+    ("--weight-mb", "budget.weight_mb"),
+    ("--w-bits-avg", "budget.w_bits_avg"),
+    ("--a-bits-avg", "budget.a_bits_avg"),
+    ("--w-choices", "budget.w_choices"),
+    ("--a-choices", "budget.a_choices"),
+    ("--max-top1-drop", "target.max_top1_drop"),
+    ("--time-budget-s", "target.time_budget_s"),
 )
 
 
@@ -55,6 +62,8 @@ def field(path: str) -> FieldInfo:
     *outer, last = path.split(".")
     for part in outer:
         model = model.model_fields[part].annotation
+        if typing.get_origin(model) in (typing.Union, types.UnionType):  # an optional section: Budget | None
+            model = next(a for a in typing.get_args(model) if a is not type(None))
     for name, f in model.model_fields.items():
         if last in (name, f.alias):
             return f
@@ -124,6 +133,9 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
         "preprocess": parser.add_argument_group("preprocessing: how images become tensors "
                                                 "(for 28x28 inputs give --resize none --crop none)"),
         "cl_calib": parser.add_argument_group("CL-Calib: the contrastive term (docs/cl_calib.md)"),
+        "budget": parser.add_argument_group("mixed precision under a size budget (docs/mixed_precision.md)"),
+        "target": parser.add_argument_group("accuracy target: the smallest model within a top-1 drop "
+                                            "(needs --evaluation; docs/mixed_precision.md)"),
     }
     for flag, path in FLAGS:
         if only is not None and flag not in only:
@@ -135,7 +147,9 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             bits.append(f"range {r}")
         if _nullable_field(f):
             bits.append("'none' for null")
-        if kw.get("action") != "store_true":
+        if f.is_required():
+            bits.append("required in this section")
+        elif kw.get("action") != "store_true":
             bits.append(f"default: {_shown(f.default)}")
         group = groups[path.split(".")[0] if "." in path else ""]
         group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS,

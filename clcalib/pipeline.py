@@ -19,7 +19,7 @@ from clcalib.calibration import calibrate, exact_numerics, resolve_device
 from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import DEFAULT_LIMITS, LabeledSet, Limits, load_calibration
 from clcalib.diagnostics import layer_sqnr, per_class
-from clcalib.errors import Canceled, DataError, ExportError, ModelMismatchError
+from clcalib.errors import Canceled, ConfigError, DataError, ExportError, ModelMismatchError
 from clcalib.export import load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict, top1
@@ -99,6 +99,29 @@ def check_exportable(model, example: Tensor, config: CalibConfig) -> None:
                           "of config.export (no --export onnx) to calibrate it and keep the checkpoint") from None
 
 
+def load_model(arch: str | None, num_classes: int | None, weights, model, model_name: str | None,
+               config: CalibConfig) -> tuple:
+    """(the FP model, its name, its classes, the config with the program's preprocessing where the
+    user gave none, the notes saying so): a registry ``arch`` with ``num_classes`` and ``weights``,
+    or ``model``, a torch.export program."""
+    notes: list[str] = []  # what the run chose for the user (the report says so)
+    if model is not None:
+        from clcalib.graph.program import num_outputs, preprocess_for_program, read_program
+
+        fp_model = read_program(model)
+        arch, num_classes = model_name or Path(model).name, num_outputs(fp_model)
+        given = set(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else set()
+        pre, note = preprocess_for_program(fp_model, config.preprocess, given)
+        if note is not None:
+            config = config.model_copy(update={"preprocess": pre})
+            notes.append(note)
+    elif arch is None or num_classes is None or weights is None:
+        raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
+    else:
+        fp_model = build_model(arch, num_classes, read_state_dict(weights))
+    return fp_model, arch, num_classes, config, notes
+
+
 def run_calibration(
     *,
     arch: str | None = None,
@@ -131,21 +154,10 @@ def run_calibration(
         from clcalib.export.profiles import check_target
 
         check_target(config.export_target, config.w_symmetric)
-    notes: list[str] = []  # what the run chose for the user (the report says so)
-    if model is not None:
-        from clcalib.graph.program import num_outputs, preprocess_for_program, read_program
-
-        fp_model = read_program(model)
-        arch, num_classes = model_name or Path(model).name, num_outputs(fp_model)
-        given = set(config.preprocess.model_fields_set) if "preprocess" in config.model_fields_set else set()
-        pre, note = preprocess_for_program(fp_model, config.preprocess, given)
-        if note is not None:
-            config = config.model_copy(update={"preprocess": pre})
-            notes.append(note)
-    elif arch is None or num_classes is None or weights is None:
-        raise ModelMismatchError("give a registry arch with num_classes and weights, or an exported program (.pt2)")
-    else:
-        fp_model = build_model(arch, num_classes, read_state_dict(weights))
+    if config.target is not None and evaluation is None:
+        raise ConfigError("config.target needs an evaluation set (--evaluation, or the `evaluation` upload): the "
+                          "search measures each candidate's top-1 there")
+    fp_model, arch, num_classes, config, notes = load_model(arch, num_classes, weights, model, model_name, config)
     stats: dict = {}
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits, stats)
     # the evaluation set streams in batches: any size, one batch in memory
@@ -175,7 +187,17 @@ def run_calibration(
         emit(ProgressEvent(stage="prepare", message="checking the ONNX export"))
         check_exportable(fp_model, calib[:2], config)
 
-    result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
+    mixed, mixed_warnings = None, []
+    if config.budget is not None or config.target is not None:
+        from clcalib.mixed.plan import calibrate_mixed
+
+        result, config, mixed, mixed_warnings = calibrate_mixed(fp_model, calib, config, on_progress, resume_dir,
+                                                                evalset, fp_logits, device)
+        for w in mixed_warnings:
+            emit(ProgressEvent(stage="warning", message=w))
+        warnings += mixed_warnings
+    else:
+        result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
     emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
     ckpt = out / CHECKPOINT_NAME
     header = {"calib_sha256": result.calib_sha256, "calib_images": len(calib)}
@@ -245,6 +267,7 @@ def run_calibration(
         # the in-memory model still holds the FP weights beside their rounding (the checkpoint only the latter)
         "layers": layer_sqnr(result.model, calib[:DIAGNOSTIC_IMAGES].to(device)),
         "layer_images": min(DIAGNOSTIC_IMAGES, len(calib)),
+        "mixed_precision": mixed,  # sensitivity, allocation and the target's search (null: uniform bits)
         "checkpoint": CHECKPOINT_NAME,
         "onnx": ONNX_NAME if ExportFormat.ONNX in config.export and export_error is None else None,
         "versions": versions(),

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    stage: str  # "prepare" | "reconstruct" | "unit_done" | "export" | "evaluate" | "warning" | "done"
+    # "prepare" | "sensitivity" | "search" | "reconstruct" | "unit_done" | "export" | "evaluate" | "warning" | "done"
+    stage: str
     unit: int = 0  # 0-based index of the current reconstruction unit
     num_units: int = 0
     unit_name: str = ""
@@ -19,7 +20,7 @@ class ProgressEvent:
     loss: float | None = None  # mean total loss over the last reporting window
     elapsed_s: float = 0.0
     eta_s: float | None = None
-    message: str = ""  # a warning's text (stage "warning"), see clcalib.traps
+    message: str = ""  # a warning's text (stage "warning", see clcalib.traps); else what the run is doing
 
     def to_dict(self) -> dict:
         return asdict(self)

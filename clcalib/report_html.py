@@ -59,6 +59,7 @@ def _figures(report: dict) -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         figs["layers"] = _svg(fig)
+    figs.update(mixed_figures(report.get("mixed_precision") or {}))
     pc = report.get("per_class")
     if pc:
         names = _class_names(report, len(pc["images"]))
@@ -90,6 +91,51 @@ def _figures(report: dict) -> dict[str, str]:
                                     color="white" if v > top / 2 else "black")
             fig.colorbar(im, ax=ax, fraction=0.046)
             figs["confusion"] = _svg(fig)
+    return figs
+
+
+def mixed_figures(mixed: dict) -> dict[str, str]:
+    """The sensitivity bars (each site's cost at each width, the chosen width outlined) and the
+    target search's frontier (weight size against top-1, FP and the target drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, str] = {}
+    sites = mixed.get("sensitivity") or []
+    if sites:
+        chosen = (mixed.get("allocation") or {}).get("layer_bits") or {}
+        widths = sorted({int(b) for c in sites for b in c["cost"]})
+        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(sites)), 3.4))
+        step = 0.8 / len(widths)
+        for j, b in enumerate(widths):
+            xs = [i - 0.4 + step * (j + 0.5) for i in range(len(sites))]
+            ys = [max(c["cost"].get(str(b), math.nan), 1e-7) for c in sites]
+            edges = ["black" if chosen.get(c["name"]) == b else "none" for c in sites]
+            ax.bar(xs, ys, step, label=f"{b} bits", edgecolor=edges, linewidth=0.8)
+        ax.set_xticks(range(len(sites)), [("A " if c["kind"] == "act" else "") + c["name"] for c in sites],
+                      rotation=75, ha="right", fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(FP || this site alone quantized)")
+        ax.legend(fontsize=7, ncol=len(widths))
+        figs["sensitivity"] = _svg(fig)
+    search = mixed.get("search") or {}
+    probes = [p for p in search.get("probes") or [] if p.get("top1") is not None]
+    if probes and search.get("fp_top1") is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        fp, drop = search["fp_top1"], search["max_top1_drop"]
+        for p in probes:
+            ax.plot(p["weight_bytes"] / 1e6, p["top1"], "o", color="#1f77b4" if p["meets"] else "#d62728")
+            ax.annotate(f"{p['w_bits_avg']:g} b", (p["weight_bytes"] / 1e6, p["top1"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.axhline(fp, color="#555", lw=1, label="FP")
+        ax.axhline(fp - drop, color="#555", lw=1, ls="--", label=f"target: FP - {drop:g}")
+        ax.set_xlabel("stored weights (MB)")
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        figs["frontier"] = _svg(fig)
     return figs
 
 

@@ -16,7 +16,7 @@ def iso(t: float | None) -> str | None:
 
 
 class Progress(BaseModel):
-    stage: str = Field(description="prepare | reconstruct | unit_done | export | evaluate | done")
+    stage: str = Field(description="prepare | sensitivity | search | reconstruct | unit_done | export | evaluate | done")
     unit: int = Field(0, description="0-based index of the current reconstruction unit")
     num_units: int = 0
     unit_name: str = ""
@@ -25,6 +25,8 @@ class Progress(BaseModel):
     loss: float | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = Field(None, description="estimated seconds left")
+    message: str = Field("", description="what the run is doing, e.g. which candidate of an "
+                         "accuracy target's search")
     attempt: int = Field(1, description="delivery this progress belongs to")
 
 
@@ -65,7 +67,8 @@ class JobOut(BaseModel):
         u = f"{base}/v1/jobs/{job.id}"
         prog = None
         if job.progress:
-            prog = Progress.model_validate({k: v for k, v in job.progress.items() if k in Progress.model_fields})
+            prog = Progress.model_validate({k: (v[:300] if k == "message" and isinstance(v, str) else v)
+                                            for k, v in job.progress.items() if k in Progress.model_fields})
         return cls(
             id=job.id, state=job.state, arch=job.arch, model=job.model_file or job.arch, num_classes=job.num_classes,
             config=job.config,

@@ -91,10 +91,13 @@ def _event(d: dict):
 
     from clcalib.progress import ProgressEvent
 
-    names = {f.name for f in dataclasses.fields(ProgressEvent)}
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(ProgressEvent)}
+    fits = {"str": lambda v: isinstance(v, str), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "float | None": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
     out = {}
     for k, v in (d if isinstance(d, dict) else {}).items():
-        if k not in names or isinstance(v, (dict, list)):
+        if k not in kinds or not fits.get(kinds[k], lambda v: False)(v):  # the API's schema would refuse it
             continue
         if isinstance(v, str):
             v = v[:2000]

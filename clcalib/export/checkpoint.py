@@ -26,6 +26,7 @@ from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
+from clcalib.quant.sites import layer_bytes
 from clcalib.quant.weight import WState
 from clcalib.recon.resume import atomic_save
 
@@ -77,7 +78,7 @@ def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], 
             tensors[f"{name}.w_zero"] = m.wq.zero.to(torch.uint8)
             tensors[f"{name}.bias"] = m.bias.float()
             layers[name] = [m.wq.bits, list(m.weight.shape)]
-            qbytes += packed.numel() + 4 * m.wq.scale.numel() + m.wq.zero.numel() + 4 * m.bias.numel()
+            qbytes += layer_bytes(m, m.wq.bits)
             fbytes += 4 * (m.weight.numel() + m.bias.numel())
         elif isinstance(m, ActQuantizer) and m.initialized:
             tensors[f"{name}.a_scale"] = m.scale.detach().float().reshape(())

@@ -21,6 +21,7 @@ from clcalib.config import ActPlacement, CalibConfig, Partition
 from clcalib.errors import UnsupportedModel
 from clcalib.quant.activation import RangeSearch
 from clcalib.quant.layer import QuantLayer, QuantUnit
+from clcalib.quant.sites import apply_layer_bits, set_bits
 from clcalib.quant.switch import quantization
 
 ACTS = (nn.ReLU, nn.ReLU6)
@@ -34,12 +35,13 @@ class QuantSpec:
     w_symmetric: bool = False
     every_layer: bool = False  # ActPlacement.EVERY_LAYER: residual-branch outputs quantized too
     act_search: RangeSearch = RangeSearch()  # how activation quantizers take their range
+    layer_bits: tuple[tuple[str, int], ...] = ()  # per-site bits (config.layer_bits), set last
 
     @classmethod
     def from_config(cls, cfg: CalibConfig) -> QuantSpec:
         return cls(cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.w_symmetric,
                    cfg.act_placement is ActPlacement.EVERY_LAYER,
-                   RangeSearch(cfg.method.spec.range_search, cfg.act_range_p))
+                   RangeSearch(cfg.method.spec.range_search, cfg.act_range_p), tuple(cfg.layer_bits.items()))
 
     def in_block_out_bits(self, followed_by_activation: bool) -> int | None:
         """Bits of the output quantizer of a layer inside a block: quantized before an
@@ -202,6 +204,7 @@ class QuantModel(nn.Module):
         found = [m for m in self.model.modules() if isinstance(m, QuantUnit)]
         self.unit_names = self._execution_order(found, example_input)
         self._apply_first_last_bits()
+        apply_layer_bits(self.model, dict(spec.layer_bits))  # the one place per-site bits are set
 
     def _execution_order(self, found: list[QuantUnit], x: torch.Tensor) -> list[str]:
         names = {id(u): n for n, u in self.model.named_modules() if isinstance(u, QuantUnit)}
@@ -232,13 +235,13 @@ class QuantModel(nn.Module):
             h.out_quant = None  # logits stay FP
         last.out_quant = None
         fl = self.spec.first_last_bits
+        self.first_last: list[nn.Module] = []  # the sites first_last_bits set (mixed precision leaves them)
         if fl is not None:
-            units[0].layers()[0].wq.bits = fl
-            for h in heads:
-                h.wq.bits = fl
             before = units[-2].output_quantizer()
-            if before is not None:  # none where a LayerNorm sits before the classifier (transformers)
-                before.bits = fl
+            # none before the classifier where a LayerNorm sits there (transformers)
+            self.first_last = [units[0].layers()[0], *heads] + ([before] if before is not None else [])
+            for site in self.first_last:
+                set_bits(site, fl)
 
     def units(self) -> list[QuantUnit]:
         mods = dict(self.model.named_modules())

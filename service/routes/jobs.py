@@ -199,6 +199,9 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
         if "labels" in up.files and "evaluation" not in up.files:
             raise ApiError(422, "bad_data", "a labels file maps the evaluation set's class folders; it needs an "
                            "evaluation set (field 'evaluation')", field="labels")
+        if config.target is not None and "evaluation" not in up.files:
+            raise ApiError(422, "bad_config", "config.target needs an evaluation set (field 'evaluation'): the "
+                           "search measures each candidate's top-1 there", field="evaluation")
         checked = await app.state.validator.check_job(
             tenant=tenant,
             model=str(up.files["model"]), arch=arch, num_classes=num_classes,

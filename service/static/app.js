@@ -68,7 +68,8 @@ function showJob(root, j) {
     bar.hidden = false;
     bar.max = p.num_units * Math.max(p.iters, 1);
     bar.value = unit * Math.max(p.iters, 1) + (p.iteration || 0);
-    where.textContent = `${p.stage} · unit ${unit + 1}/${p.num_units} ${p.unit_name || ""}` +
+    where.textContent = (p.message ? `${p.message} · ` : "") +
+      `${p.stage} · ${p.stage === "sensitivity" ? "site" : "unit"} ${unit + 1}/${p.num_units} ${p.unit_name || ""}` +
       (p.iters ? ` · iteration ${p.iteration}/${p.iters}` : "") +
       (p.eta_s != null ? ` · about ${Math.ceil(p.eta_s)} s left` : "");
   } else {

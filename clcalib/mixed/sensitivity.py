@@ -1,0 +1,134 @@
+"""Per-site sensitivity: for each quantization site (a layer's weights, an activation quantizer)
+and each candidate bit width, how far the model's predictions move when that site alone is
+quantized, everything else FP.
+
+The measure is the mean KL divergence of the quantized model's softmax from the FP model's on
+calibration images (no labels needed), with ranges taken as the method takes them and nearest
+rounding. It is a proxy: reconstruction recovers part of each site's error afterwards, and the
+allocation adds the sites' costs as if they were independent. docs/mixed_precision.md measures how
+well it ranks the sites against their real top-1 drop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clcalib.quant.activation import ActQuantizer
+from clcalib.quant.layer import QuantLayer
+from clcalib.quant.sites import bits_of, layer_bytes, set_bits, site_modules
+from clcalib.quant.switch import observing, quantization
+
+CHUNK = 128  # images per forward pass: bounds the memory of a sensitivity pass at any resolution
+
+
+@dataclass
+class SiteCost:
+    name: str
+    kind: str  # "weight" | "act"
+    size: int  # weights: parameters; activations: elements per image
+    bits: int  # the bits the config gives it (first/last fixed, or w_bits / a_bits)
+    fixed: bool  # set by first_last_bits: left out of the allocation
+    cost: dict[int, float] = field(default_factory=dict)  # bits -> mean KL(FP || this site alone quantized)
+    top1_drop: dict[int, float] = field(default_factory=dict)  # bits -> points lost (with an evaluation set)
+    bytes: dict[int, int] = field(default_factory=dict)  # weights: bits -> stored bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("cost", "top1_drop", "bytes"):
+            d[k] = {str(b): v for b, v in d[k].items()}
+        return d
+
+
+def _log_probs(model, images: Tensor) -> Tensor:
+    return torch.cat([F.log_softmax(model(images[i:i + CHUNK]).float(), dim=1) for i in range(0, len(images), CHUNK)])
+
+
+def _kl(ref: Tensor, got: Tensor) -> float:
+    return float(F.kl_div(got, ref, log_target=True, reduction="batchmean"))
+
+
+def _top1(model, images: Tensor, labels: Tensor) -> float:
+    hits = sum(int((model(images[i:i + CHUNK]).argmax(1) == labels[i:i + CHUNK]).sum())
+               for i in range(0, len(images), CHUNK))
+    return 100.0 * hits / len(labels)
+
+
+def _act_elements(qm, images: Tensor, quantizers: dict[str, ActQuantizer]) -> dict[str, int]:
+    seen: dict[str, int] = {}
+
+    def hook(name):
+        def record(mod, inp, out) -> None:  # returns None: the output passes unchanged
+            seen.setdefault(name, inp[0][0].numel())
+        return record
+
+    hooks = [q.register_forward_hook(hook(n)) for n, q in quantizers.items()]
+    try:
+        qm(images[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tuple[int, ...] | None, mse: bool,
+            evaluation: tuple[Tensor, Tensor] | None = None,
+            on_site: Callable[[int, int, str], None] | None = None) -> list[SiteCost]:
+    """``qm``: a freshly converted QuantModel (no ranges yet; it is left with its sites' bits as
+    given but with ranges set: use a copy). ``w_choices`` / ``a_choices`` None: those sites are not
+    measured (they keep the config's bits). ``evaluation``
+    (images, labels): also each site's real top-1 drop there, to check the proxy."""
+    sites = site_modules(qm.model)
+    fixed = {id(m) for m in getattr(qm, "first_last", [])}
+    with quantization(qm, False):
+        acts = {n: m for n, m in sites.items() if isinstance(m, ActQuantizer)}
+        elements = _act_elements(qm, images, acts)
+        ref = _log_probs(qm, images)
+        fp_top1 = _top1(qm, *evaluation) if evaluation is not None else None
+    todo = [(n, m) for n, m in sites.items()
+            if (w_choices is not None and isinstance(m, QuantLayer)) or (a_choices is not None and n in elements)]
+    out: list[SiteCost] = []
+    for i, (name, m) in enumerate(todo):
+        weight = isinstance(m, QuantLayer)
+        sc = SiteCost(name, "weight" if weight else "act", m.weight.numel() if weight else elements[name], bits_of(m),
+                      id(m) in fixed)
+        given = bits_of(m)
+        if weight:
+            sc.bytes[given] = layer_bytes(m, given)
+        for b in (w_choices if weight else a_choices):
+            set_bits(m, b)
+            with quantization(qm, False):
+                m.active = True
+                if weight:
+                    m.wq.init_range(m.weight, mse=mse)
+                    sc.bytes[b] = layer_bytes(m, b)
+                    sc.cost[b] = _kl(ref, _log_probs(qm, images))
+                else:
+                    with observing([m]):
+                        qm(images[:min(len(images), 4 * CHUNK)])  # the range from these images, as calibration takes it
+                    sc.cost[b] = _kl(ref, _log_probs(qm, images))
+                if fp_top1 is not None:
+                    sc.top1_drop[b] = fp_top1 - _top1(qm, *evaluation)
+        set_bits(m, given)
+        out.append(sc)
+        if on_site is not None:
+            on_site(i + 1, len(todo), name)
+    return out
+
+
+def rank_agreement(costs: list[SiteCost]) -> float | None:
+    """Spearman's rank correlation between the proxy and the real top-1 drop over every
+    (site, bits) measured with an evaluation set; None without one."""
+    pairs = [(c.cost[b], c.top1_drop[b]) for c in costs for b in c.top1_drop]
+    if len(pairs) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    return None if rho != rho else float(rho)
+
