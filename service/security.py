@@ -1,4 +1,4 @@
-"""The web page's defences against a hostile site and a hostile tenant (issue 24, items 3 and 4):
+"""The web page's defences against a hostile site and a hostile tenant:
 framing, cross-site requests, DNS rebinding, a session cookie that is not the API key, and a
 rate limit on sign-in. Installed by ``create_app`` with ``add_security(app)``.
 

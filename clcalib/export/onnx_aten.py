@@ -493,7 +493,7 @@ ATEN_FUNCTIONS = {
     aten.clone.default: lambda g, x, memory_format=None, *, hint: x,
     aten.layer_norm.default: _layer_norm, aten.scaled_dot_product_attention.default: _sdpa,
     aten.softmax.int: _softmax,
-    # issue 30 (timm's zoo): ResNet-D's average-pool shortcut, GhostNet's in-place channel slices,
+    # timm's zoo (bench/zoo.py): ResNet-D's average-pool shortcut, GhostNet's in-place channel slices,
     # timm attention's unbind, MobileViT's split, PoolFormer's GroupNorm, DenseNet's lone BatchNorm
     aten.avg_pool2d.default: _avg_pool, aten.slice_scatter.default: _slice_scatter, aten.copy.default: _copy,
     aten.unbind.int: _unbind, aten.split.Tensor: _split, aten.split_with_sizes.default: _split_with_sizes,
