@@ -42,7 +42,7 @@ def _qdrop_range_p(r: dict) -> float | None:
     return None if set(s) - {"act_range_p"} else s.get("act_range_p", defaults()["act_range_p"])
 
 
-def anchorcommitted(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
+def anchor_rows(gpu_rows: list[dict], cpu_rows: list[dict]) -> str:
     if not ANCHOR.is_file():
         return "(peer_anchor.json not found beside the checkout)\n"
     peers = json.loads(ANCHOR.read_text())["runs"]
@@ -105,7 +105,7 @@ def render() -> str:
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
     cpu2000 = committed("cpu_iters2000.jsonl")
     text = (HERE / "RESULTS.head.md").read_text()
-    text = text.replace("{{ANCHOR}}", anchorcommitted(gpu, cpu2000 + committed("cpu_side_by_side.jsonl"))).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
+    text = text.replace("{{ANCHOR}}", anchor_rows(gpu, cpu2000 + committed("cpu_side_by_side.jsonl"))).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
     text = text.replace("{{CPU2000}}", table(cpu2000) if cpu2000 else "(not finished)\n")
     text = text.replace("{{SIDE}}", side_by_side())
     cl_rows = committed("cpu_cl_iters200.jsonl")
