@@ -25,8 +25,8 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from bench.fmnist import PREPROCESS, REFERENCE, calibration_indices, write_zip
 from bench.summarize import settings
+from clcalib.testing import PREPROCESS, REFERENCE, calibration_indices, write_zip
 
 WORK = Path(__file__).resolve().parent / "work"
 MODELS = Path(__file__).resolve().parent / "models"  # models trained here (bench/train_vit.py), as .pt2 programs
@@ -151,7 +151,7 @@ def run_one(spec: dict) -> dict:
             "wall_seconds": round(time.perf_counter() - t, 1),
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
             "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
-            "unit_steps": [u.get("steps") for u in report["units"]],  # graph / eager (issue 16)
+            "unit_steps": [u.get("steps") for u in report["units"]],  # graph / eager (the CUDA-graph step)
             "unit_caches": [u.get("caches") for u in report["units"]],  # device / host memory
             "peak_device_memory_bytes": m.get("peak_device_memory_bytes"),
             "gpu": torch.cuda.get_device_name() if spec["device"].startswith("cuda") else None,

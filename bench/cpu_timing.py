@@ -15,11 +15,11 @@ def main() -> None:
     import torch
 
     from bench.accuracy import prepare_data
-    from bench.fmnist import PREPROCESS, REFERENCE
     from clcalib import calibrate
     from clcalib.config import Preprocess
     from clcalib.data import load_calibration
     from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.testing import PREPROCESS, REFERENCE
 
     torch.set_num_threads(1)
     cal = load_calibration(prepare_data()[0], Preprocess(**PREPROCESS), 1024)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.fmnist import PREPROCESS, REFERENCE
+from clcalib.testing import PREPROCESS, REFERENCE
 
 BITS = ("W8A8", "W4A8", "W4A4")
 
@@ -34,7 +34,7 @@ def _images(split_name: str, idx, size: int):
     import torch
     import torch.nn.functional as F
 
-    from bench.fmnist import split
+    from clcalib.testing import split
 
     x, y = split(split_name)
     t = torch.from_numpy(x[np.asarray(idx)].astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
@@ -108,10 +108,10 @@ def run_group(model: str, size: int, args) -> dict:
     import torch
 
     import clcalib as lib
-    from bench.fmnist import calibration_indices
     from clcalib.export.latency import median_ms
     from clcalib.export.onnx_qdq import export_onnx
     from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.testing import calibration_indices
 
     torch.set_num_threads(args.threads)
     fp = build_model(model, 10, read_state_dict(REFERENCE / f"fmnist_{model}.safetensors"))

@@ -24,10 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import clcalib.calibration as calibration
 from bench.accuracy import WORK, prepare_data
-from bench.fmnist import PREPROCESS, REFERENCE
 from clcalib.config import CalibConfig
 from clcalib.data import load_calibration
 from clcalib.graph.registry import build_model, read_state_dict
+from clcalib.testing import PREPROCESS, REFERENCE
 
 
 def loop_rate(model, calib, cfg: CalibConfig) -> float:

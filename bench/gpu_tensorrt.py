@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.export_speed import _images
-from bench.fmnist import PREPROCESS, REFERENCE
+from clcalib.testing import PREPROCESS, REFERENCE
 
 
 def _engine(path: Path, int8: bool, max_batch: int):
@@ -86,10 +86,10 @@ def run_one(model: str, bits: str, args) -> dict:
     import torch
 
     import clcalib as lib
-    from bench.fmnist import calibration_indices
     from clcalib.export.onnx_check import export_checked
     from clcalib.export.onnx_qdq import export_onnx
     from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.testing import calibration_indices
 
     fp = build_model(model, 10, read_state_dict(REFERENCE / f"fmnist_{model}.safetensors"))
     calib, _ = _images("train", calibration_indices(args.calib_size), 28)

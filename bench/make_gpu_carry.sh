@@ -51,12 +51,12 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" -
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .gpu/whl $pins  # 2_28: contourpy 1.3.3 has no older tag
 cp ../shared/reference/fmnist_resnet18.* ../shared/reference/fmnist_mobilenet_v2.* .gpu/
 python -c 'from pathlib import Path; from bench.accuracy import prepare_data; prepare_data(Path(".gpu"))'
-# the tests' Fashion-MNIST (bench.fmnist, $CLCALIB_FMNIST_DIR): the first 1024 train images and
+# the tests' Fashion-MNIST (clcalib.testing, $CLCALIB_FMNIST_DIR): the first 1024 train images and
 # the test split as IDX files (4 MB; the whole train split would not fit the carry)
 python - <<'PY'
 import gzip
 from pathlib import Path
-from bench.fmnist import FMNIST
+from clcalib.testing import FMNIST
 dest = Path(".gpu/fmnist"); dest.mkdir(parents=True, exist_ok=True)
 for name, keep in (("train", 1024), ("t10k", None)):
     for kind, header in (("images-idx3", 16), ("labels-idx1", 8)):

@@ -11,19 +11,26 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench import gpu_issue16_table
+from bench import gpu_speed_table
 from bench.cl_ablation import compare, main_table
 from bench.cl_ablation import groups as cl_groups
 from bench.cl_ablation import report as cl_report
-from bench.fmnist import REFERENCE
-from bench.summarize import BITS_ORDER, by_model, defaults, load, settings, stat, table
+from bench.summarize import (
+    ANCHOR,
+    BITS_ORDER,
+    PEER_MODEL,
+    RES,
+    by_model,
+    committed,
+    defaults,
+    load,
+    settings,
+    stat,
+    table,
+)
 
 HERE = Path(__file__).resolve().parent
-RES = HERE / "results"
-ANCHOR = REFERENCE / "peer_anchor.json"  # found where the reference models are (bench.fmnist)
 # the cl_calib block of the CL-Calib table (bench/cl_table.sh's CL)
-# the official runs in peer_anchor.json calibrated shared/reference/fmnist_resnet18 only
-PEER_MODEL = "resnet18"
 CL_TABLE = {"mapping": "fp_tail", "tail_end": "logits", "critic": "nce", "negatives": "batch", "lambda": 0.1, "tau": 0.5}
 
 
@@ -92,35 +99,30 @@ def variant_effect(rows: list[dict], base: dict, variant: dict, brecq: list[dict
     return "\n".join(out) + "\n"
 
 
-def _rows(name: str) -> list[dict]:
-    """Rows of results/<name>, none if the file was not made yet."""
-    return load([RES / name]) if (RES / name).exists() else []
-
-
 def render() -> str:
     """RESULTS.md as the committed rows and RESULTS.head.md make it."""
     cpu = load([RES / "cpu_iters200.jsonl"])
     gpu = load([RES / "gpu_h100_iters2000.jsonl"])
-    cpu2000 = _rows("cpu_iters2000.jsonl")
+    cpu2000 = committed("cpu_iters2000.jsonl")
     text = (HERE / "RESULTS.head.md").read_text()
-    text = text.replace("{{ANCHOR}}", anchor_rows(gpu, cpu2000 + _rows("cpu_side_by_side.jsonl"))).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
+    text = text.replace("{{ANCHOR}}", anchor_rows(gpu, cpu2000 + committed("cpu_side_by_side.jsonl"))).replace("{{GPU}}", table(gpu)).replace("{{CPU}}", table(cpu))
     text = text.replace("{{CPU2000}}", table(cpu2000) if cpu2000 else "(not finished)\n")
     text = text.replace("{{SIDE}}", side_by_side())
-    cl_rows = _rows("cpu_cl_iters200.jsonl")
+    cl_rows = committed("cpu_cl_iters200.jsonl")
     text = text.replace("{{CL}}", cl_report(cl_rows, CL_TABLE) if cl_rows else "(not run)\n")
-    cl24 = _rows("cpu_cl_iters200_p24.jsonl")
+    cl24 = committed("cpu_cl_iters200_p24.jsonl")
     text = text.replace("{{CL_P24}}", main_table(cl_groups(cl24), CL_TABLE) if cl24 else "(not run)\n")
-    cpu20000 = _rows("cpu_iters20000.jsonl")
+    cpu20000 = committed("cpu_iters20000.jsonl")
     text = text.replace("{{CPU20000}}", table(cpu20000) if cpu20000 else "(not finished)\n")
-    scope, brecq = _rows("cpu_qdrop_drop_scope_iters200.jsonl"), [r for r in cpu if r["method"] == "brecq"]
+    scope, brecq = committed("cpu_qdrop_drop_scope_iters200.jsonl"), [r for r in cpu if r["method"] == "brecq"]
     text = text.replace("{{DROP}}", variant_effect(scope, {"drop_scope": "input"}, {"drop_scope": "all"}, brecq))
     text = text.replace("{{ACT_P}}", variant_effect(scope, {"drop_scope": "input"}, {"act_range_p": 2.4}, brecq))
-    p24 = _rows("cpu_iters200_p24.jsonl")
+    p24 = committed("cpu_iters200_p24.jsonl")
     text = text.replace("{{CPU_P24}}", table(p24) if p24 else "(not run)\n")
-    xeon = _rows("cpu_iters200_p24_xeon.jsonl")
+    xeon = committed("cpu_iters200_p24_xeon.jsonl")
     text = text.replace("{{CPU_P24_XEON}}", table(xeon) if xeon else "(not run)\n")
-    gpu16 = RES / "gpu_h200_issue16.jsonl"
-    text = text.replace("{{GPU16}}", gpu_issue16_table.render(gpu_issue16_table.load_runs(gpu16), "###") if gpu16.exists() else "(not run)\n")
+    speed = RES / "gpu_h200_speed.jsonl"
+    text = text.replace("{{GPU_SPEED}}", gpu_speed_table.render(gpu_speed_table.load_runs(speed), "###") if speed.exists() else "(not run)\n")
     return text
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.accuracy import prepare_data
-from bench.fmnist import PREPROCESS, REFERENCE
+from clcalib.testing import PREPROCESS, REFERENCE
 
 
 def latency_ms(path: Path, batch: int, shape: tuple[int, ...], threads: int, repeats: int,

@@ -41,7 +41,7 @@ import types
 from pathlib import Path
 
 from bench.accuracy import WORK, code_version, cpu_model, prepare_data
-from bench.fmnist import PREPROCESS, REFERENCE
+from clcalib.testing import PREPROCESS, REFERENCE
 
 CONFIG = "exp/w2a4/r18/config.yaml"  # the branch's only ResNet-18 config; other bits change its bit fields
 BITS = ("W2A4", "W4A4", "W2A2", "W4A2")
@@ -177,7 +177,7 @@ def run(a) -> dict:
     cfg["quant"]["recon"]["iters"] = a.iters
     cfg["model"]["kwargs"]["num_classes"] = 10
     cfg["model"]["path"] = str(a.reference_dir / "fmnist_resnet18.safetensors")
-    cfg["data"] = {"calibration": "bench.fmnist.calibration_indices(1024, seed=0) of the train split",
+    cfg["data"] = {"calibration": "clcalib.testing.calibration_indices(1024, seed=0) of the train split",
                    "test": "the 10k test split", "preprocess": preprocess(a.resize)}
     quant = namespace(cfg["quant"])
 

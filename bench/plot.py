@@ -20,8 +20,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.make_results import ANCHOR, PEER_MODEL, _rows  # noqa: E402
-from bench.summarize import BITS_ORDER, METHOD_ORDER, MODEL_ORDER, group  # noqa: E402
+from bench.summarize import (  # noqa: E402
+    ANCHOR,
+    BITS_ORDER,
+    METHOD_ORDER,
+    MODEL_ORDER,
+    PEER_MODEL,
+    committed,
+    group,
+)
 
 OUT = Path(__file__).resolve().parent / "figures"
 SCHEDULE_FILES = ["cpu_iters200_p24.jsonl", "cpu_iters2000.jsonl", "cpu_iters20000.jsonl"]
@@ -100,7 +107,7 @@ def methods_figure(rows: list[dict]) -> plt.Figure:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    rows = [r for f in SCHEDULE_FILES for r in _rows(f) if "error" not in r]
+    rows = [r for f in SCHEDULE_FILES for r in committed(f) if "error" not in r]
     peers = json.loads(ANCHOR.read_text())["runs"] if ANCHOR.is_file() else []
     table = [r for r in rows if r["iters"] == 200]
     if not any(r["model"] == PEER_MODEL for r in rows) or not table:

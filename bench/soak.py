@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests" / "service"))  # the service tests' proces
 
 from svc_helpers import PG_ADMIN, RedisServer, S3Server, Stack, free_port, wait_until  # noqa: E402
 
-from bench.fmnist import PREPROCESS, REFERENCE, write_zip  # noqa: E402
+from clcalib.testing import PREPROCESS, REFERENCE, write_zip  # noqa: E402
 
 MOBILENET = REFERENCE / "fmnist_mobilenet_v2.safetensors"
 FAST = {"method": "brecq", "w_bits": 4, "a_bits": 4, "iters": 2, "calib_size": 64, "batch_size": 32,

@@ -12,6 +12,11 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
+from clcalib.testing import REFERENCE
+
+RES = Path(__file__).resolve().parent / "results"  # the committed rows
+ANCHOR = REFERENCE / "peer_anchor.json"  # the official QDrop code's runs, beside the reference models
+PEER_MODEL = "resnet18"  # the official runs in peer_anchor.json calibrated shared/reference/fmnist_resnet18 only
 BITS_ORDER = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["minmax", "mse", "adaround", "brecq", "qdrop", "pdquant"]
 
@@ -21,6 +26,11 @@ def load(paths) -> list[dict]:
     for p in paths:
         rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
     return rows
+
+
+def committed(name: str) -> list[dict]:
+    """Rows of results/<name>, none if the file was not made yet."""
+    return load([RES / name]) if (RES / name).exists() else []
 
 
 # fields a table shows in its headings and columns, or that every run sets for itself

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from bench.fmnist import require_dataset, split
+from clcalib.testing import require_dataset, split
 
 MEAN, STD = 0.286, 0.353
 ARCH = dict(image_size=28, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)

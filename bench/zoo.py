@@ -124,7 +124,7 @@ def _build(src: str, name: str, kw: dict):
 
 
 def _data(work: Path, size: int) -> tuple[Path, Path, dict]:
-    from bench.fmnist import calibration_indices, write_zip
+    from clcalib.testing import calibration_indices, write_zip
 
     calib = write_zip(work / "calib.zip", "train", calibration_indices(CALIB_IMAGES), by_class=False)
     evaluation = write_zip(work / "eval.zip", "t10k", range(EVAL_IMAGES), by_class=True)

@@ -5,7 +5,7 @@ Public surface (pinned by tests/test_public_api.py)::
     calibrate(model, calibration_data, config, on_progress) -> CalibrationResult
     load_quantized(path) -> model (header in model.header);  save_quantized(...)
     CalibConfig, Method, Preprocess, ClCalib, PdQuant, ProgressEvent
-    CalibrationError, ConfigError, ModelMismatchError, DataError, ExportError, Canceled
+    CalibrationError, ConfigError, ModelMismatchError (UnsupportedModel), DataError, ExportError, Canceled
 
 Importing ``clcalib`` or ``clcalib.config`` does not import torch (the API process relies on
 it); the torch-backed names load on first use.
@@ -19,6 +19,7 @@ from clcalib.errors import (
     DataError,
     ExportError,
     ModelMismatchError,
+    UnsupportedModel,
 )
 from clcalib.progress import ProgressEvent
 
@@ -48,5 +49,5 @@ def __dir__() -> list[str]:
 __all__ = [
     "CalibConfig", "CalibrationError", "CalibrationResult", "Canceled", "ClCalib", "ConfigError",
     "DataError", "ExportError", "Method", "ModelMismatchError", "PdQuant", "Preprocess",
-    "ProgressEvent", "calibrate", "load_quantized", "save_quantized",
+    "ProgressEvent", "UnsupportedModel", "calibrate", "load_quantized", "save_quantized",
 ]

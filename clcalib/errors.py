@@ -3,6 +3,7 @@
     CalibrationError
      ├── ConfigError          a config value is invalid or inconsistent
      ├── ModelMismatchError   a state_dict does not fit the architecture / unknown arch
+     │    └── UnsupportedModel  the model's structure is outside what clcalib handles
      ├── DataError            calibration or evaluation data unreadable, empty or malformed
      ├── ExportError          a checkpoint cannot be written or read back
      └── Canceled             the progress callback asked calibration to stop

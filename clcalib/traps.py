@@ -1,5 +1,7 @@
-"""Silent traps: inputs that run without error and give garbage. Each check returns a warning
-that says what looks wrong and which setting to check, or None. The pipeline shows them as they
+"""The warnings about a user's inputs: silent traps, inputs that run without error and give
+garbage (images enlarged too far, an FP model near chance on the evaluation set, class folders
+mapped by sorted name). Each check returns a warning that says what looks wrong and which
+setting to check, or None. The pipeline shows them as they
 are found (a ``warning`` progress event), and keeps them in the report and the job's metrics."""
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class Job:
     artifacts: list  # names
     files_deleted: bool
     history: list
-    digests: dict  # artifact name -> {"sha256", "size"} (rows written before issue 26 have none)
+    digests: dict  # artifact name -> {"sha256", "size"} (rows written before artifacts were checksummed have none)
 
     @classmethod
     def of(cls, row: JobRow) -> Job:

@@ -54,33 +54,52 @@ def check_job(**kwargs) -> dict:
     return res
 
 
+class _Refused(Exception):
+    """A check's refusal, raised by a step and answered as ``_fail``'s dict by ``_check_job``."""
+
+    def __init__(self, field: str, code: str, message: str):
+        super().__init__(message)
+        self.answer = _fail(field, code, message)
+
+
 def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: str, evaluation: str | None,
-              config: dict, limits: dict, sample: int, labels: str | None = None,
-              worker_memory_bytes: int = 0, preprocess_given: list[str] | None = None) -> dict:
+               config: dict, limits: dict, sample: int, labels: str | None = None,
+               worker_memory_bytes: int = 0, preprocess_given: list[str] | None = None) -> dict:
     """The job's inputs, checked as the worker will use them; ``arch`` PROGRAM: ``model`` is a
     torch.export program, converted here as calibration will convert it (so an unsupported
     graph is a 422 now, not a failed job later). Returns ok, counts and num_classes, and for a
     program with a fixed square input where ``preprocess_given`` (the config.preprocess fields the
     user set) lacks resize/crop, ``preprocess``: the config's preprocessing with the program's size."""
-    import torch
-
     from clcalib.config import CalibConfig
-    from clcalib.data import (
-        TENSOR_SUFFIXES,
-        DataError,
-        ImageSource,
-        Limits,
-        check_set_bytes,
-        decoded,
-        load_tensor_file,
-    )
-    from clcalib.errors import ModelMismatchError
-    from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.data import Limits
 
     cfg = CalibConfig.model_validate(config)
     lim = Limits(**limits)
+    try:
+        # 1. the weights fit the arch, or the program is one we read safely
+        program, net, num_classes, cfg, preprocess_note = _model(model, arch, num_classes, cfg, preprocess_given)
+        # 2. the calibration data is readable, non-empty, and decodes (a seeded sample of it)
+        count, x = _calibration(calibration, cfg, lim, sample)
+        # 3. the model runs on it, in the worker's memory, and a program converts to units
+        probe_s, peak = _model_runs(net, program, arch, num_classes, x, count, cfg, worker_memory_bytes)
+        if program is not None:
+            _program_converts(program, cfg, x)
+        # 4. the evaluation set: class folders that fit num_classes, decodable, same size
+        n_eval = 0 if evaluation is None else _evaluation(evaluation, labels, cfg, lim, sample, num_classes, x)
+    except _Refused as r:
+        return r.answer
+    out = {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
+           "estimated_peak_bytes": peak["total"], "work_s": _work_s(cfg, probe_s, len(x[:2]), min(count, cfg.calib_size))}
+    if preprocess_note is not None:
+        out["preprocess"] = cfg.preprocess.model_dump(mode="json")
+    return out
 
-    # 1. the weights fit the arch, or the program is one we read safely
+
+def _model(model: str, arch: str, num_classes: int | None, cfg, preprocess_given: list[str] | None):
+    """(program or None, the nn.Module, num_classes, the config, the program's preprocessing note)."""
+    from clcalib.errors import ModelMismatchError
+    from clcalib.graph.registry import build_model, read_state_dict
+
     program = preprocess_note = None
     try:
         if arch == PROGRAM:
@@ -97,51 +116,63 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
             try:
                 pre, preprocess_note = preprocess_for_program(program, cfg.preprocess, set(preprocess_given or []))
             except UnsupportedModel as e:
-                return _fail("model", "unsupported_model", str(e))
+                raise _Refused("model", "unsupported_model", str(e)) from None
             if preprocess_note is not None:
                 cfg = cfg.model_copy(update={"preprocess": pre})
         else:
             net = build_model(arch, num_classes, read_state_dict(model))
     except ModelMismatchError as e:
-        return _fail("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", ""))
+        raise _Refused("model", "model_mismatch", str(e).replace(str(Path(model).parent) + "/", "")) from None
+    return program, net, num_classes, cfg, preprocess_note
 
-    # 2. the calibration data is readable, non-empty, and decodes (a seeded sample of it)
-    def images(path: str, role: str, used: int | None = None):
-        """(names, the first two sampled images): every header read, a seeded sample decoded
-        one at a time (memory: two images and the one being decoded, whatever the sample size),
-        and a set the worker will stack (``used`` images of it: the calibration set) held to its
-        memory budget."""
-        src = ImageSource(path, lim)
-        try:
-            names = src.names
-            pick = sorted(random.Random(0).sample(names, min(sample, len(names))))
-            chosen = set(pick)
-            for n in names:  # every image's header: readable, under the pixel cap
-                if n not in chosen:
-                    _header(src, n, lim.max_image_pixels, DataError)
-            kept: list = []
-            for t in decoded(src, pick, cfg.preprocess):
-                if len(kept) < 2:
-                    kept.append(t)
-            if used is not None:  # the calibration set is held in memory; evaluation streams in batches
-                check_set_bytes(role, min(len(names), used), tuple(kept[0].shape), lim)
-            return names, torch.stack(kept)
-        finally:
-            src.close()
+
+def _images(path: str, role: str, cfg, lim, sample: int, used: int | None = None):
+    """(names, the first two sampled images): every header read, a seeded sample decoded
+    one at a time (memory: two images and the one being decoded, whatever the sample size),
+    and a set the worker will stack (``used`` images of it: the calibration set) held to its
+    memory budget."""
+    import torch
+
+    from clcalib.data import DataError, ImageSource, check_set_bytes, decoded
+
+    src = ImageSource(path, lim)
+    try:
+        names = src.names
+        pick = sorted(random.Random(0).sample(names, min(sample, len(names))))
+        chosen = set(pick)
+        for n in names:  # every image's header: readable, under the pixel cap
+            if n not in chosen:
+                _header(src, n, lim.max_image_pixels, DataError)
+        kept: list = []
+        for t in decoded(src, pick, cfg.preprocess):
+            if len(kept) < 2:
+                kept.append(t)
+        if used is not None:  # the calibration set is held in memory; evaluation streams in batches
+            check_set_bytes(role, min(len(names), used), tuple(kept[0].shape), lim)
+        return names, torch.stack(kept)
+    finally:
+        src.close()
+
+
+def _calibration(calibration: str, cfg, lim, sample: int):
+    """(the number of calibration images, a sample of them)."""
+    from clcalib.data import TENSOR_SUFFIXES, DataError, load_tensor_file
 
     try:
         if Path(calibration).suffix in TENSOR_SUFFIXES:
             x = load_tensor_file(Path(calibration))
-            count = len(x)
-            x = x[:sample]
-        else:
-            names, x = images(calibration, "calibration", used=cfg.calib_size)
-            count = len(names)
+            return len(x), x[:sample]
+        names, x = _images(calibration, "calibration", cfg, lim, sample, used=cfg.calib_size)
+        return len(names), x
     except DataError as e:
-        return _fail("calibration", "bad_data", _strip(str(e), calibration, "calibration"))
+        raise _Refused("calibration", "bad_data", _strip(str(e), calibration, "calibration")) from None
 
-    # 3. the model runs on it
+
+def _model_runs(net, program, arch: str, num_classes: int, x, count: int, cfg, worker_memory_bytes: int):
+    """(seconds of a forward pass over two images, the worker's estimated peak memory)."""
     import time
+
+    import torch
 
     from clcalib.memory_estimate import activation_bytes, estimate_peak
 
@@ -160,88 +191,86 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
                 c, h, w = want
                 flags = (f"config.preprocess resize {h} and crop {h} (clcalib submit --resize {h} --crop {h})"
                          if h == w else f"images of {h}x{w} pixels (a tensor upload, .npy or .safetensors)")
-                return _fail("calibration", "model_cannot_run",
-                             f"the model takes images of {c}x{h}x{w}, the calibration data comes out as "
-                             f"{'x'.join(map(str, x.shape[1:]))} with config.preprocess; send {flags}"
-                             + ("" if want[0] == x.shape[1] else f", and {c}-channel images"))
-        return _fail("calibration", "model_cannot_run",
-                     f"{arch} cannot run on the calibration data of shape {tuple(x.shape[1:])} ({msg}); "
-                     "check config.preprocess and the image channels")
+                raise _Refused("calibration", "model_cannot_run",
+                               f"the model takes images of {c}x{h}x{w}, the calibration data comes out as "
+                               f"{'x'.join(map(str, x.shape[1:]))} with config.preprocess; send {flags}"
+                               + ("" if want[0] == x.shape[1] else f", and {c}-channel images")) from None
+        raise _Refused("calibration", "model_cannot_run",
+                       f"{arch} cannot run on the calibration data of shape {tuple(x.shape[1:])} ({msg}); "
+                       "check config.preprocess and the image channels") from None
     if tuple(y.shape) != (min(2, len(x)), num_classes):
-        return _fail("model", "model_mismatch",
-                     f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
+        raise _Refused("model", "model_mismatch",
+                       f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
     peak = estimate_peak(weight_bytes=sum(p.numel() * 4 for p in net.parameters()), image_bytes=x[0].numel() * 4,
                          images=min(count, cfg.calib_size), batch_size=cfg.batch_size,
                          largest_activation=largest, activations=activations)
     if worker_memory_bytes and peak["total"] > worker_memory_bytes:
         gib = {k: f"{v / 2**30:.1f}" for k, v in peak.items()}
-        return _fail("calibration", "too_much_memory",
-                     f"this job would need about {gib['total']} GiB in the worker (calibration set {gib['calibration set']}, "
-                     f"cached activations {gib['unit caches']}, one batch {gib['batch']}, model and libraries "
-                     f"{gib['base']} GiB) for images of {tuple(x.shape[1:])}; the worker's memory cap is "
-                     f"{worker_memory_bytes / 2**30:.1f} GiB (CLCALIB_WORKER_MEMORY_BYTES). Use a smaller "
-                     "config.preprocess.resize/crop, fewer images (config.calib_size) or config.batch_size")
-    if program is not None:  # the graph converts (units, supported ops) before a worker spends time
-        from clcalib.config import Partition
-        from clcalib.graph.partition import QuantModel, QuantSpec
+        raise _Refused("calibration", "too_much_memory",
+                       f"this job would need about {gib['total']} GiB in the worker (calibration set {gib['calibration set']}, "
+                       f"cached activations {gib['unit caches']}, one batch {gib['batch']}, model and libraries "
+                       f"{gib['base']} GiB) for images of {tuple(x.shape[1:])}; the worker's memory cap is "
+                       f"{worker_memory_bytes / 2**30:.1f} GiB (CLCALIB_WORKER_MEMORY_BYTES). Use a smaller "
+                       "config.preprocess.resize/crop, fewer images (config.calib_size) or config.batch_size")
+    return probe_s, peak
 
+
+def _program_converts(program, cfg, x) -> None:
+    """The graph converts (units, supported ops), and exports when asked, before a worker spends time."""
+    from clcalib.config import ExportFormat, Partition
+    from clcalib.errors import ExportError, ModelMismatchError
+    from clcalib.graph.partition import QuantModel, QuantSpec
+
+    try:
+        qm = QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
+    except ModelMismatchError as e:
+        raise _Refused("model", "unsupported_model", str(e)) from None
+    except Exception as e:  # a form clcalib does not handle: a refusal by name, never a 500 that says retry
+        raise _Refused("model", "unsupported_model", f"clcalib cannot convert this model ({_first_line(e)}); "
+                       "this is a limit of clcalib, not of the file, and retrying will not help") from None
+    if ExportFormat.ONNX not in cfg.export:
+        return
+    from clcalib.export.onnx_qdq import build_onnx
+
+    try:  # every op has a translation: known now, not after calibration
         try:
-            qm = QuantModel(program, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH)
-        except ModelMismatchError as e:
-            return _fail("model", "unsupported_model", str(e))
-        except Exception as e:  # a form clcalib does not handle: a refusal by name, never a 500 that says retry
-            return _fail("model", "unsupported_model", f"clcalib cannot convert this model ({_first_line(e)}); "
-                         "this is a limit of clcalib, not of the file, and retrying will not help")
-        from clcalib.config import ExportFormat
+            build_onnx(qm, (1, *x.shape[1:]), quantized=False)
+        except ExportError:
+            raise
+        except Exception as e:  # an exporter bug on this form: the same refusal, named
+            raise ExportError(f"the exporter failed on this model ({_first_line(e)})") from None
+    except ExportError as e:
+        raise _Refused("config", "unsupported_export",
+                       f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave "
+                       "\"onnx\" out of config.export to calibrate it and download the checkpoint") from None
 
-        if ExportFormat.ONNX in cfg.export:  # every op has a translation: known now, not after calibration
-            from clcalib.errors import ExportError
-            from clcalib.export.onnx_qdq import build_onnx
 
+def _evaluation(evaluation: str, labels: str | None, cfg, lim, sample: int, num_classes: int, x) -> int:
+    """The number of evaluation images."""
+    from clcalib.data import DataError, class_names_to_indices, class_of, read_labels
+
+    try:
+        names_in_order = None
+        if labels is not None:
             try:
-                try:
-                    build_onnx(qm, (1, *x.shape[1:]), quantized=False)
-                except ExportError:
-                    raise
-                except Exception as e:  # an exporter bug on this form: the same refusal, named
-                    raise ExportError(f"the exporter failed on this model ({_first_line(e)})") from None
-            except ExportError as e:
-                return _fail("config", "unsupported_export",
-                             f"the model cannot be exported to ONNX, which config.export asks: {e}. Leave "
-                             "\"onnx\" out of config.export to calibrate it and download the checkpoint")
-
-    # 4. the evaluation set: class folders that fit num_classes, decodable, same size
-    n_eval = 0
-    if evaluation is not None:
-        from clcalib.data import class_names_to_indices, class_of, read_labels
-
-        try:
-            names_in_order = None
-            if labels is not None:
-                try:
-                    names_in_order = read_labels(labels)
-                except DataError as e:
-                    return _fail("labels", "bad_data", _strip(str(e), f"labels file {labels}", "the labels file"))
-            names, ex = images(evaluation, "evaluation")
-            try:
-                index = class_names_to_indices(class_of(names), names_in_order)
+                names_in_order = read_labels(labels)
             except DataError as e:
-                return _fail("labels" if names_in_order is not None else "evaluation", "bad_data",
-                             _strip(str(e), evaluation, "evaluation"))
-            if max(index.values()) >= num_classes:
-                raise DataError(f"class folders map to index {max(index.values())} but the model has "
-                                f"num_classes={num_classes}")
-            if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
-                raise DataError(f"images come out as {tuple(ex.shape[1:])}, the calibration images as "
-                                f"{tuple(x.shape[1:])}; both use config.preprocess")
-            n_eval = len(names)
+                raise _Refused("labels", "bad_data", _strip(str(e), f"labels file {labels}", "the labels file")) from None
+        names, ex = _images(evaluation, "evaluation", cfg, lim, sample)
+        try:
+            index = class_names_to_indices(class_of(names), names_in_order)
         except DataError as e:
-            return _fail("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation"))
-    out = {"ok": True, "calibration_count": count, "evaluation_count": n_eval, "num_classes": num_classes,
-           "estimated_peak_bytes": peak["total"], "work_s": _work_s(cfg, probe_s, len(x[:2]), min(count, cfg.calib_size))}
-    if preprocess_note is not None:
-        out["preprocess"] = cfg.preprocess.model_dump(mode="json")
-    return out
+            raise _Refused("labels" if names_in_order is not None else "evaluation", "bad_data",
+                           _strip(str(e), evaluation, "evaluation")) from None
+        if max(index.values()) >= num_classes:
+            raise DataError(f"class folders map to index {max(index.values())} but the model has "
+                            f"num_classes={num_classes}")
+        if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
+            raise DataError(f"images come out as {tuple(ex.shape[1:])}, the calibration images as "
+                            f"{tuple(x.shape[1:])}; both use config.preprocess")
+        return len(names)
+    except DataError as e:
+        raise _Refused("evaluation", "bad_data", _strip(str(e), evaluation, "evaluation")) from None
 
 
 def _work_s(cfg, probe_s: float, probed: int, images: int) -> float:

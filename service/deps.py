@@ -137,6 +137,12 @@ async def get_owned_job(
     tenant: Tenant,
     store: Annotated[Store, Depends(get_store)],
 ) -> Job:
+    return await owned_job(store, job_id, tenant)
+
+
+async def owned_job(store: Store, job_id: str, tenant: str) -> Job:
+    """The job, when ``tenant`` owns it; else 404, the same for a job that does not exist (the
+    owner compared in constant time). The API's dependency above and the web page both use it."""
     job = await store_get(store, job_id) if job_id.isalnum() else None
     if job is None or not hmac.compare_digest(job.owner.encode(), tenant.encode()):
         raise not_found()

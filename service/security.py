@@ -1,4 +1,4 @@
-"""The web page's defences against a hostile site and a hostile tenant (issue 24, items 3 and 4):
+"""The web page's defences against a hostile site and a hostile tenant:
 framing, cross-site requests, DNS rebinding, a session cookie that is not the API key, and a
 rate limit on sign-in. Installed by ``create_app`` with ``add_security(app)``.
 
@@ -348,6 +348,30 @@ class SecurityMiddleware:
             return _refusal(403, "csrf_failed", f"missing or wrong {CSRF_HEADER} header: the web page sends its "
                             "session's token; reload the page (a program sends Authorization: Bearer <key>)")
         return None
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address or the name ``localhost``: the one rule for whom keyless mode serves
+    (the app's clients) and where it listens (``clcalib serve``'s bind address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_loopback_only(app) -> None:
+    """Keyless mode: whatever the bind address, only loopback clients are served."""
+
+    @app.middleware("http")
+    async def _loopback_only(request: Request, call_next):
+        host = request.client.host if request.client else ""
+        if not (is_loopback(host) or host == "testclient"):  # Starlette's in-process TestClient, never a socket
+            body = ErrorBody(detail="this clcalib server has no API keys configured "
+                             "(CLCALIB_API_KEYS) and only serves loopback clients", code="loopback_only")
+            return JSONResponse(body.model_dump(exclude_none=True), status_code=403)
+        return await call_next(request)
 
 
 def add_security(app, settings) -> None:

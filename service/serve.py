@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -14,17 +13,9 @@ import time
 
 from jobs.settings import Settings, get_settings
 from service.connections import protocol
+from service.security import is_loopback
 
 log = logging.getLogger("clcalib.service")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _set_pdeathsig() -> None:  # the local worker dies with serve, even on SIGKILL
@@ -82,7 +73,7 @@ def serve(*, host: str | None = None, port: int | None = None, worker: bool | No
     s = settings or get_settings()
     host = host or s.host
     port = s.port if port is None else port
-    if not s.api_keys and not _loopback(host):
+    if not s.api_keys and not is_loopback(host):
         log.warning("no API keys configured (CLCALIB_API_KEYS): refusing to listen on %s; "
                     "listening on 127.0.0.1 only", host)
         host = "127.0.0.1"

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from clcalib.config import CalibConfig, ExportTarget, Method
 from jobs.states import State
-from service.deps import LOCAL_TENANT, StoreDep, store_get, tenant_of
+from service.deps import LOCAL_TENANT, StoreDep, owned_job, tenant_of
 from service.errors import ApiError
 from service.schemas import JobOut
 from service.security import (
@@ -122,9 +122,7 @@ async def job_page(request: Request, job_id: str, store: StoreDep):
     tenant = _tenant(request)
     if tenant is None:
         return RedirectResponse("/", status_code=303)
-    job = await store_get(store, job_id) if job_id.isalnum() else None
-    if job is None or job.owner != tenant:
-        raise ApiError(404, "not_found", "no such job (or it belongs to another tenant)")
+    job = await owned_job(store, job_id, tenant)
     return _page(request, "job.html.j2", tenant=tenant, job=JobOut.of(job))
 
 

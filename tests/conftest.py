@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.fmnist import REFERENCE, require_dataset, split
+from clcalib.testing import REFERENCE, require_dataset, split
 
 
 @pytest.fixture(autouse=True, scope="session")

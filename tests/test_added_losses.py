@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import clcalib.recon.added_losses as al
-from bench.fmnist import REFERENCE, split
 from clcalib import calibrate
 from clcalib.config import CalibConfig
 from clcalib.contrastive import contrastive_loss, embed, pool
@@ -17,6 +16,7 @@ from clcalib.graph.tail import fp_tail
 from clcalib.quant.switch import observing
 from clcalib.recon.engine import UnitContext
 from clcalib.recon.prediction_difference import pd_loss
+from clcalib.testing import REFERENCE, split
 
 SMALL = {"iters": 3, "calib_size": 64, "batch_size": 16, "w_bits": 2, "a_bits": 4, "device": "cpu"}
 

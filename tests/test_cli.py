@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bench.fmnist import REFERENCE, calibration_indices, write_zip
 from clcalib.config import CalibConfig
+from clcalib.testing import REFERENCE, calibration_indices, write_zip
 
 WEIGHTS = REFERENCE / "fmnist_resnet18.safetensors"
 FMNIST_PRE = ["--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353"]

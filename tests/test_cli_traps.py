@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from test_cli import FMNIST_PRE, WEIGHTS, clcalib
 
-from bench.fmnist import calibration_indices, write_zip
+from clcalib.testing import calibration_indices, write_zip
 
 # Fashion-MNIST's classes in the model's index order; sorted, they come in another order
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle-boot"]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.fmnist import png, split
 from clcalib import ConfigError, DataError, calibrate
 from clcalib.config import Preprocess
 from clcalib.data import (
@@ -19,6 +18,7 @@ from clcalib.data import (
     load_labeled,
     load_tensor_file,
 )
+from clcalib.testing import png, split
 
 PRE = Preprocess(resize=None, crop=None, mean=(0.286,) * 3, std=(0.353,) * 3)
 

@@ -15,7 +15,6 @@ import torchvision
 from torch import nn
 
 import clcalib
-from bench.fmnist import REFERENCE, calibration_indices, write_zip
 from clcalib.config import CalibConfig, Partition
 from clcalib.errors import ExportError, UnsupportedModel
 from clcalib.export.checkpoint import load_quantized, save_quantized
@@ -24,6 +23,7 @@ from clcalib.graph.program import BadProgram, check_archive, program_from_bytes,
 from clcalib.graph.registry import ARCHS, build_model
 from clcalib.metrics import predict
 from clcalib.quant.switch import quantization
+from clcalib.testing import REFERENCE, calibration_indices, write_zip
 
 SPEC = QuantSpec.from_config(CalibConfig())
 

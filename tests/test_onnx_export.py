@@ -22,7 +22,6 @@ from test_cli import WEIGHTS, clcalib
 from torch import nn
 
 import clcalib as lib
-from bench.fmnist import PREPROCESS, calibration_indices, split
 from clcalib.errors import ExportError
 from clcalib.export import load_quantized, read_header, save_quantized
 from clcalib.export.onnx_check import check_onnx, onnx_predict
@@ -30,6 +29,7 @@ from clcalib.export.onnx_qdq import build_onnx, export_onnx
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import agreement
 from clcalib.quant.activation import ActQuantizer
+from clcalib.testing import PREPROCESS, calibration_indices, split
 
 SHAPE = (1, 3, 28, 28)
 
@@ -225,7 +225,7 @@ def test_forms_the_exporter_does_not_translate_are_refused_by_name():
 
 
 def test_cli_export_checks_against_a_labeled_folder(calibrated, tmp_path):
-    from bench.fmnist import write_zip
+    from clcalib.testing import write_zip
 
     ev = write_zip(tmp_path / "eval.zip", "t10k", range(300), by_class=True)
     r = clcalib("export", "--checkpoint", calibrated["ckpt"], "--out", tmp_path / "m.onnx", "--eval", ev, "--json")

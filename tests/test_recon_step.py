@@ -78,7 +78,7 @@ def _same_model(a, b, what: str) -> None:
     assert [u.loss_after for u in a.units] == [u.loss_after for u in b.units]
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_issue16.sh)")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_speed.sh)")
 
 
 @CUDA

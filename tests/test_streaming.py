@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench.fmnist import write_zip
 from clcalib.config import Preprocess
 from clcalib.data import LabeledSet, Limits, load_labeled
 from clcalib.errors import DataError
 from clcalib.metrics import predict
+from clcalib.testing import write_zip
 
 N = 4000
 LIMIT = 1 << 30
@@ -90,9 +90,9 @@ def test_calibrate_takes_a_dataloader_of_image_label_pairs():
 def test_an_exported_run_reads_the_evaluation_set_twice_not_three_times(tmp_path, monkeypatch):
     # once for the FP model before calibrating, once for the quantized model and ONNX Runtime
     # together (a large set costs minutes per decode)
-    from bench.fmnist import PREPROCESS, REFERENCE
     from clcalib.config import CalibConfig
     from clcalib.pipeline import run_calibration
+    from clcalib.testing import PREPROCESS, REFERENCE
 
     reads = []
     batches = LabeledSet.batches

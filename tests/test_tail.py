@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from clcalib.config import Partition
+from clcalib.errors import UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
 from clcalib.graph.tail import _trace, fp_head, fp_tail
@@ -134,5 +135,20 @@ def test_a_tail_that_needs_an_earlier_value_is_refused():
     with torch.no_grad(), quantization(qm, False):
         ref = qm(x)
         assert torch.allclose(fp_tail(qm, 0)(qm.model.conv1(x)), ref, atol=1e-6)
-    with pytest.raises(NotImplementedError, match="conv1.*computed before the unit"):
+    with pytest.raises(UnsupportedModel, match="conv1.*computed before the unit.*use partition 'graph'"):
         fp_tail(qm, 1)
+
+
+def test_pdquant_on_a_model_without_a_unit_tail_is_an_error_of_the_tree_saying_what_to_change():
+    """Reachable through the library API only: the CLI and the worker take registry architectures
+    (whose tails exist) or programs, which partition=modules refuses and partition=graph splits
+    with such skips inside a unit."""
+    import clcalib
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    config = {"method": "pdquant", "partition": "modules", "iters": 2, "calib_size": 16, "batch_size": 8, "device": "cpu"}
+    with pytest.raises(clcalib.CalibrationError, match="not a function of the unit's output alone.*use partition 'graph'"):
+        clcalib.calibrate(_Skip().eval(), x, config)
+    config["partition"] = "graph"  # what the message advises: the skip is inside a unit
+    assert clcalib.calibrate(_Skip().eval(), x, config).model is not None

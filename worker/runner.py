@@ -62,6 +62,12 @@ class Heartbeat:
         with self._lock:
             self._progress = p
 
+    @property
+    def progress(self) -> dict | None:
+        """The last progress set (what the next beat sends, or sent)."""
+        with self._lock:
+            return self._progress
+
     def beat(self) -> None:
         with self._lock:
             p = self._progress
@@ -165,8 +171,8 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
                 store.mark_files_deleted(job_id)
         log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
         return "stopped"
-    final = dict(hb._progress or {}, stage="done" if state == State.SUCCEEDED else (hb._progress or {}).get("stage", "prepare"),
-                 attempt=attempt)
+    last = hb.progress or {}
+    final = dict(last, stage="done" if state == State.SUCCEEDED else last.get("stage", "prepare"), attempt=attempt)
     ok = store.finish(job_id, attempt, state, error=error,
                       metrics=(report or {}).get("metrics") if state == State.SUCCEEDED else None,
                       artifacts=artifacts if state == State.SUCCEEDED else [], progress=final)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["FORMAT", "Storage", "load_quantized", "pack_bits", "read_header", "save_quantized", "unpack_bits",
+__all__ = ["FORMAT", "ModelSize", "load_quantized", "pack_bits", "read_header", "save_quantized", "unpack_bits",
            "versions"]
 
 

@@ -55,7 +55,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 @dataclass
-class Storage:
+class ModelSize:
+    """Bytes of the checkpoint's layer tensors against the same layers in FP32 (the job data
+    folder is ``jobs.storage.Storage``)."""
+
     quantized_bytes: int
     fp32_bytes: int
 
@@ -64,7 +67,7 @@ class Storage:
         return self.fp32_bytes / max(self.quantized_bytes, 1)
 
 
-def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], Storage]:
+def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], ModelSize]:
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, list] = {}
     qbytes = fbytes = 0
@@ -83,11 +86,11 @@ def _tensors(qm: QuantModel) -> tuple[dict[str, torch.Tensor], dict[str, list], 
         elif isinstance(m, ActQuantizer) and m.initialized:
             tensors[f"{name}.a_scale"] = m.scale.detach().float().reshape(())
             tensors[f"{name}.a_zero"] = m.zero.float().reshape(())
-    return tensors, layers, Storage(qbytes, fbytes)
+    return tensors, layers, ModelSize(qbytes, fbytes)
 
 
 def save_quantized(qm: QuantModel, path: str | Path, *, arch: str, num_classes: int, config: CalibConfig,
-                   input_shape: tuple[int, ...], extra: dict | None = None) -> Storage:
+                   input_shape: tuple[int, ...], extra: dict | None = None) -> ModelSize:
     """Write the checkpoint atomically. ``extra`` (metrics, hashes, ...) goes into the header."""
     tensors, layers, storage = _tensors(qm)
     graph = {}
@@ -238,20 +241,18 @@ def _load_tensors(path, header: dict, mods: dict) -> None:
             m = mods.get(name)
             if not isinstance(m, QuantLayer) or list(m.weight.shape) != shape or m.wq.bits != bits:
                 raise ExportError(f"{path}: layer {name} does not match {header['arch']} as rebuilt; the file is damaged or from another version")
-            m.wq.scale = _shaped(f.get_tensor(f"{name}.w_scale"), m.wq.scale.shape, f"{name}.w_scale")
-            m.wq.zero = _integers(_shaped(f.get_tensor(f"{name}.w_zero"), m.wq.zero.shape, f"{name}.w_zero").float(),
-                                  bits, f"{name}.w_zero")
-            m.wq.q = unpack_bits(f.get_tensor(f"{name}.qweight"), bits, int(np.prod(shape))).reshape(shape)
-            m.wq.state = WState.INT
+            scale = _shaped(f.get_tensor(f"{name}.w_scale"), m.wq.scale.shape, f"{name}.w_scale")
+            zero = _integers(_shaped(f.get_tensor(f"{name}.w_zero"), m.wq.zero.shape, f"{name}.w_zero").float(),
+                             bits, f"{name}.w_zero")
+            m.wq.load_codes(unpack_bits(f.get_tensor(f"{name}.qweight"), bits, int(np.prod(shape))).reshape(shape),
+                            scale, zero)
             m.bias = f.get_tensor(f"{name}.bias")
             m.weight = m.wq(m.weight)  # FP slot holds the dequantized weight: nothing FP survives
         for name, m in mods.items():
             if isinstance(m, ActQuantizer) and f"{name}.a_scale" in keys:
-                with torch.no_grad():
-                    m.scale.copy_(_shaped(f.get_tensor(f"{name}.a_scale"), (), f"{name}.a_scale"))
-                    m.zero.copy_(_integers(_shaped(f.get_tensor(f"{name}.a_zero"), (), f"{name}.a_zero"), m.bits,
-                                           f"{name}.a_zero"))
-                m.initialized = True
+                m.load_range(_shaped(f.get_tensor(f"{name}.a_scale"), (), f"{name}.a_scale"),
+                             _integers(_shaped(f.get_tensor(f"{name}.a_zero"), (), f"{name}.a_zero"), m.bits,
+                                       f"{name}.a_zero"))
 
 
 def _shaped(t: torch.Tensor, shape, name: str) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from clcalib.errors import ExportError
-from clcalib.export.onnx_qdq import Value, _adaptive_avg_pool, _flatten, _mean
-from clcalib.export.onnx_qdq import _add as _add_tensors
+from clcalib.export.onnx_ops import Value, adaptive_avg_pool, flatten, mean
+from clcalib.export.onnx_ops import add as _add_tensors
 
 aten = torch.ops.aten
 
@@ -67,7 +67,7 @@ def _binary(op_type: str):
 
 
 def _add(g, a, b, *, hint: str) -> Value:
-    """Two tensors: the residual add integer kernels take (onnx_qdq._add); sizes or a constant: Add."""
+    """Two tensors: the residual add integer kernels take (onnx_ops.add); sizes or a constant: Add."""
     if type(a) is Value and type(b) is Value:
         return _add_tensors(g, a, b, hint=hint)
     return _binary("Add")(g, a, b, hint=hint)
@@ -482,8 +482,8 @@ ATEN_FUNCTIONS = {
     aten.relu.default: lambda g, x, *, hint: g.relu(x, hint), aten.hardtanh.default: _hardtanh,
     aten.silu.default: _silu, aten.gelu.default: _gelu, aten.sigmoid.default: _unary("Sigmoid"),
     aten.tanh.default: _unary("Tanh"), aten.hardswish.default: _unary("HardSwish"),
-    aten.max_pool2d.default: _max_pool, aten.adaptive_avg_pool2d.default: _adaptive_avg_pool,
-    aten.mean.dim: _mean, aten.flatten.using_ints: _flatten,
+    aten.max_pool2d.default: _max_pool, aten.adaptive_avg_pool2d.default: adaptive_avg_pool,
+    aten.mean.dim: mean, aten.flatten.using_ints: flatten,
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten.sym_size.int: _size,
     aten.reshape_as.default: lambda g, x, other, *, hint: Value(
         g.op("Reshape", [x.name, g.op("Shape", [other.name], hint + ".shape")], hint)),
@@ -493,7 +493,7 @@ ATEN_FUNCTIONS = {
     aten.clone.default: lambda g, x, memory_format=None, *, hint: x,
     aten.layer_norm.default: _layer_norm, aten.scaled_dot_product_attention.default: _sdpa,
     aten.softmax.int: _softmax,
-    # issue 30 (timm's zoo): ResNet-D's average-pool shortcut, GhostNet's in-place channel slices,
+    # timm's zoo (bench/zoo.py): ResNet-D's average-pool shortcut, GhostNet's in-place channel slices,
     # timm attention's unbind, MobileViT's split, PoolFormer's GroupNorm, DenseNet's lone BatchNorm
     aten.avg_pool2d.default: _avg_pool, aten.slice_scatter.default: _slice_scatter, aten.copy.default: _copy,
     aten.unbind.int: _unbind, aten.split.Tensor: _split, aten.split_with_sizes.default: _split_with_sizes,

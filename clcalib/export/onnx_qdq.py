@@ -39,9 +39,19 @@ from torch import fx, nn
 
 from clcalib.config import MAX_BITS, MIN_BITS
 from clcalib.errors import ExportError, UnsupportedModel
+from clcalib.export.onnx_aten import ATEN_FUNCTIONS
+from clcalib.export.onnx_ops import (
+    Value,
+    adaptive_avg_pool,
+    add,
+    flatten,
+    mean,
+    no_training,
+    pool_is_global,
+)
 from clcalib.export.profiles import DEFAULT, Profile, profile
+from clcalib.graph.attrs import fetch_attr
 from clcalib.graph.trace import trace
-from clcalib.graph.units import fetch_attr
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.quant.primitives import qmax_of, widen_to_8bit
@@ -50,16 +60,6 @@ from clcalib.quant.weight import WState
 
 OPSET = 21  # the first opset with INT4/UINT4 in QuantizeLinear/DequantizeLinear
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-@dataclass(frozen=True)
-class Value:
-    """An ONNX tensor name; ``dq``: a DequantizeLinear produced it (integer kernels can take it);
-    ``nonnegative``: its zero point is 0, so the value is >= 0 and a ReLU on it is a no-op."""
-
-    name: str
-    dq: bool = False
-    nonnegative: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,11 +281,7 @@ def _check_bits(bits: int, where: str) -> None:
                           f"{MIN_BITS} to {MAX_BITS} bits")
 
 
-# --- the op tables: fx node -> ONNX -----------------------------------------------------------
-def _pool_is_global(size) -> bool:
-    return size in (1, (1, 1), [1, 1])
-
-
+# --- the op tables: fx node -> ONNX (the ops shared with onnx_aten's table are in onnx_ops) ----
 def _module(g: _Graph, m: nn.Module, args: list, hint: str) -> Value:
     x = args[0]
     if isinstance(m, QuantLayer):
@@ -300,52 +296,20 @@ def _module(g: _Graph, m: nn.Module, args: list, hint: str) -> Value:
         k, s, p, d = (torch.nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
         return Value(g.op("MaxPool", [x.name], hint, kernel_shape=list(k), strides=list(s), pads=list(p) * 2,
                           dilations=list(d), ceil_mode=int(m.ceil_mode)))
-    if isinstance(m, nn.AdaptiveAvgPool2d) and _pool_is_global(m.output_size):
+    if isinstance(m, nn.AdaptiveAvgPool2d) and pool_is_global(m.output_size):
         return Value(g.op("GlobalAveragePool", [x.name], hint))
     if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
         return Value(g.op("Flatten", [x.name], hint, axis=1))
     raise ExportError(f"{hint}: module {type(m).__name__} has no ONNX export here")
 
 
-def _flatten(g: _Graph, x: Value, start_dim=0, end_dim=-1, *, hint: str) -> Value:
-    if start_dim != 1 or end_dim != -1:
-        raise ExportError(f"{hint}: flatten({start_dim}, {end_dim}) is not exported; only flatten(x, 1)")
-    return Value(g.op("Flatten", [x.name], hint, axis=1))
-
-
-def _add(g: _Graph, a: Value, b: Value, *, hint: str) -> Value:
-    if not (isinstance(a, Value) and isinstance(b, Value)):
-        raise ExportError(f"{hint}: add with a constant is not exported")
-    a, b = g.integer_input(a, hint), g.integer_input(b, hint)
-    return Value(g.op("Add", [a.name, b.name], hint))
-
-
-def _mean(g: _Graph, x: Value, dim=None, keepdim=False, *, hint: str) -> Value:
-    if dim is None:
-        raise ExportError(f"{hint}: mean over all dimensions is not exported; give the dims")
-    axes = g.const(hint + ".axes", np.array([dim] if isinstance(dim, int) else list(dim), np.int64))
-    return Value(g.op("ReduceMean", [x.name, axes], hint, keepdims=int(keepdim)))
-
-
-def _no_training(x: Value, training: bool, hint: str) -> Value:
-    if training:
-        raise ExportError(f"{hint}: dropout in training mode is random; export the model in eval mode")
-    return x
-
-
-def _adaptive_avg_pool(g: _Graph, x: Value, size, *, hint: str) -> Value:
-    if not _pool_is_global(size):
-        raise ExportError(f"{hint}: adaptive_avg_pool2d to {size} is not exported; only to 1x1")
-    return Value(g.op("GlobalAveragePool", [x.name], hint))
-
-
 _FUNCTIONS = {
-    operator.add: _add, operator.iadd: _add, torch.add: _add,
-    torch.flatten: _flatten, F.adaptive_avg_pool2d: _adaptive_avg_pool,
+    operator.add: add, operator.iadd: add, torch.add: add,
+    torch.flatten: flatten, F.adaptive_avg_pool2d: adaptive_avg_pool,
     F.relu: lambda g, x, inplace=False, *, hint: g.relu(x, hint),
-    F.dropout: lambda g, x, p=0.5, training=True, inplace=False, *, hint: _no_training(x, training, hint),
+    F.dropout: lambda g, x, p=0.5, training=True, inplace=False, *, hint: no_training(x, training, hint),
 }
-_METHODS = {"flatten": _flatten, "add": _add, "mean": _mean, "relu": lambda g, x, *, hint: g.relu(x, hint)}
+_METHODS = {"flatten": flatten, "add": add, "mean": mean, "relu": lambda g, x, *, hint: g.relu(x, hint)}
 
 
 def _call(fn, g: _Graph, args, kwargs, hint: str):
@@ -393,8 +357,6 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     except UnsupportedModel as e:
         raise ExportError(f"ONNX export: {e}") from None
     from torch.fx.passes.shape_prop import ShapeProp
-
-    from clcalib.export.onnx_aten import ATEN_FUNCTIONS
 
     functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
     with torch.no_grad(), quantization(model, False):  # shapes for the ops that need a rank or a head size

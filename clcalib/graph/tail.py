@@ -10,7 +10,9 @@ How: ``qmodel.model`` is traced once with torch.fx, every ``QuantUnit`` a leaf (
 QuantModel); the tail of unit k is the part of that graph that computes the output from unit
 k's call, with that call's value as its one input. A tail that needs any other earlier value (a
 skip connection around unit k that no registered block contains, or the network input) is not
-a function of the unit's output alone: NotImplementedError.
+a function of the unit's output alone: UnsupportedModel, saying which settings avoid the tail.
+Wrong arguments (an unknown ``end``, a unit index out of range) are the caller's bug:
+ValueError / IndexError.
 
 The tail shares its modules with ``qmodel`` (no copies; later changes of the model are seen),
 runs them with quantization switched off whatever the global state (``quant.switch``), with
@@ -28,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from clcalib.errors import UnsupportedModel
 from clcalib.graph.partition import QuantModel
 from clcalib.quant.layer import QuantUnit
 from clcalib.quant.switch import frozen, quantization
@@ -36,6 +39,9 @@ __all__ = ["TailEnd", "FpTail", "fp_tail", "fp_head", "apply_chunked"]
 
 TailEnd = Literal["logits", "features"]
 _ENDS = ("logits", "features")
+# what a user can change when the model has no such tail
+_AVOID = ("pdquant and cl_calib's 'fp_tail' mapping need it; use partition 'graph' (its units contain such "
+          "connections), method qdrop, or cl_calib.mapping 'pool' or 'flatten'")
 
 
 class _UnitLeafTracer(fx.Tracer):
@@ -50,25 +56,25 @@ class _Trace:
         try:
             self.graph = _UnitLeafTracer().trace(qmodel.model)
         except Exception as e:  # fx cannot trace data-dependent control flow
-            raise NotImplementedError(
+            raise UnsupportedModel(
                 f"cannot trace {type(qmodel.model).__name__} with torch.fx to find the FP remainder "
-                f"after a unit ({type(e).__name__}: {e}); use the 'pool' or 'flatten' mapping"
+                f"after a unit ({type(e).__name__}: {e}); {_AVOID}"
             ) from e
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         calls = {n.target: n for n in self.graph.nodes if n.op == "call_module"}
         missing = [name for name in qmodel.unit_names if name not in calls]
         if missing:
-            raise NotImplementedError(f"units {missing} do not appear as calls in the traced graph")
+            raise UnsupportedModel(f"units {missing} do not appear as calls in the traced graph; {_AVOID}")
         self.unit_nodes = [calls[name] for name in qmodel.unit_names]
         out = next(n for n in self.graph.nodes if n.op == "output")
         self.logits = out.args[0]
         if not isinstance(self.logits, fx.Node):
-            raise NotImplementedError(
-                f"the model must return one logits tensor, its traced output is {out.args[0]!r}"
+            raise UnsupportedModel(
+                f"the model must return one logits tensor, its traced output is {out.args[0]!r}; {_AVOID}"
             )
         last = self.unit_nodes[-1]
         if not last.args or not isinstance(last.args[0], fx.Node):
-            raise NotImplementedError(f"the final unit {last.target} does not take one tensor input")
+            raise UnsupportedModel(f"the final unit {last.target} does not take one tensor input; {_AVOID}")
         self.features = last.args[0]
         self.cache: dict[tuple, FpTail] = {}
 
@@ -127,14 +133,14 @@ def _segment(qmodel: QuantModel, tr: _Trace, start: fx.Node, stop: fx.Node, what
             continue
         if tr.order[n] < tr.order[start] and n.op != "get_attr":
             src = "the network input" if n.op == "placeholder" else f"{n.op} {n.target}"
-            raise NotImplementedError(
+            raise UnsupportedModel(
                 f"{what}: the rest of the network also uses {src}, computed before the unit, so it "
-                "is not a function of the unit's output alone; use the 'pool' or 'flatten' mapping"
+                f"is not a function of the unit's output alone; {_AVOID}"
             )
         needed.add(n)
         stack.extend(n.all_input_nodes)
     if stop is not start and not any(start in n.all_input_nodes for n in needed):
-        raise NotImplementedError(f"{what}: the output does not depend on the unit's output")
+        raise UnsupportedModel(f"{what}: the output does not depend on the unit's output; {_AVOID}")
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: g.placeholder("z")}
     for n in sorted(needed, key=tr.order.__getitem__):

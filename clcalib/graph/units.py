@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from clcalib.errors import UnsupportedModel
+from clcalib.graph.attrs import fetch_attr
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
 
@@ -72,14 +73,6 @@ class _Unit:
     block: bool
     kind: str = "UnitBody"  # the block's module class (EncoderBlock, MBConv, ...), for inspect
     layers: list[_Layer] = field(default_factory=list)
-
-
-def fetch_attr(module: nn.Module, target: str):
-    """What a get_attr node names: the attribute at a dotted path."""
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:

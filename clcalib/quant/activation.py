@@ -33,7 +33,10 @@ class ActQuantizer(nn.Module):
         self.drop: tuple[float, torch.Generator] | None = None  # QDrop during reconstruction (quant.switch)
 
     def observe(self, x: Tensor) -> None:
-        scale, zero = search_qparams(x, self.bits, per_channel=False, mse=self.search.lp, p=self.search.p)
+        self.load_range(*search_qparams(x, self.bits, per_channel=False, mse=self.search.lp, p=self.search.p))
+
+    def load_range(self, scale: Tensor, zero: Tensor) -> None:
+        """Set the step and zero point (from data, or from a checkpoint) and mark the range set."""
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero.copy_(zero)

@@ -78,6 +78,11 @@ class WeightQuantizer(nn.Module):
         self.q = quantize(w, self.scale, self.zero, self.bits)
         self.state = WState.INT
 
+    def load_codes(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
+        """Integer codes with their per-channel scale and zero point (a checkpoint's): state INT."""
+        self.scale, self.zero, self.q = scale, zero, q
+        self.state = WState.INT
+
     # --- AdaRound -------------------------------------------------------------------------
     def start_adaround(self, w: Tensor) -> None:
         self._floor = torch.floor(w / self.scale)

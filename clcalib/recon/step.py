@@ -61,6 +61,30 @@ def _adam(params: list[Tensor], lr: float | Tensor, device: torch.device, captur
     return torch.optim.Adam(params, lr=lr, capturable=capturable, **kw)
 
 
+def _rounding_optimizer(layers: list[QuantLayer], cfg: CalibConfig, device: torch.device,
+                        capturable: bool) -> torch.optim.Adam:
+    """The layers' weights switched to AdaRound's soft rounding, and Adam over its variables."""
+    for layer in layers:
+        layer.wq.start_adaround(layer.weight)
+    return _adam([layer.wq.alpha for layer in layers], cfg.lr_round, device, capturable)
+
+
+def _step_size_optimizer(scales: list[Tensor], cfg: CalibConfig, device: torch.device,
+                         capturable: bool) -> torch.optim.Adam | None:
+    """Adam over the activation step sizes, its lr a device tensor the schedule writes; None
+    when there are none or lr_act is 0."""
+    if not (scales and cfg.lr_act > 0):
+        return None
+    for p in scales:
+        p.requires_grad_(True)
+    opt = _adam(scales, cfg.lr_act, device, capturable)
+    # a tensor lr, written from the schedule on the device each step (set after the
+    # constructor, whose range check would read a tensor lr on the host)
+    # float32: CUDA's fused Adam reads a tensor lr as float
+    opt.param_groups[0]["lr"] = torch.tensor(cfg.lr_act, dtype=torch.float32, device=device)
+    return opt
+
+
 class Step:
     """Learns ``layers``' rounding (Adam, lr_round) and ``module``'s activation step sizes (Adam,
     lr_act on the schedule) so that ``module(x_q)`` matches ``y_f``. ``x_fp``: QDrop's FP inputs.
@@ -78,19 +102,9 @@ class Step:
         self.terms, self.rec_weight = terms, rec_weight
         self.stage = stage or (lambda t, idx: t[idx])
         self.schedule = Schedule(cfg, cfg.iters, device)
-        for layer in layers:
-            layer.wq.start_adaround(layer.weight)
-        self.opt_w = _adam([layer.wq.alpha for layer in layers], cfg.lr_round, device, capturable)
+        self.opt_w = _rounding_optimizer(layers, cfg, device, capturable)
         self.act_scales = [q.scale for q in module.modules() if isinstance(q, ActQuantizer) and q.initialized]
-        self.opt_a = None
-        if self.act_scales and cfg.lr_act > 0:
-            for p in self.act_scales:
-                p.requires_grad_(True)
-            self.opt_a = _adam(self.act_scales, cfg.lr_act, device, capturable)
-            # a tensor lr, written from the schedule on the device each step (set after the
-            # constructor, whose range check would read a tensor lr on the host)
-            # float32: CUDA's fused Adam reads a tensor lr as float
-            self.opt_a.param_groups[0]["lr"] = torch.tensor(cfg.lr_act, dtype=torch.float32, device=device)
+        self.opt_a = _step_size_optimizer(self.act_scales, cfg, device, capturable)
         # sums since the last progress report, on the device (no host sync per iteration)
         self.rec_sum = torch.zeros((), device=device)
         self.added_sums: dict[str, Tensor] = {}

@@ -1,12 +1,12 @@
-"""The service tests' view of the shared Fashion-MNIST helpers (bench/fmnist.py) and their
+"""The service tests' view of the shared Fashion-MNIST helpers (clcalib.testing) and their
 job configs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fmnist
-from bench.fmnist import FMNIST, PREPROCESS, png, read_idx  # noqa: F401  (re-exported for the tests)
+from clcalib import testing as fmnist
+from clcalib.testing import FMNIST, PREPROCESS, png, read_idx  # noqa: F401  (re-exported for the tests)
 
 REFERENCE = fmnist.REFERENCE / "fmnist_resnet18.safetensors"
 MOBILENET = fmnist.REFERENCE / "fmnist_mobilenet_v2.safetensors"

@@ -11,7 +11,7 @@ import sys
 from svc_fmnist import REFERENCE, png, read_idx
 from svc_helpers import ROOT, free_port
 
-from bench.fmnist import FMNIST
+from clcalib.testing import FMNIST
 
 FLAGS = ["--method", "brecq", "--iters", "2", "--calib-size", "64", "--resize", "none", "--crop", "none",
          "--mean", "0.286", "--std", "0.353"]

@@ -36,7 +36,7 @@ import pytest
 from svc_fmnist import FAST, MOBILENET, png
 from svc_helpers import Proc, Stack, wait_until
 
-from bench.fmnist import split
+from clcalib.testing import split
 
 WINDOW_S = 3.0  # the sign-in limiter's window in this module's keyed service (60 s by default)
 HOSTILE = "<img src=x onerror=window.__xss=1><svg onload=window.__xss=2>.png"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 in one device call (device tool, carry [".gpu"], timeout_s 600): the CUDA-graph step
+# GPU speed in one device call (device tool, carry [".gpu"], timeout_s 600): the CUDA-graph step
 # against the eager one and clcalib against the official QDrop code, same card, same data.
 #   1. the CUDA cases of tests/test_recon_step.py: graph replays give the eager steps' model bit
 #      for bit (qdrop, brecq, adaround; eager twice as the baseline), and so do host-memory caches;
@@ -10,19 +10,19 @@
 #      them) W4A4 200 it/unit, both; mobilenet_v2 W2A4 2000 it;
 #   4. then together (times not compared): resnet18 qdrop W4A4 and W2A4 at 20000 it/unit;
 #      resnet50 (seeded random init, no trained weights here) at 224 px, 1024 images, with its
-#      peak GPU memory. (Issue 17's CL rows run on the CPU: a session's 15 device minutes hold
+#      peak GPU memory. (The CL rows run on the CPU: a session's 15 device minutes hold
 #      this script once.)
 # Rows land in $W/*.jsonl as runs finish; every run is stopped at $DEADLINE seconds, then the
-# tables are printed and $W is packed into $OUT/issue16.tgz (a call brings back 8 files at most).
+# tables are printed and $W is packed into $OUT/gpu_speed.tgz (a call brings back 8 files at most).
 # Needs .gpu/ from `bash bench/make_gpu_carry.sh` (wheels, reference models, data, the
 # official code in .gpu/peer). Ran on an H200 on 2026-12-04 (bench/RESULTS.md, "The step replayed
 # from a CUDA graph"; the whole script needs about 10 minutes there, more than one call's share
 # of a session's device time once the 20000-it runs are in). Its plumbing runs on the CPU with
 # tiny settings:
-#   OUT=/tmp/o16 DEV=cpu LONG=4 MID=2 HUGE=4 PX=56 DEADLINE=3000 NO_INSTALL=1 bash bench/gpu_issue16.sh
+#   OUT=/tmp/o16 DEV=cpu LONG=4 MID=2 HUGE=4 PX=56 DEADLINE=3000 NO_INSTALL=1 bash bench/gpu_speed.sh
 set -u
 DEV=${DEV:-cuda} LONG=${LONG:-2000} MID=${MID:-200} HUGE=${HUGE:-20000} PX=${PX:-224}
-W=${W:-/tmp/issue16}
+W=${W:-/tmp/gpu_speed}
 rm -rf "$W"; mkdir -p "$W" "$OUT"
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-530}
@@ -69,5 +69,5 @@ save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "/tmp/r50/fmni
 fi
 nvidia-smi --query-gpu=name,memory.used --format=csv || true
 wc -l "$W"/*.jsonl
-python3 -m bench.gpu_issue16_table "$W"
-tar czf "$OUT/issue16.tgz" -C "$W" .
+python3 -m bench.gpu_speed_table "$W"
+tar czf "$OUT/gpu_speed.tgz" -C "$W" .

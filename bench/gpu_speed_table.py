@@ -1,9 +1,9 @@
-"""Issue 16's tables from bench/gpu_issue16.sh's rows: the folder one call wrote (unpacked from
-$OUT/issue16.tgz), or the committed rows of several calls (bench/results/gpu_h200_issue16.jsonl,
+"""The GPU speed tables from bench/gpu_speed.sh's rows: the folder one call wrote (unpacked from
+$OUT/gpu_speed.tgz), or the committed rows of several calls (bench/results/gpu_h200_speed.jsonl,
 each row with its ``run`` name; bench.make_results renders these into RESULTS.md):
 
-    python -m bench.gpu_issue16_table /path/to/unpacked/out
-    python -m bench.gpu_issue16_table bench/results/gpu_h200_issue16.jsonl
+    python -m bench.gpu_speed_table /path/to/unpacked/out
+    python -m bench.gpu_speed_table bench/results/gpu_h200_speed.jsonl
 
 Where a run has rows from several calls, the last one that did not fail is shown."""
 
@@ -77,7 +77,7 @@ def render(runs: dict[str, list[dict]], level: str = "##") -> str:
 
 def main(argv=None) -> int:
     path = Path((argv or sys.argv[1:])[0])
-    out = ["# Issue 16: the reconstruction step on one GPU", ""]
+    out = ["# The reconstruction step on one GPU", ""]
     for name, what in (("env.txt", "Card and torch"), ("equivalence.txt", "Graph replays against eager steps (tests/test_recon_step.py, CUDA cases)")):
         if path.is_dir() and (path / name).is_file():
             out += [f"{what}: `{(path / name).read_text().strip().splitlines()[-1]}`", ""]
