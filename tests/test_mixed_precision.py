@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-from bench.fmnist import REFERENCE, calibration_indices, write_zip
 from clcalib.cli import main as cli
 from clcalib.config import CalibConfig
 from clcalib.errors import ConfigError
@@ -20,9 +19,10 @@ from clcalib.mixed.plan import OutOfTime, Probe, search
 from clcalib.mixed.sensitivity import measure
 from clcalib.pipeline import run_calibration
 from clcalib.quant.sites import bits_of, site_modules
+from clcalib.testing import PREPROCESS as PRE
+from clcalib.testing import REFERENCE, calibration_indices, write_zip
 
 RESNET = REFERENCE / "fmnist_resnet18.safetensors"
-PRE = {"resize": None, "crop": None, "mean": [0.286], "std": [0.353]}
 
 
 @pytest.fixture(scope="module")
