@@ -165,7 +165,7 @@ def _mixed_summary(mixed: dict | None) -> dict | None:
     """What a table needs of a mixed-precision run: its size, its bits, its search."""
     if not mixed:
         return None
-    keep = {k: mixed[k] for k in ("allocation", "uniform", "sensitivity_seconds", "proxy_rank_agreement", "search")
+    keep = {k: mixed[k] for k in ("allocation", "uniform", "sensitivity_seconds", "proxy_check", "search")
             if k in mixed}
     return keep
 

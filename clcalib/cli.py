@@ -300,7 +300,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
 
     from clcalib.data import LabeledSet, load_calibration
     from clcalib.mixed.plan import sensitivity
-    from clcalib.mixed.sensitivity import rank_agreement
+    from clcalib.mixed.sensitivity import proxy_check
     from clcalib.mixed.table import render
     from clcalib.pipeline import load_model
 
@@ -318,12 +318,12 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
         _mapping_note(data)
         evaluation = (torch.cat(list(data.images(limit=a.eval_images))), data.labels[:a.eval_images])
     costs, seconds = sensitivity(fp_model, calib, cfg, lambda e: None, a.w_widths, a.a_widths, a.images, evaluation)
-    rank = rank_agreement(costs)
-    print(render(costs, rank))
+    check = proxy_check(costs)
+    print(render(costs, check))
     print(f"{arch}: {len(costs)} sites measured in {seconds:.0f} s")
     report = {"arch": arch, "config": cfg.model_dump(mode="json", by_alias=True),
               "mixed_precision": {"sensitivity": [c.to_dict() for c in costs], "sensitivity_seconds": seconds,
-                                  "proxy_rank_agreement": rank}}
+                                  "proxy_check": check}}
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     if a.plot:

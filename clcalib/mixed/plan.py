@@ -160,11 +160,11 @@ def deadline_guard(on_progress: ProgressCallback | None, deadline: float | None,
 def section(costs: list[SiteCost], seconds: float, config: CalibConfig, alloc: Allocation | None,
             probes: list[Probe] | None = None, stopped: bool = False, skipped: list[float] | None = None) -> dict:
     """The report's ``mixed_precision``: the sensitivity table, the allocation, the search."""
-    from clcalib.mixed.sensitivity import rank_agreement
+    from clcalib.mixed.sensitivity import proxy_check
 
     uniform = size_of(costs, {})
     out = {"sensitivity": [c.to_dict() for c in costs], "sensitivity_seconds": round(seconds, 2),
-           "proxy_rank_agreement": rank_agreement(costs),
+           "proxy_check": proxy_check(costs),
            "uniform": {"weight_bytes": uniform[0], "w_bits_avg": uniform[1], "a_bits_avg": uniform[2]}}
     if alloc is not None:
         out["allocation"] = alloc.to_dict()

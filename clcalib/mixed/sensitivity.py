@@ -121,14 +121,17 @@ def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tu
     return out
 
 
-def rank_agreement(costs: list[SiteCost]) -> float | None:
-    """Spearman's rank correlation between the proxy and the real top-1 drop over every
-    (site, bits) measured with an evaluation set; None without one."""
+def proxy_check(costs: list[SiteCost], margin: float = 1.0) -> dict | None:
+    """How well the proxy orders the (site, bits) pairs by their real top-1 drop on the evaluation
+    set: Spearman's rank correlation over all of them (small drops are mostly the evaluation
+    set's noise), and the share of pairs whose drops differ by at least ``margin`` points that the
+    proxy puts in the same order. None without an evaluation set."""
     pairs = [(c.cost[b], c.top1_drop[b]) for c in costs for b in c.top1_drop]
     if len(pairs) < 3:
         return None
     from scipy.stats import spearmanr
 
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-    return None if rho != rho else float(rho)
-
+    ordered = [(a[0] > b[0]) for a in pairs for b in pairs if a[1] - b[1] >= margin]
+    return {"spearman": None if rho != rho else round(float(rho), 4), "margin_points": margin,
+            "pairs": len(ordered), "pairs_in_order": round(sum(ordered) / len(ordered), 4) if ordered else None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from clcalib.mixed.sensitivity import SiteCost
 
 
-def render(costs: list[SiteCost], rank: float | None) -> str:
+def render(costs: list[SiteCost], check: dict | None) -> str:
     widths = sorted({b for c in costs for b in c.cost})
     evaluated = any(c.top1_drop for c in costs)
     head = ["site", "kind", "size", "bits now"] + [f"KL @{b}" for b in widths]
@@ -21,6 +21,8 @@ def render(costs: list[SiteCost], rank: float | None) -> str:
     lines.append("KL: mean KL divergence of the predictions from FP with that site alone quantized (nearest "
                  "rounding), on the calibration images; size: parameters (weights) or elements per image "
                  "(activations).")
-    if rank is not None:
-        lines.append(f"rank correlation (Spearman) of KL with the real top-1 drop on the evaluation images: {rank:.2f}")
+    if check is not None:
+        lines.append(f"KL against the real top-1 drop on the evaluation images: Spearman {check['spearman']:.2f}; of "
+                     f"the {check['pairs']} pairs whose drops differ by {check['margin_points']:g} point or more, "
+                     f"{100 * (check['pairs_in_order'] or 0):.0f} % are in the same order by KL")
     return "\n".join(lines)
