@@ -174,11 +174,6 @@ def section(costs: list[SiteCost], seconds: float, config: CalibConfig, alloc: A
     return out
 
 
-def resume_for(resume_dir: str | Path | None, bits: float) -> Path | None:
-    return Path(resume_dir) / f"candidate_{bits:g}" if resume_dir is not None else None
-
-
-
 def calibrate_mixed(fp_model, calib: Tensor, config: CalibConfig, on_progress: ProgressCallback | None,
                     resume_dir: str | Path | None, evalset, fp_logits: Tensor | None, device: torch.device):
     """(CalibrationResult, the config it ran with (layer_bits filled), the report's section, warnings)."""
@@ -202,8 +197,9 @@ def calibrate_mixed(fp_model, calib: Tensor, config: CalibConfig, on_progress: P
     def run(i: int) -> float:
         cfg = with_bits(config, cands[i][1])
         label = f"search: candidate {cands[i][0]:g} average weight bits ({cands[i][1].weight_bytes / 1e6:.3f} MB)"
-        result = calibrate(fp_model, calib, cfg, deadline_guard(on_progress, deadline, label),
-                           resume_dir=resume_for(resume_dir, cands[i][0]))
+        # one resume state for the whole search (a worker syncs one file): the candidate being
+        # calibrated resumes; the search's order is deterministic, so a rerun reaches it again
+        result = calibrate(fp_model, calib, cfg, deadline_guard(on_progress, deadline, label), resume_dir=resume_dir)
         with exact_numerics():
             acc = top1(predict(result.model, evalset.images(), device=device), evalset.labels)
         kept[i] = (result, cfg, acc)
