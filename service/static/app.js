@@ -32,6 +32,8 @@ async function submitJob(form) {
       if (input && input.value === input.defaultValue) delete config.preprocess[name];
     }
   }
+  if (f.get("weight_mb")) config.budget = {weight_mb: Number(f.get("weight_mb"))};
+  if (f.get("max_top1_drop")) config.target = {max_top1_drop: Number(f.get("max_top1_drop"))};
   if (f.get("cl_calib")) config.cl_calib = {enabled: true};
   if (f.get("onnx")) { config.export = ["onnx"]; config.export_target = f.get("export_target"); }
   const body = new FormData();
