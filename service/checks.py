@@ -84,6 +84,8 @@ def _check_job(*, model: str, arch: str, num_classes: int | None, calibration: s
         probe_s, peak = _model_runs(net, program, arch, num_classes, x, count, cfg, worker_memory_bytes)
         if program is not None:
             _program_converts(program, cfg, x)
+        if cfg.layer_bits or cfg.budget is not None or cfg.target is not None:
+            _bits_fit(program if program is not None else net, program is not None, cfg, x)
         # 4. the evaluation set: class folders that fit num_classes, decodable, same size
         n_eval = 0 if evaluation is None else _evaluation(evaluation, labels, cfg, lim, sample, num_classes, x)
     except _Refused as r:
@@ -213,6 +215,21 @@ def _model_runs(net, program, arch: str, num_classes: int, x, count: int, cfg, w
                        f"{worker_memory_bytes / 2**30:.1f} GiB (CLCALIB_WORKER_MEMORY_BYTES). Use a smaller "
                        "config.preprocess.resize/crop, fewer images (config.calib_size) or config.batch_size")
     return probe_s, peak
+
+
+def _bits_fit(model, is_program: bool, cfg, x) -> None:
+    """config.layer_bits names sites the model has, and a budget or a target's ladder is not below
+    the smallest model its choices allow: refused now, not after a worker measured for minutes."""
+    from clcalib.config import Partition
+    from clcalib.errors import ConfigError
+    from clcalib.graph.partition import QuantModel, QuantSpec
+    from clcalib.mixed.allocate import check_budget
+
+    try:
+        qm = QuantModel(model, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH if is_program else cfg.partition)
+        check_budget(qm, cfg)
+    except ConfigError as e:
+        raise _Refused("config", "bad_config", str(e)) from None
 
 
 def _program_converts(program, cfg, x) -> None:

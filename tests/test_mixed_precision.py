@@ -14,7 +14,7 @@ from clcalib.config import CalibConfig
 from clcalib.errors import ConfigError
 from clcalib.export import load_quantized
 from clcalib.graph.partition import QuantModel, QuantSpec
-from clcalib.mixed.allocate import allocate, size_of
+from clcalib.mixed.allocate import allocate, check_budget, size_of
 from clcalib.mixed.plan import OutOfTime, Probe, search
 from clcalib.mixed.sensitivity import measure
 from clcalib.pipeline import run_calibration
@@ -55,11 +55,17 @@ def test_allocation_keeps_the_budget_and_predicts_no_worse_than_uniform(costs):
     assert both.a_bits_avg <= 6.0 + 1e-9 and both.weight_bytes <= uniform_bytes
 
 
-def test_a_budget_below_the_smallest_model_is_one_line(costs):
-    with pytest.raises(ConfigError, match="below the smallest model these choices allow"):
-        allocate(costs, weight_bytes=1000)
-    with pytest.raises(ConfigError, match="below the smallest these choices allow"):
-        allocate(costs, w_bits_avg=2.0)  # first/last stay at 8 bits
+def test_a_budget_below_the_smallest_model_is_one_line(reference, fmnist):
+    net = reference("resnet18")
+    for budget, message in (({"weight_mb": 0.001}, r"budget.weight_mb 0.001 is below the smallest model these "
+                                                   r"choices allow \(2.847 MB"),
+                            ({"w_bits_avg": 2.0}, r"budget.w_bits_avg 2 is below .* \(2.008 bits")):
+        cfg = CalibConfig(budget=budget)
+        qm = QuantModel(net, QuantSpec.from_config(cfg), fmnist["train"][:2], cfg.partition)
+        with pytest.raises(ConfigError, match=message):
+            check_budget(qm, cfg)
+    cfg = CalibConfig(budget={"w_bits_avg": 2.0}, first_last_bits=None)  # first/last free too: 2 bits fit
+    check_budget(QuantModel(net, QuantSpec.from_config(cfg), fmnist["train"][:2], cfg.partition), cfg)
 
 
 def test_layer_bits_set_the_named_sites_only(reference, fmnist):

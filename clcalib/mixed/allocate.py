@@ -50,8 +50,8 @@ def smallest(costs: list[SiteCost]) -> tuple[int, float]:
 
 def allocate(costs: list[SiteCost], *, weight_bytes: int | None = None, w_bits_avg: float | None = None,
              a_bits_avg: float | None = None) -> Allocation:
-    """The least total sensitivity within the budget. Raises ConfigError naming the smallest
-    possible size when the budget is below it."""
+    """The least total sensitivity within the budget (``check_budget`` has refused a weight budget
+    below the smallest model already)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     weights_free = weight_bytes is not None or w_bits_avg is not None
@@ -67,21 +67,11 @@ def allocate(costs: list[SiteCost], *, weight_bytes: int | None = None, w_bits_a
     if weight_bytes is not None:
         row = np.array([c.bytes[b] if c.kind == "weight" else 0 for c, b in var], float)
         rest = weight_bytes - sum(c.bytes[c.bits] for c in w_fixed)
-        lo, _ = smallest(costs)
-        if lo > weight_bytes:
-            raise ConfigError(f"budget.weight_mb {weight_bytes / 1e6:.4g} is below the smallest model these choices "
-                              f"allow ({lo / 1e6:.4g} MB with every free layer at its fewest bits); raise it "
-                              "or allow fewer bits in budget.w_choices")
         cons.append(LinearConstraint(row[None], -np.inf, rest))
     if w_bits_avg is not None:
         total = sum(c.size for c in _weights(costs))
         row = np.array([c.size * b if c.kind == "weight" else 0 for c, b in var], float)
         rest = w_bits_avg * total - sum(c.size * c.bits for c in w_fixed)
-        _, lo = smallest(costs)
-        if lo > w_bits_avg + 1e-9:
-            raise ConfigError(f"an average of {w_bits_avg:g} weight bits is below the smallest these choices allow "
-                              f"({lo:.3f}: every free layer at its fewest bits, first/last at first_last_bits); "
-                              "raise it, or set first_last_bits null")
         cons.append(LinearConstraint(row[None], -np.inf, rest))
     if a_bits_avg is not None:
         acts = [c for c in costs if c.kind == "act"]
@@ -101,3 +91,31 @@ def allocate(costs: list[SiteCost], *, weight_bytes: int | None = None, w_bits_a
     wbytes, wavg, aavg = size_of(costs, bits)
     return Allocation(bits, wbytes, wavg, aavg if a_bits_avg is not None else None,
                       float(sum(c.cost[bits[c.name]] for c in free)))
+
+
+def check_budget(qm, config) -> None:
+    """Refuse, before anything is measured, a weight budget (or every rung of a target's ladder)
+    below the smallest model the choices allow: every free layer at its fewest bits, first/last
+    and layer_bits' sites at theirs. One line naming that smallest size."""
+    from clcalib.quant.layer import QuantLayer
+    from clcalib.quant.sites import bits_of, layer_bytes, site_modules
+
+    b, t = config.budget, config.target
+    choices = b.w_choices if b is not None else (t.w_choices if t is not None else None)
+    if choices is None:
+        return
+    fixed = {id(m) for m in getattr(qm, "first_last", [])}
+    layers = [(n, m) for n, m in site_modules(qm.model).items() if isinstance(m, QuantLayer)]
+    low = {n: bits_of(m) if id(m) in fixed or n in config.layer_bits else min(choices) for n, m in layers}
+    low_bytes = sum(layer_bytes(m, low[n]) for n, m in layers)
+    low_avg = sum(m.weight.numel() * low[n] for n, m in layers) / sum(m.weight.numel() for _, m in layers)
+    how = f"every free layer at {min(choices)} bits, the first conv and the classifier at first_last_bits"
+    if b is not None and b.weight_mb is not None and low_bytes > b.weight_mb * 1e6:
+        raise ConfigError(f"budget.weight_mb {b.weight_mb:g} is below the smallest model these choices allow "
+                          f"({low_bytes / 1e6:.4g} MB: {how}); raise it, or allow fewer bits (budget.w_choices)")
+    if b is not None and b.w_bits_avg is not None and low_avg > b.w_bits_avg + 1e-9:
+        raise ConfigError(f"budget.w_bits_avg {b.w_bits_avg:g} is below the smallest these choices allow "
+                          f"({low_avg:.3f} bits: {how}); raise it, or set first_last_bits null")
+    if t is not None and all(r < low_avg for r in t.w_bits_avg):
+        raise ConfigError(f"no candidate of target.w_bits_avg {list(t.w_bits_avg)} is possible: the smallest model "
+                          f"these choices allow has {low_avg:.3f} average weight bits ({how}); add larger averages")

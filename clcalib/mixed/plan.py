@@ -19,7 +19,7 @@ from torch import Tensor
 
 from clcalib.config import CalibConfig
 from clcalib.errors import ConfigError
-from clcalib.mixed.allocate import Allocation, allocate, size_of, smallest
+from clcalib.mixed.allocate import Allocation, allocate, check_budget, size_of, smallest
 from clcalib.mixed.sensitivity import SiteCost, measure
 from clcalib.progress import ProgressCallback, ProgressEvent
 
@@ -65,6 +65,7 @@ def sensitivity(fp_model, calib: Tensor, config: CalibConfig, emit: ProgressCall
         evaluation = (evaluation[0].to(device), evaluation[1].to(device))
     with exact_numerics():
         qm = QuantModel(fp_model, QuantSpec.from_config(config), x[:2], config.partition).to(device)
+        check_budget(qm, config)  # a budget no model meets: refused before minutes of measuring
 
         def on_site(i: int, total: int, name: str) -> None:
             emit(ProgressEvent(stage="sensitivity", unit=i - 1, num_units=total, unit_name=name,

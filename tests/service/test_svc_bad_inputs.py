@@ -275,6 +275,12 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("config: budget with both weight_mb and w_bits_avg",
          w(config=json.dumps({"budget": {"weight_mb": 3.0, "w_bits_avg": 3}})), 422, "bad_config",
          "give weight_mb or w_bits_avg, not both"),
+        ("config: a weight budget below the smallest model (checked in the sandbox)",
+         w(config=json.dumps({**TINY, "budget": {"weight_mb": 0.001}})), 422, "bad_config",
+         "below the smallest model these choices allow"),
+        ("config: layer_bits naming a layer the model does not have",
+         w(config=json.dumps({**TINY, "layer_bits": {"layer9.conv1": 2}})), 422, "bad_config",
+         "does not have, e.g. 'layer9.conv1'"),
         ("config: layer_bits of 1 bit", w(config=json.dumps({"layer_bits": {"conv1": 1}})), 422, "bad_config",
          "bits must be from 2 to 8"),
     ]
