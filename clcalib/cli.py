@@ -20,12 +20,7 @@ def _add_calibrate(sub) -> None:
                        description="Quantize a model: either --arch with --num-classes and --weights (a registered "
                        "architecture), or --model (any model as a torch.export program).",
                        allow_abbrev=False)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--arch", help=f"a registered architecture: {', '.join(_archs())} (with --num-classes and --weights)")
-    g.add_argument("--num-classes", type=int, help="the model's output classes (with --arch)")
-    g.add_argument("--weights", help="the model's state_dict: .safetensors or a torch file (loaded weights_only)")
-    g.add_argument("--model", help="any model as a torch.export program (.pt2, dynamic batch), instead of --arch")
-    g.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    g = _model_and_calibration(p)
     g.add_argument("--eval", help="folder, zip or tar with one subfolder per class (named 0..C-1, or by class "
                    "name with --labels)")
     g.add_argument("--labels", help=LABELS_HELP)
@@ -37,6 +32,17 @@ def _add_calibrate(sub) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
+
+
+def _model_and_calibration(p: argparse.ArgumentParser):
+    """The model (--arch with --num-classes and --weights, or --model) and --calib, as one group."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", help=f"a registered architecture: {', '.join(_archs())} (with --num-classes and --weights)")
+    g.add_argument("--num-classes", type=int, help="the model's output classes (with --arch)")
+    g.add_argument("--weights", help="the model's state_dict: .safetensors or a torch file (loaded weights_only)")
+    g.add_argument("--model", help="any model as a torch.export program (.pt2, dynamic batch), instead of --arch")
+    g.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    return g
 
 
 LABELS_HELP = ("text file of the model's class names, one per line in index order: evaluation folders named by "
@@ -263,12 +269,7 @@ def _add_sensitivity(sub) -> None:
                        "per-layer bits (docs/mixed_precision.md)",
                        description="Each site alone quantized at each width, everything else FP: the KL divergence "
                        "of the predictions from FP on calibration images; with --eval also the real top-1 drop.")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--arch", help="a registered architecture (with --num-classes and --weights)")
-    g.add_argument("--num-classes", type=int, help="the model's output classes (with --arch)")
-    g.add_argument("--weights", help="the model's state_dict: .safetensors or a torch file (loaded weights_only)")
-    g.add_argument("--model", help="any model as a torch.export program (.pt2), instead of --arch")
-    g.add_argument("--calib", required=True, help="folder, zip or tar of images, or an .npy/.safetensors tensor")
+    g = _model_and_calibration(p)
     g.add_argument("--eval", help="labeled folder/zip: also each site's real top-1 drop there (slower), and how "
                    "well the proxy ranks the sites")
     g.add_argument("--eval-images", type=int, default=1000, help="evaluation images used with --eval (default 1000)")
