@@ -110,7 +110,7 @@ def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tu
                     sc.cost[b] = _kl(ref, _log_probs(qm, images))
                 else:
                     with observing([m]):
-                        qm(images[:min(len(images), 4 * CHUNK)])  # the range from these images, as calibration takes it
+                        qm(images[:CHUNK])  # the range from one chunk: the memory of one forward pass of CHUNK images
                     sc.cost[b] = _kl(ref, _log_probs(qm, images))
                 if fp_top1 is not None:
                     sc.top1_drop[b] = fp_top1 - _top1(qm, *evaluation)
