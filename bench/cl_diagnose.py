@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                                       "preprocess": PREPROCESS, "cl_calib": cl})
     calib_zip, _ = prepare_data()
     model = build_model(a.model, 10, read_state_dict(REFERENCE / f"fmnist_{a.model}.safetensors"))
-    data = load_calibration(calib_zip, cfg.preprocess, cfg.calib_size, cfg.seed)
+    data = load_calibration(calib_zip, cfg.preprocess, cfg.calib_size, cfg.calib_draw)
     rows: list = []
 
     def factory(ctx):

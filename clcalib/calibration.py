@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig
-from clcalib.data import tensor_sha256
+from clcalib.data import draw, tensor_sha256
 from clcalib.errors import ConfigError, DataError, UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec, is_mobile_like
 from clcalib.graph.trace import snap_biases
@@ -117,7 +117,8 @@ def calibrate(
     """Quantize ``model`` (a float classifier: any nn.Module, or a torch.export program) by
     ``config.method`` on ``calibration_data``
     (N x C x H x W, already preprocessed; or an iterable of such batches, e.g. a DataLoader of
-    (image, label) pairs, of which the first ``config.calib_size`` images are used). ``on_progress`` receives ProgressEvents and may raise
+    (image, label) pairs, of which the first ``config.calib_size`` images are used). Of a larger
+    tensor, ``config.calib_seed`` draws ``calib_size`` images; null: the first ``calib_size``. ``on_progress`` receives ProgressEvents and may raise
     Canceled; without one, a line per finished unit goes to stderr (``clcalib.progress.PrintProgress``).
     With ``resume_dir``, state is saved after each unit and a rerun on the same
     inputs continues after the last finished unit."""
@@ -175,7 +176,10 @@ def _calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    data = calibration_data[: cfg.calib_size].float()
+    if cfg.calib_seed is not None and len(calibration_data) > cfg.calib_size:  # the draw asked for
+        data = calibration_data[draw(len(calibration_data), cfg.calib_size, cfg.calib_seed)].float()
+    else:  # no draw named: the first calib_size images, as always
+        data = calibration_data[: cfg.calib_size].float()
     calib_sha = tensor_sha256(data)
     torch.manual_seed(cfg.seed)
     data = data.to(device)

@@ -25,6 +25,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--batch-size", "batch_size"),
     ("--calib-size", "calib_size"),
     ("--seed", "seed"),
+    ("--calib-seed", "calib_seed"),
     ("--device", "device"),
     ("--partition", "partition"),
     ("--act-placement", "act_placement"),

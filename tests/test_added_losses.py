@@ -183,8 +183,8 @@ def test_default_cl_uses_batch_negatives_and_excludes_repeated_samples(small_net
     tail = fp_tail(qm, k, "logits")
     with torch.no_grad():
         e_q, e_f = embed(tail(z_q)), embed(tail(outs[k][idx]))
-    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="nce", bank_index=idx, calib_size=12)
-    assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="relational", bank_index=idx, calib_size=12)
+    assert got["cl"].item() == pytest.approx(10.0 * ref.item(), rel=1e-5)  # the default form: relational, lambda 10
 
 
 def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
