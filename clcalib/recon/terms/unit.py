@@ -1,10 +1,9 @@
-"""The loss terms added to a unit's reconstruction loss: PD-Quant's prediction difference and
-CL-Calib's contrastive term. ``added_losses`` is the ``ExtraLossFactory`` that
-``clcalib.calibrate`` hands the engine when ``method == pdquant`` or ``cl_calib.enabled``.
-
-Per unit, the factory returns ``terms(out_q, target, idx) -> {name: weighted term}``; the engine
-adds every value to its loss (its own MSE weighted by ``cl_calib.rec_weight``) and reports each
-name's curve in ``UnitReport.extra``:
+"""The terms a unit's loss gets beside its reconstruction MSE: PD-Quant's prediction difference
+and CL-Calib's contrastive term. ``unit_terms(ctx)`` is the factory ``clcalib.calibrate`` hands
+the engine; for each unit it returns ``UnitTerms`` (or None when the unit gets none), which the
+engine calls per iteration, ``terms(out_q, target, idx) -> {name: weighted term}``, adding every
+value to its loss, with its own MSE weighted by ``terms.rec_weight``, and reporting each name's
+curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
 
 * ``"pd"``   ``pdquant.pd_weight * KL(softmax(tail(z_f)/T) || softmax(tail(z_q)/T))``, with
   ``tail`` the frozen FP rest of the network up to the logits and T ``pdquant.temperature``
@@ -13,8 +12,9 @@ name's curve in ``UnitReport.extra``:
   engine's reconstruction MSE is PD-Quant's regulariser.
 * ``"pd_reg"`` only if ``pdquant.reg_weight > 0``: that much more of the same block-output
   regulariser.
-* ``"cl"``   ``cl_calib.lambda * L_CL`` (clcalib.contrastive), embeddings ``embed(g(z))`` with
-  ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``).
+* ``"cl"``   ``cl_calib.lambda * L_CL`` (``terms.contrastive``), embeddings ``embed(g(z))`` with
+  ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``). A unit with
+  a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
 
 The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
 ``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
@@ -43,13 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig
-from clcalib.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
 from clcalib.graph.partition import QuantModel, is_mobile_like
 from clcalib.graph.tail import apply_chunked, fp_head, fp_tail
-from clcalib.recon.engine import ExtraLoss, UnitContext
-from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
+from clcalib.recon.engine import UnitContext
+from clcalib.recon.terms.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
+from clcalib.recon.terms.prediction_difference import pd_loss, pd_regularizer
 
-__all__ = ["added_losses", "pd_temperature"]
+__all__ = ["UnitTerms", "unit_terms", "pd_temperature"]
 
 FP_CHUNK = 256  # samples per chunk when the FP side is mapped over the whole calibration set
 
@@ -61,8 +61,9 @@ def pd_temperature(cfg: CalibConfig, qmodel: QuantModel) -> float:
     return 1.0 if is_mobile_like(qmodel) else 4.0
 
 
-class _UnitTerms:
-    """The added terms of one unit; FP-side values cached for the whole calibration set."""
+class UnitTerms:
+    """The terms of one unit and the weight of its MSE; FP-side values cached for the whole
+    calibration set."""
 
     def __init__(self, ctx: UnitContext, pd: bool, cl: bool):
         cfg, qm, k = ctx.config, ctx.qmodel, ctx.index
@@ -70,6 +71,7 @@ class _UnitTerms:
         self.pd = pd and cfg.pdquant.pd_weight > 0  # the KL term; pd_reg needs no tail
         self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
         self.cl_loss = None
+        self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
         tail_mapping = cl and cl_cfg.mapping == "fp_tail"
@@ -109,7 +111,7 @@ class _UnitTerms:
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
             if not torch.equal(target, self.fp_out[idx.to(self.fp_out.device)].to(target.device)):
                 raise RuntimeError(
-                    "added_losses expects the engine's target to be ctx.fp_out[idx]; it is not, so "
+                    "unit terms expect the engine's target to be ctx.fp_out[idx]; it is not, so "
                     "the cached FP tail would be wrong"
                 )
             self._checked = True
@@ -129,7 +131,7 @@ class _UnitTerms:
         return terms
 
 
-def added_losses(ctx: UnitContext) -> ExtraLoss | None:
+def unit_terms(ctx: UnitContext) -> UnitTerms | None:
     """The PD-Quant and CL-Calib terms of one unit (see the module doc), or None if it gets none."""
     cfg = ctx.config
     pd = cfg.method.spec.prediction_difference and (cfg.pdquant.pd_weight > 0 or cfg.pdquant.reg_weight > 0)
@@ -142,4 +144,4 @@ def added_losses(ctx: UnitContext) -> ExtraLoss | None:
     )
     if not (pd or cl):
         return None
-    return _UnitTerms(ctx, pd, cl)
+    return UnitTerms(ctx, pd, cl)
