@@ -155,6 +155,13 @@ class ClCalib(Strict):
     negatives: Literal["batch", "bank"] = "batch"
     num_negatives: int | None = Field(None, ge=1, le=65536, description="negatives per anchor; null: all")
     symmetric: bool = False
+    # the fp_tail's forward and backward is CL's cost, and it is bound by reading the tail's weights,
+    # not by the batch (docs/cl_calib.md): skipping iterations is what makes it cheaper
+    every: int = Field(
+        1, ge=1, le=1000,
+        description="the term (and its fp_tail pass) on every k-th iteration only, weighted k times so its "
+        "average pull stays; 1: every iteration",
+    )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
     )

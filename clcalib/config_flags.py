@@ -46,6 +46,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--cl-tail-end", "cl_calib.tail_end"),
     ("--cl-critic", "cl_calib.critic"),
     ("--cl-negatives", "cl_calib.negatives"),
+    ("--cl-every", "cl_calib.every"),
     ("--cl-rec-weight", "cl_calib.rec_weight"),
 )
 

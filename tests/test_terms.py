@@ -209,6 +209,22 @@ def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
     assert z_q.grad is not None and z_q.grad.abs().sum() > 0
 
 
+def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_runs_the_tail(small_net):
+    qm, outs = small_net
+    k = 3
+    idx = torch.tensor([2, 9, 2, 4])
+    z_q = outs[k][idx] * 1.2 + 0.1
+    full = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True}))
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)
+        every = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "every": 3}))
+        got = [every(z_q, outs[k][idx], idx) for _ in range(7)]
+    assert [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
+    assert sum(1 for _key, grad, _n in log if grad) == 3  # the tail ran on those iterations only
+    assert got[0]["cl"].item() == pytest.approx(3 * full(z_q, outs[k][idx], idx)["cl"].item(), rel=1e-6)
+
+
 def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net):
     qm, outs = small_net
     k = 4

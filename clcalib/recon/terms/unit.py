@@ -15,6 +15,8 @@ curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
 * ``"cl"``   ``cl_calib.lambda * L_CL`` (``terms.contrastive``), embeddings ``embed(g(z))`` with
   ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``). A unit with
   a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
+  With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
+  2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
 
 The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
 ``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
@@ -94,7 +96,9 @@ class UnitTerms:
         if cl:
             m = len(self.fp_out)
             self.cl_loss = ContrastiveLoss.from_config(cl_cfg, calib_size=m)
-            self.cl_weight = cl_cfg.lambda_
+            self.cl_every = cl_cfg.every
+            self.cl_weight = cl_cfg.lambda_ * cl_cfg.every  # on 1 of `every` iterations: the same mean pull
+            self.calls = 0
             self.mapping = None if tail_mapping else get_mapping(cl_cfg.mapping)
             # FP embeddings of all M samples: the bank, and e_f of a batch by indexing
             self.fp_embed = None
@@ -116,19 +120,27 @@ class UnitTerms:
                 )
             self._checked = True
         terms: dict[str, Tensor] = {}
-        tail_q = self.tail(out_q) if self.tail is not None else None
+        cl = self.cl_loss is not None and self._cl_turn()
+        tail_q = self.tail(out_q) if self.tail is not None and (self.pd or cl) else None
         if self.pd:
             logits_q = self.head(tail_q) if self.head is not None else tail_q
             terms["pd"] = self.pd_weight * pd_loss(logits_q, self.fp_logits[idx], self.temperature)
         if self.reg_weight > 0:
             terms["pd_reg"] = self.reg_weight * pd_regularizer(out_q, target)
-        if self.cl_loss is not None:
+        if cl:
             e_q = embed(tail_q if self.mapping is None else self.mapping(out_q))
             e_f = self.fp_embed[idx] if self.fp_embed is not None else embed(self.mapping(target))
             bank = self.fp_embed if self.cl_loss.use_bank else None
             # bank_index also keeps a sample drawn twice in one batch from being its own negative
             terms["cl"] = self.cl_weight * self.cl_loss(e_q, e_f, bank=bank, bank_index=idx, generator=self.gen)
         return terms
+
+
+    def _cl_turn(self) -> bool:
+        """Whether this iteration gets the CL term (iterations 0, k, 2k, ... with ``every`` = k)."""
+        turn = self.calls % self.cl_every == 0
+        self.calls += 1
+        return turn
 
 
 def unit_terms(ctx: UnitContext) -> UnitTerms | None:
