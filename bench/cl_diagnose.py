@@ -37,12 +37,12 @@ from bench.accuracy import prepare_data
 from bench.fmnist import PREPROCESS, REFERENCE
 from clcalib.calibration import calibrate
 from clcalib.config import CalibConfig
-from clcalib.contrastive import contrastive_parts, embed
 from clcalib.data import load_calibration
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.quant.activation import ActQuantizer
-from clcalib.recon.added_losses import added_losses
 from clcalib.recon.losses import rec_loss
+from clcalib.recon.terms.contrastive import contrastive_parts, embed
+from clcalib.recon.terms.unit import unit_terms
 
 EPS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 SCALE = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -58,7 +58,7 @@ def _flat(grads, params) -> torch.Tensor:
 
 
 class _Probe:
-    """Wraps the unit's added terms; at the probed iterations measures gradients and parts."""
+    """Wraps the unit's terms; at the probed iterations measures gradients and parts."""
 
     def __init__(self, ctx, inner, rows: list):
         self.ctx, self.inner, self.it = ctx, inner, 0
@@ -66,7 +66,7 @@ class _Probe:
         self.probe_at = {0: "start", self.iters // 2: "mid", self.iters - 1: "end"}
         self.row = {"unit": ctx.qmodel.unit_names[ctx.index]}
         rows.append(self.row)
-        self.rec_w = ctx.config.cl_calib.rec_weight
+        self.rec_w = self.rec_weight = inner.rec_weight  # the engine weights its MSE by this
         self.noise_gen = torch.Generator(device=ctx.fp_out.device).manual_seed(1234 + ctx.index)
 
     def _embed_q(self, z):
@@ -140,17 +140,17 @@ def main(argv=None) -> int:
                                       "preprocess": PREPROCESS, "cl_calib": cl})
     calib_zip, _ = prepare_data()
     model = build_model(a.model, 10, read_state_dict(REFERENCE / f"fmnist_{a.model}.safetensors"))
-    data = load_calibration(calib_zip, cfg.preprocess, cfg.calib_size, cfg.seed)
+    data = load_calibration(calib_zip, cfg.preprocess, cfg.calib_size, cfg.calib_draw)
     rows: list = []
 
     def factory(ctx):
-        inner = added_losses(ctx)
+        inner = unit_terms(ctx)
         if inner is None or inner.cl_loss is None:
             return inner
         return _Probe(ctx, inner, rows)
 
     t = time.perf_counter()
-    res = calibrate(model, data, cfg, extra_losses=factory)
+    res = calibrate(model, data, cfg, terms=factory)
     for r, u in zip(rows, [u for u in res.units if "cl" in u.extra], strict=False):
         curve = u.extra["cl"]
         lam = cfg.cl_calib.lambda_

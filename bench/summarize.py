@@ -36,7 +36,7 @@ def committed(name: str) -> list[dict]:
 # fields a table shows in its headings and columns, or that every run sets for itself
 _SHOWN = {"method", "w_bits", "a_bits", "iters", "seed", "device", "calib_size", "preprocess"}
 # rows made before rows recorded their resolved config ran with these defaults of then
-_BEFORE_CONFIG = {"act_range_p": 2.0}
+_BEFORE_CONFIG = {"act_range_p": 2.0, "cl_calib": {"critic": "nce", "lambda": 0.1}}
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +69,8 @@ def settings(r: dict) -> dict:
     they asked for a setting or got it by default."""
     cfg = r.get("config") or _merge({**defaults(), **_BEFORE_CONFIG}, r.get("overrides", {}))
     d = _diff({k: v for k, v in cfg.items() if k not in _SHOWN}, defaults())
+    if not (r.get("cl") or (cfg.get("cl_calib") or {}).get("enabled")):
+        d.pop("cl_calib", None)  # the block of a run without CL-Calib changes nothing
     if d.get("cl_calib", {}).pop("enabled", None) is not None and not d["cl_calib"]:
         del d["cl_calib"]  # "+CL" in the label says it
     return d

@@ -17,14 +17,15 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig
-from clcalib.data import tensor_sha256
+from clcalib.data import draw, tensor_sha256
 from clcalib.errors import ConfigError, DataError, UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec, is_mobile_like
 from clcalib.graph.trace import snap_biases
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.switch import quantization
-from clcalib.recon.engine import ExtraLossFactory, Reconstructor, UnitReport
+from clcalib.recon.engine import Reconstructor, TermsFactory, UnitReport
 from clcalib.recon.resume import ResumeStore
+from clcalib.recon.terms.unit import unit_terms
 
 
 @dataclass
@@ -112,21 +113,23 @@ def calibrate(
     on_progress: ProgressCallback | None = None,
     *,
     resume_dir: str | Path | None = None,
-    extra_losses: ExtraLossFactory | None = None,
+    terms: TermsFactory | None = None,
 ) -> CalibrationResult:
     """Quantize ``model`` (a float classifier: any nn.Module, or a torch.export program) by
     ``config.method`` on ``calibration_data``
     (N x C x H x W, already preprocessed; or an iterable of such batches, e.g. a DataLoader of
-    (image, label) pairs, of which the first ``config.calib_size`` images are used). ``on_progress`` receives ProgressEvents and may raise
+    (image, label) pairs, of which the first ``config.calib_size`` images are used). Of a larger
+    tensor, ``config.calib_seed`` draws ``calib_size`` images; null: the first ``calib_size``. ``on_progress`` receives ProgressEvents and may raise
     Canceled; without one, a line per finished unit goes to stderr (``clcalib.progress.PrintProgress``).
     With ``resume_dir``, state is saved after each unit and a rerun on the same
-    inputs continues after the last finished unit."""
+    inputs continues after the last finished unit. ``terms``: what each unit's loss gets beside
+    its MSE (default ``clcalib.recon.terms.unit.unit_terms``: PD-Quant and CL-Calib as configured)."""
     if on_progress is None:
         from clcalib.progress import PrintProgress
 
         on_progress = PrintProgress()
     with exact_numerics():
-        return _calibrate(model, calibration_data, config, on_progress, resume_dir, extra_losses)
+        return _calibrate(model, calibration_data, config, on_progress, resume_dir, terms)
 
 
 def gather_batches(batches: Iterable, limit: int) -> Tensor:
@@ -157,7 +160,7 @@ def _calibrate(
     config: CalibConfig | dict | None,
     on_progress: ProgressCallback | None,
     resume_dir: str | Path | None,
-    extra_losses: ExtraLossFactory | None,
+    terms: TermsFactory | None,
 ) -> CalibrationResult:
     if isinstance(config, CalibConfig):
         cfg = config
@@ -175,7 +178,10 @@ def _calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    data = calibration_data[: cfg.calib_size].float()
+    if cfg.calib_seed is not None and len(calibration_data) > cfg.calib_size:  # the draw asked for
+        data = calibration_data[draw(len(calibration_data), cfg.calib_size, cfg.calib_seed)].float()
+    else:  # no draw named: the first calib_size images, as always
+        data = calibration_data[: cfg.calib_size].float()
     calib_sha = tensor_sha256(data)
     torch.manual_seed(cfg.seed)
     data = data.to(device)
@@ -187,12 +193,7 @@ def _calibrate(
     for layer in qm.layers():
         layer.wq.init_range(layer.weight, mse=mse)
 
-    extra = extra_losses
-    if extra is None and (cfg.cl_calib.enabled or cfg.method.spec.prediction_difference):
-        from clcalib.recon.added_losses import added_losses  # CL-Calib / PD-Quant terms
-
-        extra = added_losses
-    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, qm), on_progress, extra)
+    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, qm), on_progress, terms or unit_terms)
     store = ResumeStore(resume_dir, _resume_key(model, calib_sha, cfg)) if resume_dir else None
     done, reports = store.load(qm) if store else (0, [])
     units = [UnitReport(**r) for r in reports]

@@ -151,10 +151,17 @@ def _fmt(v, unit="") -> str:
     return f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}"
 
 
+def _draw(report: dict) -> str:
+    d = report.get("calib_draw") or {}
+    of = f" of {d['supplied']} supplied" if d.get("supplied") is not None else ""
+    return f"{report['calib_images']}{of}, draw {d.get('seed')} (--calib-seed), sha256 {report['calib_sha256'][:12]}"
+
+
 def _print_table(report: dict) -> None:
     m, c = report["metrics"], report["config"]
     rows = [
-        ("config", f"{report['arch']} {c['method']}{'+CL' if c['cl_calib']['enabled'] else ''} W{c['w_bits']}A{c['a_bits']} iters={c['iters']} seed={c['seed']}"),
+        ("config", f"{report['arch']} {CalibConfig.model_validate(c).summary()}"),
+        ("calibration images", _draw(report)),
         ("FP top-1 %", _fmt(m["fp_top1"])),
         ("quantized top-1 % (reloaded checkpoint)", _fmt(m["quant_top1"])),
         ("top-1 agreement with FP %", _fmt(m["top1_agreement"])),

@@ -138,21 +138,30 @@ class ClCalib(Strict):
     """CL-Calib: contrastive term added to each unit's reconstruction loss."""
 
     enabled: bool = Field(False, description="add the contrastive term to each unit's loss")
-    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
+    # the defaults are the sound form (relational, lambda 10; docs/cl_calib.md): what --cl-calib,
+    # enabled: true and the web form's checkbox get. The old rows' form: critic nce, lambda 0.1
+    lambda_: float = Field(10.0, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
     tau: float = Field(0.5, gt=0.0, le=10.0, description="critic temperature")
     mapping: Literal["fp_tail", "pool", "flatten"] = "fp_tail"
     tail_end: Literal["features", "logits"] = Field(
         "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
     )
-    # relational (issue 17): KL between the FP and the quantized similarity profiles over the FP
-    # keys; 0 at z_q = z_f, unlike nce/infonce (kept for the earlier tables). Its gradient is
-    # ~20x smaller than nce's at the same lambda: docs/cl_calib.md measures it at lambda 10
-    critic: Literal["nce", "infonce", "relational"] = "nce"
+    # relational: KL between the FP and the quantized similarity profiles over the FP keys; 0 at
+    # z_q = z_f, unlike nce/infonce (kept to reproduce the earlier tables). Its gradient is ~20x
+    # smaller than nce's at the same lambda, hence lambda 10 (docs/cl_calib.md)
+    critic: Literal["nce", "infonce", "relational"] = "relational"
     # batch: the nce critic with the whole bank (N = M - 1 negatives) pushes z_q away from z_f
     # (resnet18 W2A4 top-1 -4.9 points in our probe); with batch negatives it does not
     negatives: Literal["batch", "bank"] = "batch"
     num_negatives: int | None = Field(None, ge=1, le=65536, description="negatives per anchor; null: all")
     symmetric: bool = False
+    # the fp_tail's forward and backward is CL's cost, and it is bound by reading the tail's weights,
+    # not by the batch (docs/cl_calib.md): skipping iterations is what makes it cheaper
+    every: int = Field(
+        1, ge=1, le=1000,
+        description="the term (and its fp_tail pass) on every k-th iteration only, weighted k times so its "
+        "average pull stays; 1: every iteration",
+    )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
     )
@@ -248,7 +257,11 @@ class CalibConfig(Strict):
     iters: int = Field(20000, ge=0, le=200000, description="optimization iterations per reconstruction unit")
     batch_size: int = Field(32, ge=1, le=4096, description="calibration images per reconstruction step")
     calib_size: int = Field(1024, ge=1, le=100000, description="calibration images used (a seeded random subset if more are given)")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the calibration subset, batches and dropping")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds batches and dropping (and the calibration draw while calib_seed is null)")
+    calib_seed: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="the calibration draw: which calib_size images of a larger supplied set are used; null: seed",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: cuda when available")
     lr_round: float = Field(3e-3, gt=0, le=1.0, description="Adam lr of the AdaRound variables")
     lr_act: float = Field(4e-5, ge=0, le=1.0, description="Adam lr of activation step sizes (cosine decay to 0)")
@@ -322,9 +335,15 @@ class CalibConfig(Strict):
             )
         return self
 
+    @property
+    def calib_draw(self) -> int:
+        """The seed that picks the calibration images (``calib_seed``, else ``seed``)."""
+        return self.seed if self.calib_seed is None else self.calib_seed
+
     def summary(self) -> str:
-        cl = "+CL" if self.cl_calib.enabled else ""
-        return f"{self.method.value}{cl} W{self.w_bits}A{self.a_bits} iters={self.iters} seed={self.seed}"
+        cl = f"+CL({self.cl_calib.critic}, lambda {self.cl_calib.lambda_:g})" if self.cl_calib.enabled else ""
+        return (f"{self.method.value}{cl} W{self.w_bits}A{self.a_bits} iters={self.iters} seed={self.seed} "
+                f"calib_draw={self.calib_draw}")
 
 
 def _capacity(model: type[BaseModel]) -> int:

@@ -350,26 +350,30 @@ def _normalized_pixels(path: Path, t: torch.Tensor, pre: Preprocess | None) -> t
 
 def load_calibration(path: str | Path, pre: Preprocess, size: int, seed: int = 0,
                      limits: Limits = DEFAULT_LIMITS, stats: dict | None = None) -> torch.Tensor:
-    """Up to ``size`` preprocessed images (a seeded random subset when more are given).
-    ``stats``, if given, receives ``smallest_side``: the shortest image side read (images only)."""
+    """Up to ``size`` preprocessed images (the draw ``seed`` picks them when more are given).
+    ``stats``, if given, receives ``supplied``: how many images the set holds, and
+    ``smallest_side``: the shortest image side read (images only)."""
     path = Path(path)
+    stats = {} if stats is None else stats
     if path.suffix.lower() in TENSOR_SUFFIXES and path.is_file():
         t = load_tensor_file(path, pre)
-        return t[_subset(len(t), size, seed)] if len(t) > size else t
+        stats["supplied"] = len(t)
+        return t[draw(len(t), size, seed)] if len(t) > size else t
     src = ImageSource(path, limits)
     try:
         names = src.names
+        stats["supplied"] = len(names)
         if len(names) > size:
-            names = [names[i] for i in _subset(len(names), size, seed).tolist()]
+            names = [names[i] for i in draw(len(names), size, seed).tolist()]
         out = _stack(src, names, pre)
-        if stats is not None:
-            stats["smallest_side"] = src.smallest_side
+        stats["smallest_side"] = src.smallest_side
         return out
     finally:
         src.close()
 
 
-def _subset(n: int, size: int, seed: int) -> torch.Tensor:
+def draw(n: int, size: int, seed: int) -> torch.Tensor:
+    """The calibration draw: ``size`` of ``n`` indices, chosen by ``seed``, in ascending order."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:size].sort().values
 

@@ -159,7 +159,7 @@ def run_calibration(
                           "search measures each candidate's top-1 there")
     fp_model, arch, num_classes, config, notes = load_model(arch, num_classes, weights, model, model_name, config)
     stats: dict = {}
-    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.seed, limits, stats)
+    calib = load_calibration(calibration, config.preprocess, config.calib_size, config.calib_draw, limits, stats)
     # the evaluation set streams in batches: any size, one batch in memory
     evalset = LabeledSet(evaluation, config.preprocess, limits, labels) if evaluation is not None else None
     if evalset is not None and int(evalset.labels.max()) >= num_classes:
@@ -259,6 +259,8 @@ def run_calibration(
         "device": result.device,
         "calib_images": len(calib),
         "calib_sha256": result.calib_sha256,
+        # which images: the draw (calib_seed, else seed) of calib_images out of the supplied set
+        "calib_draw": {"seed": config.calib_draw, "supplied": stats.get("supplied")},
         "notes": notes,
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],

@@ -17,6 +17,15 @@ def test_a_row_from_before_the_range_norm_moved_is_labelled_with_the_old_norm():
     assert label(_row(overrides={"act_range_p": 2.4})) == "qdrop"
 
 
+def test_cl_rows_of_the_old_default_form_say_so_and_base_rows_carry_no_cl_block():
+    old_cl = {**defaults()["cl_calib"], "enabled": True, "critic": "nce", "lambda": 0.1}
+    assert label(_row(cl=True, config={**defaults(), "cl_calib": old_cl})) == \
+        'qdrop+CL {"cl_calib": {"critic": "nce", "lambda": 0.1}}'
+    assert label(_row(cl=True, overrides={"act_range_p": 2.4})) == 'qdrop+CL {"cl_calib": {"critic": "nce", "lambda": 0.1}}'
+    base = {**defaults(), "cl_calib": {**old_cl, "enabled": False}}  # a base row made before the default moved
+    assert label(_row(config=base)) == "qdrop"
+
+
 def test_rows_that_ran_alike_share_a_label_however_they_asked_for_it():
     cfg = dict(defaults())
     asked = _row(overrides={"act_range_p": 2.4}, config=cfg)

@@ -68,6 +68,42 @@ def test_qdrop_flags_reach_the_config_fields_of_the_same_name():
         parser.parse_args([*argv[:-4], "--drop-scope", "inside"])
 
 
+def _parsed(*flags) -> CalibConfig:
+    import argparse
+
+    from clcalib.cli import _add_calibrate, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_calibrate(parser.add_subparsers())
+    argv = ["calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", "w", "--calib", "c", "--out", "o"]
+    return config_from_args(parser.parse_args([*argv, *map(str, flags)]))
+
+
+def test_the_old_nce_form_stays_selectable(tmp_path):
+    old = {"critic": "nce", "lambda": 0.1}
+    by_flags = _parsed("--cl-calib", "--cl-critic", "nce", "--cl-lambda", "0.1").cl_calib
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"cl_calib": {"enabled": True, **old}}))
+    by_file = _parsed("--config", cfg_file).cl_calib
+    for c in (by_flags, by_file):
+        assert (c.enabled, c.critic, c.lambda_, c.tau, c.mapping) == (True, "nce", 0.1, 0.5, "fp_tail")
+    assert _parsed("--cl-calib", "--cl-every", "4").cl_calib.every == 4  # the cheaper schedule of the term
+
+
+def test_cl_calib_flag_gets_the_relational_form_and_the_report_records_it_and_the_draw(zips, tmp_path):
+    out = tmp_path / "out"
+    r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib", zips["calib"],
+                "--method", "qdrop", "--w-bits", "4", "--a-bits", "4", "--iters", "1", "--calib-size", "16",
+                "--calib-seed", "3", "--cl-calib", "--device", "cpu", *FMNIST_PRE, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    cl = report["config"]["cl_calib"]
+    assert (cl["enabled"], cl["critic"], cl["lambda"]) == (True, "relational", 10.0)
+    assert report["metrics"]["cl_calib"] == cl
+    assert report["config"]["calib_seed"] == 3 and report["calib_draw"] == {"seed": 3, "supplied": 128}
+    assert "qdrop+CL(relational, lambda 10)" in r.stdout and "16 of 128 supplied, draw 3" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet19"], "unknown arch 'resnet19'; known: resnet18, resnet34"),
     (["--weights", "/nonexistent.safetensors"], "no such weights file"),

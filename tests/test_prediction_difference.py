@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
+from clcalib.recon.terms.prediction_difference import pd_loss, pd_regularizer
 
 
 def _ref_kl(logits_q, logits_f, t):

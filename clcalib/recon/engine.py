@@ -32,7 +32,7 @@ from clcalib.recon.placement import (
     plan_caches,
     working_bytes,
 )
-from clcalib.recon.step import ExtraLoss, Step
+from clcalib.recon.step import Step, Terms
 
 OBSERVE_SAMPLES = 256  # activation ranges are searched on this many calibration samples
 EVAL_BATCH = 256
@@ -44,7 +44,7 @@ class UnitReport:
     loss_before: float  # rec_loss on the calibration set (its first OBSERVE_SAMPLES images for range-only methods), quantized inputs, nearest rounding
     loss_after: float  # the same after reconstruction (hard rounding)
     seconds: float
-    extra: dict[str, list[float]] = field(default_factory=dict)  # curves of added loss terms
+    extra: dict[str, list[float]] = field(default_factory=dict)  # curves of the unit's terms (report key "extra")
     caches: str = "device"  # where its cached inputs/outputs lived: "device" or "host" (recon.placement)
     steps: str = "eager"  # how its steps ran: "graph" (CUDA graph replays), "eager", or "none"
 
@@ -54,7 +54,7 @@ class UnitReport:
 
 @dataclass
 class UnitContext:
-    """What an added loss term (PD-Quant, CL-Calib) may use for one unit."""
+    """What a unit's terms (PD-Quant, CL-Calib; clcalib.recon.terms) may use."""
 
     qmodel: QuantModel
     index: int
@@ -64,16 +64,16 @@ class UnitContext:
     device: torch.device  # where the unit runs
 
 
-ExtraLossFactory = Callable[[UnitContext], ExtraLoss | None]
+TermsFactory = Callable[[UnitContext], Terms | None]  # None: the unit gets no terms
 
 
 class Reconstructor:
     def __init__(self, qmodel: QuantModel, data: Tensor, config: CalibConfig, round_weight: float,
-                 on_progress: ProgressCallback | None = None, extra_losses: ExtraLossFactory | None = None):
+                 on_progress: ProgressCallback | None = None, terms: TermsFactory | None = None):
         self.qm, self.data, self.cfg = qmodel, data, config
         self.round_weight = round_weight
         self.on_progress = on_progress or (lambda e: None)
-        self.extra_losses = extra_losses
+        self.terms = terms
         self.units = qmodel.units()
         self.device = data.device
         self.t0 = time.perf_counter()
@@ -141,8 +141,9 @@ class Reconstructor:
         ``module(x_q)`` matches ``y_f``, then harden the rounding. ``x_fp``: QDrop's FP inputs.
         Returns how the steps ran: "graph" (captured and replayed) or "eager"."""
         cfg, iters = self.cfg, self.cfg.iters
-        terms, rec_w = self._added_terms(k, module, y_f)
+        terms = self._unit_terms(k, module, y_f)
         graphed = cfg.step_capture == "auto" and can_capture(self.device, plan.where == "device", terms is not None)
+        rec_w = terms.rec_weight if terms is not None else 1.0
         step = Step(module, layers, x_q, x_fp, y_f, cfg, self.round_weight, gen, self.device, terms, rec_w,
                     stage=Stager(self.device, host=plan.where == "host"), capturable=graphed)
         run = GraphedStep(step) if graphed else step
@@ -158,15 +159,12 @@ class Reconstructor:
             step.close()
         return "graph" if graphed and run.captures else "eager"
 
-    def _added_terms(self, k: int, module: nn.Module, y_f: Tensor):
-        """The unit's PD/CL terms (None when there are none) and the weight of its MSE."""
-        unit = self.units[k]  # added terms need the unit's output: the unit, or its one layer (adaround)
-        terms = None
-        if self.extra_losses is not None and (module is unit or module is unit.body):
-            terms = self.extra_losses(UnitContext(self.qm, k, unit, y_f, self.cfg, self.device))
-        # rec_weight trades MSE for L_CL; a unit that gets no CL term keeps its full MSE
-        rec_w = self.cfg.cl_calib.rec_weight if self.cfg.cl_calib.enabled and terms is not None else 1.0
-        return terms, rec_w
+    def _unit_terms(self, k: int, module: nn.Module, y_f: Tensor) -> Terms | None:
+        """The unit's PD/CL terms, None when there are none."""
+        unit = self.units[k]  # terms need the unit's output: the unit, or its one layer (adaround)
+        if self.terms is None or not (module is unit or module is unit.body):
+            return None
+        return self.terms(UnitContext(self.qm, k, unit, y_f, self.cfg, self.device))
 
 
 class _Progress:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,13 @@ from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.recon.losses import beta_at, rec_loss
 
-ExtraLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]  # (out_q, target, idx) -> added terms
+
+class Terms(Protocol):
+    """A unit's terms beside its MSE (clcalib.recon.terms): what the step adds to its loss."""
+
+    rec_weight: float  # the weight of the reconstruction MSE beside them
+
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]: ...
 
 
 class Schedule:
@@ -94,7 +101,7 @@ class Step:
 
     def __init__(self, module: nn.Module, layers: list[QuantLayer], x_q: Tensor, x_fp: Tensor | None, y_f: Tensor,
                  cfg: CalibConfig, round_weight: float, gen: torch.Generator, device: torch.device,
-                 terms: ExtraLoss | None = None, rec_weight: float = 1.0,
+                 terms: Terms | None = None, rec_weight: float = 1.0,
                  stage: Callable[[Tensor, Tensor], Tensor] | None = None, capturable: bool = False):
         self.module, self.layers, self.cfg = module, layers, cfg
         self.x_q, self.x_fp, self.y_f = x_q, x_fp, y_f
@@ -120,7 +127,7 @@ class Step:
         return idx, inp
 
     def __call__(self, regularized: bool) -> None:
-        """One iteration: loss = rec_weight * MSE + added terms + rounding regulariser (after
+        """One iteration: loss = rec_weight * MSE + the unit's terms + rounding regulariser (after
         the warm-up, ``regularized``); one step of each optimiser."""
         row = self.schedule.next_row()
         idx, inp = self.batch()

@@ -18,7 +18,7 @@ Critics (``s`` a cosine similarity, ``tau`` the temperature):
   ``L = -mean_i[log h(i,i) + sum_j log(1 - h(i,j))]``, computed as
   ``log h = logsigmoid(s/tau - log(N/M))`` and ``log(1-h) = logsigmoid(-(s/tau - log(N/M)))``.
 * ``infonce``: cross-entropy of the positive logit among ``[s_ii, s_ij...] / tau``.
-* ``relational`` (issue 17): contrastive distillation of the FP similarity structure. Over the
+* ``relational``: contrastive distillation of the FP similarity structure. Over the
   keys K_i of anchor i (the FP embeddings of the batch, or of the bank, *its own sample
   included*), target ``p_f_i = softmax_j(e_f_i . e_f_j / tau)``, prediction
   ``p_q_i = softmax_j(e_q_i . e_f_j / tau)``, ``L = mean_i KL(p_f_i || p_q_i)``. This is
@@ -340,21 +340,16 @@ def contrastive_parts(
 
 @dataclass(frozen=True)
 class ContrastiveLoss:
-    """The CL-Calib loss as configured; the engine builds one per calibration with
-    ``ContrastiveLoss.from_config(cfg.cl_calib, calib_size=...)`` and calls it per iteration.
-
-    ``weight`` (lambda) and ``rec_weight`` are carried for the engine; ``__call__`` returns the
-    unweighted L_CL so it can be reported as is."""
+    """The critic and negatives of ``cfg.cl_calib``, built once per unit with
+    ``ContrastiveLoss.from_config(cfg.cl_calib, calib_size=...)`` and called per iteration.
+    ``__call__`` returns the unweighted L_CL (the unit's terms multiply it by lambda)."""
 
     tau: float
     critic: Critic
-    mapping: MappingName
     use_bank: bool
     num_negatives: int | None
     symmetric: bool
     calib_size: int
-    weight: float = 1.0
-    rec_weight: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: ClCalib, *, calib_size: int) -> ContrastiveLoss:
@@ -364,22 +359,11 @@ class ContrastiveLoss:
         return cls(
             tau=cfg.tau,
             critic=cfg.critic,
-            mapping=cfg.mapping,
             use_bank=cfg.negatives == "bank",
             num_negatives=cfg.num_negatives,
             symmetric=cfg.symmetric,
             calib_size=calib_size,
-            weight=cfg.lambda_,
-            rec_weight=cfg.rec_weight,
         )
-
-    def mapping_fn(self, fp_tail: Mapping | None = None) -> Mapping:
-        return get_mapping(self.mapping, fp_tail)
-
-    def embed(self, z: Tensor, fp_tail: Mapping | None = None) -> Tensor:
-        """``embed(g(z))``. With ``fp_tail`` the engine may instead call the tail once, share its
-        output with the PD loss, and pass ``embed(tail_out)`` to ``__call__``."""
-        return embed(self.mapping_fn(fp_tail)(z))
 
     def __call__(
         self,

@@ -1,4 +1,4 @@
-"""PD-Quant and CL-Calib terms in the reconstruction engine (clcalib.recon.added_losses)."""
+"""PD-Quant and CL-Calib terms in the reconstruction engine (clcalib.recon.terms)."""
 
 import math
 
@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-import clcalib.recon.added_losses as al
+import clcalib.recon.terms.unit as ut
 from clcalib import calibrate
 from clcalib.config import CalibConfig
-from clcalib.contrastive import contrastive_loss, embed, pool
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.graph.tail import fp_tail
 from clcalib.quant.switch import observing
 from clcalib.recon.engine import UnitContext
-from clcalib.recon.prediction_difference import pd_loss
+from clcalib.recon.terms.contrastive import contrastive_loss, embed, pool
+from clcalib.recon.terms.prediction_difference import pd_loss
 from clcalib.testing import REFERENCE, split
 
 SMALL = {"iters": 3, "calib_size": 64, "batch_size": 16, "w_bits": 2, "a_bits": 4, "device": "cpu"}
@@ -34,10 +34,10 @@ class _Counted(nn.Module):
 
 
 def _counting(mp, log):
-    """Make added_losses build counted tails."""
-    real_tail, real_head = al.fp_tail, al.fp_head
-    mp.setattr(al, "fp_tail", lambda qm, k, end="logits": _Counted(real_tail(qm, k, end), log, ("tail", k, end)))
-    mp.setattr(al, "fp_head", lambda qm: _Counted(real_head(qm), log, ("head",)))
+    """Make unit_terms build counted tails."""
+    real_tail, real_head = ut.fp_tail, ut.fp_head
+    mp.setattr(ut, "fp_tail", lambda qm, k, end="logits": _Counted(real_tail(qm, k, end), log, ("tail", k, end)))
+    mp.setattr(ut, "fp_head", lambda qm: _Counted(real_head(qm), log, ("head",)))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def _run(model, data, cfg, factory=None):
     log = []
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, log)
-        result = calibrate(model, data, {**SMALL, **cfg}, extra_losses=factory)
+        result = calibrate(model, data, {**SMALL, **cfg}, terms=factory)
     return result, log
 
 
@@ -92,7 +92,7 @@ def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet1
     grads = {}
 
     def factory(ctx: UnitContext):
-        terms = al.added_losses(ctx)
+        terms = ut.unit_terms(ctx)
         first = [True]
 
         def wrapped(out_q, target, idx):
@@ -105,6 +105,7 @@ def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet1
                 grads[ctx.index] = (g[: len(alphas)], g[len(alphas) :])
             return got
 
+        wrapped.rec_weight = terms.rec_weight  # a unit's terms say what weight its MSE keeps
         return wrapped
 
     result, log = _run(resnet18, fmnist64, {"method": "qdrop", "cl_calib": {"enabled": True}}, factory)
@@ -157,7 +158,7 @@ def test_terms_match_the_formulas_and_share_one_tail_call(small_net):
     log = []
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, log)
-        terms = al.added_losses(ctx)
+        terms = ut.unit_terms(ctx)
     idx = torch.tensor([0, 5, 7, 5])
     out_q = (outs[k][idx] + 0.05 * torch.randn_like(outs[k][idx])).requires_grad_(True)
     log.clear()
@@ -176,15 +177,15 @@ def test_terms_match_the_formulas_and_share_one_tail_call(small_net):
 def test_default_cl_uses_batch_negatives_and_excludes_repeated_samples(small_net):
     qm, outs = small_net
     k = 3
-    terms = al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True}))
+    terms = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True}))
     idx = torch.tensor([2, 9, 2, 4])
     z_q = outs[k][idx] * 1.2
     got = terms(z_q, outs[k][idx], idx)
     tail = fp_tail(qm, k, "logits")
     with torch.no_grad():
         e_q, e_f = embed(tail(z_q)), embed(tail(outs[k][idx]))
-    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="nce", bank_index=idx, calib_size=12)
-    assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="relational", bank_index=idx, calib_size=12)
+    assert got["cl"].item() == pytest.approx(10.0 * ref.item(), rel=1e-5)  # the default form: relational, lambda 10
 
 
 def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
@@ -193,7 +194,7 @@ def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
     qm, outs = small_net
     k = 3
     cl = {"enabled": True, "critic": "relational", "lambda": 10.0, "tau": 0.5}
-    terms = al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib=cl))
+    terms = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib=cl))
     idx = torch.tensor([2, 9, 2, 4])
     assert terms(outs[k][idx], outs[k][idx], idx)["cl"].item() == pytest.approx(0.0, abs=1e-6)
     z_q = (outs[k][idx] * 1.2 + 0.1).requires_grad_(True)
@@ -208,6 +209,22 @@ def test_relational_cl_through_the_tail_is_zero_at_the_fp_output(small_net):
     assert z_q.grad is not None and z_q.grad.abs().sum() > 0
 
 
+def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_runs_the_tail(small_net):
+    qm, outs = small_net
+    k = 3
+    idx = torch.tensor([2, 9, 2, 4])
+    z_q = outs[k][idx] * 1.2 + 0.1
+    full = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True}))
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)
+        every = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "every": 3}))
+        got = [every(z_q, outs[k][idx], idx) for _ in range(7)]
+    assert [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
+    assert sum(1 for _key, grad, _n in log if grad) == 3  # the tail ran on those iterations only
+    assert got[0]["cl"].item() == pytest.approx(3 * full(z_q, outs[k][idx], idx)["cl"].item(), rel=1e-6)
+
+
 def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net):
     qm, outs = small_net
     k = 4
@@ -215,7 +232,7 @@ def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net)
     log = []
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, log)
-        terms = al.added_losses(ctx)
+        terms = ut.unit_terms(ctx)
         log.clear()
         idx = torch.tensor([1, 2, 3, 4])
         got = terms(outs[k][idx] * 1.1, outs[k][idx], idx)
@@ -230,7 +247,7 @@ def test_final_unit_uses_the_logits_whatever_tail_end_says(small_net):
     qm, outs = small_net
     k = len(qm.unit_names) - 1
     for end in ("features", "logits"):
-        terms = al.added_losses(_ctx(qm, outs, k, method="pdquant", cl_calib={"enabled": True, "tail_end": end}))
+        terms = ut.unit_terms(_ctx(qm, outs, k, method="pdquant", cl_calib={"enabled": True, "tail_end": end}))
         idx = torch.arange(4)
         got = terms(outs[k][idx] + 0.1, outs[k][idx], idx)
         assert set(got) == {"pd", "cl"} and all(torch.isfinite(v) for v in got.values())
@@ -240,7 +257,7 @@ def test_pool_mapping_and_pd_regulariser(small_net):
     qm, outs = small_net
     k = 2
     cfg = {"method": "pdquant", "pdquant": {"reg_weight": 0.5}, "cl_calib": {"enabled": True, "mapping": "pool", "critic": "nce", "lambda": 0.1, "tau": 0.5, "negatives": "bank"}}
-    terms = al.added_losses(_ctx(qm, outs, k, **cfg))
+    terms = ut.unit_terms(_ctx(qm, outs, k, **cfg))
     idx = torch.tensor([0, 1, 2, 3])
     z_q = outs[k][idx] * 0.9
     got = terms(z_q, outs[k][idx], idx)
@@ -251,18 +268,22 @@ def test_pool_mapping_and_pd_regulariser(small_net):
     assert got["cl"].item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
 
 
-def test_skip_rules(small_net):
+def test_skip_rules_and_the_mse_weight_each_unit_keeps(small_net):
     qm, outs = small_net
     k = 1
-    assert al.added_losses(_ctx(qm, outs, k, method="qdrop")) is None  # nothing enabled
-    assert al.added_losses(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "lambda": 0.0})) is None
+    assert ut.unit_terms(_ctx(qm, outs, k, method="qdrop")) is None  # nothing enabled
+    assert ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "lambda": 0.0})) is None
     one = {k: outs[k][:1]}
-    assert al.added_losses(_ctx(qm, one, k, method="qdrop", cl_calib={"enabled": True})) is None  # M = 1
+    assert ut.unit_terms(_ctx(qm, one, k, method="qdrop", cl_calib={"enabled": True})) is None  # M = 1
     ctx = _ctx(qm, outs, k, method="qdrop", batch_size=1, cl_calib={"enabled": True, "negatives": "batch"})
-    assert al.added_losses(ctx) is None  # no other sample in a batch of one
-    terms = al.added_losses(_ctx(qm, outs, k, method="pdquant", batch_size=1, cl_calib={"enabled": True, "negatives": "batch"}))
+    assert ut.unit_terms(ctx) is None  # no other sample in a batch of one
+    terms = ut.unit_terms(_ctx(qm, outs, k, method="pdquant", batch_size=1,
+                               cl_calib={"enabled": True, "negatives": "batch", "rec_weight": 0.5}))
     assert set(terms(outs[k][:1], outs[k][:1], torch.tensor([0]))) == {"pd"}
-    terms = al.added_losses(_ctx(qm, outs, k, method="pdquant"))
+    assert terms.rec_weight == 1.0  # no CL term here, so its MSE stays whole
+    with_cl = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "rec_weight": 0.5}))
+    assert with_cl.rec_weight == 0.5
+    terms = ut.unit_terms(_ctx(qm, outs, k, method="pdquant"))
     with pytest.raises(RuntimeError, match="ctx.fp_out"):
         terms(outs[k][:2], outs[k][2:4], torch.tensor([0, 1]))
 
@@ -274,9 +295,9 @@ def test_pdquant_defaults_reproduce_the_reference_recipe():
     x = torch.randn(1, 3, 32, 32)
     resnet = QuantModel(build_model("resnet18", 10), QuantSpec(4, 4, 8), x)
     mobile = QuantModel(build_model("mobilenet_v2", 10), QuantSpec(4, 4, 8), x)
-    assert al.pd_temperature(cfg, resnet) == 4.0
-    assert al.pd_temperature(cfg, mobile) == 1.0
-    assert al.pd_temperature(CalibConfig(method="pdquant", pdquant={"temperature": 2.5}), mobile) == 2.5
+    assert ut.pd_temperature(cfg, resnet) == 4.0
+    assert ut.pd_temperature(cfg, mobile) == 1.0
+    assert ut.pd_temperature(CalibConfig(method="pdquant", pdquant={"temperature": 2.5}), mobile) == 2.5
 
 
 class _Tiny(nn.Module):
@@ -296,9 +317,9 @@ def test_adaround_gets_the_terms_on_one_layer_units():
 
     def factory(ctx):
         seen.append(ctx.index)
-        return al.added_losses(ctx)
+        return ut.unit_terms(ctx)
 
     result = calibrate(_Tiny().eval(), torch.randn(8, 3, 6, 6), {**SMALL, "method": "adaround", "calib_size": 8, "batch_size": 4,
-                                                                 "cl_calib": {"enabled": True}}, extra_losses=factory)
+                                                                 "cl_calib": {"enabled": True}}, terms=factory)
     assert seen == [0, 1]
     assert all("cl" in u.extra for u in result.units)

@@ -1,10 +1,9 @@
-"""The loss terms added to a unit's reconstruction loss: PD-Quant's prediction difference and
-CL-Calib's contrastive term. ``added_losses`` is the ``ExtraLossFactory`` that
-``clcalib.calibrate`` hands the engine when ``method == pdquant`` or ``cl_calib.enabled``.
-
-Per unit, the factory returns ``terms(out_q, target, idx) -> {name: weighted term}``; the engine
-adds every value to its loss (its own MSE weighted by ``cl_calib.rec_weight``) and reports each
-name's curve in ``UnitReport.extra``:
+"""The terms a unit's loss gets beside its reconstruction MSE: PD-Quant's prediction difference
+and CL-Calib's contrastive term. ``unit_terms(ctx)`` is the factory ``clcalib.calibrate`` hands
+the engine; for each unit it returns ``UnitTerms`` (or None when the unit gets none), which the
+engine calls per iteration, ``terms(out_q, target, idx) -> {name: weighted term}``, adding every
+value to its loss, with its own MSE weighted by ``terms.rec_weight``, and reporting each name's
+curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
 
 * ``"pd"``   ``pdquant.pd_weight * KL(softmax(tail(z_f)/T) || softmax(tail(z_q)/T))``, with
   ``tail`` the frozen FP rest of the network up to the logits and T ``pdquant.temperature``
@@ -13,8 +12,11 @@ name's curve in ``UnitReport.extra``:
   engine's reconstruction MSE is PD-Quant's regulariser.
 * ``"pd_reg"`` only if ``pdquant.reg_weight > 0``: that much more of the same block-output
   regulariser.
-* ``"cl"``   ``cl_calib.lambda * L_CL`` (clcalib.contrastive), embeddings ``embed(g(z))`` with
-  ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``).
+* ``"cl"``   ``cl_calib.lambda * L_CL`` (``terms.contrastive``), embeddings ``embed(g(z))`` with
+  ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``). A unit with
+  a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
+  With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
+  2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
 
 The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
 ``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
@@ -43,13 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig
-from clcalib.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
 from clcalib.graph.partition import QuantModel, is_mobile_like
 from clcalib.graph.tail import apply_chunked, fp_head, fp_tail
-from clcalib.recon.engine import ExtraLoss, UnitContext
-from clcalib.recon.prediction_difference import pd_loss, pd_regularizer
+from clcalib.recon.engine import UnitContext
+from clcalib.recon.terms.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
+from clcalib.recon.terms.prediction_difference import pd_loss, pd_regularizer
 
-__all__ = ["added_losses", "pd_temperature"]
+__all__ = ["UnitTerms", "unit_terms", "pd_temperature"]
 
 FP_CHUNK = 256  # samples per chunk when the FP side is mapped over the whole calibration set
 
@@ -61,8 +63,9 @@ def pd_temperature(cfg: CalibConfig, qmodel: QuantModel) -> float:
     return 1.0 if is_mobile_like(qmodel) else 4.0
 
 
-class _UnitTerms:
-    """The added terms of one unit; FP-side values cached for the whole calibration set."""
+class UnitTerms:
+    """The terms of one unit and the weight of its MSE; FP-side values cached for the whole
+    calibration set."""
 
     def __init__(self, ctx: UnitContext, pd: bool, cl: bool):
         cfg, qm, k = ctx.config, ctx.qmodel, ctx.index
@@ -70,6 +73,7 @@ class _UnitTerms:
         self.pd = pd and cfg.pdquant.pd_weight > 0  # the KL term; pd_reg needs no tail
         self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
         self.cl_loss = None
+        self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
         tail_mapping = cl and cl_cfg.mapping == "fp_tail"
@@ -92,7 +96,9 @@ class _UnitTerms:
         if cl:
             m = len(self.fp_out)
             self.cl_loss = ContrastiveLoss.from_config(cl_cfg, calib_size=m)
-            self.cl_weight = cl_cfg.lambda_
+            self.cl_every = cl_cfg.every
+            self.cl_weight = cl_cfg.lambda_ * cl_cfg.every  # on 1 of `every` iterations: the same mean pull
+            self.calls = 0
             self.mapping = None if tail_mapping else get_mapping(cl_cfg.mapping)
             # FP embeddings of all M samples: the bank, and e_f of a batch by indexing
             self.fp_embed = None
@@ -109,18 +115,19 @@ class _UnitTerms:
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
             if not torch.equal(target, self.fp_out[idx.to(self.fp_out.device)].to(target.device)):
                 raise RuntimeError(
-                    "added_losses expects the engine's target to be ctx.fp_out[idx]; it is not, so "
+                    "unit terms expect the engine's target to be ctx.fp_out[idx]; it is not, so "
                     "the cached FP tail would be wrong"
                 )
             self._checked = True
         terms: dict[str, Tensor] = {}
-        tail_q = self.tail(out_q) if self.tail is not None else None
+        cl = self.cl_loss is not None and self._cl_turn()
+        tail_q = self.tail(out_q) if self.tail is not None and (self.pd or cl) else None
         if self.pd:
             logits_q = self.head(tail_q) if self.head is not None else tail_q
             terms["pd"] = self.pd_weight * pd_loss(logits_q, self.fp_logits[idx], self.temperature)
         if self.reg_weight > 0:
             terms["pd_reg"] = self.reg_weight * pd_regularizer(out_q, target)
-        if self.cl_loss is not None:
+        if cl:
             e_q = embed(tail_q if self.mapping is None else self.mapping(out_q))
             e_f = self.fp_embed[idx] if self.fp_embed is not None else embed(self.mapping(target))
             bank = self.fp_embed if self.cl_loss.use_bank else None
@@ -129,7 +136,14 @@ class _UnitTerms:
         return terms
 
 
-def added_losses(ctx: UnitContext) -> ExtraLoss | None:
+    def _cl_turn(self) -> bool:
+        """Whether this iteration gets the CL term (iterations 0, k, 2k, ... with ``every`` = k)."""
+        turn = self.calls % self.cl_every == 0
+        self.calls += 1
+        return turn
+
+
+def unit_terms(ctx: UnitContext) -> UnitTerms | None:
     """The PD-Quant and CL-Calib terms of one unit (see the module doc), or None if it gets none."""
     cfg = ctx.config
     pd = cfg.method.spec.prediction_difference and (cfg.pdquant.pd_weight > 0 or cfg.pdquant.reg_weight > 0)
@@ -142,4 +156,4 @@ def added_losses(ctx: UnitContext) -> ExtraLoss | None:
     )
     if not (pd or cl):
         return None
-    return _UnitTerms(ctx, pd, cl)
+    return UnitTerms(ctx, pd, cl)
