@@ -25,11 +25,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from bench.accuracy import prepare_data
-    from bench.fmnist import PREPROCESS, REFERENCE
     from clcalib import calibrate
     from clcalib.config import Preprocess
     from clcalib.data import load_calibration
     from clcalib.graph.registry import build_model, read_state_dict
+    from clcalib.testing import PREPROCESS, REFERENCE
 
     variants = {"qdrop": None, **{f"qdrop+CL {v}": json.loads(v) for v in a.variants}}
     data = load_calibration(prepare_data()[0], Preprocess(**PREPROCESS), 1024, 0)

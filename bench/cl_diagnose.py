@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from bench.accuracy import prepare_data
-from bench.fmnist import PREPROCESS, REFERENCE
 from clcalib.calibration import calibrate
 from clcalib.config import CalibConfig
 from clcalib.data import load_calibration
@@ -43,6 +42,7 @@ from clcalib.quant.activation import ActQuantizer
 from clcalib.recon.losses import rec_loss
 from clcalib.recon.terms.contrastive import contrastive_parts, embed
 from clcalib.recon.terms.unit import unit_terms
+from clcalib.testing import PREPROCESS, REFERENCE
 
 EPS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 SCALE = (0.0, 0.5, 1.0, 2.0, 4.0)

@@ -4,11 +4,11 @@ recorded in the report; ``seed`` keeps seeding batches and dropping."""
 import pytest
 import torch
 
-from clcalib.testing import PREPROCESS, REFERENCE, calibration_indices, write_zip
 from clcalib import calibrate
 from clcalib.config import CalibConfig
 from clcalib.data import tensor_sha256
 from clcalib.pipeline import run_calibration
+from clcalib.testing import PREPROCESS, REFERENCE, calibration_indices, write_zip
 
 WEIGHTS = REFERENCE / "fmnist_resnet18.safetensors"
 
