@@ -173,7 +173,8 @@ def _print_table(report: dict) -> None:
     if mp.get("allocation"):
         a = mp["allocation"]
         acts = f", activations {a['a_bits_avg']:.2f} bits on average" if a.get("a_bits_avg") is not None else ""
-        rows.append(("mixed precision", f"weights {a['w_bits_avg']:.2f} bits on average{acts} "
+        weights = f"weights {a['w_bits_avg']:.2f} bits on average" if a.get("w_bits_avg") is not None else "weights uniform"
+        rows.append(("mixed precision", f"{weights}{acts} "
                      f"(sensitivity {mp['sensitivity_seconds']:.0f} s); per-layer bits in report.json config.layer_bits"))
     if mp.get("search"):
         s = mp["search"]

@@ -53,6 +53,9 @@ def test_allocation_keeps_the_budget_and_predicts_no_worse_than_uniform(costs):
     # activations too: the element-weighted average stays within its budget
     both = allocate(costs, weight_bytes=uniform_bytes, a_bits_avg=6.0)
     assert both.a_bits_avg <= 6.0 + 1e-9 and both.weight_bytes <= uniform_bytes
+    acts = allocate([c for c in costs if c.kind == "act"], a_bits_avg=6.0)  # weights keep w_bits, unmeasured
+    assert acts.a_bits_avg <= 6.0 + 1e-9 and acts.weight_bytes is None and acts.w_bits_avg is None
+    assert set(acts.layer_bits) <= {c.name for c in costs if c.kind == "act"}
 
 
 def test_a_budget_below_the_smallest_model_is_one_line(reference, fmnist):

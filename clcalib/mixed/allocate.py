@@ -16,8 +16,8 @@ from clcalib.mixed.sensitivity import SiteCost
 @dataclass
 class Allocation:
     layer_bits: dict[str, int]  # every free site's bits (fixed ones keep theirs)
-    weight_bytes: int  # the quantized layers' stored bytes
-    w_bits_avg: float  # parameter-weighted
+    weight_bytes: int | None  # the quantized layers' stored bytes; None: weights not allocated
+    w_bits_avg: float | None  # parameter-weighted
     a_bits_avg: float | None  # element-weighted over the activation sites measured; None: weights only
     predicted_cost: float  # the sum of the chosen sites' sensitivities
 
@@ -29,14 +29,17 @@ def _weights(costs: list[SiteCost]) -> list[SiteCost]:
     return [c for c in costs if c.kind == "weight"]
 
 
-def size_of(costs: list[SiteCost], bits: dict[str, int]) -> tuple[int, float, float | None]:
+def size_of(costs: list[SiteCost], bits: dict[str, int]) -> tuple[int | None, float | None, float | None]:
     """(weight bytes, average weight bits, average activation bits) with ``bits`` for the free
     sites and the configured bits elsewhere."""
     w = _weights(costs)
     a = [c for c in costs if c.kind == "act"]
     chosen = {c.name: (c.bits if c.fixed else bits.get(c.name, c.bits)) for c in costs}
-    wbytes = sum(c.bytes[chosen[c.name]] for c in w)
-    wavg = sum(c.size * chosen[c.name] for c in w) / max(1, sum(c.size for c in w))
+    if not w:  # an activation budget alone: the weights keep w_bits and were not measured
+        wbytes, wavg = None, None
+    else:
+        wbytes = sum(c.bytes[chosen[c.name]] for c in w)
+        wavg = sum(c.size * chosen[c.name] for c in w) / sum(c.size for c in w)
     aavg = sum(c.size * chosen[c.name] for c in a) / sum(c.size for c in a) if a else None
     return wbytes, wavg, aavg
 
