@@ -177,3 +177,20 @@ def test_sensitivity_cli_prints_the_table(zips, capsys, tmp_path):
     table = json.loads((tmp_path / "s.json").read_text())["mixed_precision"]["sensitivity"]
     assert all(c["cost"]["2"] >= c["cost"]["8"] for c in table)  # fewer bits move the predictions more
     assert (tmp_path / "s.svg").read_text().startswith("<svg")
+
+
+def test_a_hostile_site_name_is_text_in_report_html():
+    """Site names come from an uploaded program's module names, which may hold markup."""
+    from clcalib.report_html import render
+
+    name = '<img src=x onerror="alert(1)">'
+    site = {"name": name, "kind": "weight", "size": 10, "bits": 4, "fixed": False, "cost": {"2": 0.1, "8": 0.0},
+            "top1_drop": {}, "bytes": {"2": 10, "8": 20}}
+    mixed = {"sensitivity": [site], "sensitivity_seconds": 1.0, "proxy_check": None,
+             "uniform": {"weight_bytes": 20, "w_bits_avg": 4.0, "a_bits_avg": None},
+             "allocation": {"layer_bits": {name: 2}, "weight_bytes": 10, "w_bits_avg": 2.0, "a_bits_avg": None,
+                            "predicted_cost": 0.1}}
+    html = render({"arch": "x", "config": {"method": "qdrop", "w_bits": 4, "a_bits": 4, "layer_bits": {name: 2}},
+                   "metrics": {}, "mixed_precision": mixed, "calib_sha256": "0" * 64,
+                   "checkpoint": "quantized.safetensors"})
+    assert "Mixed precision" in html and "<img src=x" not in html and "&lt;img src=x" in html
