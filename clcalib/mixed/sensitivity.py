@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clcalib.metrics import predict, top1
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.quant.sites import bits_of, layer_bytes, set_bits, site_modules
@@ -45,7 +46,7 @@ class SiteCost:
 
 
 def _log_probs(model, images: Tensor) -> Tensor:
-    return torch.cat([F.log_softmax(model(images[i:i + CHUNK]).float(), dim=1) for i in range(0, len(images), CHUNK)])
+    return F.log_softmax(predict(model, images, batch=CHUNK, device=images.device), dim=1)
 
 
 def _kl(ref: Tensor, got: Tensor) -> float:
@@ -53,9 +54,7 @@ def _kl(ref: Tensor, got: Tensor) -> float:
 
 
 def _top1(model, images: Tensor, labels: Tensor) -> float:
-    hits = sum(int((model(images[i:i + CHUNK]).argmax(1) == labels[i:i + CHUNK]).sum())
-               for i in range(0, len(images), CHUNK))
-    return 100.0 * hits / len(labels)
+    return top1(predict(model, images, batch=CHUNK, device=images.device), labels.cpu())
 
 
 def _act_elements(qm, images: Tensor, quantizers: dict[str, ActQuantizer]) -> dict[str, int]:
