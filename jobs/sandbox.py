@@ -1,5 +1,5 @@
-"""The sandbox every upload check and every calibration runs in: a fresh child process that
-confines itself, before it reads one uploaded byte, with kernel mechanisms that need no helper
+"""The sandbox every upload check and every calibration runs in: a new child process (forked by
+a zygote that imported torch once, ``jobs.zygote``) that confines itself, before it reads one uploaded byte, with kernel mechanisms that need no helper
 binary, no root and no container privileges (so they work the same under ``clcalib serve``, in
 CI and in a default Docker container):
 
@@ -28,10 +28,11 @@ unprivileged by design. What they do not cover: CPU time (the callers' timeouts)
 CUDA job's device memory is the driver's), and a kernel exploit.
 
 The child speaks JSON lines on its stdout (its own prints go to stderr): nothing it sends is
-ever unpickled by the parent. ``python -m jobs.sandbox module:function`` starts one; it imports
-its module, says ``{"ready": true, "info": module.ready_info()}``, reads one request ``{"jail": ..., "kwargs": ...}``,
-confines itself, runs ``function(**kwargs)`` (with ``emit`` to send events when the function
-takes it) and answers ``{"result": ...}`` or ``{"error": {"kind", "message"}}``.
+ever unpickled by the parent. Children are forked by a zygote (``jobs.zygote``: ``python -m
+jobs.sandbox --zygote module``) that imported the module once; a child says ``{"ready": true,
+"info": module.ready_info()}``, reads one request ``{"jail": ..., "kwargs": ...}``, confines
+itself, runs ``function(**kwargs)`` (with ``emit`` to send events when the function takes it)
+and answers ``{"result": ...}`` or ``{"error": {"kind", "message"}}``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ import sysconfig
 import threading
 from dataclasses import asdict, dataclass, field
 
-MAX_LINE = 4 << 20
-START_TIMEOUT_S = 300.0  # a child's imports (torch) on a loaded machine
-MAX_STDERR = 1 << 20  # a child's stderr relayed to the log; the rest is dropped
-MAX_FILE_BYTES = 16 << 30  # RLIMIT_FSIZE: one file a sandboxed run writes  # one message from a child; a longer one is a protocol error
+from jobs import zygote
+
+MAX_LINE = 4 << 20  # one message from a child; a longer one is a protocol error
+START_TIMEOUT_S = 300.0  # the zygote's imports (torch) on a loaded machine, and a fork
+MAX_FILE_BYTES = 16 << 30  # RLIMIT_FSIZE: one file a sandboxed run writes
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "CUDA_DEVICE_ORDER", "PYTHONHASHSEED", "PYTHONUNBUFFERED")
 
@@ -80,8 +82,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def command(target: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.sandbox", target]
+_zygotes: dict[tuple, zygote.Zygote] = {}
+_zygotes_lock = threading.Lock()
+
+
+def zygote_for(module: str, env: dict[str, str] | None = None) -> zygote.Zygote:
+    """This process's zygote for ``module`` (started, not waited for, on first use; started again
+    if it died)."""
+    key = (module, tuple(sorted((env or {}).items())))
+    with _zygotes_lock:
+        z = _zygotes.get(key)
+        if z is None or not z.alive():
+            if z is not None and z.owner == os.getpid():
+                z.close()  # it died: its socket and status
+            z = _zygotes[key] = zygote.Zygote([sys.executable, "-m", "jobs.sandbox", "--zygote", module],
+                                              child_env(env))
+        return z
+
 
 
 # ---- the child side --------------------------------------------------------------------------
@@ -102,7 +119,11 @@ def _system_paths(jail: Jail) -> list[str]:
              "/sys/devices/system/node"}
     if jail.gpu:
         paths |= {"/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/usr/local/cuda"}
-    return sorted(p for p in paths if os.path.exists(p))
+    paths = {os.path.abspath(p) for p in paths if os.path.exists(p)}
+    if "/" in paths:  # e.g. a process started in "/" has it on sys.path: that would grant reading everything
+        raise SandboxError(f"the read-only view would include '/' (sys.path: {sys.path}); start the process in "
+                           "an empty folder")
+    return sorted(paths)
 
 
 def _devices(jail: Jail) -> list[str]:
@@ -334,6 +355,26 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def zygote_main(module: str, fd: int) -> None:
+    """The zygote: the module's heavy imports once (nothing untrusted is read here), then a fork
+    per child (``jobs.zygote.serve``)."""
+    _die_with_parent()
+    os.dup2(2, 1)  # the imports' prints go to the log
+    mod = importlib.import_module(module)
+    if hasattr(mod, "warm_sandbox_child"):
+        mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
+    if threading.active_count() != 1:
+        raise SandboxError(f"the zygote runs {threading.active_count()} Python threads after importing {module}; "
+                           "it must fork from one")
+    caller = os.getppid()
+
+    def child(target: str) -> None:
+        global _PARENT
+        _PARENT = caller  # the child's parent after re-parenting
+        main(target)
+    zygote.serve(fd, child)
+
+
 def main(target: str) -> None:
     _die_with_parent()
     chan = os.fdopen(os.dup(1), "w", buffering=1)
@@ -384,17 +425,18 @@ class ChildFailed(RuntimeError):
 
 
 class Child:
-    """One sandboxed child process: started (and its imports done) ahead of its one run."""
+    """One sandboxed child process for one run, forked by its module's zygote when first waited
+    for (constructing one never blocks: it only makes sure the zygote's imports are under way)."""
 
     def __init__(self, target: str, env: dict[str, str] | None = None):
-        import subprocess
         import tempfile
 
         self.cwd = tempfile.mkdtemp(prefix="clcalib-sandbox-")
-        self.proc = subprocess.Popen(command(target), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=child_env(env), cwd=self.cwd, close_fds=True)
-        # its stderr goes to our log, a line at a time, labelled and bounded: it never writes ours
-        threading.Thread(target=_relay, args=(self.proc.stderr, self.proc.pid), daemon=True).start()
+        self.target, self._env = target, env
+        zygote_for(target.split(":")[0], env)
+        self.proc: zygote.Forked | None = None
+        self._closed = False
+        self._proc_lock = threading.Lock()
         self._buf = b""
         self._ready_lock = threading.Lock()
         self.ready = False
@@ -416,7 +458,7 @@ class Child:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 code = self.proc.wait()
-                raise ChildFailed("died", f"the process ended without an answer ({_exit_text(code)})")
+                raise ChildFailed("died", f"the process ended without an answer ({zygote.exit_text(code)})")
             self._buf += chunk
             if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
                 raise ChildFailed("protocol", "the process sent a message over the size limit")
@@ -434,10 +476,27 @@ class Child:
 
         with self._ready_lock:  # a warm-up and the run may both wait for it
             if not self.ready:
-                msg = self._line(time.monotonic() + timeout)
+                deadline = time.monotonic() + timeout
+                if self.proc is None:
+                    self._fork(timeout)
+                msg = self._line(deadline)
                 if msg.get("ready") is not True:
                     raise ChildFailed("protocol", "the process did not start")
                 self.info, self.ready = msg.get("info"), True
+
+    def _fork(self, timeout: float) -> None:
+        try:
+            proc = zygote_for(self.target.split(":")[0], self._env).spawn(self.target, self.cwd, timeout)
+        except zygote.ZygoteFailed as e:
+            raise ChildFailed("sandbox", f"no sandboxed process could be started: {e}") from None
+        # its stderr goes to our log, a line at a time, labelled and bounded: it never writes ours
+        threading.Thread(target=zygote.relay, args=(proc.stderr, f"sandbox {proc.pid}"), daemon=True).start()
+        with self._proc_lock:
+            self.proc = proc
+            closed = self._closed
+        if closed:  # closed while it was being forked
+            self.close()
+            raise ChildFailed("died", "the process was stopped before it started")
 
     def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False):
         """The function's result; raises ChildFailed. The child is gone afterwards."""
@@ -471,41 +530,23 @@ class Child:
     def close(self) -> None:
         import shutil
 
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):  # stderr: its relay thread closes it at EOF
-            try:
-                f.close()
-            except OSError:
-                pass
+        with self._proc_lock:
+            self._closed = True
+            proc = self.proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for f in (proc.stdin, proc.stdout):  # stderr: its relay thread closes it at EOF
+                try:
+                    f.close()
+                except OSError:
+                    pass
         shutil.rmtree(self.cwd, ignore_errors=True)
 
 
-def _relay(stream, pid: int) -> None:
-    import logging
-
-    log = logging.getLogger("clcalib.sandbox")
-    left = MAX_STDERR
-    for raw in iter(lambda: stream.readline(4096), b""):
-        if left > 0:
-            left -= len(raw)
-            log.info("[sandbox %d] %s", pid, raw.decode("utf-8", "replace").rstrip()[:1000])
-            if left <= 0:
-                log.warning("[sandbox %d] more output dropped (over %d bytes)", pid, MAX_STDERR)
-    stream.close()
-
-
-def _exit_text(code: int) -> str:
-    import signal
-
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--zygote":
+        zygote_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(sys.argv[1])

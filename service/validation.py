@@ -5,8 +5,8 @@ in the API process. Checks that need torch (weights vs arch, decoding a sample o
 forward pass) run in a sandboxed child process (``jobs.sandbox``), one fresh child per check:
 it sees only that upload's folder, has no network and a memory cap, and answers in JSON, so
 neither a hostile upload nor a child it took over can reach the API process, another tenant's
-files or a later check. Children are started ahead (each imports torch once) so a check does
-not wait for the import.
+files or a later check. Children are forked by a zygote that imported torch once (``jobs.zygote``),
+so a check starts in milliseconds and does not pay for the import.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import asyncio
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from clcalib.config import MAX_CONFIG_ITEMS, CalibConfig, count_items
-from jobs.sandbox import Child, ChildFailed, Jail
+from jobs.sandbox import Child, ChildFailed, Jail, zygote_for
 from jobs.settings import Settings
 from service.errors import ApiError
 
@@ -36,8 +35,6 @@ class Validator:
 
     def __init__(self, settings: Settings):
         self.s = settings
-        self._warm: list[Child] = []
-        self._lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
         self._tenants: dict[str, asyncio.Semaphore] = {}
         self._archs: list[str] | None = None
@@ -47,24 +44,8 @@ class Validator:
         return Jail(read=read, tmp=os.path.join(child.cwd, "tmp"), memory_bytes=self.s.validate_memory_bytes,
                     uid=self.s.sandbox_uid)
 
-    def _take(self) -> Child:
-        with self._lock:
-            child = self._warm.pop() if self._warm else None
-        return child or Child(CHECK)
-
-    def _refill(self) -> None:
-        """Start the next checks' processes, after a check: their imports then do not compete
-        for the CPU with the checks running (a check finding none ready starts its own)."""
-        with self._lock:
-            while len(self._warm) < self.s.validate_workers and not self.closed:
-                self._warm.append(Child(CHECK))
-
     def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            children, self._warm = self._warm, []
-        for child in children:
-            child.close()
+        self.closed = True  # a check's child killed from now on is the server stopping, not the upload
 
     def _tenant_slots(self, tenant: str) -> asyncio.Semaphore:
         if tenant not in self._tenants:
@@ -103,24 +84,22 @@ class Validator:
                            "locally") from None
 
     async def warm(self) -> None:
-        """Start the check children (each imports torch once) so no check pays for it."""
-        self._refill()
+        """Start the check processes' zygote (it imports torch once) so no check waits for it."""
+        zygote_for(CHECK.split(":")[0])
 
     async def archs(self) -> list[str]:
-        """The registry's architectures, from the first warm check process once its imports are
-        done (so a service that answers them checks an upload without waiting for torch)."""
+        """The registry's architectures, from a check process once the zygote's imports are done
+        (so a service that answers them checks an upload without waiting for torch)."""
         if self._archs is None:
-            await self.warm()
-            with self._lock:
-                warm = list(self._warm)
-            for child in warm:
-                try:
-                    await run_in_threadpool(child.wait_ready, 300)
-                except ChildFailed as e:
-                    log.warning("a check process did not start: %s", e.message)
-                    continue
-                if self._archs is None and isinstance(child.info, dict):
+            child = Child(CHECK)
+            try:
+                await run_in_threadpool(child.wait_ready, 300)
+                if isinstance(child.info, dict):
                     self._archs = [str(a) for a in child.info.get("archs", [])]
+            except ChildFailed as e:
+                log.warning("a check process did not start: %s", e.message)
+            finally:
+                child.close()
             if self._archs is None:
                 raise ApiError(503, "validator_unavailable", "the validator did not start: no check process "
                                "answered; see the API's log")
@@ -133,14 +112,11 @@ class Validator:
         inputs = {str(Path(v).parent) for k, v in kwargs.items() if k in ("model", "calibration", "evaluation", "labels")
                   and v is not None}
         async with self._tenant_slots(tenant), self._slots:
-            child = self._take()
-            try:
-                res = await self._run(child, self._jail(child, sorted(inputs)),
-                                      {**kwargs, "limits": s.data_limits, "sample": s.validate_sample,
-                                       "worker_memory_bytes": s.worker_memory_bytes},
-                                      s.validate_timeout_s)
-            finally:
-                self._refill()
+            child = Child(CHECK)
+            res = await self._run(child, self._jail(child, sorted(inputs)),
+                                  {**kwargs, "limits": s.data_limits, "sample": s.validate_sample,
+                                   "worker_memory_bytes": s.worker_memory_bytes},
+                                  s.validate_timeout_s)
         if not isinstance(res, dict) or not res.get("ok"):
             res = res if isinstance(res, dict) else {}
             raise ApiError(422, str(res.get("code", "bad_upload"))[:60], str(res.get("message", "the upload was refused")),

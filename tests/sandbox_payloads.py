@@ -107,4 +107,22 @@ def escape_resources() -> dict:
         mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # counted by RLIMIT_DATA: allowed
 
     return {"fork": _try(fork), "shared anonymous mmap": _try(shared_anonymous), "memfd": _try(memfd),
-            "thread": _try(thread), "private mmap": _try(private_file_map)}
+            "thread": _try(thread), "private mmap": _try(private_file_map), "descriptors": _descriptors()}
+
+
+def _descriptors() -> list[str]:
+    """What this process's open descriptors are (pipe, socket, a file's path)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}").split(":")[0])
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return sorted(out)
+
+
+def linger(*, seconds: float) -> str:
+    import time
+
+    time.sleep(seconds)
+    return "woke"

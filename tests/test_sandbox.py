@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,9 @@ def test_no_process_outlives_the_run_and_no_memory_escapes_the_cap(tmp_path):
     assert r["fork"].startswith("refused") and r["shared anonymous mmap"].startswith("refused"), r
     assert r["memfd"].startswith("refused"), r
     assert r["thread"] == "allowed" and r["private mmap"] == "allowed", r
+    # forked by the zygote, it holds its pipes and nothing else: never the zygote's socket, through
+    # which it could ask for a sibling that is not confined
+    assert "socket" not in r["descriptors"] and set(r["descriptors"]) <= {"pipe", "/dev/null"}, r["descriptors"]
 
 
 def test_links_a_run_leaves_in_its_outputs_are_never_served(tmp_path):
@@ -103,3 +110,60 @@ def test_links_a_run_leaves_in_its_outputs_are_never_served(tmp_path):
     assert sorted(st.sanitize("j1")) == ["out/model.onnx", "out/report.json"]
     assert secret.read_text() == "the job database"
     assert sorted(p.name for p in out.iterdir()) == ["quantized.safetensors"]
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ("Z" for a zombie), "" once it is gone (reaping it if it is ours:
+    a process that started a zygote is a child subreaper)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_child_belongs_to_the_process_that_asked_and_dies_with_it(tmp_path):
+    """Children are forked by a zygote that imported torch once, but each is re-parented to the
+    process that asked for it: that process waits for it and kills it, and when it is SIGKILLed
+    itself (the OOM killer on a worker) its zygote and its running child are gone in seconds."""
+    script = textwrap.dedent(f"""
+        import tempfile
+        from jobs.sandbox import Child, Jail, zygote_for
+        c = Child("sandbox_payloads:linger", {ENV!r})
+        c.wait_ready(300)
+        print(c.proc.pid, zygote_for("sandbox_payloads", {ENV!r}).proc.pid, flush=True)
+        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600}}, 900)
+    """)
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        child, zygote = map(int, caller.stdout.readline().split())
+        with open(f"/proc/{child}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == caller.pid  # its parent: the caller
+        assert _state(child) not in ("", "Z") and _state(zygote) not in ("", "Z")
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_state(child) not in ("", "Z") or _state(zygote) not in ("", "Z")):
+        time.sleep(0.1)
+    assert _state(child) in ("", "Z") and _state(zygote) in ("", "Z"), "a sandboxed process outlived its caller"
+
+
+def test_a_child_starts_without_importing_torch_again(tmp_path):
+    """The zygote imports torch once; a check or a job's process is then forked, ready in well
+    under the ~4 s of CPU a fresh interpreter spends importing torch (most of a small upload
+    check's time before)."""
+    Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "w")), {"n": 0}, 300)  # the zygote is up
+    starts = []
+    for i in range(5):
+        t = time.monotonic()
+        c = Child("sandbox_payloads:events", ENV)
+        c.wait_ready(60)
+        starts.append(time.monotonic() - t)
+        assert c.run(Jail(tmp=str(tmp_path / str(i))), {"n": 1}, 60) == "done"
+    assert sorted(starts)[2] < 0.5, starts

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from jobs.objects import Objects, ObjectStoreError, objects_for, resume_key
-from jobs.sandbox import Child, ChildFailed, Jail
+from jobs.sandbox import Child, ChildFailed, Jail, zygote_for
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.store import PROGRAM, Store
@@ -121,20 +121,9 @@ def _sanitize(ws: Workspace, job_id: str) -> None:
         log.warning("job %s: removed %s from its folders (not a plain file)", job_id, name)
 
 
-_next: list[Child] = []  # the next job's sandboxed child, started (torch imported) ahead
-
-
-def start_next() -> None:
-    if not _next:
-        _next.append(Child(CALIBRATE))
-
-
-def take_child() -> Child:
-    """A started calibration child, and the next one starting."""
-    start_next()
-    child = _next.pop()
-    start_next()
-    return child
+def warm_up() -> None:
+    """The calibration zygote starts its imports (torch) now, so the first job does not wait for them."""
+    zygote_for(CALIBRATE.split(":")[0])
 
 
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
@@ -225,7 +214,7 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
     model = {"model": inputs["model"], "model_name": job.model_file} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}
     _sanitize(ws, job.id)
-    child = take_child()
+    child = Child(CALIBRATE)
     jail = Jail(read=sorted({str(Path(p).parent) for p in inputs.values()}), write=[str(out_dir), str(resume_dir)],
                 tmp=str(Path(child.cwd) / "tmp"), memory_bytes=settings.worker_memory_bytes,
                 uid=settings.sandbox_uid, gpu=settings.device != "cpu")

@@ -22,13 +22,13 @@ def calibrate(self, job_id: str) -> str:
 
 @worker_ready.connect
 def _start_first_child(**_):
-    """The first job's sandboxed child starts now (it imports torch); this process never does."""
+    """The calibration zygote starts now (it imports torch); this process never does."""
     from jobs.sandbox import landlock_abi
-    from worker.runner import start_next, store_for
+    from worker.runner import store_for, warm_up
     from worker.workspace import clear_stale
 
     s = get_settings()
-    start_next()
+    warm_up()
     try:
         for name in clear_stale(s.scratch, store_for(s)):
             log.info("removed scratch folder %s left by an earlier worker", name)
