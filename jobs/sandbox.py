@@ -363,6 +363,9 @@ def zygote_main(module: str, fd: int) -> None:
     mod = importlib.import_module(module)
     if hasattr(mod, "warm_sandbox_child"):
         mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child could not use the GPU
+        raise SandboxError(f"importing {module} initialised CUDA; the zygote must fork before that")
     if threading.active_count() != 1:
         raise SandboxError(f"the zygote runs {threading.active_count()} Python threads after importing {module}; "
                            "it must fork from one")
