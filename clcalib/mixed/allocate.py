@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clcalib.errors import ConfigError
-from clcalib.mixed.sensitivity import SiteCost
+from clcalib.mixed.sensitivity import SiteCost, weight_site
 
 
 @dataclass
@@ -45,8 +45,9 @@ def size_of(costs: list[SiteCost], bits: dict[str, int]) -> tuple[int | None, fl
 
 
 def smallest(costs: list[SiteCost]) -> tuple[int, float]:
-    """(weight bytes, average weight bits) of the smallest model the choices allow."""
-    low = {c.name: min(c.cost) for c in costs if not c.fixed}
+    """(weight bytes, average weight bits) of the smallest model the choices allow: every free
+    site at its fewest bits, fixed ones at theirs."""
+    low = {c.name: min(c.choices) for c in costs if not c.fixed}
     wbytes, wavg, _ = size_of(costs, low)
     return wbytes, wavg
 
@@ -101,17 +102,15 @@ def check_budget(qm, config) -> None:
     below the smallest model the choices allow: every free layer at its fewest bits, first/last
     and layer_bits' sites at theirs. One line naming that smallest size."""
     from clcalib.quant.layer import QuantLayer
-    from clcalib.quant.sites import bits_of, layer_bytes, site_modules
+    from clcalib.quant.sites import site_modules
 
     b, t = config.budget, config.target
     choices = b.w_choices if b is not None else (t.w_choices if t is not None else None)
     if choices is None:
         return
     fixed = {id(m) for m in getattr(qm, "first_last", [])}
-    layers = [(n, m) for n, m in site_modules(qm.model).items() if isinstance(m, QuantLayer)]
-    low = {n: bits_of(m) if id(m) in fixed or n in config.layer_bits else min(choices) for n, m in layers}
-    low_bytes = sum(layer_bytes(m, low[n]) for n, m in layers)
-    low_avg = sum(m.weight.numel() * low[n] for n, m in layers) / sum(m.weight.numel() for _, m in layers)
+    low_bytes, low_avg = smallest([weight_site(n, m, id(m) in fixed or n in config.layer_bits, choices)
+                                   for n, m in site_modules(qm.model).items() if isinstance(m, QuantLayer)])
     how = f"every free layer at {min(choices)} bits, the first conv and the classifier at first_last_bits"
     if b is not None and b.weight_mb is not None and low_bytes > b.weight_mb * 1e6:
         raise ConfigError(f"budget.weight_mb {b.weight_mb:g} is below the smallest model these choices allow "

@@ -33,7 +33,8 @@ class SiteCost:
     kind: str  # "weight" | "act"
     size: int  # weights: parameters; activations: elements per image
     bits: int  # the bits the config gives it (first/last fixed, or w_bits / a_bits)
-    fixed: bool  # set by first_last_bits: left out of the allocation
+    fixed: bool  # set by first_last_bits or config.layer_bits: left out of the allocation
+    choices: tuple[int, ...] = ()  # the widths the allocation may give it
     cost: dict[int, float] = field(default_factory=dict)  # bits -> mean KL(FP || this site alone quantized)
     top1_drop: dict[int, float] = field(default_factory=dict)  # bits -> points lost (with an evaluation set)
     bytes: dict[int, int] = field(default_factory=dict)  # weights: bits -> stored bytes
@@ -55,6 +56,14 @@ def _kl(ref: Tensor, got: Tensor) -> float:
 
 def _top1(model, images: Tensor, labels: Tensor) -> float:
     return top1(predict(model, images, batch=CHUNK, device=images.device), labels.cpu())
+
+
+def weight_site(name: str, layer: QuantLayer, fixed: bool, choices: tuple[int, ...]) -> SiteCost:
+    """A layer's weights as a site, before anything is measured: parameters, and stored bytes at
+    its configured bits and at each choice."""
+    given = bits_of(layer)
+    return SiteCost(name, "weight", layer.weight.numel(), given, fixed, tuple(choices),
+                    bytes={b: layer_bytes(layer, b) for b in {given, *choices}})
 
 
 def _act_elements(qm, images: Tensor, quantizers: dict[str, ActQuantizer]) -> dict[str, int]:
@@ -94,18 +103,15 @@ def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tu
     out: list[SiteCost] = []
     for i, (name, m) in enumerate(todo):
         weight = isinstance(m, QuantLayer)
-        sc = SiteCost(name, "weight" if weight else "act", m.weight.numel() if weight else elements[name], bits_of(m),
-                      id(m) in fixed)
+        sc = weight_site(name, m, id(m) in fixed, w_choices) if weight else \
+            SiteCost(name, "act", elements[name], bits_of(m), id(m) in fixed, tuple(a_choices))
         given = bits_of(m)
-        if weight:
-            sc.bytes[given] = layer_bytes(m, given)
-        for b in (w_choices if weight else a_choices):
+        for b in sc.choices:
             set_bits(m, b)
             with quantization(qm, False):
                 m.active = True
                 if weight:
                     m.wq.init_range(m.weight, mse=mse)
-                    sc.bytes[b] = layer_bytes(m, b)
                     sc.cost[b] = _kl(ref, _log_probs(qm, images))
                 else:
                     with observing([m]):
