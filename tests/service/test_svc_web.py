@@ -50,6 +50,21 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             for name, value in (("iters", "30"), ("calib_size", "64"), ("resize", ""), ("crop", ""),
                                 ("mean", ",".join(map(str, PREPROCESS["mean"]))), ("std", ",".join(map(str, PREPROCESS["std"])))):
                 form.locator(f"input[name={name}]").fill(value)
+            # the size and accuracy fields reach the job's config and the server's checks: both at
+            # once is refused in the API, a budget below the smallest model by the upload check
+            status = page.locator("#submit-status")
+            form.locator("input[name=weight_mb]").fill("0.01")
+            form.locator("input[name=max_top1_drop]").fill("1")
+            form.locator("button[type=submit]").click()
+            page.wait_for_function("() => document.getElementById('submit-status').className === 'error'")
+            assert "give a budget or a target, not both" in status.inner_text(), status.inner_text()
+            form.locator("input[name=max_top1_drop]").fill("")
+            page.evaluate("() => { document.getElementById('submit-status').className = ''; }")
+            form.locator("button[type=submit]").click()
+            page.wait_for_function("() => document.getElementById('submit-status').className === 'error'",
+                                   timeout=120_000)
+            assert "422" in status.inner_text() and "below the smallest model" in status.inner_text(), status.inner_text()
+            form.locator("input[name=weight_mb]").fill("")
             form.locator("button[type=submit]").click()
             page.wait_for_url("**/jobs/*", timeout=120_000)
             job_id = page.url.rsplit("/", 1)[1]
