@@ -88,8 +88,8 @@ def test_the_committed_results_page_is_what_the_committed_rows_make():
     assert render() == (HERE / "RESULTS.md").read_text(), "run `python -m bench.make_results` and commit RESULTS.md"
 
 
-def test_cl17_table_counts_a_base_that_asked_for_todays_default_and_matches_cl_blocks():
-    from bench.cl17_table import table as cl_table
+def test_cl_forms_table_counts_a_base_that_asked_for_todays_default_and_matches_cl_blocks():
+    from bench.cl_forms_table import table as cl_table
 
     cl = {"critic": "relational", "lambda": 10.0}
     cfg = {k: v for k, v in defaults().items()}

@@ -13,7 +13,7 @@ if [ "${DIAG:-1}" = 1 ]; then
   python -m bench.cl_diagnose --bits W2A2 --iters 200 --cl "$OLD" --out bench/results/cl_diagnose_nce_default.json > bench/results/cl_diagnose_nce_default.md
   python -m bench.cl_diagnose --bits W2A2 --iters 200 --cl "$NEW" --out bench/results/cl_diagnose_relational.json > bench/results/cl_diagnose_relational.md
 fi
-OUT=bench/results/cpu_cl17_screen_iters200.jsonl
+OUT=bench/results/cpu_cl_forms_screen_iters200.jsonl
 V='[{"cl_calib":{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}},
     {"cl_calib":{"mapping":"pool","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.1}}]'
 for bits in ${BITS:-W2A2}; do

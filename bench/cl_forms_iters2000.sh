@@ -4,9 +4,9 @@
 # Base rows at today's defaults that bench/results/cpu_iters2000.jsonl already holds (same
 # config) are copied into the output with "copied_from" instead of being run again; runs that
 # the output already holds are skipped (bench.accuracy). Rows: bench/results/cpu_cl_iters2000.jsonl.
-#   bench/cl17_iters2000.sh                                   # resnet18 qdrop: W2A2, W4A2, W2A4
-#   MODEL=mobilenet_v2 BITS="W2A4 W4A2" bench/cl17_iters2000.sh
-#   METHOD=pdquant BITS=W2A2 SEEDS="0 1" bench/cl17_iters2000.sh
+#   bench/cl_forms_iters2000.sh                                   # resnet18 qdrop: W2A2, W4A2, W2A4
+#   MODEL=mobilenet_v2 BITS="W2A4 W4A2" bench/cl_forms_iters2000.sh
+#   METHOD=pdquant BITS=W2A2 SEEDS="0 1" bench/cl_forms_iters2000.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD

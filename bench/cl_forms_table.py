@@ -1,6 +1,6 @@
 """Issue 17's 2000-iteration table: a base method vs base + CL (one cl_calib block) per bit setting.
 
-    python -m bench.cl17_table bench/results/cpu_cl_iters2000.jsonl \\
+    python -m bench.cl_forms_table bench/results/cpu_cl_iters2000.jsonl \\
         --cl '{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}'
 
 A base row is a row of the method without CL that ran with today's defaults (``bench.summarize.settings``
