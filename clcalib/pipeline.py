@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from clcalib.config import CalibConfig, ExportFormat
 from clcalib.data import DEFAULT_LIMITS, LabeledSet, Limits, load_calibration
 from clcalib.diagnostics import layer_sqnr, per_class
 from clcalib.errors import Canceled, ConfigError, DataError, ExportError, ModelMismatchError
-from clcalib.export import load_quantized, save_quantized, versions
+from clcalib.export import ModelSize, load_quantized, save_quantized, versions
 from clcalib.graph.registry import build_model, read_state_dict
 from clcalib.metrics import compare, predict, top1
 from clcalib.progress import ProgressCallback, ProgressEvent
@@ -150,6 +152,68 @@ def run_calibration(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # the inputs: what the config cannot get refused first, then the model and the images read
+    _check_config(config, evaluation)
+    fp_model, arch, num_classes, config, notes = load_model(arch, num_classes, weights, model, model_name, config)
+    inputs = _load_inputs(calibration, evaluation, config, limits, labels, num_classes)
+    emit = on_progress or (lambda e: None)
+    warnings = _Warnings(emit)
+    device = resolve_device(config.device)
+    fp_logits = _evaluate_fp(fp_model, inputs.evalset, device, emit)
+    warnings.add(*_input_warnings(config, inputs, fp_logits, num_classes))
+    _check_exportable_first(fp_model, inputs.calib, config, emit)
+
+    result, config, mixed = _calibrate(fp_model, inputs, config, on_progress, resume_dir, fp_logits, device, warnings)
+
+    # what a user downloads: the checkpoint, reloaded and measured (and exported)
+    emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
+    save = partial(_save_checkpoint, result, out / CHECKPOINT_NAME, arch, num_classes, config, inputs.calib)
+    storage = save({})
+    measured = _evaluate_quantized(out, inputs, config, device, emit, warnings, len(result.units))
+
+    metrics = {**_quality_metrics(inputs.evalset, fp_logits, measured),
+               **_run_metrics(result, storage, config, t0, warnings.messages)}
+    classes = (per_class(fp_logits, measured.q_logits, inputs.evalset.labels, num_classes)
+               if inputs.evalset is not None else None)
+    report = _report(arch, num_classes, config, notes, inputs, result, metrics, classes, mixed, measured, device)
+    _write_outputs(report, save, out)
+    return report
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    calib: Tensor  # the calibration images, preprocessed
+    evalset: LabeledSet | None  # the evaluation set (streamed in batches), None without one
+    stats: dict  # what reading the calibration set found: images supplied, their smallest side
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """The reloaded checkpoint measured: its logits on the evaluation set (None without one), the
+    ONNX export's metrics (empty without the export) and why the export failed after calibration
+    (None: it did not, or was not asked)."""
+
+    q_logits: Tensor | None
+    onnx: dict
+    export_error: str | None
+
+
+class _Warnings:
+    """The run's warnings: each one a progress event when found, all of them kept for the report."""
+
+    def __init__(self, emit: ProgressCallback):
+        self.emit = emit
+        self.messages: list[str] = []
+
+    def add(self, *messages: str) -> None:
+        for w in messages:
+            self.messages.append(w)
+            self.emit(ProgressEvent(stage="warning", message=w))
+
+
+def _check_config(config: CalibConfig, evaluation) -> None:
+    """Refuse, before anything is read, what the config asks and cannot get: an ONNX target whose
+    runtime is missing, an accuracy target without an evaluation set."""
     if ExportFormat.ONNX in config.export:  # before hours of calibration, not after
         from clcalib.export.profiles import check_target
 
@@ -157,7 +221,12 @@ def run_calibration(
     if config.target is not None and evaluation is None:
         raise ConfigError("config.target needs an evaluation set (--evaluation, or the `evaluation` upload): the "
                           "search measures each candidate's top-1 there")
-    fp_model, arch, num_classes, config, notes = load_model(arch, num_classes, weights, model, model_name, config)
+
+
+def _load_inputs(calibration, evaluation, config: CalibConfig, limits: Limits, labels: list[str] | None,
+                 num_classes: int) -> _Inputs:
+    """The calibration images and the evaluation set, refused (DataError) when the evaluation set
+    does not fit the model's classes or the calibration images' shape."""
     stats: dict = {}
     calib = load_calibration(calibration, config.preprocess, config.calib_size, config.calib_draw, limits, stats)
     # the evaluation set streams in batches: any size, one batch in memory
@@ -167,74 +236,100 @@ def run_calibration(
     if evalset is not None and evalset.shape != tuple(calib.shape[1:]):
         raise DataError(f"evaluation images come out {evalset.shape} but calibration data is "
                         f"{tuple(calib.shape[1:])}; use the same preprocessing (resize/crop) for both")
+    return _Inputs(calib, evalset, stats)
 
-    emit = on_progress or (lambda e: None)
-    device = resolve_device(config.device)
-    warnings = [upscale_warning(config.preprocess, stats.get("smallest_side"))]
-    fp_logits = None
-    if evalset is not None:  # the FP model first: a preprocessing mismatch shows before the long part
-        warnings.append(mapping_warning(evalset.mapping, evalset.by_name))
-        emit(ProgressEvent(stage="evaluate"))
-        with exact_numerics():
-            runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
-            fp_logits = predict(runnable.to(device), evalset.images(), device=device)
-        warnings.append(chance_warning(top1(fp_logits, evalset.labels), num_classes))
-    warnings = [w for w in warnings if w]
-    for w in warnings:
-        emit(ProgressEvent(stage="warning", message=w))
 
-    if ExportFormat.ONNX in config.export:  # every op translates: known now, not after calibration
+def _evaluate_fp(fp_model, evalset: LabeledSet | None, device, emit: ProgressCallback) -> Tensor | None:
+    """The FP model's logits on the evaluation set (None without one): measured first, so that a
+    preprocessing mismatch shows before the long part."""
+    if evalset is None:
+        return None
+    emit(ProgressEvent(stage="evaluate"))
+    with exact_numerics():
+        runnable = fp_model.module() if isinstance(fp_model, torch.export.ExportedProgram) else fp_model
+        return predict(runnable.to(device), evalset.images(), device=device)
+
+
+def _input_warnings(config: CalibConfig, inputs: _Inputs, fp_logits: Tensor | None, num_classes: int) -> list[str]:
+    """The silent traps in the user's inputs (clcalib.traps)."""
+    found = [upscale_warning(config.preprocess, inputs.stats.get("smallest_side"))]
+    if inputs.evalset is not None:
+        found.append(mapping_warning(inputs.evalset.mapping, inputs.evalset.by_name))
+        found.append(chance_warning(top1(fp_logits, inputs.evalset.labels), num_classes))
+    return [w for w in found if w]
+
+
+def _check_exportable_first(fp_model, calib: Tensor, config: CalibConfig, emit: ProgressCallback) -> None:
+    """With an ONNX export asked: every op translates (check_exportable), known now, not after calibration."""
+    if ExportFormat.ONNX in config.export:
         emit(ProgressEvent(stage="prepare", message="checking the ONNX export"))
         check_exportable(fp_model, calib[:2], config)
 
-    mixed, mixed_warnings = None, []
-    if config.budget is not None or config.target is not None:
-        from clcalib.mixed.plan import calibrate_mixed
 
-        result, config, mixed, mixed_warnings = calibrate_mixed(fp_model, calib, config, on_progress, resume_dir,
-                                                                evalset, fp_logits, device)
-        for w in mixed_warnings:
-            emit(ProgressEvent(stage="warning", message=w))
-        warnings += mixed_warnings
-    else:
-        result = calibrate(fp_model, calib, config, on_progress, resume_dir=resume_dir)
-    emit(ProgressEvent(stage="export", num_units=len(result.units), unit=len(result.units)))
-    ckpt = out / CHECKPOINT_NAME
+def _calibrate(fp_model, inputs: _Inputs, config: CalibConfig, on_progress: ProgressCallback | None, resume_dir,
+               fp_logits: Tensor | None, device, warnings: _Warnings) -> tuple:
+    """(the CalibrationResult, the config it ran with, the report's mixed-precision section): uniform
+    bits, or mixed precision under config.budget or config.target (its warnings added to ``warnings``)."""
+    if config.budget is None and config.target is None:
+        return calibrate(fp_model, inputs.calib, config, on_progress, resume_dir=resume_dir), config, None
+    from clcalib.mixed.plan import calibrate_mixed
+
+    result, config, mixed, mixed_warnings = calibrate_mixed(fp_model, inputs.calib, config, on_progress, resume_dir,
+                                                            inputs.evalset, fp_logits, device)
+    warnings.add(*mixed_warnings)
+    return result, config, mixed
+
+
+def _save_checkpoint(result, path: Path, arch: str, num_classes: int, config: CalibConfig, calib: Tensor,
+                     extra: dict) -> ModelSize:
+    """The calibrated model written to ``path``, its header naming the calibration images and ``extra``."""
     header = {"calib_sha256": result.calib_sha256, "calib_images": len(calib)}
+    return save_quantized(result.model, path, arch=arch, num_classes=num_classes, config=config,
+                          input_shape=(1, *calib.shape[1:]), extra={**header, **extra})
 
-    def save(extra: dict):
-        return save_quantized(result.model, ckpt, arch=arch, num_classes=num_classes, config=config,
-                              input_shape=(1, *calib.shape[1:]), extra={**header, **extra})
 
-    storage = save({})
-
-    reloaded = load_quantized(ckpt, device=str(device))
-    metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
-    classes = None
+def _evaluate_quantized(out: Path, inputs: _Inputs, config: CalibConfig, device, emit: ProgressCallback,
+                        warnings: _Warnings, num_units: int) -> _Measured:
+    """The checkpoint in ``out`` reloaded, evaluated and, with config.export, exported to ONNX and
+    checked. An export that fails after calibration is a warning, not an error: the checkpoint
+    and the report are kept."""
+    reloaded = load_quantized(out / CHECKPOINT_NAME, device=str(device))
     export = ExportFormat.ONNX in config.export
-    if evalset is not None or export:
-        emit(ProgressEvent(stage="evaluate" if evalset is not None else "export", num_units=len(result.units),
-                           unit=len(result.units)))
+    if inputs.evalset is not None or export:
+        emit(ProgressEvent(stage="evaluate" if inputs.evalset is not None else "export", num_units=num_units,
+                           unit=num_units))
     export_error = None
     try:
-        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, export, device, config)
+        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, inputs.calib, inputs.evalset, export, device,
+                                           config)
     except Exception as e:  # calibration is done: keep it, publish it, say what failed
         if isinstance(e, (MemoryError, Canceled)):
             raise
         export_error = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {str(e)[:300]}"
-        warnings.append(f"the ONNX export failed after calibration ({export_error}); the checkpoint and this report "
-                        f"are complete: run `clcalib export --checkpoint {CHECKPOINT_NAME} --out model.onnx` "
-                        "once the exporter supports the model")
-        emit(ProgressEvent(stage="warning", message=warnings[-1]))
-        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, calib, evalset, False, device, config)
-    metrics.update(onnx)
-    if export_error is not None:
-        metrics["export_error"] = export_error
+        warnings.add(f"the ONNX export failed after calibration ({export_error}); the checkpoint and this report "
+                     f"are complete: run `clcalib export --checkpoint {CHECKPOINT_NAME} --out model.onnx` "
+                     "once the exporter supports the model")
+        q_logits, onnx = _quantized_logits(reloaded, out / ONNX_NAME, inputs.calib, inputs.evalset, False, device,
+                                           config)
+    return _Measured(q_logits, onnx, export_error)
+
+
+def _quality_metrics(evalset: LabeledSet | None, fp_logits: Tensor | None, measured: _Measured) -> dict:
+    """The quantized model against the FP one on the evaluation set (nulls without one), and the export's figures."""
+    metrics: dict = {"fp_top1": None, "quant_top1": None, "top1_agreement": None, "sqnr_db": None}
+    metrics.update(measured.onnx)
+    if measured.export_error is not None:
+        metrics["export_error"] = measured.export_error
     if evalset is not None:
-        metrics.update({k: _finite(v) for k, v in compare(fp_logits, q_logits, evalset.labels).items()})
+        metrics.update({k: _finite(v) for k, v in compare(fp_logits, measured.q_logits, evalset.labels).items()})
         metrics["eval_images"] = len(evalset.labels)
-        classes = per_class(fp_logits, q_logits, evalset.labels, num_classes)
-    metrics.update({
+    return metrics
+
+
+def _run_metrics(result, storage: ModelSize, config: CalibConfig, t0: float, warnings: list[str]) -> dict:
+    """What the run took and gave: times, sizes, memory, warnings, CL-Calib's settings, the added
+    loss terms' curves."""
+    metrics = {
         "calibration_seconds": result.calibration_seconds,
         "total_seconds": time.perf_counter() - t0,
         "weight_bytes": storage.quantized_bytes,
@@ -244,7 +339,7 @@ def run_calibration(
         "peak_device_memory_bytes": result.metrics.get("peak_device_memory_bytes"),  # null on the CPU
         "peak_device_reserved_bytes": result.metrics.get("peak_device_reserved_bytes"),
         "warnings": warnings,
-    })
+    }
     if config.cl_calib.enabled:
         metrics["cl_calib"] = config.cl_calib.model_dump(mode="json", by_alias=True)
     curves = {u.name: {k: {"first": _finite(v[0]), "last": _finite(v[-1]), "curve": [_finite(x) for x in v]}
@@ -252,33 +347,43 @@ def run_calibration(
               for u in result.units if u.extra}
     if curves:
         metrics["added_loss_curves"] = curves  # per unit: CL / PD terms over the iterations
-    report = {
+    return metrics
+
+
+def _report(arch: str, num_classes: int, config: CalibConfig, notes: list[str], inputs: _Inputs, result,
+            metrics: dict, classes, mixed: dict | None, measured: _Measured, device) -> dict:
+    """report.json's content, less the files' hashes."""
+    return {
         "arch": arch,
         "num_classes": num_classes,
         "config": config.model_dump(mode="json", by_alias=True),
         "device": result.device,
-        "calib_images": len(calib),
+        "calib_images": len(inputs.calib),
         "calib_sha256": result.calib_sha256,
         # which images: the draw (calib_seed, else seed) of calib_images out of the supplied set
-        "calib_draw": {"seed": config.calib_draw, "supplied": stats.get("supplied")},
+        "calib_draw": {"seed": config.calib_draw, "supplied": inputs.stats.get("supplied")},
         "notes": notes,
         "metrics": metrics,
         "units": [{k: _finite(v) for k, v in u.to_dict().items()} for u in result.units],
-        "class_mapping": evalset.mapping if evalset is not None else None,
+        "class_mapping": inputs.evalset.mapping if inputs.evalset is not None else None,
         "per_class": classes,
         # the in-memory model still holds the FP weights beside their rounding (the checkpoint only the latter)
-        "layers": layer_sqnr(result.model, calib[:DIAGNOSTIC_IMAGES].to(device)),
-        "layer_images": min(DIAGNOSTIC_IMAGES, len(calib)),
+        "layers": layer_sqnr(result.model, inputs.calib[:DIAGNOSTIC_IMAGES].to(device)),
+        "layer_images": min(DIAGNOSTIC_IMAGES, len(inputs.calib)),
         "mixed_precision": mixed,  # sensitivity, allocation and the target's search (null: uniform bits)
         "checkpoint": CHECKPOINT_NAME,
-        "onnx": ONNX_NAME if ExportFormat.ONNX in config.export and export_error is None else None,
+        "onnx": ONNX_NAME if ExportFormat.ONNX in config.export and measured.export_error is None else None,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
     }
-    save({"metrics": metrics})  # same tensors, now with the measured metrics in the header
+
+
+def _write_outputs(report: dict, save, out: Path) -> None:
+    """The checkpoint again, now with the measured metrics in its header (same tensors), then the
+    files' hashes into the report, report.json and report.html."""
+    save({"metrics": report["metrics"]})
     # what the downloads must hash to (the service checks its uploads against it, clients their downloads)
-    hashed = [ckpt] + ([out / ONNX_NAME] if report["onnx"] else [])
+    hashed = [out / CHECKPOINT_NAME] + ([out / ONNX_NAME] if report["onnx"] else [])
     report["sha256"] = {p.name: _sha256(p) for p in hashed}
     write_json_atomic(report, out / REPORT_NAME)
     write_report_html(report, out / REPORT_HTML_NAME)
-    return report

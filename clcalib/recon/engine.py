@@ -32,7 +32,7 @@ from clcalib.recon.placement import (
     plan_caches,
     working_bytes,
 )
-from clcalib.recon.step import Step, Terms
+from clcalib.recon.step import Caches, Learned, Step, StepSettings, Terms
 
 OBSERVE_SAMPLES = 256  # activation ranges are searched on this many calibration samples
 EVAL_BATCH = 256
@@ -143,9 +143,8 @@ class Reconstructor:
         cfg, iters = self.cfg, self.cfg.iters
         terms = self._unit_terms(k, module, y_f)
         graphed = cfg.step_capture == "auto" and can_capture(self.device, plan.where == "device", terms is not None)
-        rec_w = terms.rec_weight if terms is not None else 1.0
-        step = Step(module, layers, x_q, x_fp, y_f, cfg, self.round_weight, gen, self.device, terms, rec_w,
-                    stage=Stager(self.device, host=plan.where == "host"), capturable=graphed)
+        step = Step(Learned(module, layers), Caches(x_q, x_fp, y_f, Stager(self.device, host=plan.where == "host")),
+                    StepSettings(cfg, self.round_weight, terms, capturable=graphed), gen, self.device)
         run = GraphedStep(step) if graphed else step
         progress = _Progress(self, k, step, iters)
         # official QDrop drops at every activation quantizer of the unit, not only its input

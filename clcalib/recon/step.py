@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -92,58 +93,97 @@ def _step_size_optimizer(scales: list[Tensor], cfg: CalibConfig, device: torch.d
     return opt
 
 
-class Step:
-    """Learns ``layers``' rounding (Adam, lr_round) and ``module``'s activation step sizes (Adam,
-    lr_act on the schedule) so that ``module(x_q)`` matches ``y_f``. ``x_fp``: QDrop's FP inputs.
-    ``stage(t, idx)`` gives ``t[idx]`` on the device (``t`` may live in host memory, see
-    clcalib.recon.placement). ``capturable``: the step will be captured (clcalib.recon.graphed).
-    ``close`` hardens the rounding and freezes the step sizes."""
+def _index(t: Tensor, idx: Tensor) -> Tensor:
+    return t[idx]
 
-    def __init__(self, module: nn.Module, layers: list[QuantLayer], x_q: Tensor, x_fp: Tensor | None, y_f: Tensor,
-                 cfg: CalibConfig, round_weight: float, gen: torch.Generator, device: torch.device,
-                 terms: Terms | None = None, rec_weight: float = 1.0,
-                 stage: Callable[[Tensor, Tensor], Tensor] | None = None, capturable: bool = False):
-        self.module, self.layers, self.cfg = module, layers, cfg
-        self.x_q, self.x_fp, self.y_f = x_q, x_fp, y_f
-        self.round_weight, self.gen, self.device = round_weight, gen, device
-        self.terms, self.rec_weight = terms, rec_weight
-        self.stage = stage or (lambda t, idx: t[idx])
+
+@dataclass(frozen=True)
+class Learned:
+    """What a step learns: ``layers``' rounding and ``module``'s activation step sizes. ``module``
+    is a reconstruction unit, or one of its layers (layer-wise methods)."""
+
+    module: nn.Module
+    layers: list[QuantLayer]
+
+
+@dataclass(frozen=True)
+class Caches:
+    """The module's cached inputs and targets over the calibration set: ``x_q`` its quantized
+    inputs, ``x_fp`` its FP inputs (QDrop's; None without dropping), ``y_f`` its FP outputs.
+    ``stage(t, idx)`` gives ``t[idx]`` on the device (``t`` may live in host memory, see
+    clcalib.recon.placement)."""
+
+    x_q: Tensor
+    x_fp: Tensor | None
+    y_f: Tensor
+    stage: Callable[[Tensor, Tensor], Tensor] = _index
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a step learns: the config's rates, schedule and batch, ``round_weight`` (the rounding
+    regulariser's weight), the unit's ``terms`` beside its MSE (None: the MSE alone, weighted 1),
+    and ``capturable``: the step will be captured (clcalib.recon.graphed)."""
+
+    cfg: CalibConfig
+    round_weight: float
+    terms: Terms | None = None
+    capturable: bool = False
+
+    @property
+    def rec_weight(self) -> float:
+        """The weight of the reconstruction MSE: the terms say it."""
+        return self.terms.rec_weight if self.terms is not None else 1.0
+
+
+class Step:
+    """Learns ``learned`` (rounding: Adam, lr_round; activation step sizes: Adam, lr_act on the
+    schedule) so that ``module(x_q)`` matches ``y_f`` over ``caches``, drawing batches from
+    ``gen`` on ``device``. ``close`` hardens the rounding and freezes the step sizes."""
+
+    def __init__(self, learned: Learned, caches: Caches, settings: StepSettings, gen: torch.Generator,
+                 device: torch.device):
+        self.learned, self.caches, self.settings = learned, caches, settings
+        self.gen, self.device = gen, device
+        cfg = settings.cfg
         self.schedule = Schedule(cfg, cfg.iters, device)
-        self.opt_w = _rounding_optimizer(layers, cfg, device, capturable)
-        self.act_scales = [q.scale for q in module.modules() if isinstance(q, ActQuantizer) and q.initialized]
-        self.opt_a = _step_size_optimizer(self.act_scales, cfg, device, capturable)
+        self.opt_w = _rounding_optimizer(learned.layers, cfg, device, settings.capturable)
+        self.act_scales = [q.scale for q in learned.module.modules() if isinstance(q, ActQuantizer) and q.initialized]
+        self.opt_a = _step_size_optimizer(self.act_scales, cfg, device, settings.capturable)
         # sums since the last progress report, on the device (no host sync per iteration)
         self.rec_sum = torch.zeros((), device=device)
         self.added_sums: dict[str, Tensor] = {}
 
     def batch(self) -> tuple[Tensor, Tensor]:
         """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
-        n = len(self.x_q)
-        idx = torch.randint(n, (min(self.cfg.batch_size, n),), generator=self.gen, device=self.device)
-        inp = self.stage(self.x_q, idx)
-        if self.x_fp is not None:
-            keep_fp = torch.rand(inp.shape, generator=self.gen, device=self.device) < self.cfg.drop_prob
-            inp = torch.where(keep_fp, self.stage(self.x_fp, idx), inp)
+        c, cfg = self.caches, self.settings.cfg
+        n = len(c.x_q)
+        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=self.gen, device=self.device)
+        inp = c.stage(c.x_q, idx)
+        if c.x_fp is not None:
+            keep_fp = torch.rand(inp.shape, generator=self.gen, device=self.device) < cfg.drop_prob
+            inp = torch.where(keep_fp, c.stage(c.x_fp, idx), inp)
         return idx, inp
 
     def __call__(self, regularized: bool) -> None:
         """One iteration: loss = rec_weight * MSE + the unit's terms + rounding regulariser (after
         the warm-up, ``regularized``); one step of each optimiser."""
+        s, layers = self.settings, self.learned.layers
         row = self.schedule.next_row()
         idx, inp = self.batch()
-        target = self.stage(self.y_f, idx)
+        target = self.caches.stage(self.caches.y_f, idx)
         beta = row[Schedule.BETA] if regularized else None
-        for layer in self.layers:
-            layer.wq.set_regularizer(beta, self.round_weight)
-        out = self.module(inp)
+        for layer in layers:
+            layer.wq.set_regularizer(beta, s.round_weight)
+        out = self.learned.module(inp)
         rec = rec_loss(out, target)
-        loss = self.rec_weight * rec
-        if self.terms is not None:
-            for key, val in self.terms(out, target, idx).items():
+        loss = s.rec_weight * rec
+        if s.terms is not None:
+            for key, val in s.terms(out, target, idx).items():
                 loss = loss + val
                 self.added_sums[key] = self.added_sums.get(key, 0) + val.detach()
-        if regularized and self.round_weight > 0:
-            loss = loss + sum(layer.wq.last_reg for layer in self.layers)
+        if regularized and s.round_weight > 0:
+            loss = loss + sum(layer.wq.last_reg for layer in layers)
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_a is not None:
             self.opt_a.zero_grad(set_to_none=True)
@@ -167,7 +207,7 @@ class Step:
         for p in self.act_scales:
             p.grad = None
             p.requires_grad_(False)
-        for layer in self.layers:
+        for layer in self.learned.layers:
             layer.wq.last_reg = None
             layer.wq.set_regularizer(None, 0.0)
             if layer.wq.alpha is not None:
