@@ -19,7 +19,9 @@ import pytest
 from jobs.sandbox import Child, ChildFailed, Jail, landlock_abi
 
 HERE = Path(__file__).parent
-ENV = {"PYTHONPATH": str(HERE)}  # the payload module; the child gets no other variable of ours
+# the payload module, and this checkout before any installed copy of it (an editable install of another
+# checkout would otherwise run its jobs.sandbox in the children); the child gets no other variable of ours
+ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
 
 pytestmark = pytest.mark.skipif(landlock_abi() < 4, reason="this kernel has no Landlock ABI >= 4")
 
