@@ -201,14 +201,14 @@ def _landlock(read: list[str], write: list[str], devices: list[str]) -> int:
 # seccomp: a classic BPF filter (include/uapi/linux/filter.h, seccomp.h). Per architecture: the
 # audit arch and the syscall numbers of what is refused.
 _ARCH = {
-    "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9,
+    "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9, "prctl": 157,
                "deny": {"socket": 41, "io_uring_setup": 425, "fork": 57, "vfork": 58, "shmget": 29, "shmat": 30,
                         "semget": 64, "msgget": 68, "memfd_create": 319}},
-    "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222,
+    "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222, "prctl": 167,
                 "deny": {"socket": 198, "io_uring_setup": 425, "shmget": 194, "shmat": 196, "semget": 190,
                          "msgget": 186, "memfd_create": 279}},
 }
-_CLONE_THREAD, _MAP_SHARED_ANONYMOUS = 0x10000, 0x21
+_CLONE_THREAD, _MAP_SHARED_ANONYMOUS, _PR_SET_PDEATHSIG = 0x10000, 0x21, 1
 
 
 class _SockFilter(ctypes.Structure):
@@ -223,6 +223,7 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     """The filter: no sockets, io_uring, SysV IPC or memfd (shared memory outside RLIMIT_DATA);
     no new process (fork, vfork, clone without CLONE_THREAD: a grandchild would outlive the run;
     clone3 answers ENOSYS, so glibc falls back to clone for threads); no shared anonymous mmap;
+    no PR_SET_PDEATHSIG (clearing it would let the process outlive its caller as an orphan);
     a foreign syscall ABI kills the process."""
     a = _ARCH[machine]
     ld, jeq, jset, ret, alu_and = 0x20, 0x15, 0x45, 0x06, 0x54
@@ -240,6 +241,7 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     jump(jeq, a["clone3"], "enosys")
     jump(jeq, a["clone"], "clone")
     jump(jeq, a["mmap"], "mmap")
+    jump(jeq, a["prctl"], "prctl")
     code += [("allow",)]
     labels = {"clone": len(code)}
     code += [(ld, 0, 0, 16)]  # args[0], low 32 bits: clone's flags
@@ -247,6 +249,9 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     labels["mmap"] = len(code)
     code += [(ld, 0, 0, 16 + 3 * 8), (alu_and, 0, 0, _MAP_SHARED_ANONYMOUS)]  # args[3]: mmap's flags
     jump(jeq, _MAP_SHARED_ANONYMOUS, "deny", "allow")
+    labels["prctl"] = len(code)
+    code += [(ld, 0, 0, 16)]  # args[0]: prctl's option; the death signal stays the one enter() set
+    jump(jeq, _PR_SET_PDEATHSIG, "deny", "allow")
     for name, value in (("allow", 0x7FFF0000), ("deny", 0x00050000 | 13), ("enosys", 0x00050000 | 38),
                         ("kill", 0x80000000)):
         labels[name] = len(code)

@@ -126,3 +126,21 @@ def linger(*, seconds: float) -> str:
 
     time.sleep(seconds)
     return "woke"
+
+
+def outlive(*, seconds: float, how: str) -> str:
+    """Try to go on running once the process that started this one is gone."""
+    import ctypes
+    import sys
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if how == "pdeathsig":
+        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: none
+    elif how == "exec":
+        os.execv(sys.executable, [sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    elif how == "setsid":
+        os.setsid()
+    time.sleep(seconds)
+    return "woke"
+

@@ -169,3 +169,34 @@ def test_a_child_starts_without_importing_torch_again(tmp_path):
         starts.append(time.monotonic() - t)
         assert c.run(Jail(tmp=str(tmp_path / str(i))), {"n": 1}, 60) == "done"
     assert sorted(starts)[2] < 0.5, starts
+
+
+@pytest.mark.parametrize("how", ["pdeathsig", "exec", "setsid"])
+def test_a_child_cannot_outlive_its_caller_whatever_it_does(tmp_path, how):
+    """Code inside may clear its parent-death signal (prctl), exec a new program or start its own
+    session: when its caller is SIGKILLed it still dies, instead of running on as an orphan."""
+    script = textwrap.dedent(f"""
+        import tempfile
+        from jobs.sandbox import Child, Jail
+        c = Child("sandbox_payloads:outlive", {ENV!r})
+        c.wait_ready(300)
+        print(c.proc.pid, flush=True)
+        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600, "how": {how!r}}}, 900)
+    """)
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        child = int(caller.stdout.readline())
+        time.sleep(1.5)  # the payload has run
+        assert _state(child) not in ("", "Z")
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _state(child) not in ("", "Z"):
+        time.sleep(0.1)
+    try:
+        assert _state(child) in ("", "Z"), f"a sandboxed process outlived its caller ({how})"
+    finally:
+        if _state(child) not in ("", "Z"):
+            os.kill(child, 9)  # still alive, so its pid is still its own
