@@ -465,7 +465,12 @@ class Child:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                code = self.proc.wait()
+                # a process that closed its pipe but runs on is not waited for past a few seconds (or its time)
+                code = self.proc.wait(5.0 if deadline is None else max(0.5, min(5.0, deadline - time.monotonic())))
+                if code is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise ChildFailed("protocol", "the process closed its answer's pipe and did not exit; killed")
                 raise ChildFailed("died", f"the process ended without an answer ({zygote.exit_text(code)})")
             self._buf += chunk
             if len(self._buf) > MAX_LINE and b"\n" not in self._buf:

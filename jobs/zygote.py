@@ -70,10 +70,15 @@ class Forked:
                 self._lock.release()
         return self.returncode
 
-    def wait(self) -> int:
-        with self._lock:
-            if self.returncode is None:
-                self.returncode = self._reap(0)
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit status; None if it still runs after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # polls, never a blocking waitpid under the lock: that held a kill() from another thread
+        # (a run's close) until the process chose to exit
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
         return self.returncode
 
     def kill(self) -> None:

@@ -144,3 +144,12 @@ def outlive(*, seconds: float, how: str) -> str:
     time.sleep(seconds)
     return "woke"
 
+
+def hang_up(*, seconds: float) -> str:
+    """Close the answer's pipe (every descriptor past stderr), then keep running without a word."""
+    import time
+
+    os.closerange(3, 4096)
+    time.sleep(seconds)
+    return "woke"
+

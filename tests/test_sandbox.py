@@ -200,3 +200,39 @@ def test_a_child_cannot_outlive_its_caller_whatever_it_does(tmp_path, how):
     finally:
         if _state(child) not in ("", "Z"):
             os.kill(child, 9)  # still alive, so its pid is still its own
+
+
+def test_a_child_that_closes_its_answer_pipe_is_stopped_at_its_timeout(tmp_path):
+    """Code inside that closes the pipe it answers on and runs on (a check never answering) is
+    killed by its run's timeout, not waited for until it chooses to exit: a check slot, a
+    worker's job, is never held past its time."""
+    t = time.monotonic()
+    with pytest.raises(ChildFailed) as e:
+        Child("sandbox_payloads:hang_up", ENV).run(Jail(tmp=str(tmp_path / "h")), {"seconds": 60}, timeout=3)
+    assert time.monotonic() - t < 20, f"the run took {time.monotonic() - t:.0f} s with a timeout of 3 s"
+    assert e.value.kind == "protocol", e.value
+
+
+def test_closing_a_run_from_another_thread_stops_its_child_at_once(tmp_path):
+    """The API's shutdown or a worker's cancel closes a run from another thread: it kills the
+    child at once, even while the run's own thread is waiting for that child to exit."""
+    import threading
+
+    c = Child("sandbox_payloads:hang_up", ENV)
+    c.wait_ready(60)
+    errors = []
+
+    def run():
+        try:
+            c.run(Jail(tmp=str(tmp_path / "h")), {"seconds": 60}, timeout=300)
+        except ChildFailed as e:
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.5)  # the pipe is closed; the run's thread is waiting for the process
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 10, f"close() took {time.monotonic() - t0:.0f} s"
+    assert c.proc.returncode is not None
+    t.join(10)
+    assert not t.is_alive() and errors, errors
