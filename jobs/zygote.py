@@ -112,6 +112,7 @@ class Zygote:
         self._ctrl = ours
         self._lock = threading.Lock()
         self._ready = False
+        self._seq = 0
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
@@ -141,8 +142,10 @@ class Zygote:
             pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
             theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
             ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+            self._seq += 1
             try:
-                socket.send_fds(self._ctrl, [json.dumps({"target": target, "cwd": cwd}).encode()], theirs)
+                socket.send_fds(self._ctrl, [json.dumps({"target": target, "cwd": cwd, "seq": self._seq}).encode()],
+                                theirs)
             except OSError as e:
                 for fd in ours:
                     os.close(fd)
@@ -152,6 +155,9 @@ class Zygote:
                     os.close(fd)
             try:
                 reply = self._recv(deadline)
+                while reply.get("seq") != self._seq:  # the late answer to a request that timed out
+                    _discard(reply.get("pid"))
+                    reply = self._recv(deadline)
             except ZygoteFailed:
                 for fd in ours:
                     os.close(fd)
@@ -175,6 +181,24 @@ class Zygote:
         shutil.rmtree(self.cwd, ignore_errors=True)
 
 
+def _discard(pid) -> None:
+    """A child forked for a request that timed out: re-parented to us and no one's, it would run
+    with the next request's pid mixed up (killed and waited for as another) and end a zombie."""
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)  # ours and never waited for, so this pid is still its own
+        except ProcessLookupError:
+            return
+        threading.Thread(target=_reap_quietly, args=(pid,), daemon=True).start()
+
+
+def _reap_quietly(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
 # ---- the zygote's side -----------------------------------------------------------------------
 
 def serve(fd: int, run: Callable[[str], None]) -> None:
@@ -191,8 +215,10 @@ def serve(fd: int, run: Callable[[str], None]) -> None:
             return
         if not msg:
             return  # the caller closed its end
+        seq = None
         try:
             req = json.loads(msg)
+            seq = req.get("seq")  # echoed: the caller tells this answer from a late one to a request it gave up
             if len(fds) != 3:
                 raise ValueError(f"{len(fds)} descriptors, not 3")
             reply = {"pid": _fork(ctrl, fds, str(req["target"]), str(req["cwd"]), caller, run)}
@@ -201,7 +227,7 @@ def serve(fd: int, run: Callable[[str], None]) -> None:
         finally:
             for f in fds:
                 os.close(f)
-        ctrl.send(json.dumps(reply).encode())
+        ctrl.send(json.dumps({**reply, "seq": seq}).encode())
 
 
 def _fork(ctrl: socket.socket, fds: list[int], target: str, cwd: str, caller: int, run) -> int:

@@ -153,3 +153,46 @@ def hang_up(*, seconds: float) -> str:
     time.sleep(seconds)
     return "woke"
 
+
+def state() -> dict:
+    """What a process starts with that it did not choose: compared between a forked and a fresh child."""
+    import ctypes
+    import resource
+    import signal
+    import sys
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("SigBlk", "SigIgn", "SigCgt", "NoNewPrivs", "Seccomp", "CapEff", "CapBnd", "CapPrm", "Umask"):
+                status[k] = v.strip()
+    maps, shared = set(), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6:
+                maps.add(parts[5])
+            if "s" in parts[1] and "w" in parts[1]:
+                shared.append(line.strip())
+    pdeath = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(pdeath), 0, 0, 0)  # PR_GET_PDEATHSIG
+    try:
+        import numpy
+        np_draw = float(numpy.random.random())
+    except ImportError:
+        np_draw = None
+    import random
+
+    import torch
+    return {"pid": os.getpid(), "env": sorted(os.environ), "sys.path": sys.path, "cwd": os.getcwd(),
+            "status": status, "maps": sorted(maps), "shared writable maps": shared, "fds": _descriptors(),
+            "rlimits": {n: resource.getrlimit(getattr(resource, n)) for n in dir(resource) if n.startswith("RLIMIT_")},
+            "signals": {s.name: str(signal.getsignal(s)) for s in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGINT,
+                                                                    signal.SIGTERM, signal.SIGXFSZ, signal.SIGHUP)},
+            "pdeathsig": pdeath.value, "dumpable": libc.prctl(3, 0, 0, 0, 0),
+            "hash": hash("clcalib"), "numpy draw": np_draw, "random draw": random.random(),
+            "torch draw": float(torch.rand(1)), "torch seed": torch.initial_seed(),
+            "threads": len(os.listdir("/proc/self/task")), "pgid": os.getpgid(0), "sid": os.getsid(0),
+            "modules": len(sys.modules)}

@@ -236,3 +236,46 @@ def test_closing_a_run_from_another_thread_stops_its_child_at_once(tmp_path):
     assert c.proc.returncode is not None
     t.join(10)
     assert not t.is_alive() and errors, errors
+
+
+def _zombies() -> list[int]:
+    """This process's children that ended and were never waited for."""
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state == "Z" and int(ppid) == os.getpid():
+            out.append(int(p))
+    return out
+
+
+def test_a_fork_the_caller_gave_up_on_is_never_handed_to_the_next_run(tmp_path):
+    """A zygote too slow to answer (a loaded machine) fails that run; its late child must not be
+    taken for the next run's: that run's process would be one its caller cannot kill or time out,
+    and the late one a zombie in the API or worker."""
+    import signal
+
+    from jobs.sandbox import zygote_for
+
+    Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "w")), {"n": 0}, 300)  # the zygote is up
+    z = zygote_for("sandbox_payloads", ENV)
+    os.kill(z.proc.pid, signal.SIGSTOP)  # as slow as it gets
+    try:
+        late = Child("sandbox_payloads:state", ENV)
+        with pytest.raises(ChildFailed) as e:
+            late.wait_ready(0.5)
+        assert e.value.kind == "sandbox", e.value
+        late.close()
+    finally:
+        os.kill(z.proc.pid, signal.SIGCONT)
+    c = Child("sandbox_payloads:state", ENV)
+    c.wait_ready(60)
+    forked = c.proc.pid
+    assert c.run(Jail(tmp=str(tmp_path / "s")), {}, 60)["pid"] == forked  # the run was the process it waited for
+    deadline = time.monotonic() + 5
+    while _zombies() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _zombies()
