@@ -18,6 +18,7 @@ exit status as it would a ``subprocess`` child, and the child dies with the call
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import json
 import logging
@@ -102,9 +103,9 @@ class Zygote:
         # sandbox grants reading every folder on sys.path (never "/" or a folder of ours)
         self.cwd = tempfile.mkdtemp(prefix="clcalib-zygote-")
         try:
-            self.proc = subprocess.Popen([*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True)
+            self.proc = _on_a_lasting_thread(lambda: subprocess.Popen(
+                [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True))
         finally:
             theirs.close()
         threading.Thread(target=relay, args=(self.proc.stderr, f"zygote {self.proc.pid}"), daemon=True).start()
@@ -179,6 +180,23 @@ class Zygote:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+_starter: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_starter_lock = threading.Lock()
+
+
+def _on_a_lasting_thread(fn):
+    """``fn()`` on the main thread or one that lives as long as this process: the zygote's
+    PR_SET_PDEATHSIG fires when the *thread* that started it exits (a request's pool thread)."""
+    global _starter
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _starter_lock:
+        if _starter is None or _starter[0] != os.getpid():  # a forked process has no such thread
+            _starter = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zygote-starter"))
+        pool = _starter[1]
+    return pool.submit(fn).result()
 
 
 def _discard(pid) -> None:

@@ -279,3 +279,26 @@ def test_a_fork_the_caller_gave_up_on_is_never_handed_to_the_next_run(tmp_path):
     while _zombies() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _zombies()
+
+
+def test_the_zygote_outlives_the_thread_that_started_it(tmp_path):
+    """The API starts or restarts a zygote from whatever thread first needs it (a request's pool
+    thread, which ends when idle): the zygote dies with the process, not with that thread, so a
+    check does not pay for torch's import again, nor fail mid-request."""
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    env = {**ENV, "CLCALIB_TEST_ZYGOTE": "thread"}  # a zygote of its own
+    box = {}
+
+    def first():
+        box["z"] = zygote_for("sandbox_payloads", env)
+        assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "a")), {"n": 0}, 300) == "done"
+    t = threading.Thread(target=first)
+    t.start()
+    t.join()
+    time.sleep(1)
+    assert box["z"].alive(), f"the zygote ended with its thread ({box['z'].proc.returncode})"
+    assert zygote_for("sandbox_payloads", env) is box["z"]
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 0}, 60) == "done"
