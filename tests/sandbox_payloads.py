@@ -128,30 +128,64 @@ def linger(*, seconds: float) -> str:
     return "woke"
 
 
-def outlive(*, seconds: float, how: str) -> str:
-    """Try to go on running once the process that started this one is gone."""
+def _errno_of(fn) -> str:
+    """Like ``_try`` for ctypes calls that return -1 and set errno."""
     import ctypes
-    import sys
-    import time
+
+    r = fn()
+    if r == -1:
+        e = ctypes.get_errno()
+        return f"refused: {os.strerror(e)}"
+    return "allowed"
+
+
+def reach(*, pids: dict[str, int]) -> dict:
+    """Every way to touch another process (the zygote, the caller, a sibling) by its pid."""
+    import ctypes
+    import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if how == "pdeathsig":
-        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: none
-    elif how == "exec":
-        os.execv(sys.executable, [sys.executable, "-c", f"import time; time.sleep({seconds})"])
-    elif how == "setsid":
-        os.setsid()
-    time.sleep(seconds)
-    return "woke"
+    out = {}
+    for who, pid in pids.items():
+        def read(p):
+            with open(p, "rb") as f:
+                f.read(1)
 
+        def pidfd_getfd(pid=pid):
+            pfd = libc.syscall(434, pid, 0)  # pidfd_open
+            if pfd < 0:
+                return -1
+            try:
+                for target in range(0, 8):
+                    fd = libc.syscall(438, pfd, target, 0)  # pidfd_getfd
+                    if fd >= 0:
+                        os.close(fd)
+                        return 0
+                return -1
+            finally:
+                os.close(pfd)
 
-def hang_up(*, seconds: float) -> str:
-    """Close the answer's pipe (every descriptor past stderr), then keep running without a word."""
-    import time
+        def attach(pid=pid):
+            r = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+            if r == 0:
+                libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+            return r
 
-    os.closerange(3, 4096)
-    time.sleep(seconds)
-    return "woke"
+        def vm_read(pid=pid):
+            buf = ctypes.create_string_buffer(8)
+            local = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
+            remote = (ctypes.c_void_p * 2)(0x400000, 8)
+            return libc.syscall(310, pid, local, 1, remote, 1, 0)  # process_vm_readv
+
+        out[f"{who} signal"] = _try(lambda pid=pid: os.kill(pid, signal.SIGURG))  # ignored by default: harmless
+        out[f"{who} pidfd signal"] = _errno_of(lambda pid=pid: libc.syscall(424, libc.syscall(434, pid, 0), 0, None, 0))
+        out[f"{who} mem"] = _try(lambda pid=pid: read(f"/proc/{pid}/mem"))
+        out[f"{who} status"] = _try(lambda pid=pid: read(f"/proc/{pid}/status"))
+        out[f"{who} fds"] = _try(lambda pid=pid: os.listdir(f"/proc/{pid}/fd"))
+        out[f"{who} ptrace"] = _errno_of(attach)
+        out[f"{who} pidfd_getfd"] = _errno_of(pidfd_getfd)
+        out[f"{who} process_vm_readv"] = _errno_of(vm_read)
+    return out
 
 
 def state() -> dict:
@@ -196,3 +230,59 @@ def state() -> dict:
             "torch draw": float(torch.rand(1)), "torch seed": torch.initial_seed(),
             "threads": len(os.listdir("/proc/self/task")), "pgid": os.getpgid(0), "sid": os.getsid(0),
             "modules": len(sys.modules)}
+
+
+def outlive(*, seconds: float, how: str) -> str:
+    """Try to go on running once the process that started this one is gone."""
+    import ctypes
+    import sys
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if how == "pdeathsig":
+        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: none
+    elif how == "exec":
+        os.execv(sys.executable, [sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    elif how == "setsid":
+        os.setsid()
+    time.sleep(seconds)
+    return "woke"
+
+
+def hang_up(*, seconds: float) -> str:
+    """Close the answer's pipe (every descriptor past stderr), then keep running without a word."""
+    import time
+
+    os.closerange(3, 4096)
+    time.sleep(seconds)
+    return "woke"
+
+
+
+def leave(*, paths: list[str]) -> dict:
+    """Leave a file where a later child (another tenant's) could find it."""
+    def write(p):
+        with open(p, "w") as f:
+            f.write("left by an earlier child")
+    return {p: _try(lambda p=p: write(p)) for p in paths}
+
+
+def forge(*, kind: str) -> str:
+    """Write straight into the answer's pipe what no honest child sends."""
+    import stat
+    import time
+
+    chan = next(fd for fd in range(3, 64) if _is_fifo(fd, stat))
+    if kind == "huge":  # a line past the limit, its end never sent
+        os.write(chan, b'{"event": "' + b"a" * (5 << 20))
+    elif kind == "deep":
+        os.write(chan, b'{"event": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    time.sleep(60)
+    return "woke"
+
+
+def _is_fifo(fd: int, stat) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False

@@ -261,7 +261,7 @@ def test_a_fork_the_caller_gave_up_on_is_never_handed_to_the_next_run(tmp_path):
     from jobs.sandbox import zygote_for
 
     Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "w")), {"n": 0}, 300)  # the zygote is up
-    z = zygote_for("sandbox_payloads", ENV)
+    z, before = zygote_for("sandbox_payloads", ENV), set(_zombies())
     os.kill(z.proc.pid, signal.SIGSTOP)  # as slow as it gets
     try:
         late = Child("sandbox_payloads:state", ENV)
@@ -276,9 +276,9 @@ def test_a_fork_the_caller_gave_up_on_is_never_handed_to_the_next_run(tmp_path):
     forked = c.proc.pid
     assert c.run(Jail(tmp=str(tmp_path / "s")), {}, 60)["pid"] == forked  # the run was the process it waited for
     deadline = time.monotonic() + 5
-    while _zombies() and time.monotonic() < deadline:
+    while set(_zombies()) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _zombies()
+    assert not set(_zombies()) - before
 
 
 def test_the_zygote_outlives_the_thread_that_started_it(tmp_path):
@@ -302,3 +302,109 @@ def test_the_zygote_outlives_the_thread_that_started_it(tmp_path):
     assert box["z"].alive(), f"the zygote ended with its thread ({box['z'].proc.returncode})"
     assert zygote_for("sandbox_payloads", env) is box["z"]
     assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 0}, 60) == "done"
+
+
+def test_a_child_cannot_signal_trace_or_read_the_zygote_its_caller_or_a_sibling(tmp_path):
+    """Code inside knows (or guesses) the pids of the zygote that forked it, of the API or worker
+    that runs it and of another tenant's running child: it can signal none of them, ptrace none,
+    read none's memory, descriptors or status, take none's descriptor (pidfd_getfd)."""
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    sibling = Child("sandbox_payloads:linger", ENV)
+    sibling.wait_ready(300)
+    def run_sibling():
+        try:
+            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
+        except ChildFailed:  # killed once the probe is done
+            pass
+    t = threading.Thread(target=run_sibling, daemon=True)
+    t.start()
+    try:
+        pids = {"zygote": zygote_for("sandbox_payloads", ENV).proc.pid, "caller": os.getpid(),
+                "sibling": sibling.proc.pid, "init": 1}
+        r = Child("sandbox_payloads:reach", ENV).run(Jail(tmp=str(tmp_path / "r")), {"pids": pids}, 60)
+    finally:
+        sibling.close()
+        t.join(10)
+    assert len(r) == 4 * 8 and all(v.startswith("refused") for v in r.values()), r
+
+
+def test_a_forked_child_starts_as_a_fresh_interpreter_would(tmp_path):
+    """Forked from a long-lived zygote rather than started fresh, a child holds nothing more:
+    the same environment, descriptors, mappings (none shared and writable: nothing a child
+    writes reaches the zygote or a sibling), limits, signal mask and dispositions, death signal;
+    and its random generators are its own, not the zygote's copied into every child."""
+    import json
+
+    from jobs.sandbox import child_env
+
+    forked = [Child("sandbox_payloads:state", ENV).run(Jail(tmp=str(tmp_path / f"f{i}")), {}, 60) for i in range(2)]
+    cwd = tmp_path / "fresh"
+    cwd.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "jobs.sandbox", "sandbox_payloads:state"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(ENV), cwd=cwd)
+    out, _ = p.communicate((json.dumps({"jail": {"tmp": str(tmp_path / "t")}, "kwargs": {}}) + "\n").encode(), 300)
+    fresh = next(m["result"] for m in map(json.loads, out.decode().splitlines()) if "result" in m)
+    for f in forked:
+        for k in ("env", "status", "rlimits", "signals", "pdeathsig", "dumpable", "pgid", "sid"):
+            assert f[k] == fresh[k], (k, f[k], fresh[k])
+        assert set(f["fds"]) == set(fresh["fds"]), (f["fds"], fresh["fds"])
+        assert set(f["maps"]) <= set(fresh["maps"]), sorted(set(f["maps"]) - set(fresh["maps"]))
+        assert f["shared writable maps"] == [] and f["threads"] <= fresh["threads"], f
+        assert f["sys.path"][1:] == fresh["sys.path"][1:], (f["sys.path"], fresh["sys.path"])
+        assert os.listdir(f["sys.path"][0]) == []  # the zygote's folder, on every child's sys.path: empty
+    for k in ("numpy draw", "random draw", "torch draw"):
+        assert forked[0][k] != forked[1][k], k
+
+
+def test_a_child_leaves_nothing_for_the_next_one_outside_its_own_folders(tmp_path):
+    """A later child (another tenant's) sees the same read-only system view and its own folders:
+    an earlier one can write nowhere it would look (the shared temporary folders, the zygote's
+    folder on sys.path, its own working folder, which the caller removes)."""
+    import tempfile
+
+    from jobs.sandbox import zygote_for
+
+    z = zygote_for("sandbox_payloads", ENV)
+    c = Child("sandbox_payloads:leave", ENV)
+    paths = ["/tmp/clcalib-left", "/dev/shm/clcalib-left", os.path.join(z.cwd, "sandbox_payloads.py"),
+             os.path.join(c.cwd, "left"), os.path.join(tempfile.gettempdir(), "clcalib-left")]
+    r = c.run(Jail(tmp=str(tmp_path / "l")), {"paths": paths}, 60)
+    assert all(v.startswith("refused") for v in r.values()), r
+    assert not any(os.path.exists(p) for p in paths)
+
+
+@pytest.mark.parametrize("kind", ["huge", "deep"])
+def test_a_child_cannot_send_what_the_caller_cannot_read(tmp_path, kind):
+    """A line past the size limit (never ended) or nested past the parser's depth fails the run
+    as a protocol error at once: the caller neither buffers without bound nor waits for the end."""
+    t = time.monotonic()
+    with pytest.raises(ChildFailed) as e:
+        Child("sandbox_payloads:forge", ENV).run(Jail(tmp=str(tmp_path / "p")), {"kind": kind}, 50, lambda ev: None)
+    assert e.value.kind == "protocol" and time.monotonic() - t < 30, (e.value, time.monotonic() - t)
+
+
+def test_a_zygote_that_dies_mid_request_fails_that_run_and_the_next_gets_a_new_one(tmp_path):
+    """The zygote killed (the OOM killer, an operator) while a child is asked of it: that run
+    fails as the sandbox being unavailable, at once, and the next run starts a new zygote."""
+    import signal
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    env = {**ENV, "CLCALIB_TEST_ZYGOTE": "dies"}  # a zygote of its own
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "a")), {"n": 0}, 300) == "done"
+    z, before = zygote_for("sandbox_payloads", env), set(_zombies())
+    os.kill(z.proc.pid, signal.SIGSTOP)  # the request waits in its socket
+    c, errors = Child("sandbox_payloads:events", env), []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(ChildFailed, c.wait_ready, 120).value))
+    t.start()
+    time.sleep(0.5)
+    os.kill(z.proc.pid, signal.SIGKILL)
+    t.join(10)
+    assert not t.is_alive() and errors and errors[0].kind == "sandbox", errors
+    c.close()
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 1}, 300) == "done"
+    assert zygote_for("sandbox_payloads", env) is not z and not set(_zombies()) - before
