@@ -364,6 +364,7 @@ def zygote_main(module: str, fd: int) -> None:
     """The zygote: the module's heavy imports once (nothing untrusted is read here), then a fork
     per child (``jobs.zygote.serve``)."""
     _die_with_parent()
+    zygote.name_zygote()
     os.dup2(2, 1)  # the imports' prints go to the log
     mod = importlib.import_module(module)
     if hasattr(mod, "warm_sandbox_child"):

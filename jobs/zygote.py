@@ -34,7 +34,10 @@ from collections.abc import Callable
 
 MAX_STDERR = 1 << 20  # a process's stderr relayed to the log; the rest is dropped
 _libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_CHILD_SUBREAPER, _PR_SET_NAME = 36, 15
+# pids this process waits for itself: its zygotes and the children it was handed
+_mine: set[int] = set()
+_mine_lock = threading.Lock()
 
 
 class ZygoteFailed(RuntimeError):
@@ -59,8 +62,12 @@ class Forked:
         try:
             pid, status = os.waitpid(self.pid, flags)
         except ChildProcessError:  # reaped elsewhere: its status is lost, it is gone
-            return -signal.SIGKILL
-        return os.waitstatus_to_exitcode(status) if pid else None
+            pid, status = self.pid, signal.SIGKILL
+        if not pid:
+            return None
+        with _mine_lock:
+            _mine.discard(self.pid)
+        return os.waitstatus_to_exitcode(status)
 
     def poll(self) -> int | None:
         if self.returncode is None and self._lock.acquire(blocking=False):
@@ -103,9 +110,11 @@ class Zygote:
         # sandbox grants reading every folder on sys.path (never "/" or a folder of ours)
         self.cwd = tempfile.mkdtemp(prefix="clcalib-zygote-")
         try:
-            self.proc = _on_a_lasting_thread(lambda: subprocess.Popen(
-                [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True))
+            with _mine_lock:
+                self.proc = _on_a_lasting_thread(lambda: subprocess.Popen(
+                    [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True))
+                _mine.add(self.proc.pid)
         finally:
             theirs.close()
         threading.Thread(target=relay, args=(self.proc.stderr, f"zygote {self.proc.pid}"), daemon=True).start()
@@ -135,6 +144,7 @@ class Zygote:
     def spawn(self, target: str, cwd: str, timeout: float) -> Forked:
         """A new child running ``target`` in ``cwd``; waits for the zygote's imports first."""
         deadline = time.monotonic() + timeout
+        reap_orphans()
         with self._lock:  # one request and its answer at a time
             if not self._ready:
                 if self._recv(deadline).get("ready") is not True:
@@ -163,6 +173,9 @@ class Zygote:
                 for fd in ours:
                     os.close(fd)
                 raise
+            if isinstance(reply.get("pid"), int):
+                with _mine_lock:
+                    _mine.add(reply["pid"])
         if not isinstance(reply.get("pid"), int):
             for fd in ours:
                 os.close(fd)
@@ -179,7 +192,48 @@ class Zygote:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with _mine_lock:
+            _mine.discard(self.proc.pid)
         shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+def reap_orphans() -> None:
+    """Waits for the zombies of a zygote's family that came to this process (a subreaper) when a
+    process below it died with its own zygote and child (``clcalib serve``'s local worker): no
+    one else ever would, and each would hold a pid for good."""
+    with _mine_lock:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in kids:
+                if pid not in _mine and _orphan(pid):
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+
+
+def _orphan(pid: int) -> bool:
+    """A zombie named as a zygote, or as the child of a zygote that is not one of ours (see
+    ``name_zygote``): ours are waited for by their ``Zygote``, ``Forked`` or ``_discard``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    comm, rest = stat[stat.find(b"(") + 1:stat.rfind(b")")], stat[stat.rfind(b")") + 2:]
+    if not rest.startswith(b"Z") or not comm.startswith(b"clcalib-"):
+        return False
+    owner = comm[len(b"clcalib-"):]
+    return owner == b"zygote" or (owner.isdigit() and int(owner) not in _mine)
+
+
+def name_zygote() -> None:
+    """The zygote's process name (its forks' until they rename): how ``reap_orphans`` tells them."""
+    _libc.prctl(_PR_SET_NAME, b"clcalib-zygote", 0, 0, 0)
 
 
 _starter: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
@@ -249,6 +303,7 @@ def serve(fd: int, run: Callable[[str], None]) -> None:
 
 
 def _fork(ctrl: socket.socket, fds: list[int], target: str, cwd: str, caller: int, run) -> int:
+    zygote = os.getpid()
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -259,6 +314,8 @@ def _fork(ctrl: socket.socket, fds: list[int], target: str, cwd: str, caller: in
             pid = os.fork()
             if pid == 0:
                 os.close(w)
+                # named for its zygote: an orphan of a zygote not ours is told from a late child of ours
+                _libc.prctl(_PR_SET_NAME, f"clcalib-{zygote}".encode()[:15], 0, 0, 0)
                 _child(ctrl, fds, target, cwd, caller, run)
             os.write(w, str(pid).encode())
         finally:

@@ -408,3 +408,44 @@ def test_a_zygote_that_dies_mid_request_fails_that_run_and_the_next_gets_a_new_o
     c.close()
     assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 1}, 300) == "done"
     assert zygote_for("sandbox_payloads", env) is not z and not set(_zombies()) - before
+
+
+def _peek(pid: int) -> str:
+    """A process's state letter, "" once it is gone; never waits for it (unlike ``_state``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_dead_callers_zygote_and_child_are_not_left_zombies_in_the_process_above_it(tmp_path):
+    """``clcalib serve`` (a subreaper: it has a zygote) runs the local worker, which has its own
+    zygote and child. When the worker dies they come to serve and die with it: serve waits for
+    them, rather than keeping a zombie per worker death (a crash-looping worker exhausts pids)."""
+    from jobs.sandbox import zygote_for
+
+    zygote_for("sandbox_payloads", ENV)  # this process is a subreaper, as serve is
+    script = textwrap.dedent(f"""
+        import tempfile
+        from jobs.sandbox import Child, Jail, zygote_for
+        c = Child("sandbox_payloads:linger", {ENV!r})
+        c.wait_ready(300)
+        print(c.proc.pid, zygote_for("sandbox_payloads", {ENV!r}).proc.pid, flush=True)
+        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600}}, 900)
+    """)
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        child, zygote = map(int, worker.stdout.readline().split())
+    finally:
+        worker.kill()
+        worker.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {_peek(child), _peek(zygote)} <= {"", "Z"}:
+            time.sleep(0.1)
+        assert Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "e")), {"n": 0}, 60) == "done"
+        assert _peek(zygote) == "" and _peek(child) == "", (_peek(zygote), _peek(child))
+    finally:
+        _state(child), _state(zygote)  # reaped here if they were not
