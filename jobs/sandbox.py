@@ -203,10 +203,12 @@ def _landlock(read: list[str], write: list[str], devices: list[str]) -> int:
 _ARCH = {
     "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9, "prctl": 157,
                "deny": {"socket": 41, "io_uring_setup": 425, "fork": 57, "vfork": 58, "shmget": 29, "shmat": 30,
-                        "semget": 64, "msgget": 68, "memfd_create": 319}},
+                        "semget": 64, "msgget": 68, "memfd_create": 319, "tkill": 200, "pidfd_send_signal": 424},
+               "signal": {"kill": 62, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297}},
     "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222, "prctl": 167,
                 "deny": {"socket": 198, "io_uring_setup": 425, "shmget": 194, "shmat": 196, "semget": 190,
-                         "msgget": 186, "memfd_create": 279}},
+                         "msgget": 186, "memfd_create": 279, "tkill": 130, "pidfd_send_signal": 424},
+                "signal": {"kill": 129, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240}},
 }
 _CLONE_THREAD, _MAP_SHARED_ANONYMOUS, _PR_SET_PDEATHSIG = 0x10000, 0x21, 1
 
@@ -219,12 +221,12 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
+def seccomp_program(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
     """The filter: no sockets, io_uring, SysV IPC or memfd (shared memory outside RLIMIT_DATA);
     no new process (fork, vfork, clone without CLONE_THREAD: a grandchild would outlive the run;
     clone3 answers ENOSYS, so glibc falls back to clone for threads); no shared anonymous mmap;
     no PR_SET_PDEATHSIG (clearing it would let the process outlive its caller as an orphan);
-    a foreign syscall ABI kills the process."""
+    no signal to any process but ``pid`` (itself); a foreign syscall ABI kills the process."""
     a = _ARCH[machine]
     ld, jeq, jset, ret, alu_and = 0x20, 0x15, 0x45, 0x06, 0x54
     code: list = []  # instructions; jumps name labels, resolved below
@@ -242,6 +244,8 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     jump(jeq, a["clone"], "clone")
     jump(jeq, a["mmap"], "mmap")
     jump(jeq, a["prctl"], "prctl")
+    for nr in a["signal"].values():
+        jump(jeq, nr, "signal")
     code += [("allow",)]
     labels = {"clone": len(code)}
     code += [(ld, 0, 0, 16)]  # args[0], low 32 bits: clone's flags
@@ -252,6 +256,10 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     labels["prctl"] = len(code)
     code += [(ld, 0, 0, 16)]  # args[0]: prctl's option; the death signal stays the one enter() set
     jump(jeq, _PR_SET_PDEATHSIG, "deny", "allow")
+    labels["signal"] = len(code)
+    # args[0]: the target (kill's pid, a tgid); Landlock scopes signals only from ABI 6 (Linux 6.12)
+    code += [(ld, 0, 0, 16)]
+    jump(jeq, pid, "allow", "deny")
     for name, value in (("allow", 0x7FFF0000), ("deny", 0x00050000 | 13), ("enosys", 0x00050000 | 38),
                         ("kill", 0x80000000)):
         labels[name] = len(code)
@@ -272,7 +280,7 @@ def _seccomp() -> None:
     machine = platform.machine()
     if machine not in _ARCH:
         raise SandboxError(f"no seccomp filter for {machine}; supported: {', '.join(_ARCH)}")
-    prog = seccomp_program(machine)
+    prog = seccomp_program(machine, os.getpid())
     filt = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), filt)
     if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER

@@ -286,3 +286,10 @@ def _is_fifo(fd: int, stat) -> bool:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)
     except OSError:
         return False
+
+
+def signal_group() -> dict:
+    """Signal this process's group and every process it may (SIGURG: ignored unless handled)."""
+    import signal
+
+    return {"group": _try(lambda: os.kill(0, signal.SIGURG)), "all": _try(lambda: os.kill(-1, 0))}

@@ -449,3 +449,40 @@ def test_a_dead_callers_zygote_and_child_are_not_left_zombies_in_the_process_abo
         assert _peek(zygote) == "" and _peek(child) == "", (_peek(zygote), _peek(child))
     finally:
         _state(child), _state(zygote)  # reaped here if they were not
+
+
+def test_without_landlock_signal_scoping_a_child_still_signals_no_other_process(tmp_path):
+    """Landlock scopes signals only from ABI 6 (Linux 6.12); on an older kernel (Ubuntu 24.04's
+    6.8 has ABI 4) a child that keeps uid 0 (a root install under /root) could SIGKILL its API or
+    worker, its zygote, another tenant's child, or the whole process group (another uid-65534
+    child could kill every other tenant's): seccomp lets a child signal itself only."""
+    import signal
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    sibling = Child("sandbox_payloads:linger", ENV)
+    sibling.wait_ready(300)
+
+    def run_sibling():
+        try:
+            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
+        except ChildFailed:  # killed once the probe is done
+            pass
+    t = threading.Thread(target=run_sibling, daemon=True)
+    t.start()
+    got = []
+    old = signal.signal(signal.SIGURG, lambda *_: got.append(1))  # this process is in the children's group
+    try:
+        pids = {"zygote": zygote_for("sandbox_payloads_abi5", ENV).proc.pid, "caller": os.getpid(),
+                "sibling": sibling.proc.pid}
+        c = Child("sandbox_payloads_abi5:reach", ENV)
+        r = c.run(Jail(tmp=str(tmp_path / "r")), {"pids": pids}, 60)
+        assert "landlock ABI" in c.how and "ABI 7" not in c.how and "ABI 6" not in c.how, c.how  # as on 6.8
+        group = Child("sandbox_payloads_abi5:signal_group", ENV).run(Jail(tmp=str(tmp_path / "g")), {}, 60)
+    finally:
+        signal.signal(signal.SIGURG, old)
+        sibling.close()
+        t.join(10)
+    assert all(v.startswith("refused") for v in r.values()), r
+    assert group["group"].startswith("refused") and group["all"].startswith("refused") and not got, (group, got)
