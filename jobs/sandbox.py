@@ -12,7 +12,9 @@ CI and in a default Docker container):
 - **seccomp** (``seccomp_program``): ``socket()`` and ``io_uring_setup()`` fail with EACCES, so
   no network of any family (TCP, UDP, a Unix socket path such as PostgreSQL's); no new process
   (a grandchild would outlive the run), no SysV shared memory, memfd or shared anonymous mmap
-  (memory ``RLIMIT_DATA`` does not count); foreign syscall ABIs kill the process.
+  (memory ``RLIMIT_DATA`` does not count); no signal to any process but itself (Landlock scopes
+  signals only from ABI 6) and no clearing of its parent-death signal; foreign syscall ABIs kill
+  the process.
 - **rlimits**: ``RLIMIT_DATA`` caps the heap and anonymous memory (the memory cap: an
   allocation beyond it fails, the child reports it in one line naming the cap), ``RLIMIT_FSIZE``
   one file's size, no core files.
