@@ -400,8 +400,12 @@ def test_a_zygote_that_dies_mid_request_fails_that_run_and_the_next_gets_a_new_o
     os.kill(z.proc.pid, signal.SIGSTOP)  # the request waits in its socket
     c, errors = Child("sandbox_payloads:events", env), []
     t = threading.Thread(target=lambda: errors.append(pytest.raises(ChildFailed, c.wait_ready, 120).value))
+    seq = z._seq
     t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while z._seq == seq and time.monotonic() < deadline:  # until the request is on its way
+        time.sleep(0.01)
+    time.sleep(0.2)
     os.kill(z.proc.pid, signal.SIGKILL)
     t.join(10)
     assert not t.is_alive() and errors and errors[0].kind == "sandbox", errors
