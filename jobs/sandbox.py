@@ -12,7 +12,9 @@ CI and in a default Docker container):
 - **seccomp** (``seccomp_program``): ``socket()`` and ``io_uring_setup()`` fail with EACCES, so
   no network of any family (TCP, UDP, a Unix socket path such as PostgreSQL's); no new process
   (a grandchild would outlive the run), no SysV shared memory, memfd or shared anonymous mmap
-  (memory ``RLIMIT_DATA`` does not count); foreign syscall ABIs kill the process.
+  (memory ``RLIMIT_DATA`` does not count); no signal to any process but itself (Landlock scopes
+  signals only from ABI 6) and no clearing of its parent-death signal; foreign syscall ABIs kill
+  the process.
 - **rlimits**: ``RLIMIT_DATA`` caps the heap and anonymous memory (the memory cap: an
   allocation beyond it fails, the child reports it in one line naming the cap), ``RLIMIT_FSIZE``
   one file's size, no core files.
@@ -201,14 +203,16 @@ def _landlock(read: list[str], write: list[str], devices: list[str]) -> int:
 # seccomp: a classic BPF filter (include/uapi/linux/filter.h, seccomp.h). Per architecture: the
 # audit arch and the syscall numbers of what is refused.
 _ARCH = {
-    "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9,
+    "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9, "prctl": 157,
                "deny": {"socket": 41, "io_uring_setup": 425, "fork": 57, "vfork": 58, "shmget": 29, "shmat": 30,
-                        "semget": 64, "msgget": 68, "memfd_create": 319}},
-    "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222,
+                        "semget": 64, "msgget": 68, "memfd_create": 319, "tkill": 200, "pidfd_send_signal": 424},
+               "signal": {"kill": 62, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297}},
+    "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222, "prctl": 167,
                 "deny": {"socket": 198, "io_uring_setup": 425, "shmget": 194, "shmat": 196, "semget": 190,
-                         "msgget": 186, "memfd_create": 279}},
+                         "msgget": 186, "memfd_create": 279, "tkill": 130, "pidfd_send_signal": 424},
+                "signal": {"kill": 129, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240}},
 }
-_CLONE_THREAD, _MAP_SHARED_ANONYMOUS = 0x10000, 0x21
+_CLONE_THREAD, _MAP_SHARED_ANONYMOUS, _PR_SET_PDEATHSIG = 0x10000, 0x21, 1
 
 
 class _SockFilter(ctypes.Structure):
@@ -219,11 +223,12 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
+def seccomp_program(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
     """The filter: no sockets, io_uring, SysV IPC or memfd (shared memory outside RLIMIT_DATA);
     no new process (fork, vfork, clone without CLONE_THREAD: a grandchild would outlive the run;
     clone3 answers ENOSYS, so glibc falls back to clone for threads); no shared anonymous mmap;
-    a foreign syscall ABI kills the process."""
+    no PR_SET_PDEATHSIG (clearing it would let the process outlive its caller as an orphan);
+    no signal to any process but ``pid`` (itself); a foreign syscall ABI kills the process."""
     a = _ARCH[machine]
     ld, jeq, jset, ret, alu_and = 0x20, 0x15, 0x45, 0x06, 0x54
     code: list = []  # instructions; jumps name labels, resolved below
@@ -240,6 +245,9 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     jump(jeq, a["clone3"], "enosys")
     jump(jeq, a["clone"], "clone")
     jump(jeq, a["mmap"], "mmap")
+    jump(jeq, a["prctl"], "prctl")
+    for nr in a["signal"].values():
+        jump(jeq, nr, "signal")
     code += [("allow",)]
     labels = {"clone": len(code)}
     code += [(ld, 0, 0, 16)]  # args[0], low 32 bits: clone's flags
@@ -247,6 +255,13 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     labels["mmap"] = len(code)
     code += [(ld, 0, 0, 16 + 3 * 8), (alu_and, 0, 0, _MAP_SHARED_ANONYMOUS)]  # args[3]: mmap's flags
     jump(jeq, _MAP_SHARED_ANONYMOUS, "deny", "allow")
+    labels["prctl"] = len(code)
+    code += [(ld, 0, 0, 16)]  # args[0]: prctl's option; the death signal stays the one enter() set
+    jump(jeq, _PR_SET_PDEATHSIG, "deny", "allow")
+    labels["signal"] = len(code)
+    # args[0]: the target (kill's pid, a tgid); Landlock scopes signals only from ABI 6 (Linux 6.12)
+    code += [(ld, 0, 0, 16)]
+    jump(jeq, pid, "allow", "deny")
     for name, value in (("allow", 0x7FFF0000), ("deny", 0x00050000 | 13), ("enosys", 0x00050000 | 38),
                         ("kill", 0x80000000)):
         labels[name] = len(code)
@@ -267,7 +282,7 @@ def _seccomp() -> None:
     machine = platform.machine()
     if machine not in _ARCH:
         raise SandboxError(f"no seccomp filter for {machine}; supported: {', '.join(_ARCH)}")
-    prog = seccomp_program(machine)
+    prog = seccomp_program(machine, os.getpid())
     filt = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), filt)
     if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
@@ -359,6 +374,7 @@ def zygote_main(module: str, fd: int) -> None:
     """The zygote: the module's heavy imports once (nothing untrusted is read here), then a fork
     per child (``jobs.zygote.serve``)."""
     _die_with_parent()
+    zygote.name_zygote()
     os.dup2(2, 1)  # the imports' prints go to the log
     mod = importlib.import_module(module)
     if hasattr(mod, "warm_sandbox_child"):
@@ -460,7 +476,12 @@ class Child:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                code = self.proc.wait()
+                # a process that closed its pipe but runs on is not waited for past a few seconds (or its time)
+                code = self.proc.wait(5.0 if deadline is None else max(0.5, min(5.0, deadline - time.monotonic())))
+                if code is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise ChildFailed("protocol", "the process closed its answer's pipe and did not exit; killed")
                 raise ChildFailed("died", f"the process ended without an answer ({zygote.exit_text(code)})")
             self._buf += chunk
             if len(self._buf) > MAX_LINE and b"\n" not in self._buf:

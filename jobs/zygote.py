@@ -18,6 +18,7 @@ exit status as it would a ``subprocess`` child, and the child dies with the call
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import json
 import logging
@@ -33,7 +34,10 @@ from collections.abc import Callable
 
 MAX_STDERR = 1 << 20  # a process's stderr relayed to the log; the rest is dropped
 _libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_CHILD_SUBREAPER, _PR_SET_NAME = 36, 15
+# pids this process waits for itself: its zygotes and the children it was handed
+_mine: set[int] = set()
+_mine_lock = threading.Lock()
 
 
 class ZygoteFailed(RuntimeError):
@@ -58,8 +62,12 @@ class Forked:
         try:
             pid, status = os.waitpid(self.pid, flags)
         except ChildProcessError:  # reaped elsewhere: its status is lost, it is gone
-            return -signal.SIGKILL
-        return os.waitstatus_to_exitcode(status) if pid else None
+            pid, status = self.pid, signal.SIGKILL
+        if not pid:
+            return None
+        with _mine_lock:
+            _mine.discard(self.pid)
+        return os.waitstatus_to_exitcode(status)
 
     def poll(self) -> int | None:
         if self.returncode is None and self._lock.acquire(blocking=False):
@@ -70,10 +78,15 @@ class Forked:
                 self._lock.release()
         return self.returncode
 
-    def wait(self) -> int:
-        with self._lock:
-            if self.returncode is None:
-                self.returncode = self._reap(0)
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit status; None if it still runs after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # polls, never a blocking waitpid under the lock: that held a kill() from another thread
+        # (a run's close) until the process chose to exit
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
         return self.returncode
 
     def kill(self) -> None:
@@ -97,9 +110,11 @@ class Zygote:
         # sandbox grants reading every folder on sys.path (never "/" or a folder of ours)
         self.cwd = tempfile.mkdtemp(prefix="clcalib-zygote-")
         try:
-            self.proc = subprocess.Popen([*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True)
+            with _mine_lock:
+                self.proc = _on_a_lasting_thread(lambda: subprocess.Popen(
+                    [*argv, str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=self.cwd, close_fds=True))
+                _mine.add(self.proc.pid)
         finally:
             theirs.close()
         threading.Thread(target=relay, args=(self.proc.stderr, f"zygote {self.proc.pid}"), daemon=True).start()
@@ -107,6 +122,7 @@ class Zygote:
         self._ctrl = ours
         self._lock = threading.Lock()
         self._ready = False
+        self._seq = 0
 
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
@@ -128,6 +144,7 @@ class Zygote:
     def spawn(self, target: str, cwd: str, timeout: float) -> Forked:
         """A new child running ``target`` in ``cwd``; waits for the zygote's imports first."""
         deadline = time.monotonic() + timeout
+        reap_orphans()
         with self._lock:  # one request and its answer at a time
             if not self._ready:
                 if self._recv(deadline).get("ready") is not True:
@@ -136,8 +153,10 @@ class Zygote:
             pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
             theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
             ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+            self._seq += 1
             try:
-                socket.send_fds(self._ctrl, [json.dumps({"target": target, "cwd": cwd}).encode()], theirs)
+                socket.send_fds(self._ctrl, [json.dumps({"target": target, "cwd": cwd, "seq": self._seq}).encode()],
+                                theirs)
             except OSError as e:
                 for fd in ours:
                     os.close(fd)
@@ -147,10 +166,16 @@ class Zygote:
                     os.close(fd)
             try:
                 reply = self._recv(deadline)
+                while reply.get("seq") != self._seq:  # the late answer to a request that timed out
+                    _discard(reply.get("pid"))
+                    reply = self._recv(deadline)
             except ZygoteFailed:
                 for fd in ours:
                     os.close(fd)
                 raise
+            if isinstance(reply.get("pid"), int):
+                with _mine_lock:
+                    _mine.add(reply["pid"])
         if not isinstance(reply.get("pid"), int):
             for fd in ours:
                 os.close(fd)
@@ -167,7 +192,83 @@ class Zygote:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with _mine_lock:
+            _mine.discard(self.proc.pid)
         shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+def reap_orphans() -> None:
+    """Waits for the zombies of a zygote's family that came to this process (a subreaper) when a
+    process below it died with its own zygote and child (``clcalib serve``'s local worker): no
+    one else ever would, and each would hold a pid for good."""
+    with _mine_lock:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in kids:
+                if pid not in _mine and _orphan(pid):
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+
+
+def _orphan(pid: int) -> bool:
+    """A zombie named as a zygote, or as the child of a zygote that is not one of ours (see
+    ``name_zygote``): ours are waited for by their ``Zygote``, ``Forked`` or ``_discard``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    comm, rest = stat[stat.find(b"(") + 1:stat.rfind(b")")], stat[stat.rfind(b")") + 2:]
+    if not rest.startswith(b"Z") or not comm.startswith(b"clcalib-"):
+        return False
+    owner = comm[len(b"clcalib-"):]
+    return owner == b"zygote" or (owner.isdigit() and int(owner) not in _mine)
+
+
+def name_zygote() -> None:
+    """The zygote's process name (its forks' until they rename): how ``reap_orphans`` tells them."""
+    _libc.prctl(_PR_SET_NAME, b"clcalib-zygote", 0, 0, 0)
+
+
+_starter: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_starter_lock = threading.Lock()
+
+
+def _on_a_lasting_thread(fn):
+    """``fn()`` on the main thread or one that lives as long as this process: the zygote's
+    PR_SET_PDEATHSIG fires when the *thread* that started it exits (a request's pool thread)."""
+    global _starter
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _starter_lock:
+        if _starter is None or _starter[0] != os.getpid():  # a forked process has no such thread
+            _starter = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zygote-starter"))
+        pool = _starter[1]
+    return pool.submit(fn).result()
+
+
+def _discard(pid) -> None:
+    """A child forked for a request that timed out: re-parented to us and no one's, it would run
+    with the next request's pid mixed up (killed and waited for as another) and end a zombie."""
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)  # ours and never waited for, so this pid is still its own
+        except ProcessLookupError:
+            return
+        threading.Thread(target=_reap_quietly, args=(pid,), daemon=True).start()
+
+
+def _reap_quietly(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 # ---- the zygote's side -----------------------------------------------------------------------
@@ -186,8 +287,10 @@ def serve(fd: int, run: Callable[[str], None]) -> None:
             return
         if not msg:
             return  # the caller closed its end
+        seq = None
         try:
             req = json.loads(msg)
+            seq = req.get("seq")  # echoed: the caller tells this answer from a late one to a request it gave up
             if len(fds) != 3:
                 raise ValueError(f"{len(fds)} descriptors, not 3")
             reply = {"pid": _fork(ctrl, fds, str(req["target"]), str(req["cwd"]), caller, run)}
@@ -196,10 +299,11 @@ def serve(fd: int, run: Callable[[str], None]) -> None:
         finally:
             for f in fds:
                 os.close(f)
-        ctrl.send(json.dumps(reply).encode())
+        ctrl.send(json.dumps({**reply, "seq": seq}).encode())
 
 
 def _fork(ctrl: socket.socket, fds: list[int], target: str, cwd: str, caller: int, run) -> int:
+    zygote = os.getpid()
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -210,6 +314,8 @@ def _fork(ctrl: socket.socket, fds: list[int], target: str, cwd: str, caller: in
             pid = os.fork()
             if pid == 0:
                 os.close(w)
+                # named for its zygote: an orphan of a zygote not ours is told from a late child of ours
+                _libc.prctl(_PR_SET_NAME, f"clcalib-{zygote}".encode()[:15], 0, 0, 0)
                 _child(ctrl, fds, target, cwd, caller, run)
             os.write(w, str(pid).encode())
         finally:

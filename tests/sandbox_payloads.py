@@ -126,3 +126,170 @@ def linger(*, seconds: float) -> str:
 
     time.sleep(seconds)
     return "woke"
+
+
+def _errno_of(fn) -> str:
+    """Like ``_try`` for ctypes calls that return -1 and set errno."""
+    import ctypes
+
+    r = fn()
+    if r == -1:
+        e = ctypes.get_errno()
+        return f"refused: {os.strerror(e)}"
+    return "allowed"
+
+
+def reach(*, pids: dict[str, int]) -> dict:
+    """Every way to touch another process (the zygote, the caller, a sibling) by its pid."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+    for who, pid in pids.items():
+        def read(p):
+            with open(p, "rb") as f:
+                f.read(1)
+
+        def pidfd_getfd(pid=pid):
+            pfd = libc.syscall(434, pid, 0)  # pidfd_open
+            if pfd < 0:
+                return -1
+            try:
+                for target in range(0, 8):
+                    fd = libc.syscall(438, pfd, target, 0)  # pidfd_getfd
+                    if fd >= 0:
+                        os.close(fd)
+                        return 0
+                return -1
+            finally:
+                os.close(pfd)
+
+        def attach(pid=pid):
+            r = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+            if r == 0:
+                libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+            return r
+
+        def vm_read(pid=pid):
+            buf = ctypes.create_string_buffer(8)
+            local = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
+            remote = (ctypes.c_void_p * 2)(0x400000, 8)
+            return libc.syscall(310, pid, local, 1, remote, 1, 0)  # process_vm_readv
+
+        out[f"{who} signal"] = _try(lambda pid=pid: os.kill(pid, signal.SIGURG))  # ignored by default: harmless
+        out[f"{who} pidfd signal"] = _errno_of(lambda pid=pid: libc.syscall(424, libc.syscall(434, pid, 0), 0, None, 0))
+        out[f"{who} mem"] = _try(lambda pid=pid: read(f"/proc/{pid}/mem"))
+        out[f"{who} status"] = _try(lambda pid=pid: read(f"/proc/{pid}/status"))
+        out[f"{who} fds"] = _try(lambda pid=pid: os.listdir(f"/proc/{pid}/fd"))
+        out[f"{who} ptrace"] = _errno_of(attach)
+        out[f"{who} pidfd_getfd"] = _errno_of(pidfd_getfd)
+        out[f"{who} process_vm_readv"] = _errno_of(vm_read)
+    return out
+
+
+def state() -> dict:
+    """What a process starts with that it did not choose: compared between a forked and a fresh child."""
+    import ctypes
+    import resource
+    import signal
+    import sys
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("SigBlk", "SigIgn", "SigCgt", "NoNewPrivs", "Seccomp", "CapEff", "CapBnd", "CapPrm", "Umask"):
+                status[k] = v.strip()
+    maps, shared = set(), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6:
+                maps.add(parts[5])
+            if "s" in parts[1] and "w" in parts[1]:
+                shared.append(line.strip())
+    pdeath = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(pdeath), 0, 0, 0)  # PR_GET_PDEATHSIG
+    try:
+        import numpy
+        np_draw = float(numpy.random.random())
+    except ImportError:
+        np_draw = None
+    import random
+
+    import torch
+    return {"pid": os.getpid(), "env": sorted(os.environ), "sys.path": sys.path, "cwd": os.getcwd(),
+            "status": status, "maps": sorted(maps), "shared writable maps": shared, "fds": _descriptors(),
+            "rlimits": {n: resource.getrlimit(getattr(resource, n)) for n in dir(resource) if n.startswith("RLIMIT_")},
+            "signals": {s.name: str(signal.getsignal(s)) for s in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGINT,
+                                                                    signal.SIGTERM, signal.SIGXFSZ, signal.SIGHUP)},
+            "pdeathsig": pdeath.value, "dumpable": libc.prctl(3, 0, 0, 0, 0),
+            "hash": hash("clcalib"), "numpy draw": np_draw, "random draw": random.random(),
+            "torch draw": float(torch.rand(1)), "torch seed": torch.initial_seed(),
+            "threads": len(os.listdir("/proc/self/task")), "pgid": os.getpgid(0), "sid": os.getsid(0),
+            "modules": len(sys.modules)}
+
+
+def outlive(*, seconds: float, how: str) -> str:
+    """Try to go on running once the process that started this one is gone."""
+    import ctypes
+    import sys
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if how == "pdeathsig":
+        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: none
+    elif how == "exec":
+        os.execv(sys.executable, [sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    elif how == "setsid":
+        os.setsid()
+    time.sleep(seconds)
+    return "woke"
+
+
+def hang_up(*, seconds: float) -> str:
+    """Close the answer's pipe (every descriptor past stderr), then keep running without a word."""
+    import time
+
+    os.closerange(3, 4096)
+    time.sleep(seconds)
+    return "woke"
+
+
+
+def leave(*, paths: list[str]) -> dict:
+    """Leave a file where a later child (another tenant's) could find it."""
+    def write(p):
+        with open(p, "w") as f:
+            f.write("left by an earlier child")
+    return {p: _try(lambda p=p: write(p)) for p in paths}
+
+
+def forge(*, kind: str) -> str:
+    """Write straight into the answer's pipe what no honest child sends."""
+    import stat
+    import time
+
+    chan = next(fd for fd in range(3, 64) if _is_fifo(fd, stat))
+    if kind == "huge":  # a line past the limit, its end never sent
+        os.write(chan, b'{"event": "' + b"a" * (5 << 20))
+    elif kind == "deep":
+        os.write(chan, b'{"event": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    time.sleep(60)
+    return "woke"
+
+
+def _is_fifo(fd: int, stat) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def signal_group() -> dict:
+    """Signal this process's group and every process it may (SIGURG: ignored unless handled)."""
+    import signal
+
+    return {"group": _try(lambda: os.kill(0, signal.SIGURG)), "all": _try(lambda: os.kill(-1, 0))}

@@ -19,7 +19,9 @@ import pytest
 from jobs.sandbox import Child, ChildFailed, Jail, landlock_abi
 
 HERE = Path(__file__).parent
-ENV = {"PYTHONPATH": str(HERE)}  # the payload module; the child gets no other variable of ours
+# the payload module, and this checkout before any installed copy of it (an editable install of another
+# checkout would otherwise run its jobs.sandbox in the children); the child gets no other variable of ours
+ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
 
 pytestmark = pytest.mark.skipif(landlock_abi() < 4, reason="this kernel has no Landlock ABI >= 4")
 
@@ -167,3 +169,324 @@ def test_a_child_starts_without_importing_torch_again(tmp_path):
         starts.append(time.monotonic() - t)
         assert c.run(Jail(tmp=str(tmp_path / str(i))), {"n": 1}, 60) == "done"
     assert sorted(starts)[2] < 0.5, starts
+
+
+@pytest.mark.parametrize("how", ["pdeathsig", "exec", "setsid"])
+def test_a_child_cannot_outlive_its_caller_whatever_it_does(tmp_path, how):
+    """Code inside may clear its parent-death signal (prctl), exec a new program or start its own
+    session: when its caller is SIGKILLed it still dies, instead of running on as an orphan."""
+    script = textwrap.dedent(f"""
+        import tempfile
+        from jobs.sandbox import Child, Jail
+        c = Child("sandbox_payloads:outlive", {ENV!r})
+        c.wait_ready(300)
+        print(c.proc.pid, flush=True)
+        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600, "how": {how!r}}}, 900)
+    """)
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        child = int(caller.stdout.readline())
+        time.sleep(1.5)  # the payload has run
+        assert _state(child) not in ("", "Z")
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _state(child) not in ("", "Z"):
+        time.sleep(0.1)
+    try:
+        assert _state(child) in ("", "Z"), f"a sandboxed process outlived its caller ({how})"
+    finally:
+        if _state(child) not in ("", "Z"):
+            os.kill(child, 9)  # still alive, so its pid is still its own
+
+
+def test_a_child_that_closes_its_answer_pipe_is_stopped_at_its_timeout(tmp_path):
+    """Code inside that closes the pipe it answers on and runs on (a check never answering) is
+    killed by its run's timeout, not waited for until it chooses to exit: a check slot, a
+    worker's job, is never held past its time."""
+    t = time.monotonic()
+    with pytest.raises(ChildFailed) as e:
+        Child("sandbox_payloads:hang_up", ENV).run(Jail(tmp=str(tmp_path / "h")), {"seconds": 60}, timeout=3)
+    assert time.monotonic() - t < 20, f"the run took {time.monotonic() - t:.0f} s with a timeout of 3 s"
+    assert e.value.kind == "protocol", e.value
+
+
+def test_closing_a_run_from_another_thread_stops_its_child_at_once(tmp_path):
+    """The API's shutdown or a worker's cancel closes a run from another thread: it kills the
+    child at once, even while the run's own thread is waiting for that child to exit."""
+    import threading
+
+    c = Child("sandbox_payloads:hang_up", ENV)
+    c.wait_ready(60)
+    errors = []
+
+    def run():
+        try:
+            c.run(Jail(tmp=str(tmp_path / "h")), {"seconds": 60}, timeout=300)
+        except ChildFailed as e:
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.5)  # the pipe is closed; the run's thread is waiting for the process
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 10, f"close() took {time.monotonic() - t0:.0f} s"
+    assert c.proc.returncode is not None
+    t.join(10)
+    assert not t.is_alive() and errors, errors
+
+
+def _zombies() -> list[int]:
+    """This process's children that ended and were never waited for."""
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state == "Z" and int(ppid) == os.getpid():
+            out.append(int(p))
+    return out
+
+
+def test_a_fork_the_caller_gave_up_on_is_never_handed_to_the_next_run(tmp_path):
+    """A zygote too slow to answer (a loaded machine) fails that run; its late child must not be
+    taken for the next run's: that run's process would be one its caller cannot kill or time out,
+    and the late one a zombie in the API or worker."""
+    import signal
+
+    from jobs.sandbox import zygote_for
+
+    Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "w")), {"n": 0}, 300)  # the zygote is up
+    z, before = zygote_for("sandbox_payloads", ENV), set(_zombies())
+    os.kill(z.proc.pid, signal.SIGSTOP)  # as slow as it gets
+    try:
+        late = Child("sandbox_payloads:state", ENV)
+        with pytest.raises(ChildFailed) as e:
+            late.wait_ready(0.5)
+        assert e.value.kind == "sandbox", e.value
+        late.close()
+    finally:
+        os.kill(z.proc.pid, signal.SIGCONT)
+    c = Child("sandbox_payloads:state", ENV)
+    c.wait_ready(60)
+    forked = c.proc.pid
+    assert c.run(Jail(tmp=str(tmp_path / "s")), {}, 60)["pid"] == forked  # the run was the process it waited for
+    deadline = time.monotonic() + 5
+    while set(_zombies()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(_zombies()) - before
+
+
+def test_the_zygote_outlives_the_thread_that_started_it(tmp_path):
+    """The API starts or restarts a zygote from whatever thread first needs it (a request's pool
+    thread, which ends when idle): the zygote dies with the process, not with that thread, so a
+    check does not pay for torch's import again, nor fail mid-request."""
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    env = {**ENV, "CLCALIB_TEST_ZYGOTE": "thread"}  # a zygote of its own
+    box = {}
+
+    def first():
+        box["z"] = zygote_for("sandbox_payloads", env)
+        assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "a")), {"n": 0}, 300) == "done"
+    t = threading.Thread(target=first)
+    t.start()
+    t.join()
+    time.sleep(1)
+    assert box["z"].alive(), f"the zygote ended with its thread ({box['z'].proc.returncode})"
+    assert zygote_for("sandbox_payloads", env) is box["z"]
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 0}, 60) == "done"
+
+
+def test_a_child_cannot_signal_trace_or_read_the_zygote_its_caller_or_a_sibling(tmp_path):
+    """Code inside knows (or guesses) the pids of the zygote that forked it, of the API or worker
+    that runs it and of another tenant's running child: it can signal none of them, ptrace none,
+    read none's memory, descriptors or status, take none's descriptor (pidfd_getfd)."""
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    sibling = Child("sandbox_payloads:linger", ENV)
+    sibling.wait_ready(300)
+    def run_sibling():
+        try:
+            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
+        except ChildFailed:  # killed once the probe is done
+            pass
+    t = threading.Thread(target=run_sibling, daemon=True)
+    t.start()
+    try:
+        pids = {"zygote": zygote_for("sandbox_payloads", ENV).proc.pid, "caller": os.getpid(),
+                "sibling": sibling.proc.pid, "init": 1}
+        r = Child("sandbox_payloads:reach", ENV).run(Jail(tmp=str(tmp_path / "r")), {"pids": pids}, 60)
+    finally:
+        sibling.close()
+        t.join(10)
+    assert len(r) == 4 * 8 and all(v.startswith("refused") for v in r.values()), r
+
+
+def test_a_forked_child_starts_as_a_fresh_interpreter_would(tmp_path):
+    """Forked from a long-lived zygote rather than started fresh, a child holds nothing more:
+    the same environment, descriptors, mappings (none shared and writable: nothing a child
+    writes reaches the zygote or a sibling), limits, signal mask and dispositions, death signal;
+    and its random generators are its own, not the zygote's copied into every child."""
+    import json
+
+    from jobs.sandbox import child_env
+
+    forked = [Child("sandbox_payloads:state", ENV).run(Jail(tmp=str(tmp_path / f"f{i}")), {}, 60) for i in range(2)]
+    cwd = tmp_path / "fresh"
+    cwd.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "jobs.sandbox", "sandbox_payloads:state"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(ENV), cwd=cwd)
+    out, _ = p.communicate((json.dumps({"jail": {"tmp": str(tmp_path / "t")}, "kwargs": {}}) + "\n").encode(), 300)
+    fresh = next(m["result"] for m in map(json.loads, out.decode().splitlines()) if "result" in m)
+    for f in forked:
+        for k in ("env", "status", "rlimits", "signals", "pdeathsig", "dumpable", "pgid", "sid"):
+            assert f[k] == fresh[k], (k, f[k], fresh[k])
+        assert set(f["fds"]) == set(fresh["fds"]), (f["fds"], fresh["fds"])
+        assert set(f["maps"]) <= set(fresh["maps"]), sorted(set(f["maps"]) - set(fresh["maps"]))
+        assert f["shared writable maps"] == [] and f["threads"] <= fresh["threads"], f
+        assert f["sys.path"][1:] == fresh["sys.path"][1:], (f["sys.path"], fresh["sys.path"])
+        assert os.listdir(f["sys.path"][0]) == []  # the zygote's folder, on every child's sys.path: empty
+    for k in ("numpy draw", "random draw", "torch draw"):
+        assert forked[0][k] != forked[1][k], k
+
+
+def test_a_child_leaves_nothing_for_the_next_one_outside_its_own_folders(tmp_path):
+    """A later child (another tenant's) sees the same read-only system view and its own folders:
+    an earlier one can write nowhere it would look (the shared temporary folders, the zygote's
+    folder on sys.path, its own working folder, which the caller removes)."""
+    import tempfile
+
+    from jobs.sandbox import zygote_for
+
+    z = zygote_for("sandbox_payloads", ENV)
+    c = Child("sandbox_payloads:leave", ENV)
+    paths = ["/tmp/clcalib-left", "/dev/shm/clcalib-left", os.path.join(z.cwd, "sandbox_payloads.py"),
+             os.path.join(c.cwd, "left"), os.path.join(tempfile.gettempdir(), "clcalib-left")]
+    r = c.run(Jail(tmp=str(tmp_path / "l")), {"paths": paths}, 60)
+    assert all(v.startswith("refused") for v in r.values()), r
+    assert not any(os.path.exists(p) for p in paths)
+
+
+@pytest.mark.parametrize("kind", ["huge", "deep"])
+def test_a_child_cannot_send_what_the_caller_cannot_read(tmp_path, kind):
+    """A line past the size limit (never ended) or nested past the parser's depth fails the run
+    as a protocol error at once: the caller neither buffers without bound nor waits for the end."""
+    t = time.monotonic()
+    with pytest.raises(ChildFailed) as e:
+        Child("sandbox_payloads:forge", ENV).run(Jail(tmp=str(tmp_path / "p")), {"kind": kind}, 50, lambda ev: None)
+    assert e.value.kind == "protocol" and time.monotonic() - t < 30, (e.value, time.monotonic() - t)
+
+
+def test_a_zygote_that_dies_mid_request_fails_that_run_and_the_next_gets_a_new_one(tmp_path):
+    """The zygote killed (the OOM killer, an operator) while a child is asked of it: that run
+    fails as the sandbox being unavailable, at once, and the next run starts a new zygote."""
+    import signal
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    env = {**ENV, "CLCALIB_TEST_ZYGOTE": "dies"}  # a zygote of its own
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "a")), {"n": 0}, 300) == "done"
+    z, before = zygote_for("sandbox_payloads", env), set(_zombies())
+    os.kill(z.proc.pid, signal.SIGSTOP)  # the request waits in its socket
+    c, errors = Child("sandbox_payloads:events", env), []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(ChildFailed, c.wait_ready, 120).value))
+    seq = z._seq
+    t.start()
+    deadline = time.monotonic() + 60
+    while z._seq == seq and time.monotonic() < deadline:  # until the request is on its way
+        time.sleep(0.01)
+    time.sleep(0.2)
+    os.kill(z.proc.pid, signal.SIGKILL)
+    t.join(10)
+    assert not t.is_alive() and errors and errors[0].kind == "sandbox", errors
+    c.close()
+    assert Child("sandbox_payloads:events", env).run(Jail(tmp=str(tmp_path / "b")), {"n": 1}, 300) == "done"
+    assert zygote_for("sandbox_payloads", env) is not z and not set(_zombies()) - before
+
+
+def _peek(pid: int) -> str:
+    """A process's state letter, "" once it is gone; never waits for it (unlike ``_state``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_dead_callers_zygote_and_child_are_not_left_zombies_in_the_process_above_it(tmp_path):
+    """``clcalib serve`` (a subreaper: it has a zygote) runs the local worker, which has its own
+    zygote and child. When the worker dies they come to serve and die with it: serve waits for
+    them, rather than keeping a zombie per worker death (a crash-looping worker exhausts pids)."""
+    from jobs.sandbox import zygote_for
+
+    zygote_for("sandbox_payloads", ENV)  # this process is a subreaper, as serve is
+    script = textwrap.dedent(f"""
+        import tempfile
+        from jobs.sandbox import Child, Jail, zygote_for
+        c = Child("sandbox_payloads:linger", {ENV!r})
+        c.wait_ready(300)
+        print(c.proc.pid, zygote_for("sandbox_payloads", {ENV!r}).proc.pid, flush=True)
+        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600}}, 900)
+    """)
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        child, zygote = map(int, worker.stdout.readline().split())
+    finally:
+        worker.kill()
+        worker.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {_peek(child), _peek(zygote)} <= {"", "Z"}:
+            time.sleep(0.1)
+        assert Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "e")), {"n": 0}, 60) == "done"
+        assert _peek(zygote) == "" and _peek(child) == "", (_peek(zygote), _peek(child))
+    finally:
+        _state(child), _state(zygote)  # reaped here if they were not
+
+
+def test_without_landlock_signal_scoping_a_child_still_signals_no_other_process(tmp_path):
+    """Landlock scopes signals only from ABI 6 (Linux 6.12); on an older kernel (Ubuntu 24.04's
+    6.8 has ABI 4) a child that keeps uid 0 (a root install under /root) could SIGKILL its API or
+    worker, its zygote, another tenant's child, or the whole process group (another uid-65534
+    child could kill every other tenant's): seccomp lets a child signal itself only."""
+    import signal
+    import threading
+
+    from jobs.sandbox import zygote_for
+
+    sibling = Child("sandbox_payloads:linger", ENV)
+    sibling.wait_ready(300)
+
+    def run_sibling():
+        try:
+            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
+        except ChildFailed:  # killed once the probe is done
+            pass
+    t = threading.Thread(target=run_sibling, daemon=True)
+    t.start()
+    got = []
+    old = signal.signal(signal.SIGURG, lambda *_: got.append(1))  # this process is in the children's group
+    try:
+        pids = {"zygote": zygote_for("sandbox_payloads_abi5", ENV).proc.pid, "caller": os.getpid(),
+                "sibling": sibling.proc.pid}
+        c = Child("sandbox_payloads_abi5:reach", ENV)
+        r = c.run(Jail(tmp=str(tmp_path / "r")), {"pids": pids}, 60)
+        assert "landlock ABI" in c.how and "ABI 7" not in c.how and "ABI 6" not in c.how, c.how  # as on 6.8
+        group = Child("sandbox_payloads_abi5:signal_group", ENV).run(Jail(tmp=str(tmp_path / "g")), {}, 60)
+    finally:
+        signal.signal(signal.SIGURG, old)
+        sibling.close()
+        t.join(10)
+    assert all(v.startswith("refused") for v in r.values()), r
+    assert group["group"].startswith("refused") and group["all"].startswith("refused") and not got, (group, got)
