@@ -205,11 +205,13 @@ def _landlock(read: list[str], write: list[str], devices: list[str]) -> int:
 _ARCH = {
     "x86_64": {"audit": 0xC000003E, "x32": True, "clone": 56, "clone3": 435, "mmap": 9, "prctl": 157,
                "deny": {"socket": 41, "io_uring_setup": 425, "fork": 57, "vfork": 58, "shmget": 29, "shmat": 30,
-                        "semget": 64, "msgget": 68, "memfd_create": 319, "tkill": 200, "pidfd_send_signal": 424},
+                        "semget": 64, "msgget": 68, "memfd_create": 319, "tkill": 200, "pidfd_send_signal": 424,
+                        "add_key": 248, "request_key": 249, "keyctl": 250},
                "signal": {"kill": 62, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297}},
     "aarch64": {"audit": 0xC00000B7, "x32": False, "clone": 220, "clone3": 435, "mmap": 222, "prctl": 167,
                 "deny": {"socket": 198, "io_uring_setup": 425, "shmget": 194, "shmat": 196, "semget": 190,
-                         "msgget": 186, "memfd_create": 279, "tkill": 130, "pidfd_send_signal": 424},
+                         "msgget": 186, "memfd_create": 279, "tkill": 130, "pidfd_send_signal": 424,
+                         "add_key": 217, "request_key": 218, "keyctl": 219},
                 "signal": {"kill": 129, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240}},
 }
 _CLONE_THREAD, _MAP_SHARED_ANONYMOUS, _PR_SET_PDEATHSIG = 0x10000, 0x21, 1
@@ -228,7 +230,8 @@ def seccomp_program(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
     no new process (fork, vfork, clone without CLONE_THREAD: a grandchild would outlive the run;
     clone3 answers ENOSYS, so glibc falls back to clone for threads); no shared anonymous mmap;
     no PR_SET_PDEATHSIG (clearing it would let the process outlive its caller as an orphan);
-    no signal to any process but ``pid`` (itself); a foreign syscall ABI kills the process."""
+    no signal to any process but ``pid`` (itself); no kernel keyrings (a child left at uid 0
+    would share root's); a foreign syscall ABI kills the process."""
     a = _ARCH[machine]
     ld, jeq, jset, ret, alu_and = 0x20, 0x15, 0x45, 0x06, 0x54
     code: list = []  # instructions; jumps name labels, resolved below
@@ -434,6 +437,13 @@ def main(target: str) -> None:
 
 # ---- the parent side -------------------------------------------------------------------------
 
+def _finite_or_none(text: str) -> float | None:
+    import math
+
+    v = float(text)
+    return v if math.isfinite(v) else None
+
+
 class ChildFailed(RuntimeError):
     """A sandboxed run ended without a result: ``kind`` is "sandbox", "memory", "exception",
     "timeout", "died" or "protocol"; ``message`` says what happened, for a person."""
@@ -488,7 +498,8 @@ class Child:
                 raise ChildFailed("protocol", "the process sent a message over the size limit")
         line, self._buf = self._buf.split(b"\n", 1)
         try:
-            msg = json.loads(line)
+            # NaN/Infinity (a diverged loss, or a hostile child) as null: the job's status is strict JSON
+            msg = json.loads(line, parse_constant=lambda _: None, parse_float=_finite_or_none)
         except (ValueError, RecursionError):
             raise ChildFailed("protocol", "the process sent something that is not a message") from None
         if not isinstance(msg, dict):

@@ -106,7 +106,16 @@ def escape_resources() -> dict:
     def private_file_map():
         mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # counted by RLIMIT_DATA: allowed
 
+    def keyring():  # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0)
+        import ctypes
+        import platform
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall({"x86_64": 250, "aarch64": 219}[platform.machine()], 0, -3, 0) < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
     return {"fork": _try(fork), "shared anonymous mmap": _try(shared_anonymous), "memfd": _try(memfd),
+            "keyring": _try(keyring),
             "thread": _try(thread), "private mmap": _try(private_file_map), "descriptors": _descriptors()}
 
 
@@ -293,3 +302,9 @@ def signal_group() -> dict:
     import signal
 
     return {"group": _try(lambda: os.kill(0, signal.SIGURG)), "all": _try(lambda: os.kill(-1, 0))}
+
+
+def non_finite(*, emit) -> dict:
+    """A diverged run: its loss NaN, a metric infinite."""
+    emit({"stage": "reconstruct", "loss": float("nan"), "eta_s": float("inf")})
+    return {"loss": float("-inf"), "top1": 12.5}

@@ -86,7 +86,7 @@ def test_the_childs_own_output_cannot_forge_a_result(tmp_path):
 def test_no_process_outlives_the_run_and_no_memory_escapes_the_cap(tmp_path):
     r = Child("sandbox_payloads:escape_resources", ENV).run(Jail(tmp=str(tmp_path / "t")), {}, 60)
     assert r["fork"].startswith("refused") and r["shared anonymous mmap"].startswith("refused"), r
-    assert r["memfd"].startswith("refused"), r
+    assert r["memfd"].startswith("refused") and r["keyring"].startswith("refused"), r
     assert r["thread"] == "allowed" and r["private mmap"] == "allowed", r
     # forked by the zygote, it holds its pipes and nothing else: never the zygote's socket, through
     # which it could ask for a sibling that is not confined
@@ -490,3 +490,13 @@ def test_without_landlock_signal_scoping_a_child_still_signals_no_other_process(
         t.join(10)
     assert all(v.startswith("refused") for v in r.values()), r
     assert group["group"].startswith("refused") and group["all"].startswith("refused") and not got, (group, got)
+
+
+def test_a_diverged_runs_nan_and_infinity_arrive_as_null(tmp_path):
+    """A run whose loss became NaN (or a hostile child) must not put NaN into the job's stored
+    progress and metrics: the API's answers are strict JSON and PostgreSQL's json refuses it, so
+    the job's status would be a 500 for its tenant."""
+    events = []
+    r = Child("sandbox_payloads:non_finite", ENV).run(Jail(tmp=str(tmp_path / "t")), {}, 60, events.append)
+    assert events == [{"stage": "reconstruct", "loss": None, "eta_s": None}], events
+    assert r == {"loss": None, "top1": 12.5}, r
