@@ -353,7 +353,8 @@ def _add_export(sub) -> None:
                    help=f"the runtime the file is written for (docs/deploy.md; default {DEFAULT}): "
                    + "; ".join(f"{k}: {v.summary}" for k, v in PROFILES.items()))
     p.add_argument("--calib", help="calibration images (folder, zip or tensor file): the ranges of the tensors the "
-                   "calibration kept in float, which integer targets write in 8 bits (default: the --eval images)")
+                   "calibration kept in float, which integer targets write in 8 bits (default: the ranges the "
+                   "checkpoint stored from its calibration images; for an older checkpoint, the --eval images)")
     p.add_argument("--latency", action="store_true", help="also time the file against the FP32 export in its runtime")
     p.add_argument("--eval", help="folder or zip with one subfolder per class: check top-1 there "
                    "(default: agreement with the torch model on 256 random inputs)")
@@ -369,7 +370,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from clcalib.data import LabeledSet, load_calibration
     from clcalib.errors import DataError
     from clcalib.export import load_quantized
-    from clcalib.export.onnx_check import export_checked
+    from clcalib.export.onnx_check import MIN_AGREEMENT, export_checked
     from clcalib.export.onnx_qdq import RANGE_IMAGES
     from clcalib.export.profiles import check_target
 
@@ -378,6 +379,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     shape = tuple(model.header["input_shape"])
     pre = Preprocess.model_validate(model.header["preprocess"])
     ranges = load_calibration(a.calib, pre, RANGE_IMAGES) if a.calib else None
+    stored = "float_ranges" in model.header  # measured on the calibration images when the run saved it
     if a.eval:
         data = LabeledSet(a.eval, pre, labels=_labels(a))
         _mapping_note(data)
@@ -385,17 +387,26 @@ def cmd_export(a: argparse.Namespace) -> int:
             raise DataError(f"--eval {a.eval}: images come out {data.shape} with the checkpoint's "
                             f"preprocessing, but the model was calibrated on {tuple(shape[1:])}")
         images, labels = data.images(), data.labels  # streamed once for torch and ONNX Runtime
-        if ranges is None and prof.integer_ops:
+        if ranges is None and prof.integer_ops and not stored:
             ranges = LabeledSet(a.eval, pre, labels=_labels(a)).images()
             ranges = next(iter(ranges)) if not isinstance(ranges, torch.Tensor) else ranges
+    elif ranges is not None:  # the calibration images: real inputs, within the ranges the file clamps to
+        images, labels = ranges, None
     else:
         images, labels = torch.randn((256, *shape[1:]), generator=torch.Generator().manual_seed(0)), None
-    if ranges is None and prof.integer_ops:
+    checked_on = "images" if a.eval else "calibration images" if ranges is not None else "random inputs"
+    # random inputs leave an integer file's calibrated 8-bit ranges: its agreement with the torch
+    # model there says nothing about the model, so it is reported, not required (give --eval)
+    unchecked = prof.integer_ops and a.eval is None and ranges is None
+    if ranges is None and prof.integer_ops and not stored:
         raise CalibrationError(f"export target {a.target} writes the tensors the calibration kept in float as 8-bit "
-                               "codes and needs images for their ranges: give --calib (the calibration images) or "
-                               "--eval, or use --target reference")
+                               "codes and needs their ranges, which this checkpoint does not hold (written by the "
+                               "library's save_quantized, or before checkpoints stored them): give --calib "
+                               "(the calibration images) or --eval, or use --target reference")
     out = {"onnx": str(a.out), **export_checked(model, a.out, shape, images, labels, target=a.target,
-                                                range_images=ranges)[0]}
+                                                range_images=ranges, min_agreement=None if unchecked else MIN_AGREEMENT)[0]}
+    if unchecked:
+        out["onnx_check"] = "runs; agreement on random inputs not required (give --eval or --calib to check it)"
     if a.latency:
         from clcalib.export.latency import latency_vs_fp32
 
@@ -410,8 +421,10 @@ def cmd_export(a: argparse.Namespace) -> int:
             if f"{k}_top1_agreement" in out:
                 top = f"top-1 {out[f'{k}_top1']:.2f} %, " if labels is not None else ""
                 print(f"  {name}: {top}agreement with the torch model {out[f'{k}_top1_agreement']:.2f} % on "
-                      f"{out[f'{k}_checked_images']} {'images' if labels is not None else 'random inputs'}, "
+                      f"{out[f'{k}_checked_images']} {checked_on}, "
                       f"max |logit diff| {out[f'{k}_max_abs_logit_diff']:.3g}")
+        if unchecked:
+            print(f"  {out['onnx_check']}")
         for b, t in out.get("onnx_latency", {}).get("batches", {}).items():
             print(f"  batch {b}: {t['ms']:.2f} ms, {t['x_fp32']:.2f}x the FP32 model's {t['fp32_ms']:.2f} ms in {prof.runtime}")
     return 0

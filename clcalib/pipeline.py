@@ -62,7 +62,7 @@ def _quantized_logits(model, path: Path, calib, evalset, export: bool, device, c
     with exact_numerics():
         if not export:
             return (predict(model, evalset.images(), device=device) if evalset is not None else None), {}
-        target = dict(target=config.export_target, range_images=calib)
+        target = dict(target=config.export_target)  # the ranges the checkpoint stored: a later export's
         if evalset is None:
             q_logits, onnx = None, export_checked(model, path, shape, calib, device=device, **target)[0]
         else:
@@ -283,7 +283,13 @@ def _calibrate(fp_model, inputs: _Inputs, config: CalibConfig, on_progress: Prog
 def _save_checkpoint(result, path: Path, arch: str, num_classes: int, config: CalibConfig, calib: Tensor,
                      extra: dict) -> ModelSize:
     """The calibrated model written to ``path``, its header naming the calibration images and ``extra``."""
+    from clcalib.export.onnx_qdq import float_ranges
+
     header = {"calib_sha256": result.calib_sha256, "calib_images": len(calib)}
+    with exact_numerics():  # what a later export writes without images: the file this run checks
+        ranges = float_ranges(result.model, calib)
+    if ranges is not None:
+        header["float_ranges"] = ranges
     return save_quantized(result.model, path, arch=arch, num_classes=num_classes, config=config,
                           input_shape=(1, *calib.shape[1:]), extra={**header, **extra})
 

@@ -151,6 +151,17 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     header = read_header(out / "quantized.safetensors")
     assert header["metrics"]["quant_top1"] == m["quant_top1"] and header["calib_images"] == 128
     assert Path(out / "quantized.safetensors").stat().st_size < 0.2 * WEIGHTS.stat().st_size * 2
+    # exported again later from the checkpoint alone (no images: it stored the float tensors'
+    # ranges from its calibration images), the file is the one this run checked, byte for byte
+    again = clcalib("export", "--checkpoint", out / "quantized.safetensors", "--out", tmp_path / "again.onnx")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert "agreement on random inputs not required" in again.stdout  # random inputs saturate 8-bit ranges
+    # with calibration images the ranges are measured again and the file is checked on them
+    again = clcalib("export", "--checkpoint", out / "quantized.safetensors", "--out", tmp_path / "c.onnx",
+                    "--calib", zips["calib"], "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["onnx_top1_agreement"] >= 97.0
 
 
 def test_inspect_shows_units_layers_and_quantizers_before_calibrating():

@@ -185,13 +185,13 @@ def test_bad_checkpoints_give_one_line_errors(calibrated, tmp_path):
         build_onnx(model, SHAPE, target="reference")
 
 
-def test_an_export_that_fails_its_check_leaves_no_file(calibrated, tmp_path, monkeypatch):
+def test_an_export_that_fails_its_check_leaves_no_file(calibrated, tmp_path):
     import clcalib.export.onnx_check as oc
 
     x, y = images("t10k", range(100))
-    monkeypatch.setattr(oc, "MIN_AGREEMENT", 100.1)  # no file can pass: the check must fail
-    with pytest.raises(ExportError, match="agrees with the torch model's on only"):
-        oc.export_checked(calibrated["model"], tmp_path / "m.onnx", SHAPE, x, y, range_images=calibrated["calib"])
+    with pytest.raises(ExportError, match="agrees with the torch model's on only"):  # no file can pass 100.1 %
+        oc.export_checked(calibrated["model"], tmp_path / "m.onnx", SHAPE, x, y, range_images=calibrated["calib"],
+                          min_agreement=100.1)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -32,7 +32,8 @@ def require_onnx() -> None:
 def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images: Tensor | Iterable[Tensor],
                    labels: Tensor | None = None, device: str | torch.device = "cpu",
                    threads: int | None = None, target: str = DEFAULT,
-                   range_images: Tensor | None = None) -> tuple[dict, Tensor]:
+                   range_images: Tensor | None = None,
+                   min_agreement: float | None = MIN_AGREEMENT) -> tuple[dict, Tensor]:
     """Export ``model`` to ``path`` for the runtime ``target`` (export/profiles.py) and check it
     first, in ONNX Runtime and, for target openvino, in OpenVINO too: the file appears only if
     it passes, a failing one is removed. One pass over ``images`` (an evaluation set streams
@@ -66,7 +67,7 @@ def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images
         ref = torch.cat(file_logits) if file_logits else torch_logits
         out = {"onnx_bytes": tmp.stat().st_size, "export_target": target}
         for k in runners:
-            out.update(check_logits(tmp, ref, torch.cat(got[k]), labels, runtime=k))
+            out.update(check_logits(tmp, ref, torch.cat(got[k]), labels, runtime=k, min_agreement=min_agreement))
     return out, torch_logits
 
 
@@ -125,9 +126,10 @@ RUNTIMES = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}  # field prefix -> t
 
 
 def check_logits(path: str | Path, torch_logits: Tensor, ort_logits: Tensor, labels: Tensor | None = None,
-                 runtime: str = "onnx") -> dict:
+                 runtime: str = "onnx", min_agreement: float | None = MIN_AGREEMENT) -> dict:
     """check_onnx's fields (prefixed ``runtime``: onnx, openvino) from both models' logits on the
-    same images (``path`` names the file in the error)."""
+    same images (``path`` names the file in the error). ``min_agreement`` None: reported, not
+    enforced (random inputs, which saturate an integer file's calibrated 8-bit ranges)."""
     ref, name = torch_logits.detach().cpu().float(), RUNTIMES[runtime]
     if ort_logits.shape != ref.shape:
         raise ExportError(f"{path}: {name} gives logits of shape {tuple(ort_logits.shape)}, "
@@ -138,9 +140,9 @@ def check_logits(path: str | Path, torch_logits: Tensor, ort_logits: Tensor, lab
         f"{runtime}_max_abs_logit_diff": float((ref - ort_logits).abs().max()),
         f"{runtime}_checked_images": len(ort_logits),
     }
-    if not out[f"{runtime}_top1_agreement"] >= MIN_AGREEMENT:
+    if min_agreement is not None and not out[f"{runtime}_top1_agreement"] >= min_agreement:
         raise ExportError(
             f"{path}: {name}'s top-1 agrees with the torch model's on only {out[f'{runtime}_top1_agreement']:.2f} % "
-            f"of {len(ort_logits)} images (at least {MIN_AGREEMENT} % expected; max |logit diff| "
+            f"of {len(ort_logits)} images (at least {min_agreement} % expected; max |logit diff| "
             f"{out[f'{runtime}_max_abs_logit_diff']:.3g}); the export is wrong, please report it")
     return out

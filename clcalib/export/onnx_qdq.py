@@ -344,12 +344,40 @@ def observed_ranges(model: nn.Module, traced: fx.Graph, images: torch.Tensor) ->
     return ranges
 
 
+def float_ranges(model: nn.Module, images: torch.Tensor) -> dict[str, list[float]] | None:
+    """The integer profiles' ranges of ``model``'s float tensors over the first calibration
+    images, as the checkpoint stores them (``float_ranges``) so that a later export needs no
+    images and writes the same file; None for a model the exporter cannot trace."""
+    try:
+        traced = trace(model)
+    except UnsupportedModel:
+        return None
+    return {k: [lo, hi] for k, (lo, hi) in observed_ranges(model, traced, images).items()}
+
+
+def _stored_ranges(model: nn.Module) -> dict[str, tuple[float, float]] | None:
+    """The ranges a checkpoint stored (``load_quantized`` keeps its header on the model)."""
+    import math
+
+    stored = (getattr(model, "header", None) or {}).get("float_ranges")
+    if stored is None:
+        return None
+    ok = isinstance(stored, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+        and v[0] <= v[1] for v in stored.values())
+    if not ok:
+        raise ExportError("the checkpoint's float_ranges are damaged (each must be [low, high], finite); give "
+                          "calibration images (--calib) to measure them again")
+    return {k: (float(v[0]), float(v[1])) for k, v in stored.items()}
+
+
 def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: bool = True, name: str = "clcalib",
                target: str = DEFAULT, range_images: torch.Tensor | None = None):
     """The ONNX ModelProto of ``model`` (a QuantModel): QDQ written for the runtime ``target``
     (profiles.py), or with ``quantized=False`` plain FP32 from the layers' float weights
-    (BatchNorm folded), for a like-for-like baseline. Integer targets need ``range_images``
-    (calibration images) for the tensors the calibration left in float."""
+    (BatchNorm folded), for a like-for-like baseline. Integer targets need the ranges of the
+    tensors the calibration left in float: measured on ``range_images`` (calibration images), else
+    the ones a checkpoint stored."""
     onnx = _onnx()
     prof = profile(target)
     try:
@@ -361,9 +389,9 @@ def build_onnx(model: nn.Module, input_shape: tuple[int, ...], *, quantized: boo
     functions = {**_FUNCTIONS, **ATEN_FUNCTIONS}
     with torch.no_grad(), quantization(model, False):  # shapes for the ops that need a rank or a head size
         ShapeProp(fx.GraphModule(model, traced)).propagate(torch.zeros(2, *input_shape[1:], device=next(model.parameters()).device))
-    ranges = None  # without images, the first float input an integer op takes is refused by name
-    if quantized and prof.integer_ops and range_images is not None:
-        ranges = observed_ranges(model, traced, range_images)
+    ranges = None  # without any, the first float input an integer op takes is refused by name
+    if quantized and prof.integer_ops:
+        ranges = observed_ranges(model, traced, range_images) if range_images is not None else _stored_ranges(model)
     g = _Graph(quantized, prof, ranges)
     mods = dict(model.named_modules())
     env: dict[fx.Node, object] = {}
