@@ -85,9 +85,18 @@ def serve(*, host: str | None = None, port: int | None = None, worker: bool | No
         env.setdefault("CLCALIB_DATA_DIR", str(s.data_dir))
         local = LocalWorker(env)
         local.start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down on SIGTERM, then raises the signal again with the handler it found:
+        # the default one ended this process before the finally below stopped the local worker,
+        # which then finished its job alone (and a restarted serve ran a second worker beside it)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
                     timeout_keep_alive=30, http=protocol(s.header_timeout_s, s.max_connections))
     finally:
         if local is not None:
             local.stop()
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)

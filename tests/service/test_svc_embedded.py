@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,5 +96,24 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         assert [j["state"] for j in final] == ["succeeded"] * 3, final
         jobs = httpx.get(f"{url}/v1/jobs").json()["jobs"]
         assert len(jobs) == 4 and {j["state"] for j in jobs} == {"succeeded"}
+        # SIGTERM to serve alone (a process manager stopping it) while a job runs: its local worker
+        # stops with it (the job resumes at the next start), instead of calibrating on alone
+        with Client(url) as c:
+            long = c.submit(model=MOBILENET, calibration=fmnist_zips["calib"], arch="mobilenet_v2", num_classes=10,
+                            config={**FAST, "iters": 20000})["id"]
+            wait_until(lambda: c.status(long)["state"] == "running", 120, "the long job to start")
+        worker = int(re.findall(r"local worker started \(pid (\d+)\)", (tmp_path / "serve2.log").read_text())[-1])
+        os.kill(serve.pid, signal.SIGTERM)
+        serve.p.wait(60)
+        wait_until(lambda: _state(worker) in ("", "Z"), 30, f"the local worker (pid {worker}) to stop with serve")
     finally:
         serve.stop()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ("Z": a zombie), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
