@@ -70,3 +70,12 @@ def write_zip(dest: Path, name: str, indices, by_class: bool) -> Path:
         for i in indices:
             z.writestr(f"{labels[i]}/{i:05d}.png" if by_class else f"{i:05d}.png", png(images[i]))
     return dest
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc ("Z": a zombie), "" once it is gone; never waits for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""

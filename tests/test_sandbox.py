@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clcalib.testing import process_state
 from jobs.sandbox import Child, ChildFailed, Jail, landlock_abi
 
 HERE = Path(__file__).parent
@@ -121,17 +122,28 @@ def _state(pid: int) -> str:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
+    return process_state(pid)
 
 
-def test_a_child_belongs_to_the_process_that_asked_and_dies_with_it(tmp_path):
-    """Children are forked by a zygote that imported torch once, but each is re-parented to the
-    process that asked for it: that process waits for it and kills it, and when it is SIGKILLed
-    itself (the OOM killer on a worker) its zygote and its running child are gone in seconds."""
+def _running_sibling(tmp_path):
+    """Another run's child, lingering 30 s in a thread of this process: (its Child, the thread)."""
+    import threading
+
+    sibling = Child("sandbox_payloads:linger", ENV)
+    sibling.wait_ready(300)
+
+    def run_sibling():
+        try:
+            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
+        except ChildFailed:  # killed once the probe is done
+            pass
+    t = threading.Thread(target=run_sibling, daemon=True)
+    t.start()
+    return sibling, t
+
+
+def _caller_with_a_running_child(tmp_path) -> tuple[subprocess.Popen, int, int]:
+    """A process (a worker, say) whose sandboxed child is running: it, the child's pid, its zygote's pid."""
     script = textwrap.dedent(f"""
         import tempfile
         from jobs.sandbox import Child, Jail, zygote_for
@@ -142,8 +154,16 @@ def test_a_child_belongs_to_the_process_that_asked_and_dies_with_it(tmp_path):
     """)
     caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    child, zygote = map(int, caller.stdout.readline().split())
+    return caller, child, zygote
+
+
+def test_a_child_belongs_to_the_process_that_asked_and_dies_with_it(tmp_path):
+    """Children are forked by a zygote that imported torch once, but each is re-parented to the
+    process that asked for it: that process waits for it and kills it, and when it is SIGKILLed
+    itself (the OOM killer on a worker) its zygote and its running child are gone in seconds."""
+    caller, child, zygote = _caller_with_a_running_child(tmp_path)
     try:
-        child, zygote = map(int, caller.stdout.readline().split())
         with open(f"/proc/{child}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[1]) == caller.pid  # its parent: the caller
         assert _state(child) not in ("", "Z") and _state(zygote) not in ("", "Z")
@@ -308,19 +328,10 @@ def test_a_child_cannot_signal_trace_or_read_the_zygote_its_caller_or_a_sibling(
     """Code inside knows (or guesses) the pids of the zygote that forked it, of the API or worker
     that runs it and of another tenant's running child: it can signal none of them, ptrace none,
     read none's memory, descriptors or status, take none's descriptor (pidfd_getfd)."""
-    import threading
 
     from jobs.sandbox import zygote_for
 
-    sibling = Child("sandbox_payloads:linger", ENV)
-    sibling.wait_ready(300)
-    def run_sibling():
-        try:
-            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
-        except ChildFailed:  # killed once the probe is done
-            pass
-    t = threading.Thread(target=run_sibling, daemon=True)
-    t.start()
+    sibling, t = _running_sibling(tmp_path)
     try:
         pids = {"zygote": zygote_for("sandbox_payloads", ENV).proc.pid, "caller": os.getpid(),
                 "sibling": sibling.proc.pid, "init": 1}
@@ -414,15 +425,6 @@ def test_a_zygote_that_dies_mid_request_fails_that_run_and_the_next_gets_a_new_o
     assert zygote_for("sandbox_payloads", env) is not z and not set(_zombies()) - before
 
 
-def _peek(pid: int) -> str:
-    """A process's state letter, "" once it is gone; never waits for it (unlike ``_state``)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
-
-
 def test_a_dead_callers_zygote_and_child_are_not_left_zombies_in_the_process_above_it(tmp_path):
     """``clcalib serve`` (a subreaper: it has a zygote) runs the local worker, which has its own
     zygote and child. When the worker dies they come to serve and die with it: serve waits for
@@ -430,27 +432,15 @@ def test_a_dead_callers_zygote_and_child_are_not_left_zombies_in_the_process_abo
     from jobs.sandbox import zygote_for
 
     zygote_for("sandbox_payloads", ENV)  # this process is a subreaper, as serve is
-    script = textwrap.dedent(f"""
-        import tempfile
-        from jobs.sandbox import Child, Jail, zygote_for
-        c = Child("sandbox_payloads:linger", {ENV!r})
-        c.wait_ready(300)
-        print(c.proc.pid, zygote_for("sandbox_payloads", {ENV!r}).proc.pid, flush=True)
-        c.run(Jail(tmp=tempfile.mkdtemp()), {{"seconds": 600}}, 900)
-    """)
-    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    try:
-        child, zygote = map(int, worker.stdout.readline().split())
-    finally:
-        worker.kill()
-        worker.wait()
+    worker, child, zygote = _caller_with_a_running_child(tmp_path)
+    worker.kill()
+    worker.wait()
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not {_peek(child), _peek(zygote)} <= {"", "Z"}:
+        while time.monotonic() < deadline and not {process_state(child), process_state(zygote)} <= {"", "Z"}:
             time.sleep(0.1)
         assert Child("sandbox_payloads:events", ENV).run(Jail(tmp=str(tmp_path / "e")), {"n": 0}, 60) == "done"
-        assert _peek(zygote) == "" and _peek(child) == "", (_peek(zygote), _peek(child))
+        assert process_state(zygote) == "" and process_state(child) == "", (process_state(zygote), process_state(child))
     finally:
         _state(child), _state(zygote)  # reaped here if they were not
 
@@ -461,20 +451,10 @@ def test_without_landlock_signal_scoping_a_child_still_signals_no_other_process(
     worker, its zygote, another tenant's child, or the whole process group (another uid-65534
     child could kill every other tenant's): seccomp lets a child signal itself only."""
     import signal
-    import threading
 
     from jobs.sandbox import zygote_for
 
-    sibling = Child("sandbox_payloads:linger", ENV)
-    sibling.wait_ready(300)
-
-    def run_sibling():
-        try:
-            sibling.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 30}, 60)
-        except ChildFailed:  # killed once the probe is done
-            pass
-    t = threading.Thread(target=run_sibling, daemon=True)
-    t.start()
+    sibling, t = _running_sibling(tmp_path)
     got = []
     old = signal.signal(signal.SIGURG, lambda *_: got.append(1))  # this process is in the children's group
     try:

@@ -16,6 +16,7 @@ from svc_eval import evaluate
 from svc_fmnist import FAST, MOBILENET, TINY
 from svc_helpers import ROOT, Proc, free_port, wait_until
 
+from clcalib.testing import process_state
 from service.client import Client
 
 
@@ -105,15 +106,7 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         worker = int(re.findall(r"local worker started \(pid (\d+)\)", (tmp_path / "serve2.log").read_text())[-1])
         os.kill(serve.pid, signal.SIGTERM)
         serve.p.wait(60)
-        wait_until(lambda: _state(worker) in ("", "Z"), 30, f"the local worker (pid {worker}) to stop with serve")
+        wait_until(lambda: process_state(worker) in ("", "Z"), 30, f"the local worker (pid {worker}) to stop with serve")
     finally:
         serve.stop()
 
-
-def _state(pid: int) -> str:
-    """A process's state letter ("Z": a zombie), "" once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
