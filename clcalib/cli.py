@@ -185,9 +185,13 @@ def _print_table(report: dict) -> None:
         from clcalib.export.onnx_check import RUNTIMES
 
         rows.append((f"{report['onnx']} (target {m.get('export_target', 'reference')})", f"{m['onnx_bytes'] / 1e6:.2f} MB"))
+        from clcalib.export.profiles import widens_activations
+
+        run_as = " (run as the file runs: activations below 8 bits as 8-bit codes)" \
+            if widens_activations(m.get("export_target"), report.get("config") or {}) else ""
         for k, name in RUNTIMES.items():
             if m.get(f"{k}_top1_agreement") is not None:
-                rows.append((f"  in {name}", f"top-1 {_fmt(m[f'{k}_top1'])}, agreement with torch "
+                rows.append((f"  in {name}", f"top-1 {_fmt(m[f'{k}_top1'])}, agreement with torch{run_as} "
                              f"{_fmt(m[f'{k}_top1_agreement'])} % on {m[f'{k}_checked_images']} images"))
         for b, t in (m.get("onnx_latency") or {}).get("batches", {}).items():
             rows.append((f"  latency, batch {b}", f"{t['ms']:.2f} ms = {t['x_fp32']:.2f}x FP32 ({t['fp32_ms']:.2f} ms) "

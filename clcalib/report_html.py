@@ -177,7 +177,11 @@ def render(report: dict) -> str:
             continue
         for k, v in (c.get(block) or {}).items():
             settings[f"{block}.{k}"] = v
-    return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=_figures(report))
+    from clcalib.export.profiles import widens_activations
+
+    widened = widens_activations(m.get("export_target"), report.get("config") or {})
+    return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=_figures(report),
+                                                     widened=widened)
 
 
 def write_report_html(report: dict, path: str | Path) -> Path:

@@ -146,6 +146,9 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     # (int8 kernels): at least as accurate as the calibrated model, and faster than FP32 there
     assert m["export_target"] == "onnxruntime" and m["onnx_top1"] >= m["quant_top1"] - 0.6, m
     assert set(m["onnx_latency"]["batches"]) == {"1", "32"}, m["onnx_latency"]
+    # and both the summary and report.html say what that agreement is with
+    assert "agreement with torch (run as the file runs: activations below 8 bits as 8-bit codes)" in r.stdout, r.stdout
+    assert "run as the file runs" in (out / "report.html").read_text()
     from clcalib.export import read_header
 
     header = read_header(out / "quantized.safetensors")

@@ -87,6 +87,16 @@ def profile(name: str) -> Profile:
         raise ExportError(f"export target {name!r} is not known; choose one of {', '.join(PROFILES)}") from None
 
 
+def widens_activations(target: str | None, config: dict) -> bool:
+    """Whether a file for ``target`` runs some of the calibrated activations at more bits (those
+    below 8 as 8-bit codes over their calibrated ranges): its agreement is then with the torch
+    model run that way, and its top-1 can differ from the calibrated model's."""
+    if target is None or profile(target).activations != "8bit":
+        return False
+    acts = [b for n, b in (config.get("layer_bits") or {}).items() if n.endswith((".out_quant", ".in_quant"))]
+    return any(isinstance(b, int) and b < 8 for b in [config.get("a_bits", 8), *acts])
+
+
 def settings_problem(name: str, w_symmetric: bool) -> str | None:
     """Why a calibration with these settings cannot be written for target ``name`` (None: it can)."""
     if profile(name).symmetric_weights_only and not w_symmetric:
