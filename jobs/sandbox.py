@@ -1,7 +1,8 @@
 """The sandbox every upload check and every calibration runs in: a new child process (forked by
-a zygote that imported torch once, ``jobs.zygote``) that confines itself, before it reads one uploaded byte, with kernel mechanisms that need no helper
-binary, no root and no container privileges (so they work the same under ``clcalib serve``, in
-CI and in a default Docker container):
+a zygote that imported torch once, ``jobs.zygote``) that confines itself, before it reads one
+uploaded byte, with kernel mechanisms that need no helper binary, no root and no container
+privileges (so they work the same under ``clcalib serve``, in CI and in a default Docker
+container):
 
 - **Landlock** (Linux >= 5.13; ABI 4+ for TCP, 6+ for scopes): the filesystem view is the
   Python installation and system libraries (read-only), the job's own inputs (read-only) and
@@ -88,9 +89,10 @@ _zygotes: dict[tuple, zygote.Zygote] = {}
 _zygotes_lock = threading.Lock()
 
 
-def zygote_for(module: str, env: dict[str, str] | None = None) -> zygote.Zygote:
-    """This process's zygote for ``module`` (started, not waited for, on first use; started again
-    if it died)."""
+def zygote_for(target: str, env: dict[str, str] | None = None) -> zygote.Zygote:
+    """This process's zygote for ``target``'s module (``module:function`` or the module's name;
+    started, not waited for, on first use; started again if it died)."""
+    module = target.split(":")[0]
     key = (module, tuple(sorted((env or {}).items())))
     with _zygotes_lock:
         z = _zygotes.get(key)
@@ -462,7 +464,7 @@ class Child:
 
         self.cwd = tempfile.mkdtemp(prefix="clcalib-sandbox-")
         self.target, self._env = target, env
-        zygote_for(target.split(":")[0], env)
+        zygote_for(target, env)
         self.proc: zygote.Forked | None = None
         self._closed = False
         self._proc_lock = threading.Lock()
@@ -521,7 +523,7 @@ class Child:
 
     def _fork(self, timeout: float) -> None:
         try:
-            proc = zygote_for(self.target.split(":")[0], self._env).spawn(self.target, self.cwd, timeout)
+            proc = zygote_for(self.target, self._env).spawn(self.target, self.cwd, timeout)
         except zygote.ZygoteFailed as e:
             raise ChildFailed("sandbox", f"no sandboxed process could be started: {e}") from None
         # its stderr goes to our log, a line at a time, labelled and bounded: it never writes ours

@@ -85,7 +85,7 @@ class Validator:
 
     async def warm(self) -> None:
         """Start the check processes' zygote (it imports torch once) so no check waits for it."""
-        zygote_for(CHECK.split(":")[0])
+        zygote_for(CHECK)
 
     async def archs(self) -> list[str]:
         """The registry's architectures, from a check process once the zygote's imports are done

@@ -123,7 +123,7 @@ def _sanitize(ws: Workspace, job_id: str) -> None:
 
 def warm_up() -> None:
     """The calibration zygote starts its imports (torch) now, so the first job does not wait for them."""
-    zygote_for(CALIBRATE.split(":")[0])
+    zygote_for(CALIBRATE)
 
 
 def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
