@@ -50,3 +50,13 @@ def capture(model: nn.Module, target: nn.Module, data: Tensor, batch: int, *, qu
         for h in hooks:
             h.remove()
     return torch.cat(ins), (torch.cat(outs) if outputs else None)
+
+
+@torch.no_grad()
+def outputs_of(module: nn.Module, data: Tensor, batch: int, *, quant: bool, device: torch.device,
+               store: torch.device) -> Tensor:
+    """``module``'s outputs over ``data`` in batches of ``batch``: the same batches, so the same
+    values, as capture() records when the network feeds ``module`` these inputs."""
+    with quantization(module, quant):
+        return torch.cat([module(data[i : i + batch].to(device)).detach().to(store)
+                          for i in range(0, len(data), batch)])

@@ -21,10 +21,12 @@ from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import dropping, frozen, observing
-from clcalib.recon.capture import capture
+from clcalib.recon.capture import capture, outputs_of
+from clcalib.recon.chain import Chain, probe
 from clcalib.recon.graphed import GraphedStep, can_capture
 from clcalib.recon.losses import rec_loss
 from clcalib.recon.placement import (
+    DEVICE_SHARE,
     CachePlan,
     Stager,
     cache_bytes,
@@ -77,6 +79,8 @@ class Reconstructor:
         self.units = qmodel.units()
         self.device = data.device
         self.t0 = time.perf_counter()
+        self.chain: Chain | None = probe(qmodel, self.units, data[:1])
+        self._carry: _Carry | None = None  # the next unit's inputs, computed by the unit before it
 
     def _emit(self, **kw) -> None:
         self.on_progress(ProgressEvent(num_units=len(self.units), iters=self.cfg.iters,
@@ -88,7 +92,7 @@ class Reconstructor:
         t = time.perf_counter()
         self._emit(stage="prepare", unit=k, unit_name=name)
         with frozen(self.qm):
-            plan = self._plan(unit)
+            plan = self._plan(k)
             # host plan: kept in (unpinned) host memory; the Stager gathers each batch into a
             # pinned buffer (torch's pinned allocator rounds blocks up to powers of two and keeps them)
             store = self.device if plan.where == "device" else torch.device("cpu")
@@ -96,13 +100,12 @@ class Reconstructor:
             # ranges only (minmax, mse, iters 0): the quantizers see OBSERVE_SAMPLES images, so the
             # rest would only feed the unit's error figure, at a full prefix pass per unit each
             data = self.data if learns else self.data[:OBSERVE_SAMPLES]
-            x_q, _ = capture(self.qm, unit, data, EVAL_BATCH, quant=True, outputs=False, store=store)
-            x_f, y_f = capture(self.qm, unit, data, EVAL_BATCH, quant=False, outputs=True, store=store)
+            x_q, x_f, y_f = self._inputs(k, data, store)
             with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
                 unit(x_q[:OBSERVE_SAMPLES].to(self.device))
             before = self._unit_error(unit, x_q, y_f)
             extra: dict[str, list[float]] = {}
-            executor = "none"
+            executor, drop = "none", None
             if learns:
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + k)
                 if cfg.method.spec.granularity is Granularity.LAYER:
@@ -114,14 +117,41 @@ class Reconstructor:
                     drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
                     executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
             after = self._unit_error(unit, x_q, y_f) if learns else before
+            if self.chain is not None and k + 1 < len(self.units) and self.chain.follows[k + 1]:
+                x_f = drop = None  # the next unit's FP inputs are y_f: free x_f before its quantized inputs are computed
+                self._carry = _Carry(k + 1, outputs_of(unit, x_q, EVAL_BATCH, quant=True, device=self.device,
+                                                       store=self._carry_store(store, y_f)), y_f)
         report = UnitReport(name, before, after, time.perf_counter() - t, extra, plan.where, executor)
         self._emit(stage="unit_done", unit=k, unit_name=name, iteration=cfg.iters, loss=after)
         return report
 
-    def _plan(self, unit: QuantUnit) -> CachePlan:
-        """Where this unit's caches live, from one sample's shapes and the free device memory."""
-        x1, y1 = capture(self.qm, unit, self.data[:1], 1, quant=False, outputs=True)
-        in_n, out_n = x1[0].numel(), y1[0].numel()
+    def _inputs(self, k: int, data: Tensor, store: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Unit k's quantized and FP inputs and FP outputs over ``data``: from the unit before it
+        when the chain holds (recon.chain), else from the network's prefix."""
+        unit, carry, self._carry = self.units[k], self._carry, None
+        if carry is not None and carry.unit == k:
+            x_q, x_f = carry.x_q.to(store), carry.x_f.to(store)
+            return x_q, x_f, outputs_of(unit, x_f, EVAL_BATCH, quant=False, device=self.device, store=store)
+        x_q, _ = capture(self.qm, unit, data, EVAL_BATCH, quant=True, outputs=False, store=store)
+        x_f, y_f = capture(self.qm, unit, data, EVAL_BATCH, quant=False, outputs=True, store=store)
+        return x_q, x_f, y_f
+
+    def _carry_store(self, store: torch.device, like: Tensor) -> torch.device:
+        """Where the next unit's quantized inputs wait: beside this unit's caches, or in host
+        memory when the device has no room left for them."""
+        free = free_device_bytes(self.device)
+        if store.type == "cpu" or free is None or like.numel() * like.element_size() <= free * DEVICE_SHARE:
+            return store
+        return torch.device("cpu")
+
+    def _plan(self, k: int) -> CachePlan:
+        """Where unit k's caches live, from one sample's shapes and the free device memory."""
+        unit = self.units[k]
+        if self.chain is not None:
+            in_n, out_n = self.chain.in_numel[k], self.chain.out_numel[k]
+        else:
+            x1, y1 = capture(self.qm, unit, self.data[:1], 1, quant=False, outputs=True)
+            in_n, out_n = x1[0].numel(), y1[0].numel()
         layer_wise = self.cfg.method.spec.granularity is Granularity.LAYER
         return plan_caches(self.cfg.cache_placement, cache_bytes(len(self.data), in_n, out_n, layer_wise),
                            working_bytes(self.cfg.batch_size, in_n, out_n, len(unit.layers())),
@@ -164,6 +194,13 @@ class Reconstructor:
         if self.terms is None or not (module is unit or module is unit.body):
             return None
         return self.terms(UnitContext(self.qm, k, unit, y_f, self.cfg, self.device))
+
+
+@dataclass
+class _Carry:
+    unit: int  # the unit these are the inputs of
+    x_q: Tensor
+    x_f: Tensor
 
 
 class _Progress:
