@@ -1,16 +1,22 @@
-"""Which units take exactly the previous unit's output as their input.
+"""Which units can take their inputs from the unit before them instead of the network's prefix.
 
-Capturing a unit's inputs runs the network's prefix up to it, twice (quantized and FP), so a
-range-only calibration (minmax, mse) spent O(units^2) block passes on it: 90 of 101 s for
-resnet18 at 224 px. Where unit k's input is the very tensor unit k-1 returned, with no quantizer
-between them, the engine feeds unit k the outputs it has just computed (the same batches, so the
-same values) and runs the prefix only where the chain breaks (a pooling or a head between units, a
-resumed run's first unit).
+Capturing a unit's inputs runs the network up to it, twice (quantized and FP), so a range-only
+calibration (minmax, mse) spent O(units^2) block passes on it: 90 of 101 s for resnet18 at 224
+px. The engine instead feeds unit k from the outputs unit k-1 has just computed, where the probe
+on a sample shows that unit k's input is
+- ``direct``: the very tensor unit k-1 returned, no quantizer between them; or
+- ``gap``: a function of that tensor alone (a pooling, a flatten between units). The network then
+  runs with units 0..k-1 standing in (unit k-1 returns the given outputs, earlier ones a one-image
+  zero tensor) and stops at unit k, so only the ops in the gap compute.
+Both give the same values as the prefix (the same ops on the same batches). Elsewhere (the first
+unit, a skip from an earlier unit, a quantizer outside units) the prefix runs, as it always may.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,20 +24,54 @@ from torch import Tensor, nn
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import quantization
+from clcalib.recon.capture import capture
+
+Feed = Literal["prefix", "direct", "gap"]
 
 
 @dataclass(frozen=True)
 class Chain:
-    follows: list[bool]  # follows[k]: unit k's input is unit k-1's output (follows[0] is False)
-    in_numel: list[int]  # per-sample elements of each unit's input and output
-    out_numel: list[int]
+    feeds: list[Feed]  # how unit k gets its inputs (feeds[0] is "prefix")
+    in_numel: list[int]  # per-sample elements of each unit's input
+    out_shapes: list[tuple[int, ...]]  # per-sample shape of each unit's output
+    input_shape: tuple[int, ...]  # per-sample shape of the network's input
+
+    @property
+    def out_numel(self) -> list[int]:
+        return [int(torch.Size(s).numel()) for s in self.out_shapes]
+
+
+@contextmanager
+def _standing_in(units: list[QuantUnit], k: int, outs: Tensor, shapes: list[tuple[int, ...]]):
+    """Units 0..k-1 skip their work: unit k-1 returns ``outs``, earlier ones one-image zeros."""
+    for j in range(k):
+        t = outs if j == k - 1 else torch.zeros((1, *shapes[j]), dtype=outs.dtype, device=outs.device)
+        units[j].forward = lambda *_a, _t=t, **_k: _t
+    try:
+        yield
+    finally:
+        for j in range(k):
+            del units[j].forward
+
+
+@torch.no_grad()
+def through_gap(model: nn.Module, chain: Chain, units: list[QuantUnit], k: int, outs: Tensor, batch: int, *,
+                quant: bool, device: torch.device, store: torch.device) -> Tensor:
+    """Unit k's inputs given unit k-1's outputs ``outs`` (a ``gap`` feed), batch by batch."""
+    res = []
+    for i in range(0, len(outs), batch):
+        ob = outs[i : i + batch].to(device, copy=True)  # an in-place op in the gap must not write into the cache
+        start = torch.zeros((1, *chain.input_shape), dtype=ob.dtype, device=ob.device)
+        with _standing_in(units, k, ob, chain.out_shapes):
+            res.append(capture(model, units[k], start, 1, quant=quant, outputs=False, store=store)[0])
+    return torch.cat(res)
 
 
 @torch.no_grad()
 def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | None:
-    """Run the FP model on ``sample`` and record the order of unit calls and of the quantizers
-    outside units. None when some unit is not called exactly once with one tensor (the engine
-    then captures every unit's inputs from the prefix, as it always may)."""
+    """Run the FP model on ``sample`` (two images or more), record the order of unit calls and of
+    the quantizers outside units, and try each gap. None when some unit is not called exactly
+    once with one tensor."""
     inside = {id(m) for u in units for m in u.modules()}
     events: list[tuple] = []
     hooks = []
@@ -44,7 +84,7 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
 
     for k, u in enumerate(units):
         hooks += [u.register_forward_pre_hook(enter(k)), u.register_forward_hook(leave(k))]
-    for m in model.modules():  # a quantizer between two units breaks the chain: it changes the tensor when quantized
+    for m in model.modules():  # a quantizer outside units changes the tensor when quantized
         if isinstance(m, (ActQuantizer, QuantLayer)) and id(m) not in inside:
             hooks.append(m.register_forward_pre_hook(lambda _m, _a: events.append(("quant",))))
     try:
@@ -59,9 +99,37 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
     outs = {e[1]: e[2] for e in events if e[0] == "out"}
     if any(not isinstance(outs.get(k), Tensor) for k in range(len(units))):
         return None
-    follows = [False] * len(units)
+    ins = [e[2][0] for e in calls]
+    chain = Chain(["prefix"] * len(units), [t[0].numel() for t in ins], [tuple(outs[k].shape[1:]) for k in range(len(units))],
+                  tuple(sample.shape[1:]))
+    quant_seen = False  # a gap's stand-in run passes every quantizer before it: allow none
     for i, e in enumerate(events):
-        if e[0] == "in" and e[1] > 0 and i > 0:
-            prev = events[i - 1]
-            follows[e[1]] = prev[0] == "out" and prev[1] == e[1] - 1 and e[2][0] is prev[2]
-    return Chain(follows, [e[2][0][0].numel() for e in calls], [outs[k][0].numel() for k in range(len(units))])
+        quant_seen |= e[0] == "quant"
+        if e[0] != "in" or e[1] == 0:
+            continue
+        k, prev = e[1], events[i - 1]
+        if prev[0] == "out" and prev[1] == k - 1 and ins[k] is prev[2]:
+            chain.feeds[k] = "direct"
+        elif not quant_seen and _gap_holds(model, chain, units, k, outs[k - 1], ins[k]):
+            chain.feeds[k] = "gap"
+    return chain
+
+
+def _gap_holds(model: nn.Module, chain: Chain, units: list[QuantUnit], k: int, prev_out: Tensor, expected: Tensor) -> bool:
+    """Unit k's input computed from unit k-1's output alone equals the real one. The stand-ins
+    are random here, so a skip from an earlier unit shows as a difference (or an error)."""
+    saved = chain.out_shapes
+    try:
+        g = torch.Generator(device=prev_out.device).manual_seed(0)
+        noisy = [torch.randn((1, *s), generator=g, device=prev_out.device) for s in saved[: k - 1]]
+        for j, t in enumerate(noisy):
+            units[j].forward = lambda *_a, _t=t, **_k: _t
+        units[k - 1].forward = lambda *_a, _t=prev_out.clone(), **_k: _t
+        start = torch.randn((1, *chain.input_shape), generator=g, device=prev_out.device)
+        got = capture(model, units[k], start, 1, quant=False, outputs=False)[0]
+        return got.shape == expected.shape and torch.equal(got, expected)
+    except Exception:  # noqa: BLE001 - a gap that cannot run alone is simply not used
+        return False
+    finally:
+        for j in range(k):
+            units[j].__dict__.pop("forward", None)

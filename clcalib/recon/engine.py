@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +21,9 @@ from clcalib.graph.partition import QuantModel
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer, QuantUnit
-from clcalib.quant.switch import dropping, frozen, observing
+from clcalib.quant.switch import dropping, frozen, observing, quantization
 from clcalib.recon.capture import capture, outputs_of
-from clcalib.recon.chain import Chain, probe
+from clcalib.recon.chain import Chain, probe, through_gap
 from clcalib.recon.graphed import GraphedStep, can_capture
 from clcalib.recon.losses import rec_loss
 from clcalib.recon.placement import (
@@ -79,7 +80,7 @@ class Reconstructor:
         self.units = qmodel.units()
         self.device = data.device
         self.t0 = time.perf_counter()
-        self.chain: Chain | None = probe(qmodel, self.units, data[:1])
+        self.chain: Chain | None = probe(qmodel, self.units, data[:2])
         self._carry: _Carry | None = None  # the next unit's inputs, computed by the unit before it
 
     def _emit(self, **kw) -> None:
@@ -103,7 +104,12 @@ class Reconstructor:
             x_q, x_f, y_f = self._inputs(k, data, store)
             with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
                 unit(x_q[:OBSERVE_SAMPLES].to(self.device))
-            before = self._unit_error(unit, x_q, y_f)
+            # the error pass over the finished unit also gives the next unit's quantized inputs
+            # when its input is this unit's output (recon.chain): no prefix pass for it
+            feed = self.chain.feeds[k + 1] if self.chain is not None and k + 1 < len(self.units) else "prefix"
+            chained = feed != "prefix"
+            keep = self._carry_store(store, y_f) if chained else None
+            before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep)
             extra: dict[str, list[float]] = {}
             executor, drop = "none", None
             if learns:
@@ -116,11 +122,16 @@ class Reconstructor:
                 else:
                     drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
                     executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
-            after = self._unit_error(unit, x_q, y_f) if learns else before
-            if self.chain is not None and k + 1 < len(self.units) and self.chain.follows[k + 1]:
-                x_f = drop = None  # the next unit's FP inputs are y_f: free x_f before its quantized inputs are computed
-                self._carry = _Carry(k + 1, outputs_of(unit, x_q, EVAL_BATCH, quant=True, device=self.device,
-                                                       store=self._carry_store(store, y_f)), y_f)
+                x_f = drop = None  # the next unit's FP inputs are y_f: free x_f before the error pass
+                after, out_q = self._unit_error(unit, x_q, y_f, keep=keep)
+            else:
+                after = before
+            if feed == "direct":
+                self._carry = _Carry(k + 1, out_q, y_f)
+            elif feed == "gap":
+                gap = partial(through_gap, self.qm, self.chain, self.units, k + 1, batch=EVAL_BATCH,
+                              device=self.device, store=keep)
+                self._carry = _Carry(k + 1, gap(out_q, quant=True), gap(y_f, quant=False))
         report = UnitReport(name, before, after, time.perf_counter() - t, extra, plan.where, executor)
         self._emit(stage="unit_done", unit=k, unit_name=name, iteration=cfg.iters, loss=after)
         return report
@@ -158,12 +169,19 @@ class Reconstructor:
                            free_device_bytes(self.device))
 
     @torch.no_grad()
-    def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor) -> float:
+    def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor, keep: torch.device | None = None) -> tuple[float, Tensor | None]:
+        """rec_loss of the quantized ``unit(x)`` against ``y`` over the set; with ``keep``, also
+        those outputs, stored there (the next unit's quantized inputs when the chain holds)."""
         tot = torch.zeros((), device=self.device)
-        for i in range(0, len(x), EVAL_BATCH):
-            xb, yb = x[i : i + EVAL_BATCH].to(self.device), y[i : i + EVAL_BATCH].to(self.device)
-            tot += rec_loss(unit(xb), yb) * len(xb)
-        return float(tot / len(x))
+        outs = []
+        with quantization(unit, True):
+            for i in range(0, len(x), EVAL_BATCH):
+                xb, yb = x[i : i + EVAL_BATCH].to(self.device), y[i : i + EVAL_BATCH].to(self.device)
+                out = unit(xb)
+                tot += rec_loss(out, yb) * len(xb)
+                if keep is not None:
+                    outs.append(out.to(keep))
+        return float(tot / len(x)), (torch.cat(outs) if keep is not None else None)
 
     def _optimize(self, k: int, module: nn.Module, layers: list[QuantLayer], x_q: Tensor,
                   x_fp: Tensor | None, y_f: Tensor, gen: torch.Generator, extra: dict, plan: CachePlan) -> str:
