@@ -38,7 +38,7 @@ from clcalib.recon.placement import (
 from clcalib.recon.step import Caches, Learned, Step, StepSettings, Terms
 
 OBSERVE_SAMPLES = 256  # activation ranges are searched on this many calibration samples
-EVAL_BATCH = 256
+EVAL_BATCH = OBSERVE_SAMPLES  # the error pass's first batch is the ranges' sample (Reconstructor._unit_error)
 
 
 @dataclass
@@ -102,14 +102,14 @@ class Reconstructor:
             # rest would only feed the unit's error figure, at a full prefix pass per unit each
             data = self.data if learns else self.data[:OBSERVE_SAMPLES]
             x_q, x_f, y_f = self._inputs(k, data, store)
-            with torch.no_grad(), observing([q for q in unit.act_quantizers() if not q.initialized]):
-                unit(x_q[:OBSERVE_SAMPLES].to(self.device))
             # the error pass over the finished unit also gives the next unit's quantized inputs
             # when its input is this unit's output (recon.chain): no prefix pass for it
             feed = self.chain.feeds[k + 1] if self.chain is not None and k + 1 < len(self.units) else "prefix"
             chained = feed != "prefix"
             keep = self._carry_store(store, y_f) if chained else None
-            before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep)
+            # its first batch sets the unit's activation ranges (OBSERVE_SAMPLES images)
+            observe = [q for q in unit.act_quantizers() if not q.initialized]
+            before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep, observe=observe)
             extra: dict[str, list[float]] = {}
             executor, drop = "none", None
             if learns:
@@ -169,15 +169,19 @@ class Reconstructor:
                            free_device_bytes(self.device))
 
     @torch.no_grad()
-    def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor, keep: torch.device | None = None) -> tuple[float, Tensor | None]:
+    def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor, keep: torch.device | None = None,
+                    observe: list[ActQuantizer] = ()) -> tuple[float, Tensor | None]:
         """rec_loss of the quantized ``unit(x)`` against ``y`` over the set; with ``keep``, also
-        those outputs, stored there (the next unit's quantized inputs when the chain holds)."""
+        those outputs, stored there (the next unit's quantized inputs when the chain holds). The
+        ``observe`` quantizers set their ranges from the first batch, the OBSERVE_SAMPLES first
+        images, as it passes (each sees its input already quantized upstream in the unit)."""
         tot = torch.zeros((), device=self.device)
         outs = []
         with quantization(unit, True):
             for i in range(0, len(x), EVAL_BATCH):
                 xb, yb = x[i : i + EVAL_BATCH].to(self.device), y[i : i + EVAL_BATCH].to(self.device)
-                out = unit(xb)
+                with observing(observe if i == 0 else []):
+                    out = unit(xb)
                 tot += rec_loss(out, yb) * len(xb)
                 if keep is not None:
                     outs.append(out.to(keep))
