@@ -67,3 +67,53 @@ def test_chained_calibration_equals_the_prefix_one_to_the_bit(arch, method, fmni
     a, b = chained.model.state_dict(), plain.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [(u.loss_before, u.loss_after) for u in chained.units] == [(u.loss_before, u.loss_after) for u in plain.units]
+
+
+class _Halve(nn.Module):
+    def forward(self, x):
+        return x.mul_(0.5)
+
+
+def test_an_in_place_op_after_a_unit_makes_a_gap_not_a_direct_feed():
+    # the unit before returned this very tensor, but an in-place op has changed it since
+    u = [_unit() for _ in range(3)]
+    model = nn.Sequential(u[0], nn.ReLU(inplace=True), u[1], _Halve(), u[2])
+    assert probe(model, u, torch.randn(2, 3, 4, 4)).feeds == ["prefix", "gap", "gap"]
+
+
+def test_a_unit_that_writes_into_its_input_gets_no_chain():
+    u = [_unit(), QuantUnit(nn.Sequential(_Halve(), nn.Conv2d(3, 3, 1)), out_bits=None), _unit()]
+    assert probe(nn.Sequential(*u), u, torch.randn(2, 3, 4, 4)) is None
+
+
+class _SharedInPlaceReLU(nn.Module):
+    """One nn.ReLU(inplace=True) registered after both convs: conv2 fuses it, conv1's output
+    goes through it in place, between two units (partition=modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.relu(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(x.flatten(1))
+
+
+def test_an_in_place_activation_between_units_gives_the_prefix_result(monkeypatch):
+    torch.manual_seed(0)
+    data = torch.randn(64, 3, 8, 8)
+    cfg = {"method": "minmax", "w_bits": 4, "a_bits": 4, "iters": 0, "calib_size": 64, "device": "cpu",
+           "partition": "modules"}
+
+    def model():
+        torch.manual_seed(1)
+        return _SharedInPlaceReLU().eval()
+
+    chained = calibrate(model(), data, cfg, on_progress=lambda e: None)
+    monkeypatch.setattr(engine, "probe", lambda *a, **k: None)
+    plain = calibrate(model(), data, cfg, on_progress=lambda e: None)
+    a, b = chained.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

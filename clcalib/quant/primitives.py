@@ -33,7 +33,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
         return dequantize(q, scale, zero)
     # no gradient asked (captures, evaluation): the same values (round_ste's forward is exactly
     # round: r - x and (r - x) + x are exact in floating point), in place on one new tensor; the
-    # STE form's seven full-size temporaries were most of a quantized forward's time at 224 px
+    # STE form's seven full-size temporaries were most of a quantized forward's time at 224 px.
+    # One difference: +-inf clamps to the range's end here, where the STE form gives NaN
+    # (inf - inf); calibration data is checked finite, so only an overflowing model sees it
     return (x / scale).round_().add_(zero).clamp_(0, qmax_of(bits)).sub_(zero).mul_(scale)
 
 

@@ -76,11 +76,13 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
     events: list[tuple] = []
     hooks = []
 
-    def enter(k):
-        return lambda _m, args: events.append(("in", k, args))
+    def enter(k):  # with the version counter of its input: an in-place op since the unit before bumps it
+        return lambda _m, args: events.append(("in", k, args, getattr(args[0], "_version", None) if args else None))
 
-    def leave(k):
-        return lambda _m, _args, out: events.append(("out", k, out))
+    def leave(k):  # a copy of the output too: an in-place op after the unit may change the tensor itself
+        return lambda _m, args, out: events.append(
+            ("out", k, out, out._version if isinstance(out, Tensor) else None, out.clone() if isinstance(out, Tensor) else None,
+             getattr(args[0], "_version", None) if args else None))
 
     for k, u in enumerate(units):
         hooks += [u.register_forward_pre_hook(enter(k)), u.register_forward_hook(leave(k))]
@@ -97,6 +99,11 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
     if [e[1] for e in calls] != list(range(len(units))) or any(len(e[2]) != 1 or not isinstance(e[2][0], Tensor) for e in calls):
         return None
     outs = {e[1]: e[2] for e in events if e[0] == "out"}
+    # a unit that writes into its input (x.relu_() first thing): the engine's passes over a cached
+    # input then see it changed, and the outputs they give the next unit are not the network's
+    if any(e[3] != o[5] for e in calls for o in events if o[0] == "out" and o[1] == e[1]):
+        return None
+    out_values = {e[1]: e[4] for e in events if e[0] == "out"}  # as the unit returned them
     if any(not isinstance(outs.get(k), Tensor) for k in range(len(units))):
         return None
     ins = [e[2][0] for e in calls]
@@ -108,9 +115,10 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
         if e[0] != "in" or e[1] == 0:
             continue
         k, prev = e[1], events[i - 1]
-        if prev[0] == "out" and prev[1] == k - 1 and ins[k] is prev[2]:
+        # the very tensor, and not changed in place since (relu_, clamp_, +=): else a gap at best
+        if prev[0] == "out" and prev[1] == k - 1 and ins[k] is prev[2] and e[3] == prev[3]:
             chain.feeds[k] = "direct"
-        elif not quant_seen and _gap_holds(model, chain, units, k, outs[k - 1], ins[k]):
+        elif not quant_seen and _gap_holds(model, chain, units, k, out_values[k - 1], ins[k]):
             chain.feeds[k] = "gap"
     return chain
 

@@ -27,6 +27,7 @@ from clcalib.recon.chain import Chain, probe, through_gap
 from clcalib.recon.graphed import GraphedStep, can_capture
 from clcalib.recon.losses import rec_loss
 from clcalib.recon.placement import (
+    BYTES,
     DEVICE_SHARE,
     CachePlan,
     Stager,
@@ -106,7 +107,7 @@ class Reconstructor:
             # when its input is this unit's output (recon.chain): no prefix pass for it
             feed = self.chain.feeds[k + 1] if self.chain is not None and k + 1 < len(self.units) else "prefix"
             chained = feed != "prefix"
-            keep = self._carry_store(store, y_f) if chained else None
+            keep = self._carry_store(store, k, feed, len(y_f)) if chained else None
             # its first batch sets the unit's activation ranges (OBSERVE_SAMPLES images)
             observe = [q for q in unit.act_quantizers() if not q.initialized]
             before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep, observe=observe)
@@ -147,13 +148,17 @@ class Reconstructor:
         x_f, y_f = capture(self.qm, unit, data, EVAL_BATCH, quant=False, outputs=True, store=store)
         return x_q, x_f, y_f
 
-    def _carry_store(self, store: torch.device, like: Tensor) -> torch.device:
-        """Where the next unit's quantized inputs wait: beside this unit's caches, or in host
-        memory when the device has no room left for them."""
+    def _carry_store(self, store: torch.device, k: int, feed: str, n: int) -> torch.device:
+        """Where the next unit's inputs wait: beside this unit's caches, or in host memory when
+        the device has no room left for them: this unit's quantized outputs, and for a gap feed
+        the gap's quantized and FP results too (their size is the next unit's input's)."""
         free = free_device_bytes(self.device)
-        if store.type == "cpu" or free is None or like.numel() * like.element_size() <= free * DEVICE_SHARE:
+        if store.type == "cpu" or free is None:
             return store
-        return torch.device("cpu")
+        need = n * self.chain.out_numel[k] * BYTES
+        if feed == "gap":
+            need += 2 * n * self.chain.in_numel[k + 1] * BYTES
+        return store if need <= free * DEVICE_SHARE else torch.device("cpu")
 
     def _plan(self, k: int) -> CachePlan:
         """Where unit k's caches live, from one sample's shapes and the free device memory."""
@@ -164,9 +169,12 @@ class Reconstructor:
             x1, y1 = capture(self.qm, unit, self.data[:1], 1, quant=False, outputs=True)
             in_n, out_n = x1[0].numel(), y1[0].numel()
         layer_wise = self.cfg.method.spec.granularity is Granularity.LAYER
+        free = free_device_bytes(self.device)
+        carry = self._carry
+        if free is not None and carry is not None and carry.unit == k:  # counted in cache_bytes: not twice
+            free += sum(t.numel() * t.element_size() for t in (carry.x_q, carry.x_f) if t.device == self.device)
         return plan_caches(self.cfg.cache_placement, cache_bytes(len(self.data), in_n, out_n, layer_wise),
-                           working_bytes(self.cfg.batch_size, in_n, out_n, len(unit.layers())),
-                           free_device_bytes(self.device))
+                           working_bytes(self.cfg.batch_size, in_n, out_n, len(unit.layers())), free)
 
     @torch.no_grad()
     def _unit_error(self, unit: nn.Module, x: Tensor, y: Tensor, keep: torch.device | None = None,
