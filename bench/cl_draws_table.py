@@ -4,7 +4,9 @@
 
 Per (model, bits, method, calib_size): each draw's top-1 without and with CL, mean ± std over
 the draws, the paired difference per draw (same draw, same seed), and whether CL narrows the
-spread over draws. Rows with an error are left out; a draw counts only once both runs exist."""
+spread over draws. CL rows that change the shipped form (their ``cl_calib`` overrides, e.g.
+``rec_weight: 0``, L_CL alone) are their own rows against the same base runs. Rows with an error
+are left out; a draw counts only once both runs exist."""
 
 from __future__ import annotations
 
@@ -19,29 +21,42 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def _variant(r: dict) -> str:
+    """The CL row's settings beyond the shipped form (e.g. rec_weight 0: L_CL alone); "" for it."""
+    block = {k: v for k, v in r.get("overrides", {}).get("cl_calib", {}).items() if k != "enabled"}
+    return ", ".join(f"{k} {v}" for k, v in sorted(block.items()))
+
+
 def table(rows: list[dict]) -> str:
-    cells: dict[tuple, dict[int, dict[bool, dict]]] = defaultdict(lambda: defaultdict(dict))
+    bases: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    cls: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         if "error" in r:
             continue
         cfg = r["config"]
         draw = cfg["calib_seed"] if cfg.get("calib_seed") is not None else cfg["seed"]
-        cells[(r["model"], r["bits"], r["method"], cfg["calib_size"], r["iters"])][draw][bool(r["cl"])] = r
+        key = (r["model"], r["bits"], r["method"], cfg["calib_size"], r["iters"])
+        if r["cl"]:
+            cls[(*key, _variant(r))][draw] = r
+        else:
+            bases[key][draw] = r
     out = ["| model | bits | method | images | iters | draws | base | base + CL | paired diff per draw | mean diff | "
-           "spread base / CL | time CL / base |", "|" + "---|" * 12]
-    for key, draws in sorted(cells.items()):
-        both = {d: v for d, v in sorted(draws.items()) if len(v) == 2}
+           "CL above base | spread base / CL | time CL / base |", "|" + "---|" * 13]
+    for key, draws in sorted(cls.items()):
+        base_rows = bases.get(key[:5], {})
+        both = {d: (base_rows[d], r) for d, r in sorted(draws.items()) if d in base_rows}
         if not both:
             continue
-        base = [v[False]["quant_top1"] for v in both.values()]
-        cl = [v[True]["quant_top1"] for v in both.values()]
+        base = [b["quant_top1"] for b, _ in both.values()]
+        cl = [c["quant_top1"] for _, c in both.values()]
         diff = [c - b for b, c in zip(base, cl, strict=True)]
         per = ", ".join(f"{d}: {x:+.2f}" for d, x in zip(both, diff, strict=True))
         spread = (f"{statistics.stdev(base):.2f} / {statistics.stdev(cl):.2f}" if len(base) > 1 else "-")
-        t = statistics.mean(v[True]["calib_seconds"] / v[False]["calib_seconds"] for v in both.values())
-        model, bits, method, size, iters = key
-        out.append(f"| {model} | {bits} | {method} | {size} | {iters} | {len(both)} | {_ms(base)} | {_ms(cl)} | {per} | "
-                   f"{_ms(diff)} | {spread} | {t:.2f}x |")
+        t = statistics.mean(c["calib_seconds"] / b["calib_seconds"] for b, c in both.values())
+        model, bits, method, size, iters, variant = key
+        label = "base + CL" + (f" ({variant})" if variant else "")
+        out.append(f"| {model} | {bits} | {method} | {size} | {iters} | {len(both)} | {_ms(base)} | {label}: {_ms(cl)} | "
+                   f"{per} | {_ms(diff)} | {sum(x > 0 for x in diff)} of {len(diff)} | {spread} | {t:.2f}x |")
     return "\n".join(out)
 
 
