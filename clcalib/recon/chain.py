@@ -42,16 +42,17 @@ class Chain:
 
 
 @contextmanager
-def _standing_in(units: list[QuantUnit], k: int, outs: Tensor, shapes: list[tuple[int, ...]]):
-    """Units 0..k-1 skip their work: unit k-1 returns ``outs``, earlier ones one-image zeros."""
-    for j in range(k):
-        t = outs if j == k - 1 else torch.zeros((1, *shapes[j]), dtype=outs.dtype, device=outs.device)
+def _standing_in(units: list[QuantUnit], earlier: list[Tensor], prev: Tensor):
+    """Units 0..k-1 skip their work (k = len(earlier) + 1): unit k-1 returns ``prev``, each
+    earlier unit its tensor of ``earlier``."""
+    stand_ins = [*earlier, prev]
+    for j, t in enumerate(stand_ins):
         units[j].forward = lambda *_a, _t=t, **_k: _t
     try:
         yield
     finally:
-        for j in range(k):
-            del units[j].forward
+        for j in range(len(stand_ins)):
+            units[j].__dict__.pop("forward", None)
 
 
 @torch.no_grad()
@@ -62,7 +63,8 @@ def through_gap(model: nn.Module, chain: Chain, units: list[QuantUnit], k: int, 
     for i in range(0, len(outs), batch):
         ob = outs[i : i + batch].to(device, copy=True)  # an in-place op in the gap must not write into the cache
         start = torch.zeros((1, *chain.input_shape), dtype=ob.dtype, device=ob.device)
-        with _standing_in(units, k, ob, chain.out_shapes):
+        zeros = [torch.zeros((1, *shape), dtype=ob.dtype, device=ob.device) for shape in chain.out_shapes[: k - 1]]
+        with _standing_in(units, zeros, ob):
             res.append(capture(model, units[k], start, 1, quant=quant, outputs=False, store=store)[0])
     return torch.cat(res)
 
@@ -126,18 +128,12 @@ def probe(model: nn.Module, units: list[QuantUnit], sample: Tensor) -> Chain | N
 def _gap_holds(model: nn.Module, chain: Chain, units: list[QuantUnit], k: int, prev_out: Tensor, expected: Tensor) -> bool:
     """Unit k's input computed from unit k-1's output alone equals the real one. The stand-ins
     are random here, so a skip from an earlier unit shows as a difference (or an error)."""
-    saved = chain.out_shapes
+    g = torch.Generator(device=prev_out.device).manual_seed(0)
+    noisy = [torch.randn((1, *shape), generator=g, device=prev_out.device) for shape in chain.out_shapes[: k - 1]]
+    start = torch.randn((1, *chain.input_shape), generator=g, device=prev_out.device)
     try:
-        g = torch.Generator(device=prev_out.device).manual_seed(0)
-        noisy = [torch.randn((1, *s), generator=g, device=prev_out.device) for s in saved[: k - 1]]
-        for j, t in enumerate(noisy):
-            units[j].forward = lambda *_a, _t=t, **_k: _t
-        units[k - 1].forward = lambda *_a, _t=prev_out.clone(), **_k: _t
-        start = torch.randn((1, *chain.input_shape), generator=g, device=prev_out.device)
-        got = capture(model, units[k], start, 1, quant=False, outputs=False)[0]
+        with _standing_in(units, noisy, prev_out.clone()):
+            got = capture(model, units[k], start, 1, quant=False, outputs=False)[0]
         return got.shape == expected.shape and torch.equal(got, expected)
     except Exception:  # noqa: BLE001 - a gap that cannot run alone is simply not used
         return False
-    finally:
-        for j in range(k):
-            units[j].__dict__.pop("forward", None)
