@@ -3,6 +3,7 @@
 iteration, summed over the units (from the progress events), and of the whole calibration.
 
     python -m bench.cl_cost --iters 40 --variants '{}' '{"every": 4}'
+    python -m bench.cl_cost --arch mobilenet_v2 --bits W4A2 --calib-size 128 --iters 40
 
 Each variant is a ``cl_calib`` block on top of the shipped form (``{}``: the default)."""
 
@@ -18,6 +19,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--bits", default="W2A4")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--variants", nargs="*", default=["{}"], help="cl_calib blocks (JSON), each a CL run beside qdrop")
     a = p.parse_args(argv)
 
@@ -32,9 +35,10 @@ def main(argv=None) -> int:
     from clcalib.testing import PREPROCESS, REFERENCE
 
     variants = {"qdrop": None, **{f"qdrop+CL {v}": json.loads(v) for v in a.variants}}
-    data = load_calibration(prepare_data()[0], Preprocess(**PREPROCESS), 1024, 0)
-    model = build_model("resnet18", 10, read_state_dict(REFERENCE / "fmnist_resnet18.safetensors"))
-    base = {"method": "qdrop", "w_bits": int(a.bits[1]), "a_bits": int(a.bits[3]), "iters": a.iters, "device": "cpu"}
+    data = load_calibration(prepare_data()[0], Preprocess(**PREPROCESS), a.calib_size, 0)
+    model = build_model(a.arch, 10, read_state_dict(REFERENCE / f"fmnist_{a.arch}.safetensors"))
+    base = {"method": "qdrop", "w_bits": int(a.bits[1]), "a_bits": int(a.bits[3]), "iters": a.iters, "device": "cpu",
+            "calib_size": a.calib_size}
     got = {k: {"loop_s_per_it": [], "calib_cpu_s": []} for k in variants}
     for _ in range(a.repeats):
         for name, cl in variants.items():  # interleaved: a change of load hits every variant alike
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
             got[name]["loop_s_per_it"].append(sum((v[-1][1] - v[0][1]) / (v[-1][0] - v[0][0]) for v in events.values()))
     q = got["qdrop"]
     for name, v in got.items():
-        print(json.dumps({"variant": name, "iters": a.iters, "repeats": a.repeats,
+        print(json.dumps({"variant": name, "arch": a.arch, "bits": a.bits, "calib_size": a.calib_size, "iters": a.iters, "repeats": a.repeats,
                           "loop_ratio": round(sum(v["loop_s_per_it"]) / sum(q["loop_s_per_it"]), 3),
                           "calib_ratio": round(sum(v["calib_cpu_s"]) / sum(q["calib_cpu_s"]), 3),
                           **{k: [round(x, 4) for x in xs] for k, xs in v.items()}}))

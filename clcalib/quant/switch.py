@@ -13,9 +13,11 @@ from clcalib.quant.primitives import qmax_of, widen_to_8bit
 
 
 @contextmanager
-def quantization(model: nn.Module, enabled: bool):
-    """Run ``model`` with all weight and activation quantization on or off, then restore."""
-    mods = [m for m in model.modules() if isinstance(m, (ActQuantizer, QuantLayer))]
+def quantization(model: nn.Module, enabled: bool, modules: list[nn.Module] | None = None):
+    """Run ``model`` with all weight and activation quantization on or off, then restore.
+    ``modules``: ``list(model.modules())`` computed once by a caller that switches often (the
+    walk over a deep model costs more than a small forward pass)."""
+    mods = [m for m in (model.modules() if modules is None else modules) if isinstance(m, (ActQuantizer, QuantLayer))]
     saved = [m.active for m in mods]
     for m in mods:
         m.active = enabled
@@ -73,9 +75,13 @@ def dropping(quantizers: list[ActQuantizer], prob: float, generator: torch.Gener
 
 
 @contextmanager
-def frozen(model: nn.Module):
-    """No gradients to the model's own parameters while the block is active."""
-    params = list(model.parameters())
+def frozen(model: nn.Module, modules: list[nn.Module] | None = None):
+    """No gradients to the model's own parameters while the block is active. ``modules``: as
+    for ``quantization`` (read at entry, so parameters added since are included)."""
+    if modules is None:
+        params = list(model.parameters())
+    else:  # model.parameters() deduplicates shared parameters; so does this
+        params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
     saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
