@@ -32,8 +32,17 @@ WORK = Path(__file__).resolve().parent / "work"
 MODELS = Path(__file__).resolve().parent / "models"  # models trained here (bench/train_vit.py), as .pt2 programs
 
 
-def prepare_data(work: Path = WORK, calib_n: int = 1024) -> tuple[Path, Path]:
-    """1024 train images (fixed random choice, seed 0) and the 10k test images, as PNG zips
+SUPPLY = 1024  # train images a run is handed unless --supply says otherwise; calib_size of them are used
+
+
+def supplied(row: dict) -> int:
+    """How many train images the run was handed (rows made before --supply: 1024)."""
+    return row.get("calib_supplied", SUPPLY)
+
+
+def prepare_data(work: Path = WORK, calib_n: int = SUPPLY) -> tuple[Path, Path]:
+    """``calib_n`` train images (fixed random choice, seed 0: a larger supply contains a smaller
+    one) and the 10k test images, as PNG zips
     (made once; a machine without the dataset package can be handed the zips in ``work``)."""
     calib = work / f"fmnist_train_{calib_n}.zip"
     test = work / "fmnist_test_10k.zip"
@@ -74,13 +83,15 @@ def run_key(row: dict) -> tuple:
     cfg = row.get("config") or {}
     calib_size = cfg.get("calib_size", row.get("overrides", {}).get("calib_size", 1024))  # not in settings(): tables show it
     return (row["model"], row["bits"], row["method"], bool(row.get("cl", False)), row["seed"], row["iters"],
-            row.get("device", "cpu"), calib_size, json.dumps(settings(row), sort_keys=True))
+            row.get("device", "cpu"), calib_size, supplied(row), json.dumps(settings(row), sort_keys=True))
 
 
 def run_dir(spec: dict) -> Path:
     """One folder per run key, overrides included: two variants of one setting running at the
     same time must not share a checkpoint (each reloads its own for evaluation) or resume state."""
     name = "_".join(str(spec[k]) for k in ("model", "bits", "method")) + f"_{bool(spec.get('cl', False))}_{spec['seed']}_{spec['iters']}"
+    if supplied(spec) != SUPPLY:
+        name += f"_of{supplied(spec)}"
     if spec.get("overrides"):
         name += "_" + hashlib.sha256(json.dumps(spec["overrides"], sort_keys=True).encode()).hexdigest()[:10]
     return WORK / "runs" / name
@@ -144,7 +155,7 @@ def run_one(spec: dict) -> dict:
     shutil.rmtree(out / "resume", ignore_errors=True)
     m = report["metrics"]
     return {**{k: spec[k] for k in ("model", "bits", "method", "seed", "iters", "device", "threads")},
-            "cl": bool(spec.get("cl")), "overrides": spec.get("overrides", {}),
+            "cl": bool(spec.get("cl")), "overrides": spec.get("overrides", {}), "calib_supplied": supplied(spec),
             "fp_top1": m["fp_top1"], "quant_top1": m["quant_top1"], "top1_agreement": m["top1_agreement"],
             "sqnr_db": m["sqnr_db"], "calib_seconds": round(m["calibration_seconds"], 1),
             "resumed_units": m.get("resumed_units", 0),  # > 0: calib_seconds covers only the rest
@@ -187,10 +198,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", type=Path, default=WORK, help="where the PNG zips are (made if missing)")
     p.add_argument("--reference-dir", type=Path, default=REFERENCE, help="where fmnist_<arch>.safetensors are")
+    p.add_argument("--supply", type=int, default=SUPPLY,
+                   help="train images handed to each run (calib_size of them used, calib_seed says which)")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new run starts")
     a = p.parse_args(argv)
 
-    calib, test = prepare_data(a.data_dir)
+    calib, test = prepare_data(a.data_dir, a.supply)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
@@ -201,7 +214,7 @@ def main(argv=None) -> int:
     variants = json.loads(a.overrides)
     variants = variants if isinstance(variants, list) else [variants]
     wanted = [{"model": model, "bits": bits, "method": method, "seed": seed, "iters": a.iters, "cl": cl,
-               "device": a.device, "threads": a.threads, "overrides": ov, "commit": commit,
+               "device": a.device, "threads": a.threads, "overrides": ov, "commit": commit, "calib_supplied": a.supply,
                "calib": str(calib), "test": str(test), "reference": str(a.reference_dir)}
               for model in a.models.split(",") for method in a.methods.split(",") for bits in a.bits.split(",")
               for seed in (seeds if method in seeded else seeds[:1]) for cl in cl_modes for ov in variants]
@@ -222,7 +235,7 @@ def main(argv=None) -> int:
             try:
                 row = {**f.result(), "cmd": cmd, "cpu_count": os.cpu_count()}
             except Exception as e:  # a failed run is a row too, so it is visible in the table
-                row = {**{k: s[k] for k in ("model", "bits", "method", "seed", "iters", "device", "cl", "overrides")},
+                row = {**{k: s[k] for k in ("model", "bits", "method", "seed", "iters", "device", "cl", "overrides", "calib_supplied")},
                        "config": resolved_config(s), "error": f"{type(e).__name__}: {e}", "cmd": cmd,
                        "traceback": traceback.format_exc(limit=-6)}  # where it broke, from a device run's log alone
             with out.open("a") as fh:

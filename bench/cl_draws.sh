@@ -3,14 +3,15 @@
 # (calib_seed), the base and base + CL (the shipped --cl-calib form) one after the other, one
 # process, 1 thread; each row is appended to $OUT as it finishes (a cut session keeps them).
 #   nohup bench/cl_draws.sh > /tmp/cl_draws.log 2>&1 &
+#   SIZE=1024 SUPPLY=8192 ...: draws of 1024 images out of 8192 (1024 of 1024 would be one set)
 #   python -m bench.cl_draws_table bench/results/cpu_cl_draws_iters500.jsonl
 set -u
 MODEL=${MODEL:-resnet18}; BITS=${BITS:-W2A4}; METHOD=${METHOD:-qdrop}; ITERS=${ITERS:-500}
-SIZE=${SIZE:-128}; DRAWS=${DRAWS:-"0 1 2 3 4"}
+SIZE=${SIZE:-128}; SUPPLY=${SUPPLY:-1024}; DRAWS=${DRAWS:-"0 1 2 3 4"}
 OUT=${OUT:-bench/results/cpu_cl_draws_iters${ITERS}.jsonl}
 for d in $DRAWS; do
   for cl in off on; do
     python -m bench.accuracy --models "$MODEL" --bits "$BITS" --methods "$METHOD" --seeds 0 --iters "$ITERS" \
-      --jobs 1 --threads 1 --cl $cl --overrides "{\"calib_size\": $SIZE, \"calib_seed\": $d}" --out "$OUT"
+      --jobs 1 --threads 1 --supply "$SUPPLY" --cl $cl --overrides "{\"calib_size\": $SIZE, \"calib_seed\": $d}" --out "$OUT"
   done
 done

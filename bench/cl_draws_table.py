@@ -2,7 +2,7 @@
 
     python -m bench.cl_draws_table bench/results/cpu_cl_draws_iters500.jsonl
 
-Per (model, bits, method, calib_size): each draw's top-1 without and with CL, mean ± std over
+Per (model, bits, method, calib_size, images supplied): each draw's top-1 without and with CL, mean ± std over
 the draws, the paired difference per draw (same draw, same seed), and whether CL narrows the
 spread over draws. CL rows that change the shipped form (their ``cl_calib`` overrides, e.g.
 ``rec_weight: 0``, L_CL alone) are their own rows against the same base runs. Rows with an error
@@ -14,6 +14,7 @@ import argparse
 import statistics
 from collections import defaultdict
 
+from bench.accuracy import supplied
 from bench.summarize import load
 
 
@@ -35,7 +36,7 @@ def table(rows: list[dict]) -> str:
             continue
         cfg = r["config"]
         draw = cfg["calib_seed"] if cfg.get("calib_seed") is not None else cfg["seed"]
-        key = (r["model"], r["bits"], r["method"], cfg["calib_size"], r["iters"])
+        key = (r["model"], r["bits"], r["method"], cfg["calib_size"], supplied(r), r["iters"])
         if r["cl"]:
             cls[(*key, _variant(r))][draw] = r
         else:
@@ -43,7 +44,7 @@ def table(rows: list[dict]) -> str:
     out = ["| model | bits | method | images | iters | draws | base | base + CL | paired diff per draw | mean diff | "
            "CL above base | spread base / CL | time CL / base |", "|" + "---|" * 13]
     for key, draws in sorted(cls.items()):
-        base_rows = bases.get(key[:5], {})
+        base_rows = bases.get(key[:6], {})
         both = {d: (base_rows[d], r) for d, r in sorted(draws.items()) if d in base_rows}
         if not both:
             continue
@@ -53,9 +54,10 @@ def table(rows: list[dict]) -> str:
         per = ", ".join(f"{d}: {x:+.2f}" for d, x in zip(both, diff, strict=True))
         spread = (f"{statistics.stdev(base):.2f} / {statistics.stdev(cl):.2f}" if len(base) > 1 else "-")
         t = statistics.mean(c["calib_seconds"] / b["calib_seconds"] for b, c in both.values())
-        model, bits, method, size, iters, variant = key
+        model, bits, method, size, supply, iters, variant = key
+        images = f"{size} of {supply}" if supply != size else f"{size}"
         label = "base + CL" + (f" ({variant})" if variant else "")
-        out.append(f"| {model} | {bits} | {method} | {size} | {iters} | {len(both)} | {_ms(base)} | {label}: {_ms(cl)} | "
+        out.append(f"| {model} | {bits} | {method} | {images} | {iters} | {len(both)} | {_ms(base)} | {label}: {_ms(cl)} | "
                    f"{per} | {_ms(diff)} | {sum(x > 0 for x in diff)} of {len(diff)} | {spread} | {t:.2f}x |")
     return "\n".join(out)
 

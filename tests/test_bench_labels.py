@@ -114,3 +114,25 @@ def test_cl_diagnose_markdown_renders_a_unit_row():
     md = markdown(d)
     assert "| layer1.0 | 0.1 / 0.1 / 0.1 | 0.2 / 0.2 / 0.2 | 0.05 / 0.05 / 0.05 |" in md
     assert "critic=relational" in md
+
+
+def test_draws_from_a_larger_supply_are_other_runs_with_their_own_table_row():
+    from bench.accuracy import resolved_config, run_dir, run_key
+    from bench.cl_draws_table import table as draws_table
+
+    spec = {"model": "mobilenet_v2", "bits": "W4A2", "method": "qdrop", "seed": 0, "iters": 500, "device": "cpu",
+            "cl": False, "overrides": {"calib_size": 1024, "calib_seed": 1}}
+    of_1024 = run_key({**spec, "config": resolved_config(spec)})
+    of_8192 = run_key({**spec, "calib_supplied": 8192, "config": resolved_config(spec)})
+    assert of_1024 != of_8192  # a 1024-of-1024 row must not stand in for a draw from 8192
+    assert run_dir(spec) != run_dir({**spec, "calib_supplied": 8192})  # nor share its resume state
+    rows = []
+    for supply, base, cl in ((1024, 56.0, 58.0), (8192, 60.0, 59.0)):
+        for d in (0, 1):
+            for on, top1 in ((False, base + d), (True, cl + d)):
+                cfg = {**resolved_config({**spec, "cl": on}), "calib_seed": d}
+                rows.append({**spec, "cl": on, "calib_supplied": supply, "config": cfg, "quant_top1": top1,
+                             "calib_seconds": 1.0})
+    got = draws_table(rows)
+    assert "| 1024 | 500 | 2 | 56.50 ± 0.71 | base + CL: 58.50 ± 0.71 |" in got
+    assert "| 1024 of 8192 | 500 | 2 | 60.50 ± 0.71 | base + CL: 59.50 ± 0.71 |" in got
