@@ -7,7 +7,8 @@
 #      mobilenet_v2;
 #   3. timed one at a time: resnet18 W2A4 2000 it/unit at 28 px, clcalib (seed 0) then the
 #      official code; 224 px (images resized: times only, the 28 px model is near chance on
-#      them) W4A4 200 it/unit, both; mobilenet_v2 W2A4 2000 it;
+#      them) W4A4 200 it/unit, both; mobilenet_v2 W2A4 2000 it; resnet18 W2A4 2000 it with
+#      CL-Calib (its time against the qdrop run's: the terms now replay inside the CUDA graph);
 #   4. then together (times not compared): resnet18 qdrop W4A4 and W2A4 at 20000 it/unit;
 #      resnet50 (seeded random init, no trained weights here) at 224 px, 1024 images, with its
 #      peak GPU memory. (The CL rows run on the CPU: a session's 15 device minutes hold
@@ -57,6 +58,7 @@ stage 3 && peer peer_r18_W2A4_2000 --bits W2A4 --iters $LONG
 stage 3 && acc r18_W4A4_200_224px --models resnet18 --bits W4A4 --methods qdrop --iters $MID --overrides "$UP"
 stage 3 && peer peer_r18_W4A4_200_224px --bits W4A4 --iters $MID --resize $PX --eval-limit 1000
 stage 3 && acc mbv2_W2A4_2000 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG
+stage 3 && acc r18_W2A4_2000_cl --models resnet18 --bits W2A4 --methods qdrop --iters $LONG --cl on
 
 # 4. together, as time allows
 if stage 4; then

@@ -63,7 +63,7 @@ def render(runs: dict[str, list[dict]], level: str = "##") -> str:
     out.append("")
 
     out += [f"{level} Other runs", "", "| run | calibration s | top-1 | peak GPU memory GiB | steps |", "|---|---|---|---|---|"]
-    for name in ("mbv2_W2A4_2000", "r18_W4A4_20000", "r18_W2A4_20000", "r50_W4A4_200_224px"):
+    for name in ("mbv2_W2A4_2000", "r18_W2A4_2000_cl", "r18_W4A4_20000", "r18_W2A4_20000", "r50_W4A4_200_224px"):
         for r in runs.get(name, []):
             if r.get("error"):
                 out.append(f"| {name} seed {r.get('seed')} | failed: {r['error'][:80]} | | | |")

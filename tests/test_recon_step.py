@@ -96,6 +96,20 @@ def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, metho
 
 
 @CUDA
+@pytest.mark.parametrize("extra", [{"cl_calib": {"enabled": True}}, {"method": "pdquant"}],
+                         ids=["qdrop+cl", "pdquant"])
+def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_steps_model(extra, fmnist, reference):
+    model, data = reference("resnet18"), fmnist["train"][:256]
+    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 3, "device": "cuda",
+            **extra}
+    eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
+    graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
+    assert {u.steps for u in graphed.units} == {"graph"}
+    _same_model(eager, graphed, "graph replays with the terms")
+    assert [u.extra for u in graphed.units] == [u.extra for u in eager.units]  # the terms' curves, summed in place
+
+
+@CUDA
 def test_host_memory_caches_on_cuda_give_the_device_caches_model(fmnist, reference):
     # pinned staging buffers, asynchronous copies and their events: only on CUDA
     model, data = reference("resnet18"), fmnist["train"][:256]

@@ -225,6 +225,20 @@ def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_ru
     assert got[0]["cl"].item() == pytest.approx(3 * full(z_q, outs[k][idx], idx)["cl"].item(), rel=1e-6)
 
 
+def test_terms_a_cuda_graph_may_capture_are_those_whose_calls_repeat_the_same_device_work(small_net):
+    qm, outs = small_net
+    k = 3
+
+    def capturable(**cfg):
+        return ut.unit_terms(_ctx(qm, outs, k, **cfg)).capturable
+
+    assert capturable(method="qdrop", cl_calib={"enabled": True})  # the shipped form
+    assert capturable(method="pdquant")
+    assert capturable(method="pdquant", cl_calib={"enabled": True, "negatives": "bank"})
+    assert not capturable(method="qdrop", cl_calib={"enabled": True, "every": 4})  # a host counter picks the turns
+    assert not capturable(method="qdrop", cl_calib={"enabled": True, "num_negatives": 2})  # a generator draws them
+
+
 def test_features_end_runs_the_tail_to_the_features_and_the_head_once(small_net):
     qm, outs = small_net
     k = 4

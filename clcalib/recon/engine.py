@@ -202,7 +202,8 @@ class Reconstructor:
         Returns how the steps ran: "graph" (captured and replayed) or "eager"."""
         cfg, iters = self.cfg, self.cfg.iters
         terms = self._unit_terms(k, module, y_f)
-        graphed = cfg.step_capture == "auto" and can_capture(self.device, plan.where == "device", terms is not None)
+        graphed = cfg.step_capture == "auto" and can_capture(
+            self.device, plan.where == "device", terms is None or getattr(terms, "capturable", False))
         step = Step(Learned(module, layers), Caches(x_q, x_fp, y_f, Stager(self.device, host=plan.where == "host")),
                     StepSettings(cfg, self.round_weight, terms, capturable=graphed), gen, self.device)
         run = GraphedStep(step) if graphed else step

@@ -9,8 +9,9 @@ phase run eagerly (they initialise the optimisers and warm the allocator up, as 
 recipe asks), then one iteration is captured and every later one is a replay.
 
 Used only where capture is sound: a CUDA device, caches on the device (the host-memory plan
-syncs per iteration), no added loss terms (PD-Quant and CL-Calib index host-side caches and
-build per-unit state lazily), and a torch that can capture a seeded generator.
+syncs per iteration), added loss terms only where they say they are capturable (PD-Quant's, and
+CL-Calib's on every iteration without sampled negatives: clcalib.recon.terms.unit), and a torch
+that can capture a seeded generator.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from clcalib.recon.step import Step
 EAGER_BEFORE_CAPTURE = 2  # per phase: the first runs initialise Adam's state, the second warms the allocator
 
 
-def can_capture(device: torch.device, caches_on_device: bool, has_terms: bool) -> bool:
-    return (device.type == "cuda" and caches_on_device and not has_terms
+def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: bool = True) -> bool:
+    return (device.type == "cuda" and caches_on_device and terms_capturable
             and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
 
 

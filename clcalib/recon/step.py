@@ -26,7 +26,12 @@ from clcalib.recon.losses import beta_at, rec_loss
 
 
 class Terms(Protocol):
-    """A unit's terms beside its MSE (clcalib.recon.terms): what the step adds to its loss."""
+    """A unit's terms beside its MSE (clcalib.recon.terms): what the step adds to its loss.
+
+    A CUDA graph may capture them only if they say ``capturable = True`` (read with getattr,
+    False when absent: a wrapper that reads values on the host must run eagerly): after their
+    first call they do the same device work every call, with no host sync and no state kept
+    outside device tensors."""
 
     rec_weight: float  # the weight of the reconstruction MSE beside them
 
@@ -181,7 +186,9 @@ class Step:
         if s.terms is not None:
             for key, val in s.terms(out, target, idx).items():
                 loss = loss + val
-                self.added_sums[key] = self.added_sums.get(key, 0) + val.detach()
+                if key not in self.added_sums:  # in place from then on: a graph replay adds into it
+                    self.added_sums[key] = torch.zeros_like(val.detach())
+                self.added_sums[key].add_(val.detach())
         if regularized and s.round_weight > 0:
             loss = loss + sum(layer.wq.last_reg for layer in layers)
         self.opt_w.zero_grad(set_to_none=True)
@@ -198,7 +205,9 @@ class Step:
         """The summed losses since the last call (still on the device), then zero them."""
         rec = self.rec_sum.clone()
         self.rec_sum.zero_()
-        added, self.added_sums = self.added_sums, {}
+        added = {k: v.clone() for k, v in self.added_sums.items()}
+        for v in self.added_sums.values():
+            v.zero_()
         return rec, added
 
     def close(self) -> None:

@@ -18,6 +18,10 @@ curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
   With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
   2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
 
+On a GPU the engine captures the step, terms included, in a CUDA graph where the terms say
+``capturable`` (PD always; CL with ``every: 1`` and all negatives), so their kernels are
+replayed with the step's instead of launched one by one from Python.
+
 The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
 ``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
 once per unit, and per iteration the tail runs once, on ``out_q``. PD and the ``fp_tail``
@@ -110,6 +114,11 @@ class UnitTerms:
             if cl_cfg.num_negatives is not None:
                 self.gen = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k)
         self._checked = False
+        # a CUDA graph may capture the step with these terms (clcalib.recon.graphed): every call
+        # after the first (whose check syncs, in an eager warm-up run) does the same device work;
+        # not with `every` > 1 (a host counter picks the iterations) or sampled negatives (a
+        # generator the graph would have to register)
+        self.capturable = self.cl_loss is None or (self.cl_every == 1 and self.gen is None)
 
     def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]:
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
