@@ -96,8 +96,12 @@ def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, metho
 
 
 @CUDA
-@pytest.mark.parametrize("extra", [{"cl_calib": {"enabled": True}}, {"method": "pdquant"}],
-                         ids=["qdrop+cl", "pdquant"])
+@pytest.mark.parametrize("extra", [
+    {"cl_calib": {"enabled": True}},
+    {"cl_calib": {"enabled": True, "negatives": "bank", "symmetric": True, "critic": "nce", "lambda": 0.1}},
+    {"method": "pdquant", "pdquant": {"reg_weight": 0.5}, "cl_calib": {"enabled": True, "tail_end": "features"}},
+    {"method": "pdquant"},
+], ids=["qdrop+cl", "cl-bank-symmetric-nce", "pdquant+reg+cl-features", "pdquant"])
 def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_steps_model(extra, fmnist, reference):
     model, data = reference("resnet18"), fmnist["train"][:256]
     base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 3, "device": "cuda",
@@ -107,6 +111,36 @@ def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_ste
     assert {u.steps for u in graphed.units} == {"graph"}
     _same_model(eager, graphed, "graph replays with the terms")
     assert [u.extra for u in graphed.units] == [u.extra for u in eager.units]  # the terms' curves, summed in place
+
+
+@CUDA
+def test_a_failed_capture_falls_back_to_eager_steps_that_give_the_eager_model(fmnist, reference):
+    import clcalib.recon.terms.unit as ut
+
+    class Syncing:
+        """Terms that claim to be capturable but read a value on the host every call."""
+
+        capturable = True
+
+        def __init__(self, inner):
+            self.inner, self.rec_weight = inner, inner.rec_weight
+
+        def __call__(self, out_q, target, idx):
+            got = self.inner(out_q, target, idx)
+            float(got["pd"])  # a host sync: the capture fails here, after the batch was drawn
+            return got
+
+    def factory(ctx):
+        inner = ut.unit_terms(ctx)
+        return Syncing(inner) if inner is not None else None
+
+    model, data = reference("resnet18"), fmnist["train"][:256]
+    base = {"method": "pdquant", "w_bits": 2, "a_bits": 4, "iters": 30, "calib_size": 256, "seed": 5, "device": "cuda"}
+    eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"}, terms=factory)
+    with pytest.warns(RuntimeWarning, match="capture"):
+        fell_back = clcalib.calibrate(model, data, {**base, "step_capture": "auto"}, terms=factory)
+    assert {u.steps for u in fell_back.units} == {"eager"}
+    _same_model(eager, fell_back, "eager steps after a failed capture")
 
 
 @CUDA

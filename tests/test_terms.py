@@ -87,6 +87,15 @@ def test_pdquant_end_to_end(resnet18, fmnist64):
     _check_tail_once_per_iteration(result, log, SMALL["iters"])
 
 
+def test_the_cl_curve_has_a_point_for_each_report_window_that_had_the_term(resnet18, fmnist64):
+    # 6 iterations report every iteration; with every: 4 only iterations 0 and 4 have the term,
+    # so the curve has two points, not four zeros between them
+    data = fmnist64[:16]
+    result = calibrate(resnet18, data, {**SMALL, "iters": 6, "calib_size": 16, "batch_size": 8, "method": "qdrop",
+                                        "cl_calib": {"enabled": True, "every": 4}})
+    assert all(len(u.extra["cl"]) == 2 and all(v > 0 for v in u.extra["cl"]) for u in result.units[:-1])
+
+
 @pytest.mark.slow
 def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet18, fmnist64):
     grads = {}

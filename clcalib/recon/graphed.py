@@ -25,7 +25,7 @@ from clcalib.recon.step import Step
 EAGER_BEFORE_CAPTURE = 2  # per phase: the first runs initialise Adam's state, the second warms the allocator
 
 
-def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: bool = True) -> bool:
+def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: bool) -> bool:
     return (device.type == "cuda" and caches_on_device and terms_capturable
             and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
 
@@ -71,9 +71,11 @@ class GraphedStep:
         cur.wait_stream(self.side)
 
     def _capture(self, regularized: bool) -> torch.cuda.CUDAGraph | None:
-        """The graph of one step, or None if capture failed. A capture runs no kernel and draws
-        no number, so falling back to eager steps after a failure keeps the result exact."""
+        """The graph of one step, or None if capture failed. A capture runs no kernel, and the
+        batch generator's state is put back after a failure (the capture may have drawn a batch
+        before the failing op), so falling back to eager steps keeps the result exact."""
         step = self.step
+        saved_gen = step.gen.get_state()
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(step.gen)  # replays draw the generator's next numbers, as eager calls would
         # gradients are created inside the graph's memory and rewritten by every replay
@@ -86,6 +88,11 @@ class GraphedStep:
                 step(regularized)
         except RuntimeError as e:
             self.failed = True
+            try:
+                step.gen.set_state(saved_gen)
+            except RuntimeError as e2:  # never go on with a generator in an unknown state
+                raise RuntimeError(f"CUDA graph capture of the reconstruction step failed ({e}), and its batch "
+                                   f"generator could not be restored ({e2}); run with step_capture 'off'") from e
             warnings.warn(f"CUDA graph capture of the reconstruction step failed, running it eagerly "
                           f"(same result, slower): {e}", RuntimeWarning, stacklevel=2)
             return None

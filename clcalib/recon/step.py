@@ -157,7 +157,11 @@ class Step:
         self.opt_a = _step_size_optimizer(self.act_scales, cfg, device, settings.capturable)
         # sums since the last progress report, on the device (no host sync per iteration)
         self.rec_sum = torch.zeros((), device=device)
+        # per added term, its sum since the last report, in place (a graph replay adds into it),
+        # and which terms came since then (cl_calib.every may skip a whole window; a captured
+        # step's terms come every iteration, but a replay does not run this Python)
         self.added_sums: dict[str, Tensor] = {}
+        self.added_since: set[str] = set()
 
     def batch(self) -> tuple[Tensor, Tensor]:
         """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
@@ -186,9 +190,10 @@ class Step:
         if s.terms is not None:
             for key, val in s.terms(out, target, idx).items():
                 loss = loss + val
-                if key not in self.added_sums:  # in place from then on: a graph replay adds into it
+                if key not in self.added_sums:
                     self.added_sums[key] = torch.zeros_like(val.detach())
                 self.added_sums[key].add_(val.detach())
+                self.added_since.add(key)
         if regularized and s.round_weight > 0:
             loss = loss + sum(layer.wq.last_reg for layer in layers)
         self.opt_w.zero_grad(set_to_none=True)
@@ -202,12 +207,15 @@ class Step:
         self.rec_sum.add_(rec.detach())
 
     def take_sums(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """The summed losses since the last call (still on the device), then zero them."""
+        """The summed losses since the last call (still on the device), then zero them: the
+        MSE's, and each added term's that came since then."""
         rec = self.rec_sum.clone()
         self.rec_sum.zero_()
-        added = {k: v.clone() for k, v in self.added_sums.items()}
+        came = self.added_sums if self.settings.capturable else self.added_since
+        added = {k: self.added_sums[k].clone() for k in came}
         for v in self.added_sums.values():
             v.zero_()
+        self.added_since = set()
         return rec, added
 
     def close(self) -> None:
