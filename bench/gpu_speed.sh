@@ -39,7 +39,7 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
   "capture of seeded generators:", hasattr(torch.cuda.CUDAGraph, "register_generator_state"))' | tee "$W/env.txt"
 
 # 1. equivalence (pytest from the carry; -o addopts= drops the suite's xdist options)
-stage 1 && { timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_recon_step.py -k "$TESTS_K" \
+stage 1 && { timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_recon_step.py -k "$TESTS_K" \
   > "$W/equivalence.txt" 2>&1; tail -3 "$W/equivalence.txt"; }
 
 # 2. rates and busy fraction

@@ -104,7 +104,7 @@ def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, metho
 ], ids=["qdrop+cl", "cl-bank-symmetric-nce", "pdquant+reg+cl-features", "pdquant"])
 def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_steps_model(extra, fmnist, reference):
     model, data = reference("resnet18"), fmnist["train"][:256]
-    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 60, "calib_size": 256, "seed": 3, "device": "cuda",
+    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 30, "calib_size": 256, "seed": 3, "device": "cuda",
             **extra}
     eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
     graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
@@ -114,7 +114,7 @@ def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_ste
 
 
 @CUDA
-def test_a_failed_capture_falls_back_to_eager_steps_that_give_the_eager_model(fmnist, reference):
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps_that_give_the_eager_model(fmnist, reference):
     import clcalib.recon.terms.unit as ut
 
     class Syncing:
