@@ -59,6 +59,14 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             page.wait_for_function("() => document.getElementById('submit-status').className === 'error'")
             assert "give a budget or a target, not both" in status.inner_text(), status.inner_text()
             form.locator("input[name=max_top1_drop]").fill("")
+            # the calibration draw: a value the config refuses is a 422 naming the field
+            page.evaluate("() => { document.getElementById('submit-status').className = ''; }")
+            page.evaluate("() => { document.querySelector('input[name=calib_seed]').removeAttribute('min'); }")
+            form.locator("input[name=calib_seed]").fill("-1")
+            form.locator("button[type=submit]").click()
+            page.wait_for_function("() => document.getElementById('submit-status').className === 'error'")
+            assert "422" in status.inner_text() and "calib_seed" in status.inner_text(), status.inner_text()
+            form.locator("input[name=calib_seed]").fill("3")
             page.evaluate("() => { document.getElementById('submit-status').className = ''; }")
             form.locator("button[type=submit]").click()
             page.wait_for_function("() => document.getElementById('submit-status').className === 'error'",
@@ -68,6 +76,7 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             form.locator("button[type=submit]").click()
             page.wait_for_url("**/jobs/*", timeout=120_000)
             job_id = page.url.rsplit("/", 1)[1]
+            assert page.request.get(f"{st.url}/v1/jobs/{job_id}").json()["config"]["calib_seed"] == 3
             # wait_for_function takes functions, not expressions: the page's CSP has no 'unsafe-eval'
             page.wait_for_function("() => document.getElementById('state').textContent === 'running'", timeout=120_000)
             page.wait_for_function("() => document.getElementById('where').textContent.includes('unit')", timeout=60_000)
