@@ -2,7 +2,9 @@
 # GPU speed in one device call (device tool, carry [".gpu"], timeout_s 600): the CUDA-graph step
 # against the eager one and clcalib against the official QDrop code, same card, same data.
 #   1. the CUDA cases of tests/test_recon_step.py: graph replays give the eager steps' model bit
-#      for bit (qdrop, brecq, adaround; eager twice as the baseline), and so do host-memory caches;
+#      for bit (qdrop, brecq, adaround; eager twice as the baseline), and so do host-memory caches,
+#      steps captured with CL/PD terms, a failed capture's eager fallback, and the chained capture
+#      (tests/test_recon_chain.py) against the per-unit prefix;
 #   2. iterations/s eager vs graph with the GPU's busy fraction (bench.gpu_profile), resnet18 and
 #      mobilenet_v2;
 #   3. timed one at a time: resnet18 W2A4 2000 it/unit at 28 px, clcalib (seed 0) then the
@@ -39,7 +41,7 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
   "capture of seeded generators:", hasattr(torch.cuda.CUDAGraph, "register_generator_state"))' | tee "$W/env.txt"
 
 # 1. equivalence (pytest from the carry; -o addopts= drops the suite's xdist options)
-stage 1 && { timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_recon_step.py -k "$TESTS_K" \
+stage 1 && { timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_recon_step.py tests/test_recon_chain.py -k "$TESTS_K" \
   > "$W/equivalence.txt" 2>&1; tail -3 "$W/equivalence.txt"; }
 
 # 2. rates and busy fraction

@@ -51,8 +51,19 @@ def test_a_unit_called_twice_gets_no_chain():
 
 @pytest.mark.parametrize("arch,method", [("mobilenet_v2", "minmax"), ("resnet18", "qdrop")])
 def test_chained_calibration_equals_the_prefix_one_to_the_bit(arch, method, fmnist, reference, monkeypatch):
+    _chained_equals_prefix(arch, method, "cpu", fmnist, reference, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_speed.sh)")
+@pytest.mark.parametrize("arch,method", [("mobilenet_v2", "qdrop"), ("resnet18", "qdrop")])
+def test_chained_calibration_on_cuda_equals_the_prefix_one_to_the_bit(arch, method, fmnist, reference, monkeypatch):
+    # the carry's placement (device or host memory, from the free device memory) only matters here
+    _chained_equals_prefix(arch, method, "cuda", fmnist, reference, monkeypatch)
+
+
+def _chained_equals_prefix(arch, method, device, fmnist, reference, monkeypatch):
     cfg = {"method": method, "w_bits": 4, "a_bits": 4, "iters": 3 if method == "qdrop" else 0, "batch_size": 16,
-           "calib_size": 256, "device": "cpu", "seed": 1}
+           "calib_size": 256, "device": device, "seed": 1}
     prefix_runs = []
     capture = engine.capture
     monkeypatch.setattr(engine, "capture", lambda m, target, *a, **k: prefix_runs.append(target) or capture(m, target, *a, **k))
