@@ -53,12 +53,15 @@ def table(rows: list[dict]) -> str:
         diff = [c - b for b, c in zip(base, cl, strict=True)]
         per = ", ".join(f"{d}: {x:+.2f}" for d, x in zip(both, diff, strict=True))
         spread = (f"{statistics.stdev(base):.2f} / {statistics.stdev(cl):.2f}" if len(base) > 1 else "-")
-        t = statistics.mean(c["calib_seconds"] / b["calib_seconds"] for b, c in both.values())
+        # time only where base and CL ran from the same code, one after the other (bench/cl_draws.sh):
+        # a CL variant run sessions later against the old base rows saw another machine's load
+        same = [c["calib_seconds"] / b["calib_seconds"] for b, c in both.values() if b.get("commit") == c.get("commit")]
+        t = f"{statistics.mean(same):.2f}x" if same else "-"
         model, bits, method, size, supply, iters, variant = key
         images = f"{size} of {supply}" if supply != size else f"{size}"
         label = "base + CL" + (f" ({variant})" if variant else "")
         out.append(f"| {model} | {bits} | {method} | {images} | {iters} | {len(both)} | {_ms(base)} | {label}: {_ms(cl)} | "
-                   f"{per} | {_ms(diff)} | {sum(x > 0 for x in diff)} of {len(diff)} | {spread} | {t:.2f}x |")
+                   f"{per} | {_ms(diff)} | {sum(x > 0 for x in diff)} of {len(diff)} | {spread} | {t} |")
     return "\n".join(out)
 
 
