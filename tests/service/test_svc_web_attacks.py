@@ -286,6 +286,14 @@ def test_cross_origin_forms_and_framing_are_refused_in_chromium(keyed, attacker,
             c.delete(f"/v1/jobs/{job_id}")
 
 
+def test_a_hostile_calibration_draw_is_refused_before_it_reaches_a_page(keyed, calib_zip):
+    """The web form's draw field (calib_seed) is a number in the config: markup, a fraction, a
+    negative or a huge value is a 422 naming the field, so a job page only ever shows an integer."""
+    for bad in ("<script>window.__xss=1</script>", 1.5, -1, 2**40):
+        r = keyed.submit(MOBILENET, calib_zip, {**FAST, "calib_seed": bad}, arch="mobilenet_v2")
+        assert r.status_code == 422 and "calib_seed" in r.text and "<script>" not in r.text, (bad, r.text)
+
+
 def test_hostile_error_renders_escaped_in_chromium(keyed, browser, shots):
     """The hostile name reaches job.error through the worker; a row written through the store
     carries a <script>. Escaped in the HTML, and no script runs in chromium."""
