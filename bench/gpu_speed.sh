@@ -13,8 +13,8 @@
 #      CL-Calib (its time against the qdrop run's: the terms now replay inside the CUDA graph);
 #   4. then together (times not compared): resnet18 qdrop W4A4 and W2A4 at 20000 it/unit;
 #      resnet50 (seeded random init, no trained weights here) at 224 px, 1024 images, with its
-#      peak GPU memory. (The CL rows run on the CPU: a session's 15 device minutes hold
-#      this script once.)
+#      peak GPU memory. (A session's 15 device minutes hold this script once; the CL draws
+#      table is bench/gpu_cl_draws.sh, another call.)
 # Rows land in $W/*.jsonl as runs finish; every run is stopped at $DEADLINE seconds, then the
 # tables are printed and $W is packed into $OUT/gpu_speed.tgz (a call brings back 8 files at most).
 # Needs .gpu/ from `bash bench/make_gpu_carry.sh` (wheels, reference models, data, the
