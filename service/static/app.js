@@ -32,7 +32,8 @@ async function submitJob(form) {
       if (input && input.value === input.defaultValue) delete config.preprocess[name];
     }
   }
-  if (f.get("calib_seed") !== "") config.calib_seed = Number(f.get("calib_seed"));  // the server checks the range
+  const draw = intOrNull("calib_seed");  // the server checks the range
+  if (draw !== null) config.calib_seed = draw;
   if (f.get("weight_mb")) config.budget = {weight_mb: Number(f.get("weight_mb"))};
   if (f.get("max_top1_drop")) config.target = {max_top1_drop: Number(f.get("max_top1_drop"))};
   if (f.get("cl_calib")) config.cl_calib = {enabled: true};
