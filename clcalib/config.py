@@ -148,6 +148,13 @@ class ClCalib(Strict):
     tail_end: Literal["features", "logits"] = Field(
         "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
     )
+    # the tail's forward and backward per iteration is CL's cost; a tail through a few units is
+    # a fraction of it and kept most of the gain at mobilenet_v2 W4A2 (docs/cl_calib.md)
+    tail_units: int | None = Field(
+        None, ge=1, le=100_000,
+        description="for mapping=fp_tail: the FP remainder through the next n units only, its output "
+        "average-pooled (cheaper than the whole remainder; tail_end then does not apply); null: to tail_end",
+    )
     # relational: KL between the FP and the quantized similarity profiles over the FP keys; 0 at
     # z_q = z_f, unlike nce/infonce (kept to reproduce the earlier tables). Its gradient is ~20x
     # smaller than nce's at the same lambda, hence lambda 10 (docs/cl_calib.md)
@@ -167,6 +174,13 @@ class ClCalib(Strict):
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
     )
+
+    @model_validator(mode="after")
+    def _tail_units_need_the_tail(self) -> ClCalib:
+        if self.tail_units is not None and self.mapping != "fp_tail":
+            raise ValueError(f"tail_units shortens the fp_tail mapping; with mapping {self.mapping!r} there is "
+                             "no tail: set mapping 'fp_tail' or leave tail_units null")
+        return self
 
 
 class PdQuant(Strict):

@@ -8,7 +8,7 @@ from clcalib.config import Partition
 from clcalib.errors import UnsupportedModel
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model
-from clcalib.graph.tail import _trace, fp_head, fp_tail
+from clcalib.graph.tail import _trace, fp_head, fp_tail, fp_tail_units
 from clcalib.quant.activation import ActQuantizer
 from clcalib.quant.layer import QuantLayer
 from clcalib.quant.switch import observing, quantization
@@ -76,6 +76,24 @@ def test_features_tail_and_head_compose_to_the_logits_tail(net):
             assert torch.allclose(fp_head(qm)(feats), net["logits"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="final Linear"):
         fp_tail(qm, n - 1, "features")
+
+
+def test_a_tail_through_n_units_gives_the_fp_output_there(net):
+    qm, outs = net["qm"], net["outs"]
+    n = len(qm.unit_names)
+    with torch.no_grad():
+        for k in _indices(n - 3):
+            for units in (1, 2):
+                got = fp_tail_units(qm, k, units)(outs[k])  # quantizers are on in qm: the tail runs in FP
+                assert torch.allclose(got, outs[k + units], atol=1e-5, rtol=1e-5), (qm.unit_names[k], units)
+        # no more than `units` units left, the classifier among them: the logits tail
+        assert fp_tail_units(qm, n - 3, 2) is fp_tail(qm, n - 3, "logits")
+        assert torch.allclose(fp_tail_units(qm, 1, n)(outs[1]), net["logits"], atol=1e-5, rtol=1e-5)
+    assert fp_tail_units(qm, 1, 2) is fp_tail_units(qm, 1, 2)  # built once
+    with pytest.raises(ValueError, match="units must be >= 1"):
+        fp_tail_units(qm, 1, 0)
+    with pytest.raises(IndexError):
+        fp_tail_units(qm, n, 1)
 
 
 def test_final_unit_logits_tail_is_the_identity(net):

@@ -11,7 +11,7 @@ from clcalib import calibrate
 from clcalib.config import CalibConfig
 from clcalib.graph.partition import QuantModel, QuantSpec
 from clcalib.graph.registry import build_model, read_state_dict
-from clcalib.graph.tail import fp_tail
+from clcalib.graph.tail import fp_tail, fp_tail_units
 from clcalib.quant.switch import observing
 from clcalib.recon.engine import UnitContext
 from clcalib.recon.terms.contrastive import contrastive_loss, embed, pool
@@ -232,6 +232,40 @@ def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_ru
     assert [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
     assert sum(1 for _key, grad, _n in log if grad) == 3  # the tail ran on those iterations only
     assert got[0]["cl"].item() == pytest.approx(3 * full(z_q, outs[k][idx], idx)["cl"].item(), rel=1e-6)
+
+
+def test_a_shorter_tail_embeds_the_pooled_output_a_few_units_on_and_pd_keeps_the_logits(small_net):
+    qm, outs = small_net
+    k = 3
+    idx = torch.tensor([2, 9, 2, 4])
+    z_q = (outs[k][idx] * 1.2 + 0.1).requires_grad_(True)
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, log)  # counts the logits/features tails only: the shorter one is not among them
+        terms = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "tail_units": 2}))
+        log.clear()
+        got = terms(z_q, outs[k][idx], idx)
+    assert log == []  # the whole remainder never runs
+    short = fp_tail_units(qm, k, 2)
+    with torch.no_grad():
+        e_q, e_f = embed(pool(short(z_q))), embed(pool(short(outs[k][idx])))
+    ref = contrastive_loss(e_q, e_f, tau=0.5, critic="relational", bank_index=idx, calib_size=12)
+    assert ref.item() > 0 and got["cl"].item() == pytest.approx(10.0 * ref.item(), rel=1e-5)
+    assert terms(outs[k][idx], outs[k][idx], idx)["cl"].item() == pytest.approx(0.0, abs=1e-6)
+    got["cl"].backward()
+    assert z_q.grad.abs().sum() > 0
+    # with PD: PD's KL on the logits tail as without tail_units, CL on the shorter one
+    both = ut.unit_terms(_ctx(qm, outs, k, method="pdquant", cl_calib={"enabled": True, "tail_units": 2}))
+    pd_only = ut.unit_terms(_ctx(qm, outs, k, method="pdquant"))
+    got = both(z_q.detach(), outs[k][idx], idx)
+    assert got["pd"].item() == pytest.approx(pd_only(z_q.detach(), outs[k][idx], idx)["pd"].item(), rel=1e-6)
+    assert got["cl"].item() == pytest.approx(10.0 * ref.item(), rel=1e-5)
+    assert both.capturable
+
+
+def test_tail_units_without_the_tail_mapping_is_refused():
+    with pytest.raises(ValueError, match="tail_units shortens the fp_tail mapping"):
+        CalibConfig.model_validate({"cl_calib": {"enabled": True, "mapping": "pool", "tail_units": 2}})
 
 
 def test_terms_a_cuda_graph_may_capture_are_those_whose_calls_repeat_the_same_device_work(small_net):

@@ -2,7 +2,8 @@
 
 ``fp_tail(qmodel, k, end)`` maps unit k's output tensor to the logits (``end="logits"``) or to
 the penultimate features, the input of the final Linear (``end="features"``).
-``fp_head(qmodel)`` maps those features to the logits, so that
+``fp_tail_units(qmodel, k, n)`` maps it through the next n units only (to the logits when fewer
+remain). ``fp_head(qmodel)`` maps the features to the logits, so that
 ``fp_head(qm)(fp_tail(qm, k, "features")(z)) == fp_tail(qm, k, "logits")(z)`` and a caller that
 needs both runs the tail once.
 
@@ -35,7 +36,7 @@ from clcalib.graph.partition import QuantModel
 from clcalib.quant.layer import QuantUnit
 from clcalib.quant.switch import frozen, quantization
 
-__all__ = ["TailEnd", "FpTail", "fp_tail", "fp_head", "apply_chunked"]
+__all__ = ["TailEnd", "FpTail", "fp_tail", "fp_tail_units", "fp_head", "apply_chunked"]
 
 TailEnd = Literal["logits", "features"]
 _ENDS = ("logits", "features")
@@ -183,6 +184,26 @@ def fp_tail(qmodel: QuantModel, unit_index: int, end: TailEnd = "logits") -> FpT
             stop = tr.logits
         what = f"FP tail {qmodel.unit_names[k]} -> {end}"
         tr.cache[key] = _segment(qmodel, tr, start, stop, what)
+    return tr.cache[key]
+
+
+def fp_tail_units(qmodel: QuantModel, unit_index: int, units: int) -> FpTail:
+    """The frozen FP network from unit ``unit_index``'s output through the next ``units`` units:
+    their output, as the FP model computes it there; the logits tail where no more than ``units``
+    units (the classifier among them) follow. Built once per (QuantModel, unit, units), cached."""
+    if units < 1:
+        raise ValueError(f"units must be >= 1, got {units}")
+    n_units = len(qmodel.unit_names)
+    if not -n_units <= unit_index < n_units:
+        raise IndexError(f"unit_index must be in [0, {n_units}), got {unit_index}")
+    k = unit_index % n_units
+    if k + units >= n_units - 1:
+        return fp_tail(qmodel, k, "logits")
+    tr = _trace(qmodel)
+    key = ("units", k, units)
+    if key not in tr.cache:
+        what = f"FP tail {qmodel.unit_names[k]} -> {qmodel.unit_names[k + units]}"
+        tr.cache[key] = _segment(qmodel, tr, tr.unit_nodes[k], tr.unit_nodes[k + units], what)
     return tr.cache[key]
 
 

@@ -17,6 +17,9 @@ curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
   a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
   With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
   2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
+  With ``cl_calib.tail_units = n`` the embedding is the FP network through the next n units only,
+  average-pooled (``fp_tail_units``): a fraction of the whole tail's cost; with PD that shorter
+  tail runs beside PD's logits tail.
 
 On a GPU the engine captures the step, terms included, in a CUDA graph where the terms say
 ``capturable`` (PD always; CL with ``every: 1`` and all negatives), so their kernels are
@@ -50,9 +53,9 @@ from torch import Tensor, nn
 
 from clcalib.config import CalibConfig
 from clcalib.graph.partition import QuantModel, is_mobile_like
-from clcalib.graph.tail import apply_chunked, fp_head, fp_tail
+from clcalib.graph.tail import apply_chunked, fp_head, fp_tail, fp_tail_units
 from clcalib.recon.engine import UnitContext
-from clcalib.recon.terms.contrastive import ContrastiveLoss, build_bank, embed, get_mapping
+from clcalib.recon.terms.contrastive import ContrastiveLoss, build_bank, embed, get_mapping, pool
 from clcalib.recon.terms.prediction_difference import pd_loss, pd_regularizer
 
 __all__ = ["UnitTerms", "unit_terms", "pd_temperature"]
@@ -65,6 +68,17 @@ def pd_temperature(cfg: CalibConfig, qmodel: QuantModel) -> float:
     if cfg.pdquant.temperature is not None:
         return cfg.pdquant.temperature
     return 1.0 if is_mobile_like(qmodel) else 4.0
+
+
+class _Pooled(nn.Module):
+    """A tail, then the average over its output's spatial dims (logits pass as they are)."""
+
+    def __init__(self, tail: nn.Module):
+        super().__init__()
+        self.tail = tail
+
+    def forward(self, z: Tensor) -> Tensor:
+        return pool(self.tail(z))
 
 
 class UnitTerms:
@@ -80,9 +94,12 @@ class UnitTerms:
         self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
-        tail_mapping = cl and cl_cfg.mapping == "fp_tail"
+        # CL's own, shorter tail (tail_units): through the next units, pooled; PD keeps the logits
+        short = cl and cl_cfg.mapping == "fp_tail" and cl_cfg.tail_units is not None
+        self.cl_tail = _Pooled(fp_tail_units(qm, k, cl_cfg.tail_units)) if short else None
+        tail_mapping = cl and cl_cfg.mapping == "fp_tail" and not short
         want_features = tail_mapping and cl_cfg.tail_end == "features" and not last
-        # the one tail that runs per iteration, and what of its output each term uses
+        # the one tail to the features/logits that runs per iteration, and what of its output each term uses
         self.tail: nn.Module | None = None
         self.head: nn.Module | None = None  # features -> logits, when CL stops at the features
         if want_features:
@@ -103,7 +120,8 @@ class UnitTerms:
             self.cl_every = cl_cfg.every
             self.cl_weight = cl_cfg.lambda_ * cl_cfg.every  # on 1 of `every` iterations: the same mean pull
             self.calls = 0
-            self.mapping = None if tail_mapping else get_mapping(cl_cfg.mapping)
+            # the embedding's map when it is not the features/logits tail (whose output is shared with PD)
+            self.mapping = None if tail_mapping else self.cl_tail if short else get_mapping(cl_cfg.mapping)
             # FP embeddings of all M samples: the bank, and e_f of a batch by indexing
             self.fp_embed = None
             if tail_mapping:
@@ -130,7 +148,7 @@ class UnitTerms:
             self._checked = True
         terms: dict[str, Tensor] = {}
         cl = self.cl_loss is not None and self._cl_turn()
-        tail_q = self.tail(out_q) if self.tail is not None and (self.pd or cl) else None
+        tail_q = self.tail(out_q) if self.tail is not None and (self.pd or (cl and self.cl_tail is None)) else None
         if self.pd:
             logits_q = self.head(tail_q) if self.head is not None else tail_q
             terms["pd"] = self.pd_weight * pd_loss(logits_q, self.fp_logits[idx], self.temperature)
