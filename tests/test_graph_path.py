@@ -3,6 +3,7 @@ same units, layers and quantized outputs as the module path; other architectures
 written here calibrate, save, reload bit-identically and (CNNs) export to ONNX Runtime; bad
 programs are refused by name, and no pickle in an uploaded .pt2 ever runs."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -150,13 +151,16 @@ def test_timm_style_attention_and_split_blocks_are_units(tmp_path):
         assert torch.allclose(qm(x), model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("every_layer", [False, True])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_registry_archs_get_the_same_units_and_layers_through_the_graph(arch):
+def test_registry_archs_get_the_same_units_and_layers_through_the_graph(arch, every_layer):
+    # every_layer too: the placement rule (QuantSpec.in_block_out_bits) is the same one on both paths
     torch.manual_seed(0)
     model = build_model(arch, 10)
     x = torch.randn(2, 3, 32, 32)
-    by_modules = QuantModel(model, SPEC, x, Partition.MODULES)
-    by_graph = QuantModel(model, SPEC, x, Partition.GRAPH)
+    spec = dataclasses.replace(SPEC, every_layer=every_layer)
+    by_modules = QuantModel(model, spec, x, Partition.MODULES)
+    by_graph = QuantModel(model, spec, x, Partition.GRAPH)
     assert by_graph.unit_names == by_modules.unit_names
     shapes = {k: tuple(v.shape) for k, v in by_modules.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in by_graph.state_dict().items()} == shapes  # every quantizer in the same place

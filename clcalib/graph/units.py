@@ -27,6 +27,7 @@ unit and layer names as the module path (docs/architecture.md).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -359,10 +360,12 @@ def _place_quantizers(plan, const, spec) -> dict[fx.Node, ActQuantizer]:
             if not only_act:
                 layer.module.out_quant = ActQuantizer(spec.a_bits, spec.act_search)
             continue
-        every = spec.every_layer and _has_residual(u.nodes, const)
+        # every_layer's residual-branch ends exist only in a block with its residual add (as the
+        # registry's _generic_block); the rule itself is QuantSpec.in_block_out_bits, both paths
+        block_spec = spec if _has_residual(u.nodes, const) else dataclasses.replace(spec, every_layer=False)
         for layer in u.layers:
-            bits = spec.a_bits if (layer.fused_act or every) else None
-            layer.module.out_quant = ActQuantizer(bits, spec.act_search) if bits is not None else None
+            bits = block_spec.in_block_out_bits(followed_by_activation=layer.fused_act)
+            layer.module.out_quant = ActQuantizer(bits, block_spec.act_search) if bits is not None else None
         if not any(x.target in _NORMS for x in u.out.users):
             unit_out[u.out] = ActQuantizer(spec.a_bits, spec.act_search)
     return unit_out
