@@ -62,13 +62,16 @@ def render(runs: dict[str, list[dict]], level: str = "##") -> str:
                    f"{fmt(a and a['quant_top1'])} | {fmt(b and b['quant_top1'])} |")
     out.append("")
 
-    out += [f"{level} CL-Calib's overhead (same card, same call)", "", "| run | calibration s | vs without CL | top-1 |", "|---|---|---|---|"]
-    for name, base in (("r18_W2A4_2000_cl", "r18_W2A4_2000"), ("mbv2_W2A4_2000_cl", "mbv2_W2A4_2000"),
-                       ("mbv2_W2A4_2000_cl_tail2", "mbv2_W2A4_2000")):
-        a, b = one(runs, name), one(runs, base)
-        ratio = a["calib_seconds"] / b["calib_seconds"] if a and b else None
-        out.append(f"| {name} | {fmt(a and a['calib_seconds'], 1)} | {fmt(ratio)}x | {fmt(a and a['quant_top1'])} |")
-    out.append("")
+    cl_runs = (("r18_W2A4_2000_cl", "r18_W2A4_2000"), ("mbv2_W2A4_2000_cl", "mbv2_W2A4_2000"),
+               ("mbv2_W2A4_2000_cl_tail2", "mbv2_W2A4_2000"))
+    if any(name in runs for name, _ in cl_runs):  # runs from before these rows existed have none
+        out += [f"{level} CL-Calib's overhead (same card, same call)", "", "| run | calibration s | vs without CL | top-1 |",
+                "|---|---|---|---|"]
+        for name, base in cl_runs:
+            a, b = one(runs, name), one(runs, base)
+            ratio = a["calib_seconds"] / b["calib_seconds"] if a and b else None
+            out.append(f"| {name} | {fmt(a and a['calib_seconds'], 1)} | {fmt(ratio)}x | {fmt(a and a['quant_top1'])} |")
+        out.append("")
 
     out += [f"{level} Other runs", "", "| run | calibration s | top-1 | peak GPU memory GiB | steps |", "|---|---|---|---|---|"]
     for name in ("mbv2_W2A4_2000", "r18_W2A4_2000_cl", "r18_W4A4_20000", "r18_W2A4_20000", "r50_W4A4_200_224px"):
