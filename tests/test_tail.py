@@ -157,6 +157,35 @@ def test_a_tail_that_needs_an_earlier_value_is_refused():
         fp_tail(qm, 1)
 
 
+class _LongSkip(nn.Module):
+    """conv1's output skips over conv2 and conv3 into the input of conv4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.conv4 = (nn.Conv2d(c, 4, 3, padding=1) for c in (3, 4, 4, 4))
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        c = self.conv3(self.conv2(a)) + a
+        return self.fc(self.conv4(c).mean((2, 3)))
+
+
+def test_a_shorter_tail_across_a_skip_is_refused_and_one_beside_it_is_not():
+    x = torch.randn(2, 3, 8, 8)
+    qm = QuantModel(_LongSkip().eval(), QuantSpec(4, 4, 8), x, Partition.MODULES)
+    assert qm.unit_names == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    with torch.no_grad(), quantization(qm, False):
+        b = qm.model.conv2(qm.model.conv1(x))
+        assert torch.allclose(fp_tail_units(qm, 1, 1)(b), qm.model.conv3(b), atol=1e-6)  # conv2 -> conv3: no skip inside
+    with pytest.raises(UnsupportedModel, match="conv1.*computed before the unit.*use partition 'graph'"):
+        fp_tail_units(qm, 1, 2)  # conv2 -> conv4 needs conv1's output too
+    # what the message advises: the graph path puts the skip inside a unit, and every shorter tail exists
+    qg = QuantModel(_LongSkip().eval(), QuantSpec(4, 4, 8), x, Partition.GRAPH)
+    for k in range(len(qg.unit_names) - 1):
+        assert fp_tail_units(qg, k, 1) is not None
+
+
 def test_pdquant_on_a_model_without_a_unit_tail_is_an_error_of_the_tree_saying_what_to_change():
     """Reachable through the library API only: the CLI and the worker take registry architectures
     (whose tails exist) or programs, which partition=modules refuses and partition=graph splits
