@@ -157,6 +157,14 @@ def _segment(qmodel: QuantModel, tr: _Trace, start: fx.Node, stop: fx.Node, what
     return FpTail(gm, what)
 
 
+def _unit_index(qmodel: QuantModel, unit_index: int) -> tuple[int, int]:
+    """(the unit's index from 0, the number of units); negative indices count from the end."""
+    n_units = len(qmodel.unit_names)
+    if not -n_units <= unit_index < n_units:
+        raise IndexError(f"unit_index must be in [0, {n_units}), got {unit_index}")
+    return unit_index % n_units, n_units
+
+
 def fp_tail(qmodel: QuantModel, unit_index: int, end: TailEnd = "logits") -> FpTail:
     """The frozen FP network after unit ``unit_index`` (an index into ``qmodel.unit_names``):
     unit output -> logits, or -> penultimate features (the input of the final Linear).
@@ -165,10 +173,7 @@ def fp_tail(qmodel: QuantModel, unit_index: int, end: TailEnd = "logits") -> FpT
     tail (ValueError). Built once per (QuantModel, unit, end) and cached."""
     if end not in _ENDS:
         raise ValueError(f"end must be one of {_ENDS}, got {end!r}")
-    n_units = len(qmodel.unit_names)
-    if not -n_units <= unit_index < n_units:
-        raise IndexError(f"unit_index must be in [0, {n_units}), got {unit_index}")
-    k = unit_index % n_units
+    k, n_units = _unit_index(qmodel, unit_index)
     tr = _trace(qmodel)
     key = ("tail", k, end)
     if key not in tr.cache:
@@ -193,10 +198,7 @@ def fp_tail_units(qmodel: QuantModel, unit_index: int, units: int) -> FpTail:
     units (the classifier among them) follow. Built once per (QuantModel, unit, units), cached."""
     if units < 1:
         raise ValueError(f"units must be >= 1, got {units}")
-    n_units = len(qmodel.unit_names)
-    if not -n_units <= unit_index < n_units:
-        raise IndexError(f"unit_index must be in [0, {n_units}), got {unit_index}")
-    k = unit_index % n_units
+    k, n_units = _unit_index(qmodel, unit_index)
     if k + units >= n_units - 1:
         return fp_tail(qmodel, k, "logits")
     tr = _trace(qmodel)

@@ -27,10 +27,9 @@ unit and layer names as the module path (docs/architecture.md).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -362,7 +361,7 @@ def _place_quantizers(plan, const, spec) -> dict[fx.Node, ActQuantizer]:
             continue
         # every_layer's residual-branch ends exist only in a block with its residual add (as the
         # registry's _generic_block); the rule itself is QuantSpec.in_block_out_bits, both paths
-        block_spec = spec if _has_residual(u.nodes, const) else dataclasses.replace(spec, every_layer=False)
+        block_spec = spec if _has_residual(u.nodes, const) else replace(spec, every_layer=False)
         for layer in u.layers:
             bits = block_spec.in_block_out_bits(followed_by_activation=layer.fused_act)
             layer.module.out_quant = ActQuantizer(bits, block_spec.act_search) if bits is not None else None
