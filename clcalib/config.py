@@ -155,14 +155,6 @@ class ClCalib(Strict):
         description="for mapping=fp_tail: the FP remainder through the next n units only, its output "
         "average-pooled (cheaper than the whole remainder; tail_end then does not apply); null: to tail_end",
     )
-    # the tail's forward and backward is CL's whole cost; its first-order expansion at each
-    # sample's FP output, built once per unit, replaces them by a matrix-vector product
-    linearize: bool = Field(
-        False,
-        description="for mapping=fp_tail: the FP tail replaced by tail(z_f) + J (z_q - z_f), its Jacobian at each "
-        "calibration sample's FP output, computed once per unit: the term's per-iteration cost becomes a small "
-        "product; memory: images x classes x one image's unit output floats, for the unit being calibrated",
-    )
     # relational: KL between the FP and the quantized similarity profiles over the FP keys; 0 at
     # z_q = z_f, unlike nce/infonce (kept to reproduce the earlier tables). Its gradient is ~20x
     # smaller than nce's at the same lambda, hence lambda 10 (docs/cl_calib.md)
@@ -188,13 +180,6 @@ class ClCalib(Strict):
         if self.tail_units is not None and self.mapping != "fp_tail":
             raise ValueError(f"tail_units shortens the fp_tail mapping; with mapping {self.mapping!r} there is "
                              "no tail: set mapping 'fp_tail' or leave tail_units null")
-        if self.linearize and (self.mapping, self.tail_end, self.tail_units) != ("fp_tail", "logits", None):
-            # the Jacobians hold images x tail outputs x unit output floats: the logits are few
-            raise ValueError(
-                "linearize expands the fp_tail mapping to the logits (mapping 'fp_tail', tail_end 'logits', "
-                f"tail_units null); got mapping {self.mapping!r}, tail_end {self.tail_end!r}, tail_units "
-                f"{self.tail_units!r}: set those, or linearize false"
-            )
         return self
 
 

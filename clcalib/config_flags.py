@@ -45,7 +45,6 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--cl-mapping", "cl_calib.mapping"),
     ("--cl-tail-end", "cl_calib.tail_end"),
     ("--cl-tail-units", "cl_calib.tail_units"),
-    ("--cl-linearize", "cl_calib.linearize"),
     ("--cl-critic", "cl_calib.critic"),
     ("--cl-negatives", "cl_calib.negatives"),
     ("--cl-every", "cl_calib.every"),

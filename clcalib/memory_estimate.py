@@ -11,8 +11,6 @@ The parts (bytes):
   bounded by ``CACHE_COPIES x`` the largest activation of one image;
 - ``batch``: one reconstruction step's forward and backward on a batch: ``STEP_COPIES x`` the sum
   of one image's activations, times the batch size.
-- ``CL Jacobians``: with ``cl_calib.linearize``, one unit's per-image Jacobians of the logits
-  (``recon.terms.linear_tail``), bounded with the largest activation as the unit output.
 It is meant as an upper bound: ``tests/test_memory_estimate.py`` checks it against the measured
 peak of real runs.
 """
@@ -58,13 +56,12 @@ def activation_bytes(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int
 
 
 def estimate_peak(*, weight_bytes: int, image_bytes: int, images: int, batch_size: int,
-                  largest_activation: int, activations: int, jacobians: int = 0) -> dict[str, int]:
+                  largest_activation: int, activations: int) -> dict[str, int]:
     """The parts of the estimate (see the module docstring) and their ``total``."""
     parts = {
         "base": BASE_BYTES + WEIGHT_COPIES * weight_bytes,
         "calibration set": images * image_bytes,
         "unit caches": CACHE_COPIES * images * largest_activation,
         "batch": STEP_COPIES * min(batch_size, images) * activations,
-        "CL Jacobians": jacobians,
     }
     return {**parts, "total": sum(parts.values())}

@@ -203,25 +203,14 @@ def _model_runs(net, program, arch: str, num_classes: int, x, count: int, cfg, w
     if tuple(y.shape) != (min(2, len(x)), num_classes):
         raise _Refused("model", "model_mismatch",
                        f"{arch} produced outputs of shape {tuple(y.shape)}, expected (N, {num_classes})")
-    images = min(count, cfg.calib_size)
-    jacobians = 0
-    if cfg.cl_calib.enabled and cfg.cl_calib.linearize:
-        from clcalib.errors import ConfigError
-        from clcalib.recon.terms.linear_tail import check_jacobian_bytes
-
-        try:  # bounded by the largest activation: refused now, not at a unit minutes into the job
-            jacobians = check_jacobian_bytes(images, num_classes, largest // 4, "for this model's largest activation")
-        except ConfigError as e:
-            raise _Refused("config", "bad_config", str(e)) from None
     peak = estimate_peak(weight_bytes=sum(p.numel() * 4 for p in net.parameters()), image_bytes=x[0].numel() * 4,
-                         images=images, batch_size=cfg.batch_size,
-                         largest_activation=largest, activations=activations, jacobians=jacobians)
+                         images=min(count, cfg.calib_size), batch_size=cfg.batch_size,
+                         largest_activation=largest, activations=activations)
     if worker_memory_bytes and peak["total"] > worker_memory_bytes:
         gib = {k: f"{v / 2**30:.1f}" for k, v in peak.items()}
         raise _Refused("calibration", "too_much_memory",
                        f"this job would need about {gib['total']} GiB in the worker (calibration set {gib['calibration set']}, "
-                       f"cached activations {gib['unit caches']}, one batch {gib['batch']}, "
-                       + (f"CL's Jacobians {gib['CL Jacobians']}, " if jacobians else "") + "model and libraries "
+                       f"cached activations {gib['unit caches']}, one batch {gib['batch']}, model and libraries "
                        f"{gib['base']} GiB) for images of {tuple(x.shape[1:])}; the worker's memory cap is "
                        f"{worker_memory_bytes / 2**30:.1f} GiB (CLCALIB_WORKER_MEMORY_BYTES). Use a smaller "
                        "config.preprocess.resize/crop, fewer images (config.calib_size) or config.batch_size")

@@ -20,9 +20,6 @@ curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
   With ``cl_calib.tail_units = n`` the embedding is the FP network through the next n units only,
   average-pooled (``fp_tail_units``): a fraction of the whole tail's cost; with PD that shorter
   tail runs beside PD's logits tail.
-  With ``cl_calib.linearize`` the logits tail is replaced by its first-order expansion at each
-  sample's FP output (``terms.linear_tail``, built once per unit): no tail runs for CL per
-  iteration; PD, where on, still runs the exact tail for its own KL.
 
 On a GPU the engine captures the step, terms included, in a CUDA graph where the terms say
 ``capturable`` (PD always; CL with ``every: 1`` and all negatives), so their kernels are
@@ -59,7 +56,6 @@ from clcalib.graph.partition import QuantModel, is_mobile_like
 from clcalib.graph.tail import apply_chunked, fp_head, fp_tail, fp_tail_units
 from clcalib.recon.engine import UnitContext
 from clcalib.recon.terms.contrastive import ContrastiveLoss, build_bank, embed, get_mapping, pool
-from clcalib.recon.terms.linear_tail import LinearTail, check_jacobian_bytes
 from clcalib.recon.terms.prediction_difference import pd_loss, pd_regularizer
 
 __all__ = ["UnitTerms", "unit_terms", "pd_temperature"]
@@ -95,7 +91,6 @@ class UnitTerms:
         self.pd = pd and cfg.pdquant.pd_weight > 0  # the KL term; pd_reg needs no tail
         self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
         self.cl_loss = None
-        self.linear: LinearTail | None = None
         self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
@@ -133,10 +128,6 @@ class UnitTerms:
                 self.fp_embed = embed(fp_tail_out)
             elif self.cl_loss.use_bank or cl_cfg.mapping != "flatten":
                 self.fp_embed = build_bank((c.to(dev) for c in self.fp_out.split(FP_CHUNK)), self.mapping)
-            # linearize: the logits tail as its expansion at each FP output (terms.linear_tail)
-            if cl_cfg.linearize:
-                check_jacobian_bytes(m, self.fp_embed.shape[1], self.fp_out[0].numel(), f"at unit {qm.unit_names[k]}")
-                self.linear = LinearTail(self.tail, self.fp_out, FP_CHUNK, dev)  # the logits tail (config)
             self.gen = None
             if cl_cfg.num_negatives is not None:
                 self.gen = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k)
@@ -157,19 +148,14 @@ class UnitTerms:
             self._checked = True
         terms: dict[str, Tensor] = {}
         cl = self.cl_loss is not None and self._cl_turn()
-        linear = cl and self.linear is not None
-        tail_q = (self.tail(out_q) if self.tail is not None and (self.pd or (cl and self.cl_tail is None and not linear))
-                  else None)
+        tail_q = self.tail(out_q) if self.tail is not None and (self.pd or (cl and self.cl_tail is None)) else None
         if self.pd:
             logits_q = self.head(tail_q) if self.head is not None else tail_q
             terms["pd"] = self.pd_weight * pd_loss(logits_q, self.fp_logits[idx], self.temperature)
         if self.reg_weight > 0:
             terms["pd_reg"] = self.reg_weight * pd_regularizer(out_q, target)
         if cl:
-            if linear:
-                e_q = embed(self.linear(out_q, target, idx))
-            else:
-                e_q = embed(tail_q if self.mapping is None else self.mapping(out_q))
+            e_q = embed(tail_q if self.mapping is None else self.mapping(out_q))
             e_f = self.fp_embed[idx] if self.fp_embed is not None else embed(self.mapping(target))
             bank = self.fp_embed if self.cl_loss.use_bank else None
             # bank_index also keeps a sample drawn twice in one batch from being its own negative
