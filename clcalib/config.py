@@ -171,12 +171,22 @@ class ClCalib(Strict):
         description="the term (and its fp_tail pass) on every k-th iteration only, weighted k times; cheaper, "
         "but it lost CL's gain where CL helps (docs/cl_calib.md); 1: every iteration",
     )
+    # every: k alone sends the term in pulses of k * lambda; hold reuses the gradient of the last
+    # turn on the k - 1 iterations between, at lambda: a steady pull for 1/k of the tail's cost
+    hold: bool = Field(
+        False,
+        description="with every = k: the term's gradient from its last turn is added again on the k - 1 iterations "
+        "between, each weighted lambda (a steady pull instead of pulses)",
+    )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
     )
 
     @model_validator(mode="after")
     def _tail_units_need_the_tail(self) -> ClCalib:
+        if self.hold and self.every == 1:
+            raise ValueError("hold keeps the term's gradient between its turns, and with every = 1 it comes on "
+                             "every iteration: set every to k > 1 (e.g. 8) or hold false")
         if self.tail_units is not None and self.mapping != "fp_tail":
             raise ValueError(f"tail_units shortens the fp_tail mapping; with mapping {self.mapping!r} there is "
                              "no tail: set mapping 'fp_tail' or leave tail_units null")

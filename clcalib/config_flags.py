@@ -48,6 +48,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("--cl-critic", "cl_calib.critic"),
     ("--cl-negatives", "cl_calib.negatives"),
     ("--cl-every", "cl_calib.every"),
+    ("--cl-hold", "cl_calib.hold"),
     ("--cl-rec-weight", "cl_calib.rec_weight"),
     ("--weight-mb", "budget.weight_mb"),
     ("--w-bits-avg", "budget.w_bits_avg"),

@@ -89,6 +89,7 @@ def test_the_old_nce_form_stays_selectable(tmp_path):
         assert (c.enabled, c.critic, c.lambda_, c.tau, c.mapping) == (True, "nce", 0.1, 0.5, "fp_tail")
     assert _parsed("--cl-calib", "--cl-every", "4").cl_calib.every == 4  # the cheaper schedule of the term
     assert _parsed("--cl-calib", "--cl-tail-units", "2").cl_calib.tail_units == 2  # the shorter, cheaper tail
+    assert _parsed("--cl-calib", "--cl-every", "8", "--cl-hold").cl_calib.hold  # the turn's gradient held between turns
 
 
 def test_cl_calib_flag_gets_the_relational_form_and_the_report_records_it_and_the_draw(zips, tmp_path):

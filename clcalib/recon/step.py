@@ -31,9 +31,14 @@ class Terms(Protocol):
     A CUDA graph may capture them only if they say ``capturable = True`` (read with getattr,
     False when absent: a wrapper that reads values on the host must run eagerly): after their
     first call they do the same device work every call, with no host sync and no state kept
-    outside device tensors."""
+    outside device tensors.
+
+    A term named in ``held`` (getattr, empty when absent) comes on some iterations only: the step
+    does not add it to the loss but keeps its gradient with respect to the learned variables from
+    that turn and adds it to theirs on every iteration until its next turn (``cl_calib.hold``)."""
 
     rec_weight: float  # the weight of the reconstruction MSE beside them
+    held: frozenset[str]  # terms whose gradient the step holds between their turns (optional)
 
     def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]: ...
 
@@ -162,6 +167,12 @@ class Step:
         # step's terms come every iteration, but a replay does not run this Python)
         self.added_sums: dict[str, Tensor] = {}
         self.added_since: set[str] = set()
+        self.held: dict[str, list[tuple[Tensor, Tensor]]] = {}  # a held term's (variable, gradient) pairs
+
+    def _learned_params(self) -> list[Tensor]:
+        """The variables the optimisers step: rounding, then activation step sizes."""
+        return [p for g in self.opt_w.param_groups for p in g["params"]] + (
+            [p for g in self.opt_a.param_groups for p in g["params"]] if self.opt_a is not None else [])
 
     def batch(self) -> tuple[Tensor, Tensor]:
         """A random batch of quantized inputs; with QDrop each element FP with drop_prob."""
@@ -188,8 +199,14 @@ class Step:
         rec = rec_loss(out, target)
         loss = s.rec_weight * rec
         if s.terms is not None:
+            held = getattr(s.terms, "held", frozenset())
             for key, val in s.terms(out, target, idx).items():
-                loss = loss + val
+                if key in held:  # its gradient from this turn, added on every iteration until the next
+                    params = self._learned_params()
+                    grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
+                    self.held[key] = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+                else:
+                    loss = loss + val
                 if key not in self.added_sums:
                     self.added_sums[key] = torch.zeros_like(val.detach())
                 self.added_sums[key].add_(val.detach())
@@ -200,6 +217,9 @@ class Step:
         if self.opt_a is not None:
             self.opt_a.zero_grad(set_to_none=True)
         loss.backward()
+        for pairs in self.held.values():
+            for p, g in pairs:
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
         self.opt_w.step()
         if self.opt_a is not None:
             self.opt_a.param_groups[0]["lr"].copy_(row[Schedule.LR_ACT])

@@ -17,6 +17,9 @@ curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
   a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
   With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
   2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
+  With ``cl_calib.hold`` as well the term is weighted ``lambda`` and named in ``held``: the step
+  adds its gradient from the last turn on every iteration until the next (a steady pull, where
+  the pulses of k * lambda lost CL's gain).
   With ``cl_calib.tail_units = n`` the embedding is the FP network through the next n units only,
   average-pooled (``fp_tail_units``): a fraction of the whole tail's cost; with PD that shorter
   tail runs beside PD's logits tail.
@@ -91,6 +94,7 @@ class UnitTerms:
         self.pd = pd and cfg.pdquant.pd_weight > 0  # the KL term; pd_reg needs no tail
         self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
         self.cl_loss = None
+        self.held: frozenset[str] = frozenset()
         self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
@@ -118,7 +122,10 @@ class UnitTerms:
             m = len(self.fp_out)
             self.cl_loss = ContrastiveLoss.from_config(cl_cfg, calib_size=m)
             self.cl_every = cl_cfg.every
-            self.cl_weight = cl_cfg.lambda_ * cl_cfg.every  # on 1 of `every` iterations: the same mean pull
+            # on 1 of `every` iterations: k * lambda for the same mean pull, or with hold lambda, the
+            # step adding the turn's gradient on each iteration until the next (recon.step)
+            self.held = frozenset({"cl"}) if cl_cfg.hold and cl_cfg.every > 1 else frozenset()
+            self.cl_weight = cl_cfg.lambda_ * (1 if self.held else cl_cfg.every)
             self.calls = 0
             # the embedding's map when it is not the features/logits tail (whose output is shared with PD)
             self.mapping = None if tail_mapping else self.cl_tail if short else get_mapping(cl_cfg.mapping)
