@@ -28,6 +28,8 @@ def _kind(r: dict) -> str:
     b = (r.get("overrides") or {}).get("budget")
     if not b:
         return f"uniform {r['bits']}"
+    if b.get("a_bits_avg") is not None and b.get("weight_mb") is not None:  # both at uniform W3A{a}'s sizes
+        return f"mixed weights at {b['weight_mb']:g} MB and activations at average {b['a_bits_avg']:g} bits"
     if b.get("a_bits_avg") is not None:
         return f"mixed activations, average {b['a_bits_avg']:g} bits (W{r['bits'][1]})"
     return f"mixed weights at {b['weight_mb']:g} MB ({r['bits'][2:]})"
@@ -45,7 +47,8 @@ def budget_table(rows: list[dict]) -> str:
         mb = next(iter(by_seed.values()))["weight_bytes"] / 1e6
         paired = ""
         if kind.startswith("mixed weights"):
-            base = groups.get((model, iters, f"uniform W3{kind[-3:-1]}"), {})
+            acts = f"A{kind.rsplit(' ', 2)[1]}" if kind.endswith(" bits") else kind[-3:-1]
+            base = groups.get((model, iters, f"uniform W3{acts}"), {})
             d = [by_seed[s]["quant_top1"] - base[s]["quant_top1"] for s in sorted(by_seed) if s in base]
             paired = ", ".join(f"{x:+.2f}" for x in d) + (f" (mean {statistics.mean(d):+.2f})" if d else "")
         out.append(f"| {model} | {kind}, {iters} it | {mb:.3f} | {_ms(top)} | {paired} |")
