@@ -63,7 +63,7 @@ def render(runs: dict[str, list[dict]], level: str = "##") -> str:
     out.append("")
 
     cl_runs = (("r18_W2A4_2000_cl", "r18_W2A4_2000"), ("mbv2_W2A4_2000_cl", "mbv2_W2A4_2000"),
-               ("mbv2_W2A4_2000_cl_tail2", "mbv2_W2A4_2000"))
+               ("mbv2_W2A4_2000_cl_tail2", "mbv2_W2A4_2000"), ("mbv2_W2A4_2000_cl_hold8", "mbv2_W2A4_2000"))
     if any(name in runs for name, _ in cl_runs):  # runs from before these rows existed have none
         out += [f"{level} CL-Calib's overhead (same card, same call)", "", "| run | calibration s | vs without CL | top-1 |",
                 "|---|---|---|---|"]

@@ -168,15 +168,16 @@ class ClCalib(Strict):
     # it cheaper, but at mobilenet_v2 W4A2 every 8 lost the gain (-3.6 points instead of +2.6)
     every: int = Field(
         1, ge=1, le=1000,
-        description="the term (and its fp_tail pass) on every k-th iteration only, weighted k times; cheaper, "
-        "but it lost CL's gain where CL helps (docs/cl_calib.md); 1: every iteration",
+        description="the term (and its fp_tail pass) on every k-th iteration only: with hold, its gradient held "
+        "between turns (kept the gain at 1.05-1.3x qdrop's time on the CPU); without, weighted k times in pulses "
+        "(lost the gain; docs/cl_calib.md); 1: every iteration",
     )
     # every: k alone sends the term in pulses of k * lambda; hold reuses the gradient of the last
     # turn on the k - 1 iterations between, at lambda: a steady pull for 1/k of the tail's cost
     hold: bool = Field(
         False,
         description="with every = k: the term's gradient from its last turn is added again on the k - 1 iterations "
-        "between, each weighted lambda (a steady pull instead of pulses)",
+        "between, each weighted lambda (a steady pull instead of pulses); on a GPU such steps run eagerly",
     )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
