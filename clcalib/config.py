@@ -184,7 +184,7 @@ class ClCalib(Strict):
     )
 
     @model_validator(mode="after")
-    def _tail_units_need_the_tail(self) -> ClCalib:
+    def _settings_fit_together(self) -> ClCalib:
         if self.hold and self.every == 1:
             raise ValueError("hold keeps the term's gradient between its turns, and with every = 1 it comes on "
                              "every iteration: set every to k > 1 (e.g. 8) or hold false")

@@ -203,7 +203,8 @@ class Reconstructor:
         cfg, iters = self.cfg, self.cfg.iters
         terms = self._unit_terms(k, module, y_f)
         graphed = cfg.step_capture == "auto" and can_capture(
-            self.device, plan.where == "device", terms is None or getattr(terms, "capturable", False))
+            self.device, plan.where == "device",
+            terms is None or (getattr(terms, "capturable", False) and not getattr(terms, "held", None)))
         step = Step(Learned(module, layers), Caches(x_q, x_fp, y_f, Stager(self.device, host=plan.where == "host")),
                     StepSettings(cfg, self.round_weight, terms, capturable=graphed), gen, self.device)
         run = GraphedStep(step) if graphed else step

@@ -153,6 +153,9 @@ class Step:
 
     def __init__(self, learned: Learned, caches: Caches, settings: StepSettings, gen: torch.Generator,
                  device: torch.device):
+        if settings.capturable and getattr(settings.terms, "held", None):
+            # a replay would re-add the captured gradient and never run the turns' Python
+            raise ValueError("a step with held terms cannot be captured in a CUDA graph")
         self.learned, self.caches, self.settings = learned, caches, settings
         self.gen, self.device = gen, device
         cfg = settings.cfg
@@ -167,7 +170,14 @@ class Step:
         # step's terms come every iteration, but a replay does not run this Python)
         self.added_sums: dict[str, Tensor] = {}
         self.added_since: set[str] = set()
-        self.held: dict[str, list[tuple[Tensor, Tensor]]] = {}  # a held term's (variable, gradient) pairs
+        # a held term's (variable, gradient) pairs and its value, from its last turn
+        self.held: dict[str, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
+
+    def _add_to_sums(self, key: str, val: Tensor) -> None:
+        if key not in self.added_sums:
+            self.added_sums[key] = torch.zeros_like(val)
+        self.added_sums[key].add_(val)
+        self.added_since.add(key)
 
     def _learned_params(self) -> list[Tensor]:
         """The variables the optimisers step: rounding, then activation step sizes."""
@@ -200,24 +210,25 @@ class Step:
         loss = s.rec_weight * rec
         if s.terms is not None:
             held = getattr(s.terms, "held", frozenset())
-            for key, val in s.terms(out, target, idx).items():
+            came = s.terms(out, target, idx)
+            for key, val in came.items():
                 if key in held:  # its gradient from this turn, added on every iteration until the next
                     params = self._learned_params()
                     grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
-                    self.held[key] = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+                    self.held[key] = ([(p, g) for p, g in zip(params, grads, strict=True) if g is not None], val.detach())
                 else:
                     loss = loss + val
-                if key not in self.added_sums:
-                    self.added_sums[key] = torch.zeros_like(val.detach())
-                self.added_sums[key].add_(val.detach())
-                self.added_since.add(key)
+                self._add_to_sums(key, val.detach())
+            for key, (_, val) in self.held.items():
+                if key not in came:  # its pull is in this iteration too, so is its value in the curve
+                    self._add_to_sums(key, val)
         if regularized and s.round_weight > 0:
             loss = loss + sum(layer.wq.last_reg for layer in layers)
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_a is not None:
             self.opt_a.zero_grad(set_to_none=True)
         loss.backward()
-        for pairs in self.held.values():
+        for pairs, _ in self.held.values():
             for p, g in pairs:
                 p.grad = g.clone() if p.grad is None else p.grad.add_(g)
         self.opt_w.step()
@@ -241,6 +252,7 @@ class Step:
     def close(self) -> None:
         # drop what may live in a CUDA graph's private memory (gradients, the last regulariser,
         # the schedule's beta) so the pool is freed with the graph
+        self.held = {}
         for p in self.act_scales:
             p.grad = None
             p.requires_grad_(False)

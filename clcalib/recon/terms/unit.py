@@ -2,8 +2,9 @@
 and CL-Calib's contrastive term. ``unit_terms(ctx)`` is the factory ``clcalib.calibrate`` hands
 the engine; for each unit it returns ``UnitTerms`` (or None when the unit gets none), which the
 engine calls per iteration, ``terms(out_q, target, idx) -> {name: weighted term}``, adding every
-value to its loss, with its own MSE weighted by ``terms.rec_weight``, and reporting each name's
-curve (``UnitReport.extra``, report.json's ``added_loss_curves``):
+value to its loss (a term named in ``held``: its gradient, held between turns; recon.step), with
+its own MSE weighted by ``terms.rec_weight``, and reporting each name's curve
+(``UnitReport.extra``, report.json's ``added_loss_curves``):
 
 * ``"pd"``   ``pdquant.pd_weight * KL(softmax(tail(z_f)/T) || softmax(tail(z_q)/T))``, with
   ``tail`` the frozen FP rest of the network up to the logits and T ``pdquant.temperature``
