@@ -165,7 +165,8 @@ class ClCalib(Strict):
     num_negatives: int | None = Field(None, ge=1, le=65536, description="negatives per anchor; null: all")
     symmetric: bool = False
     # the fp_tail's forward and backward is CL's cost (docs/cl_calib.md): skipping iterations makes
-    # it cheaper, but at mobilenet_v2 W4A2 every 8 lost the gain (-3.6 points instead of +2.6)
+    # it cheaper; in pulses (no hold) every 8 lost the gain at mobilenet_v2 W4A2 (-3.6 points
+    # instead of +2.6), held between turns it kept it (+3.4)
     every: int = Field(
         1, ge=1, le=1000,
         description="the term (and its fp_tail pass) on every k-th iteration only: with hold, its gradient held "

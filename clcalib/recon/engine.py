@@ -24,7 +24,7 @@ from clcalib.quant.layer import QuantLayer, QuantUnit
 from clcalib.quant.switch import dropping, frozen, observing, quantization
 from clcalib.recon.capture import capture, outputs_of
 from clcalib.recon.chain import Chain, probe, through_gap
-from clcalib.recon.graphed import GraphedStep, can_capture
+from clcalib.recon.graphed import GraphedStep, can_capture, terms_capturable
 from clcalib.recon.losses import rec_loss
 from clcalib.recon.placement import (
     BYTES,
@@ -203,8 +203,7 @@ class Reconstructor:
         cfg, iters = self.cfg, self.cfg.iters
         terms = self._unit_terms(k, module, y_f)
         graphed = cfg.step_capture == "auto" and can_capture(
-            self.device, plan.where == "device",
-            terms is None or (getattr(terms, "capturable", False) and not getattr(terms, "held", None)))
+            self.device, plan.where == "device", terms_capturable(terms))
         step = Step(Learned(module, layers), Caches(x_q, x_fp, y_f, Stager(self.device, host=plan.where == "host")),
                     StepSettings(cfg, self.round_weight, terms, capturable=graphed), gen, self.device)
         run = GraphedStep(step) if graphed else step

@@ -25,6 +25,12 @@ from clcalib.recon.step import Step
 EAGER_BEFORE_CAPTURE = 2  # per phase: the first runs initialise Adam's state, the second warms the allocator
 
 
+def terms_capturable(terms) -> bool:
+    """Whether a unit's terms (None: none) may be captured: they say ``capturable``, and hold no
+    gradient between turns (a replay would re-add the captured one and never run the turns)."""
+    return terms is None or (getattr(terms, "capturable", False) and not getattr(terms, "held", None))
+
+
 def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: bool) -> bool:
     return (device.type == "cuda" and caches_on_device and terms_capturable
             and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))

@@ -153,9 +153,6 @@ class Step:
 
     def __init__(self, learned: Learned, caches: Caches, settings: StepSettings, gen: torch.Generator,
                  device: torch.device):
-        if settings.capturable and getattr(settings.terms, "held", None):
-            # a replay would re-add the captured gradient and never run the turns' Python
-            raise ValueError("a step with held terms cannot be captured in a CUDA graph")
         self.learned, self.caches, self.settings = learned, caches, settings
         self.gen, self.device = gen, device
         cfg = settings.cfg
