@@ -139,7 +139,8 @@ class ClCalib(Strict):
 
     enabled: bool = Field(False, description="add the contrastive term to each unit's loss; measured to help with "
                           "2-bit activations (W4A2, W2A2: +0.1 to +3.5 points over 5 draws of 128 images), not with "
-                          "4-bit ones, at 1.7-3.3x the calibration time on the CPU (docs/cl_calib.md)")
+                          "4-bit ones, at 1.7-3.3x the calibration time on the CPU, 1.2-1.3x with every 8 and hold "
+                          "(docs/cl_calib.md)")
     # the defaults are the sound form (relational, lambda 10; docs/cl_calib.md): what --cl-calib,
     # enabled: true and the web form's checkbox get. The old rows' form: critic nce, lambda 0.1
     lambda_: float = Field(10.0, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
