@@ -47,7 +47,7 @@ def test_a_held_terms_gradient_is_added_on_the_iterations_after_its_turn(small_n
     va, vb = a._learned_params(), b._learned_params()
     for p, q in zip(va, vb, strict=True):  # on the turn both take rec + term once
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6) and torch.allclose(p, q, atol=1e-5)
-    kept = dict(a.held["t"][0])
+    kept = dict(a.kept["t"][0])
     assert kept and all(g.abs().sum() > 0 for g in kept.values())
     a(False), b(False)  # the next iteration: a adds the kept gradient, b has no term
     for p, q in zip(va, vb, strict=True):
@@ -55,9 +55,9 @@ def test_a_held_terms_gradient_is_added_on_the_iterations_after_its_turn(small_n
         assert torch.allclose(p.grad, expect, rtol=1e-4, atol=1e-6)
     # the curve: the held term's value counts on the iteration between turns too (2 of 2)
     _, sums = a.take_sums()
-    assert torch.allclose(sums["t"], 2 * a.held["t"][1])
+    assert torch.allclose(sums["t"], 2 * a.kept["t"][1])
     a(False)  # the second turn replaces the kept gradient, it does not add to it
-    again = dict(a.held["t"][0])
+    again = dict(a.kept["t"][0])
     assert again.keys() == kept.keys() and any(not torch.equal(again[p], kept[p]) for p in kept)
 
 

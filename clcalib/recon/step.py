@@ -38,7 +38,6 @@ class Terms(Protocol):
     that turn and adds it to theirs on every iteration until its next turn (``cl_calib.hold``)."""
 
     rec_weight: float  # the weight of the reconstruction MSE beside them
-    held: frozenset[str]  # terms whose gradient the step holds between their turns (optional)
 
     def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]: ...
 
@@ -167,8 +166,8 @@ class Step:
         # step's terms come every iteration, but a replay does not run this Python)
         self.added_sums: dict[str, Tensor] = {}
         self.added_since: set[str] = set()
-        # a held term's (variable, gradient) pairs and its value, from its last turn
-        self.held: dict[str, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
+        # what is kept of each held term from its last turn: (variable, gradient) pairs, and its value
+        self.kept: dict[str, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
 
     def _add_to_sums(self, key: str, val: Tensor) -> None:
         if key not in self.added_sums:
@@ -212,11 +211,11 @@ class Step:
                 if key in held:  # its gradient from this turn, added on every iteration until the next
                     params = self._learned_params()
                     grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
-                    self.held[key] = ([(p, g) for p, g in zip(params, grads, strict=True) if g is not None], val.detach())
+                    self.kept[key] = ([(p, g) for p, g in zip(params, grads, strict=True) if g is not None], val.detach())
                 else:
                     loss = loss + val
                 self._add_to_sums(key, val.detach())
-            for key, (_, val) in self.held.items():
+            for key, (_, val) in self.kept.items():
                 if key not in came:  # its pull is in this iteration too, so is its value in the curve
                     self._add_to_sums(key, val)
         if regularized and s.round_weight > 0:
@@ -225,7 +224,7 @@ class Step:
         if self.opt_a is not None:
             self.opt_a.zero_grad(set_to_none=True)
         loss.backward()
-        for pairs, _ in self.held.values():
+        for pairs, _ in self.kept.values():
             for p, g in pairs:
                 p.grad = g.clone() if p.grad is None else p.grad.add_(g)
         self.opt_w.step()
@@ -249,7 +248,7 @@ class Step:
     def close(self) -> None:
         # drop what may live in a CUDA graph's private memory (gradients, the last regulariser,
         # the schedule's beta) so the pool is freed with the graph
-        self.held = {}
+        self.kept = {}
         for p in self.act_scales:
             p.grad = None
             p.requires_grad_(False)

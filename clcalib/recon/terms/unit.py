@@ -125,7 +125,7 @@ class UnitTerms:
             self.cl_every = cl_cfg.every
             # on 1 of `every` iterations: k * lambda for the same mean pull, or with hold lambda, the
             # step adding the turn's gradient on each iteration until the next (recon.step)
-            self.held = frozenset({"cl"}) if cl_cfg.hold and cl_cfg.every > 1 else frozenset()
+            self.held = frozenset({"cl"}) if cl_cfg.hold else frozenset()  # the config asks every > 1
             self.cl_weight = cl_cfg.lambda_ * (1 if self.held else cl_cfg.every)
             self.calls = 0
             # the embedding's map when it is not the features/logits tail (whose output is shared with PD)
