@@ -67,6 +67,7 @@ class _Probe:
         self.row = {"unit": ctx.qmodel.unit_names[ctx.index]}
         rows.append(self.row)
         self.rec_w = self.rec_weight = inner.rec_weight  # the engine weights its MSE by this
+        self.every, self.held = inner.every, inner.held  # the step picks the turns and holds by these
         self.noise_gen = torch.Generator(device=ctx.fp_out.device).manual_seed(1234 + ctx.index)
 
     def _embed_q(self, z):
@@ -85,8 +86,8 @@ class _Probe:
                               symmetric=cl.symmetric, generator=gen)
         return {k: float(v) for k, v in p.items()}
 
-    def __call__(self, out_q, target, idx):
-        terms = self.inner(out_q, target, idx)
+    def __call__(self, out_q, target, idx, turn):
+        terms = self.inner(out_q, target, idx, turn)
         where = self.probe_at.get(self.it)
         self.it += 1
         if where is None or "cl" not in terms:

@@ -62,7 +62,7 @@ stage 3 && peer peer_r18_W4A4_200_224px --bits W4A4 --iters $MID --resize $PX --
 stage 3 && acc mbv2_W2A4_2000 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG
 stage 3 && acc r18_W2A4_2000_cl --models resnet18 --bits W2A4 --methods qdrop --iters $LONG --cl on
 # CL's overhead on the GPU (issue 28: <= 1.3x), against the runs above without it: the whole FP tail (captured), two
-# units of it, and the tail on every 8th iteration with its gradient held between (eager: its turns are picked on the host)
+# units of it, and the tail on every 8th iteration with its gradient held between (two graphs: the turns, the rest)
 stage 3 && acc mbv2_W2A4_2000_cl --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on
 stage 3 && acc mbv2_W2A4_2000_cl_tail2 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on \
   --overrides '{"cl_calib": {"tail_units": 2}}'

@@ -179,7 +179,7 @@ class ClCalib(Strict):
     hold: bool = Field(
         False,
         description="with every = k: the term's gradient from its last turn is added again on the k - 1 iterations "
-        "between, each weighted lambda (a steady pull instead of pulses); on a GPU such steps run eagerly",
+        "between, each weighted lambda (a steady pull instead of pulses)",
     )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
@@ -313,7 +313,7 @@ class CalibConfig(Strict):
     step_capture: Literal["auto", "off"] = Field(
         "auto",
         description="auto: on a CUDA device, each reconstruction step is captured once into a CUDA graph and "
-        "replayed (not with PD-Quant/CL-Calib terms or host-memory caches); off: every step runs eagerly",
+        "replayed (not with host-memory caches or sampled CL negatives); off: every step runs eagerly",
     )
     act_range_p: float = Field(
         2.4, ge=1.0, le=4.0, description="Lp norm minimised by the activation range search (2.4 as BRECQ's and QDrop's code; 2: least squares)"

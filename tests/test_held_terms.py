@@ -17,15 +17,16 @@ K = 3
 
 
 class _OnTurns:
-    """A term (out * w).sum() on iterations 0 and 2 (every 2); ``held`` names it or not."""
+    """A term (out * w).sum() on iterations 0, 2, 4, ... (every 2); ``held`` names it or not."""
+
+    every = 2
 
     def __init__(self, w, held: bool):
-        self.w, self.calls, self.rec_weight = w, 0, 1.0
+        self.w, self.rec_weight = w, 1.0
         self.held = frozenset({"t"}) if held else frozenset()
 
-    def __call__(self, out_q, target, idx):
-        self.calls += 1
-        return {"t": (out_q * self.w).sum() / len(out_q)} if self.calls in (1, 3) else {}
+    def __call__(self, out_q, target, idx, turn):
+        return {"t": (out_q * self.w).sum() / len(out_q)} if turn else {}
 
 
 def _step(unit, outs_in, outs_out, terms):
@@ -43,30 +44,35 @@ def test_a_held_terms_gradient_is_added_on_the_iterations_after_its_turn(small_n
     w = torch.randn_like(y[0])
     a = _step(unit_a, x, y, _OnTurns(w, held=True))
     b = _step(unit_b, x, y, _OnTurns(w, held=False))  # the same term in the loss on its turn, then nothing
-    a(False), b(False)
+    a(0), b(0)
     va, vb = a._learned_params(), b._learned_params()
     for p, q in zip(va, vb, strict=True):  # on the turn both take rec + term once
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6) and torch.allclose(p, q, atol=1e-5)
-    kept = dict(a.kept["t"][0])
+    kept = {p: g.clone() for p, g in a.kept["t"][0]}
     assert kept and all(g.abs().sum() > 0 for g in kept.values())
-    a(False), b(False)  # the next iteration: a adds the kept gradient, b has no term
+    a(1), b(1)  # the next iteration: a adds the kept gradient, b has no term
     for p, q in zip(va, vb, strict=True):
         expect = q.grad + kept[p] if p in kept else q.grad
         assert torch.allclose(p.grad, expect, rtol=1e-4, atol=1e-6)
     # the curve: the held term's value counts on the iteration between turns too (2 of 2)
     _, sums = a.take_sums()
     assert torch.allclose(sums["t"], 2 * a.kept["t"][1])
-    a(False)  # the second turn replaces the kept gradient, it does not add to it
+    memory = [g.data_ptr() for _, g in a.kept["t"][0]] + [a.kept["t"][1].data_ptr()]
+    a(2)  # the second turn replaces the kept gradient, it does not add to it
     again = dict(a.kept["t"][0])
     assert again.keys() == kept.keys() and any(not torch.equal(again[p], kept[p]) for p in kept)
+    # rewritten in place: a CUDA graph of the iterations between turns reads the same memory
+    assert [g.data_ptr() for _, g in a.kept["t"][0]] + [a.kept["t"][1].data_ptr()] == memory
 
 
-def test_held_terms_are_never_captured():
+def test_the_host_knows_each_iterations_kind_and_a_held_term_may_be_captured():
     class Capturable(_OnTurns):
         capturable = True
 
     assert terms_capturable(None) and terms_capturable(Capturable(None, held=False))
-    assert not terms_capturable(Capturable(None, held=True))  # a replay would never run the turns
+    # a graph for the turns and one for the iterations between: the host picks by the iteration
+    assert terms_capturable(Capturable(None, held=True))
+    assert not terms_capturable(_OnTurns(None, held=True))  # not without saying so
 
 
 def test_hold_weights_the_term_lambda_names_it_held_and_needs_every(small_net):  # noqa: F811
@@ -75,6 +81,25 @@ def test_hold_weights_the_term_lambda_names_it_held_and_needs_every(small_net): 
     pulses = ut.unit_terms(_ctx(qm, outs, K, method="qdrop", cl_calib={"enabled": True, "every": 8}))
     assert held.held == {"cl"} and pulses.held == frozenset()
     assert (held.cl_weight, pulses.cl_weight) == (10.0, 80.0)
-    assert not held.capturable  # a host counter picks the turns
+    assert held.capturable and held.every == pulses.every == 8
     with pytest.raises(ValueError, match="hold keeps the term's gradient between its turns"):
         CalibConfig.model_validate({"cl_calib": {"enabled": True, "hold": True}})
+
+
+def test_the_step_gives_the_terms_their_turns_from_the_iteration_number(small_net):  # noqa: F811
+    qm, outs = small_net
+    turns = []
+
+    class Logged(_OnTurns):
+        every = 3
+
+        def __call__(self, out_q, target, idx, turn):
+            turns.append(turn)
+            return super().__call__(out_q, target, idx, turn)
+
+    step = _step(copy.deepcopy(qm.units()[K]), outs[K - 1].detach(), outs[K].detach(), Logged(1.0, held=True))
+    # (regularized, turn): the warm-up is 2 of the 10 iterations
+    assert [step.phase(it) for it in (0, 1, 2, 3)] == [(False, True), (False, False), (True, False), (True, True)]
+    for it in range(7):
+        step(it)
+    assert turns == [True, False, False, True, False, False, True]

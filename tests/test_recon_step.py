@@ -101,7 +101,11 @@ def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, metho
     {"cl_calib": {"enabled": True, "negatives": "bank", "symmetric": True, "critic": "nce", "lambda": 0.1}},
     {"method": "pdquant", "pdquant": {"reg_weight": 0.5}, "cl_calib": {"enabled": True, "tail_end": "features"}},
     {"method": "pdquant"},
-], ids=["qdrop+cl", "cl-bank-symmetric-nce", "pdquant+reg+cl-features", "pdquant"])
+    {"cl_calib": {"enabled": True, "every": 4, "hold": True}},
+    {"cl_calib": {"enabled": True, "every": 4}},
+    {"method": "pdquant", "cl_calib": {"enabled": True, "every": 3, "hold": True}},
+], ids=["qdrop+cl", "cl-bank-symmetric-nce", "pdquant+reg+cl-features", "pdquant", "cl-every4-hold", "cl-every4",
+        "pdquant+cl-every3-hold"])  # every > 1: a graph for the turns and one for the iterations between
 def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_steps_model(extra, fmnist, reference):
     model, data = reference("resnet18"), fmnist["train"][:256]
     base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 30, "calib_size": 256, "seed": 3, "device": "cuda",
@@ -125,8 +129,8 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps_that_give_the_eag
         def __init__(self, inner):
             self.inner, self.rec_weight = inner, inner.rec_weight
 
-        def __call__(self, out_q, target, idx):
-            got = self.inner(out_q, target, idx)
+        def __call__(self, out_q, target, idx, turn):
+            got = self.inner(out_q, target, idx, turn)
             float(got["pd"])  # a host sync: the capture fails here, after the batch was drawn
             return got
 

@@ -104,8 +104,8 @@ def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet1
         terms = ut.unit_terms(ctx)
         first = [True]
 
-        def wrapped(out_q, target, idx):
-            got = terms(out_q, target, idx)
+        def wrapped(out_q, target, idx, turn):
+            got = terms(out_q, target, idx, turn)
             if first[0]:  # gradients of the CL term alone, at the first iteration
                 first[0] = False
                 alphas = [layer.wq.alpha for layer in ctx.unit.layers()]
@@ -228,8 +228,8 @@ def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_ru
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, log)
         every = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "every": 3}))
-        got = [every(z_q, outs[k][idx], idx) for _ in range(7)]
-    assert [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
+        got = [every(z_q, outs[k][idx], idx, turn=it % every.every == 0) for it in range(7)]
+    assert every.every == 3 and [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
     assert sum(1 for _key, grad, _n in log if grad) == 3  # the tail ran on those iterations only
     assert got[0]["cl"].item() == pytest.approx(3 * full(z_q, outs[k][idx], idx)["cl"].item(), rel=1e-6)
 
@@ -278,7 +278,9 @@ def test_terms_a_cuda_graph_may_capture_are_those_whose_calls_repeat_the_same_de
     assert capturable(method="qdrop", cl_calib={"enabled": True})  # the shipped form
     assert capturable(method="pdquant")
     assert capturable(method="pdquant", cl_calib={"enabled": True, "negatives": "bank"})
-    assert not capturable(method="qdrop", cl_calib={"enabled": True, "every": 4})  # a host counter picks the turns
+    # turns and the iterations between them are two graphs
+    assert capturable(method="qdrop", cl_calib={"enabled": True, "every": 4})
+    assert capturable(method="qdrop", cl_calib={"enabled": True, "every": 4, "hold": True})
     assert not capturable(method="qdrop", cl_calib={"enabled": True, "num_negatives": 2})  # a generator draws them
 
 

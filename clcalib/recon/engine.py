@@ -213,7 +213,7 @@ class Reconstructor:
         try:
             with dropping(inner, cfg.drop_prob, gen):
                 for it in range(iters):
-                    run(step.schedule.regularized(it))
+                    run(it)
                     progress.after(it, extra)
         finally:
             step.close()

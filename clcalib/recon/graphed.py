@@ -8,10 +8,14 @@ the same generator, so a replay computes what an eager call would: the first ite
 phase run eagerly (they initialise the optimisers and warm the allocator up, as the CUDA graph
 recipe asks), then one iteration is captured and every later one is a replay.
 
+Terms that come on some iterations only (``cl_calib.every``, with or without ``hold``) do
+different device work on their turns: each kind of iteration (turn or not) gets its own graph,
+and the host, which knows the iteration number, picks which to replay.
+
 Used only where capture is sound: a CUDA device, caches on the device (the host-memory plan
 syncs per iteration), added loss terms only where they say they are capturable (PD-Quant's, and
-CL-Calib's on every iteration without sampled negatives: clcalib.recon.terms.unit), and a torch
-that can capture a seeded generator.
+CL-Calib's without sampled negatives: clcalib.recon.terms.unit), and a torch that can capture a
+seeded generator.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ EAGER_BEFORE_CAPTURE = 2  # per phase: the first runs initialise Adam's state, t
 
 
 def terms_capturable(terms) -> bool:
-    """Whether a unit's terms (None: none) may be captured: they say ``capturable``, and hold no
-    gradient between turns (a replay would re-add the captured one and never run the turns)."""
-    return terms is None or (getattr(terms, "capturable", False) and not getattr(terms, "held", None))
+    """Whether a unit's terms (None: none) may be captured: they say ``capturable``."""
+    return terms is None or getattr(terms, "capturable", False)
 
 
 def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: bool) -> bool:
@@ -37,36 +40,43 @@ def can_capture(device: torch.device, caches_on_device: bool, terms_capturable: 
 
 
 class GraphedStep:
-    """Calls ``step(regularized)`` like the eager loop does, replaying a captured graph once each
-    phase has run ``EAGER_BEFORE_CAPTURE`` eager iterations."""
+    """Calls ``step(it)`` like the eager loop does, replaying a captured graph of each kind of
+    iteration (``step.phase(it)``) once that kind has run ``EAGER_BEFORE_CAPTURE`` eager
+    iterations."""
 
     def __init__(self, step: Step):
         self.step = step
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.phase: bool | None = None
-        self.eager_runs = 0
+        self.regularized: bool | None = None
+        # per turn (True/False) in the current phase: the graph and the loss terms it sums
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, set[str]]] = {}
+        self.eager_runs: dict[bool, int] = {}
         self.side = torch.cuda.Stream(device=step.device)
         self.captures = 0
         self.failed = False
 
-    def __call__(self, regularized: bool) -> None:
-        if regularized != self.phase:  # warm-up -> regularized: the old graph is never replayed again
-            self.phase, self.graph, self.eager_runs = regularized, None, 0
+    def __call__(self, it: int) -> None:
+        step = self.step
+        regularized, turn = step.phase(it)
+        if regularized != self.regularized:  # warm-up -> regularized: the old graphs are never replayed again
+            self.regularized, self.graphs, self.eager_runs = regularized, {}, {}
         if self.failed:
-            self._on_side_stream(lambda: self.step(regularized))
+            self._on_side_stream(lambda: step(it))
             return
-        if self.graph is not None:
-            self.graph.replay()
+        if turn in self.graphs:
+            graph, keys = self.graphs[turn]
+            graph.replay()
+            step.added_since |= keys  # what the eager call's Python would have noted
             return
-        if self.eager_runs < EAGER_BEFORE_CAPTURE:
-            self._on_side_stream(lambda: self.step(regularized))
-            self.eager_runs += 1
+        if self.eager_runs.get(turn, 0) < EAGER_BEFORE_CAPTURE:
+            self._on_side_stream(lambda: step(it))
+            self.eager_runs[turn] = self.eager_runs.get(turn, 0) + 1
             return
-        self.graph = self._capture(regularized)
-        if self.graph is None:  # capture failed: this step stays eager (warned once)
-            self._on_side_stream(lambda: self.step(regularized))
+        graph = self._capture(it)
+        if graph is None:  # capture failed: this step stays eager (warned once)
+            self._on_side_stream(lambda: step(it))
             return
-        self.graph.replay()  # capture records the iteration; the replay runs it
+        self.graphs[turn] = (graph, set(step.last_keys))
+        graph.replay()  # capture records the iteration (its Python noted the terms); the replay runs it
 
     def _on_side_stream(self, fn) -> None:
         # the CUDA graph recipe: warm-up work on a side stream, ordered with the current one
@@ -76,7 +86,7 @@ class GraphedStep:
             fn()
         cur.wait_stream(self.side)
 
-    def _capture(self, regularized: bool) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, it: int) -> torch.cuda.CUDAGraph | None:
         """The graph of one step, or None if capture failed. A capture runs no kernel, and the
         batch generator's state is put back after a failure (the capture may have drawn a batch
         before the failing op), so falling back to eager steps keeps the result exact."""
@@ -91,7 +101,7 @@ class GraphedStep:
         try:
             # thread_local: a progress or heartbeat thread may use CUDA while this thread captures
             with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-                step(regularized)
+                step(it)
         except RuntimeError as e:
             self.failed = True
             try:

@@ -5,8 +5,9 @@ eagerly (CPU, and the reference on a GPU) or is captured once into a CUDA graph 
 Everything that changes from one iteration to the next lives in tensors the step owns: the
 batch indices come from the unit's generator on the device, AdaRound's beta and the activation
 step sizes' learning rate are read from a per-iteration table by a device counter, and the
-losses are summed on the device for the progress report. The host only decides the phase
-(warm-up without the rounding regulariser, or with it), which it knows from the iteration number.
+losses are summed on the device for the progress report. The host only decides the phase from
+the iteration number: warm-up without the rounding regulariser or with it, and whether terms that
+come on some iterations only (``Terms.every``) come on this one.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ class Terms(Protocol):
     first call they do the same device work every call, with no host sync and no state kept
     outside device tensors.
 
-    A term named in ``held`` (getattr, empty when absent) comes on some iterations only: the step
-    does not add it to the loss but keeps its gradient with respect to the learned variables from
-    that turn and adds it to theirs on every iteration until its next turn (``cl_calib.hold``)."""
+    ``every`` (getattr, 1 when absent): some terms come on iterations 0, every, 2 * every, ...
+    only; the step passes ``turn`` (whether this iteration is one) and a graph is captured for
+    each. A term named in ``held`` (getattr, empty when absent) is such a term: the step does not
+    add it to the loss but keeps its gradient with respect to the learned variables from that turn
+    and adds it to theirs on every iteration until its next turn (``cl_calib.hold``)."""
 
     rec_weight: float  # the weight of the reconstruction MSE beside them
 
-    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]: ...
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool) -> dict[str, Tensor]: ...
 
 
 class Schedule:
@@ -162,18 +165,38 @@ class Step:
         # sums since the last progress report, on the device (no host sync per iteration)
         self.rec_sum = torch.zeros((), device=device)
         # per added term, its sum since the last report, in place (a graph replay adds into it),
-        # and which terms came since then (cl_calib.every may skip a whole window; a captured
-        # step's terms come every iteration, but a replay does not run this Python)
+        # and which terms came since then (cl_calib.every may skip a whole window); `last_keys`:
+        # those of the latest call, which a replay of its graph adds again (recon.graphed)
         self.added_sums: dict[str, Tensor] = {}
         self.added_since: set[str] = set()
-        # what is kept of each held term from its last turn: (variable, gradient) pairs, and its value
+        self.last_keys: set[str] = set()
+        # what is kept of each held term from its last turn: (variable, gradient) pairs and its
+        # value, in tensors made on its first turn and rewritten in place on later ones (a graph
+        # that adds them reads the same memory on every replay)
         self.kept: dict[str, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
+        self.every = getattr(settings.terms, "every", 1) if settings.terms is not None else 1
 
     def _add_to_sums(self, key: str, val: Tensor) -> None:
         if key not in self.added_sums:
             self.added_sums[key] = torch.zeros_like(val)
         self.added_sums[key].add_(val)
-        self.added_since.add(key)
+        self.last_keys.add(key)
+
+    def _keep(self, key: str, val: Tensor) -> None:
+        """A held term's turn: its gradient w.r.t. the learned variables, and its value, kept."""
+        params = self._learned_params()
+        grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
+        if key not in self.kept:  # the first turn (never inside a capture: iteration 0 runs eagerly)
+            self.kept[key] = ([(p, g.detach().clone()) for p, g in zip(params, grads, strict=True) if g is not None],
+                              val.detach().clone())
+            return
+        pairs, value = self.kept[key]
+        got = {id(p): g for p, g in zip(params, grads, strict=True) if g is not None}
+        if got.keys() != {id(p) for p, _ in pairs}:
+            raise RuntimeError(f"the held term {key!r} reached other variables than on its first turn")
+        for p, g in pairs:
+            g.copy_(got[id(p)])
+        value.copy_(val.detach())
 
     def _learned_params(self) -> list[Tensor]:
         """The variables the optimisers step: rounding, then activation step sizes."""
@@ -191,10 +214,17 @@ class Step:
             inp = torch.where(keep_fp, c.stage(c.x_fp, idx), inp)
         return idx, inp
 
-    def __call__(self, regularized: bool) -> None:
-        """One iteration: loss = rec_weight * MSE + the unit's terms + rounding regulariser (after
-        the warm-up, ``regularized``); one step of each optimiser."""
+    def phase(self, it: int) -> tuple[bool, bool]:
+        """What iteration ``it`` does beside the MSE, known on the host: the rounding regulariser
+        (after the warm-up), and the terms' turn (``Terms.every``)."""
+        return self.schedule.regularized(it), it % self.every == 0
+
+    def __call__(self, it: int) -> None:
+        """Iteration ``it``: loss = rec_weight * MSE + the unit's terms + rounding regulariser
+        (after the warm-up); one step of each optimiser."""
         s, layers = self.settings, self.learned.layers
+        regularized, turn = self.phase(it)
+        self.last_keys = set()
         row = self.schedule.next_row()
         idx, inp = self.batch()
         target = self.caches.stage(self.caches.y_f, idx)
@@ -206,12 +236,10 @@ class Step:
         loss = s.rec_weight * rec
         if s.terms is not None:
             held = getattr(s.terms, "held", frozenset())
-            came = s.terms(out, target, idx)
+            came = s.terms(out, target, idx, turn)
             for key, val in came.items():
                 if key in held:  # its gradient from this turn, added on every iteration until the next
-                    params = self._learned_params()
-                    grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
-                    self.kept[key] = ([(p, g) for p, g in zip(params, grads, strict=True) if g is not None], val.detach())
+                    self._keep(key, val)
                 else:
                     loss = loss + val
                 self._add_to_sums(key, val.detach())
@@ -232,14 +260,14 @@ class Step:
             self.opt_a.param_groups[0]["lr"].copy_(row[Schedule.LR_ACT])
             self.opt_a.step()
         self.rec_sum.add_(rec.detach())
+        self.added_since |= self.last_keys
 
     def take_sums(self) -> tuple[Tensor, dict[str, Tensor]]:
         """The summed losses since the last call (still on the device), then zero them: the
         MSE's, and each added term's that came since then."""
         rec = self.rec_sum.clone()
         self.rec_sum.zero_()
-        came = self.added_sums if self.settings.capturable else self.added_since
-        added = {k: self.added_sums[k].clone() for k in came}
+        added = {k: self.added_sums[k].clone() for k in self.added_since}
         for v in self.added_sums.values():
             v.zero_()
         self.added_since = set()

@@ -1,7 +1,7 @@
 """The terms a unit's loss gets beside its reconstruction MSE: PD-Quant's prediction difference
 and CL-Calib's contrastive term. ``unit_terms(ctx)`` is the factory ``clcalib.calibrate`` hands
 the engine; for each unit it returns ``UnitTerms`` (or None when the unit gets none), which the
-engine calls per iteration, ``terms(out_q, target, idx) -> {name: weighted term}``, adding every
+engine calls per iteration, ``terms(out_q, target, idx, turn) -> {name: weighted term}``, adding every
 value to its loss (a term named in ``held``: its gradient, held between turns; recon.step), with
 its own MSE weighted by ``terms.rec_weight``, and reporting each name's curve
 (``UnitReport.extra``, report.json's ``added_loss_curves``):
@@ -16,8 +16,9 @@ its own MSE weighted by ``terms.rec_weight``, and reporting each name's curve
 * ``"cl"``   ``cl_calib.lambda * L_CL`` (``terms.contrastive``), embeddings ``embed(g(z))`` with
   ``g`` the configured mapping (``fp_tail``: the FP rest up to ``cl_calib.tail_end``). A unit with
   a ``"cl"`` term weights its MSE by ``cl_calib.rec_weight`` (0: L_CL alone); others keep 1.
-  With ``cl_calib.every = k`` the term (and the tail's pass for it) comes on iterations 0, k,
-  2k, ... only, weighted ``k * lambda``: the same average pull for 1/k of the tail's cost.
+  With ``cl_calib.every = k`` (``UnitTerms.every``) the term (and the tail's pass for it) comes
+  on iterations 0, k, 2k, ... only (the step's ``turn``), weighted ``k * lambda``: the same
+  average pull for 1/k of the tail's cost.
   With ``cl_calib.hold`` as well the term is weighted ``lambda`` and named in ``held``: the step
   adds its gradient from the last turn on every iteration until the next (a steady pull, where
   the pulses of k * lambda lost CL's gain).
@@ -26,8 +27,9 @@ its own MSE weighted by ``terms.rec_weight``, and reporting each name's curve
   tail runs beside PD's logits tail.
 
 On a GPU the engine captures the step, terms included, in a CUDA graph where the terms say
-``capturable`` (PD always; CL with ``every: 1`` and all negatives), so their kernels are
-replayed with the step's instead of launched one by one from Python.
+``capturable`` (PD always; CL unless negatives are sampled), so their kernels are replayed with
+the step's instead of launched one by one from Python; with ``every`` > 1 the turns and the
+iterations between them are two graphs.
 
 The FP side never changes during a unit's reconstruction, and the engine's ``target`` is
 ``ctx.fp_out[idx]``: so the tail of every FP output (and its embedding, the bank) is computed
@@ -96,6 +98,7 @@ class UnitTerms:
         self.reg_weight = cfg.pdquant.reg_weight if pd else 0.0
         self.cl_loss = None
         self.held: frozenset[str] = frozenset()
+        self.every = 1  # terms on iterations 0, every, 2 * every, ... only (CL's, cl_calib.every)
         self.rec_weight = cfg.cl_calib.rec_weight if cl else 1.0  # trades the MSE for L_CL
         last = k == len(qm.unit_names) - 1
         cl_cfg = cfg.cl_calib
@@ -122,12 +125,11 @@ class UnitTerms:
         if cl:
             m = len(self.fp_out)
             self.cl_loss = ContrastiveLoss.from_config(cl_cfg, calib_size=m)
-            self.cl_every = cl_cfg.every
+            self.every = cl_cfg.every
             # on 1 of `every` iterations: k * lambda for the same mean pull, or with hold lambda, the
             # step adding the turn's gradient on each iteration until the next (recon.step)
             self.held = frozenset({"cl"}) if cl_cfg.hold else frozenset()  # the config asks every > 1
             self.cl_weight = cl_cfg.lambda_ * (1 if self.held else cl_cfg.every)
-            self.calls = 0
             # the embedding's map when it is not the features/logits tail (whose output is shared with PD)
             self.mapping = None if tail_mapping else self.cl_tail if short else get_mapping(cl_cfg.mapping)
             # FP embeddings of all M samples: the bank, and e_f of a batch by indexing
@@ -141,12 +143,13 @@ class UnitTerms:
                 self.gen = torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k)
         self._checked = False
         # a CUDA graph may capture the step with these terms (clcalib.recon.graphed): every call
-        # after the first (whose check syncs, in an eager warm-up run) does the same device work;
-        # not with `every` > 1 (a host counter picks the iterations) or sampled negatives (a
-        # generator the graph would have to register)
-        self.capturable = self.cl_loss is None or (self.cl_every == 1 and self.gen is None)
+        # after the first (whose check syncs, in an eager warm-up run) with the same `turn` does
+        # the same device work; not with sampled negatives (a generator the graph would have to
+        # register)
+        self.capturable = self.cl_loss is None or self.gen is None
 
-    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor) -> dict[str, Tensor]:
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool = True) -> dict[str, Tensor]:
+        """The weighted terms for a batch; CL only on ``turn`` (iterations 0, every, 2 * every, ...)."""
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
             if not torch.equal(target, self.fp_out[idx.to(self.fp_out.device)].to(target.device)):
                 raise RuntimeError(
@@ -155,7 +158,7 @@ class UnitTerms:
                 )
             self._checked = True
         terms: dict[str, Tensor] = {}
-        cl = self.cl_loss is not None and self._cl_turn()
+        cl = self.cl_loss is not None and turn
         tail_q = self.tail(out_q) if self.tail is not None and (self.pd or (cl and self.cl_tail is None)) else None
         if self.pd:
             logits_q = self.head(tail_q) if self.head is not None else tail_q
@@ -169,13 +172,6 @@ class UnitTerms:
             # bank_index also keeps a sample drawn twice in one batch from being its own negative
             terms["cl"] = self.cl_weight * self.cl_loss(e_q, e_f, bank=bank, bank_index=idx, generator=self.gen)
         return terms
-
-
-    def _cl_turn(self) -> bool:
-        """Whether this iteration gets the CL term (iterations 0, k, 2k, ... with ``every`` = k)."""
-        turn = self.calls % self.cl_every == 0
-        self.calls += 1
-        return turn
 
 
 def unit_terms(ctx: UnitContext) -> UnitTerms | None:
