@@ -23,8 +23,17 @@ def _ms(xs: list[float]) -> str:
 
 
 def _variant(r: dict) -> str:
-    """The CL row's settings beyond the shipped form (e.g. rec_weight 0: L_CL alone); "" for it."""
-    block = {k: v for k, v in r.get("overrides", {}).get("cl_calib", {}).items() if k != "enabled"}
+    """The CL row's settings beyond the every-iteration form (e.g. rec_weight 0: L_CL alone; every 8,
+    hold True); "" for it. ``every`` and ``hold`` are read from the resolved config, so a row keeps
+    its label whichever form ``enabled: true`` selected when it ran (rows from before a key
+    existed ran without it: every 1, no hold)."""
+    block = {k: v for k, v in r.get("overrides", {}).get("cl_calib", {}).items() if k not in ("enabled", "every", "hold")}
+    ran = (r.get("config") or {}).get("cl_calib") or {}
+    every = ran.get("every", r.get("overrides", {}).get("cl_calib", {}).get("every", 1))
+    if every > 1:
+        block["every"] = every
+        if ran.get("hold", False):
+            block["hold"] = True
     return ", ".join(f"{k} {v}" for k, v in sorted(block.items()))
 
 

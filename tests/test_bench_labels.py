@@ -136,3 +136,24 @@ def test_draws_from_a_larger_supply_are_other_runs_with_their_own_table_row():
     got = draws_table(rows)
     assert "| 1024 | 500 | 2 | 56.50 ± 0.71 | base + CL: 58.50 ± 0.71 |" in got
     assert "| 1024 of 8192 | 500 | 2 | 60.50 ± 0.71 | base + CL: 59.50 ± 0.71 |" in got
+
+
+def test_a_draws_row_is_labelled_by_the_cl_form_it_ran_whatever_enabled_selected_then():
+    from bench.accuracy import resolved_config
+    from bench.cl_draws_table import table as draws_table
+
+    spec = {"model": "resnet18", "bits": "W4A2", "method": "qdrop", "seed": 0, "iters": 500, "device": "cpu",
+            "overrides": {"calib_size": 128}}
+    rows = []
+    for d in (0, 1):
+        base = {**resolved_config({**spec, "cl": False}), "calib_seed": d}
+        rows.append({**spec, "cl": False, "config": base, "quant_top1": 80.0 + d, "calib_seconds": 1.0})
+        cl = {**resolved_config({**spec, "cl": True}), "calib_seed": d}
+        for block, top1 in (({"every": 1, "hold": False}, 81.0), ({"every": 8, "hold": True}, 82.0),
+                            ({"every": 8}, 70.0)):  # the last: a row from before hold existed (pulses)
+            cfg = {**cl, "cl_calib": {**{k: v for k, v in cl["cl_calib"].items() if k not in ("every", "hold")}, **block}}
+            rows.append({**spec, "cl": True, "config": cfg, "quant_top1": top1 + d, "calib_seconds": 1.0})
+    got = draws_table(rows)
+    assert "| base + CL: 81.50 ± 0.71 |" in got
+    assert "| base + CL (every 8, hold True): 82.50 ± 0.71 |" in got
+    assert "| base + CL (every 8): 70.50 ± 0.71 |" in got
