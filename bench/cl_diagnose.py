@@ -86,7 +86,7 @@ class _Probe:
                               symmetric=cl.symmetric, generator=gen)
         return {k: float(v) for k, v in p.items()}
 
-    def __call__(self, out_q, target, idx, turn):
+    def __call__(self, out_q, target, idx, turn=None):
         terms = self.inner(out_q, target, idx, turn)
         where = self.probe_at.get(self.it)
         self.it += 1

@@ -103,3 +103,22 @@ def test_the_step_gives_the_terms_their_turns_from_the_iteration_number(small_ne
     for it in range(7):
         step(it)
     assert turns == [True, False, False, True, False, False, True]
+
+
+def test_terms_written_for_three_arguments_still_work_and_periodic_ones_need_the_turn(small_net):  # noqa: F811
+    qm, outs = small_net
+
+    class ThreeArgs:  # a user's terms from before the turn existed (calibrate(terms=...))
+        rec_weight = 1.0
+
+        def __call__(self, out_q, target, idx):
+            return {"t": out_q.square().mean()}
+
+    step = _step(copy.deepcopy(qm.units()[K]), outs[K - 1].detach(), outs[K].detach(), ThreeArgs())
+    step(0), step(1)
+    assert step.take_sums()[1]["t"] > 0
+    periodic = ut.unit_terms(_ctx(qm, outs, K, method="qdrop", cl_calib={"enabled": True, "every": 8, "hold": True}))
+    idx = torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="pass turn"):
+        periodic(outs[K][idx], outs[K][idx], idx)
+    assert set(periodic(outs[K][idx], outs[K][idx], idx, turn=False)) == set()

@@ -5,6 +5,7 @@ CUDA graph (only where CUDA is: the device script runs these on a GPU)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -101,17 +102,22 @@ def test_steps_replayed_from_a_cuda_graph_give_the_eager_steps_model(arch, metho
     {"cl_calib": {"enabled": True, "negatives": "bank", "symmetric": True, "critic": "nce", "lambda": 0.1}},
     {"method": "pdquant", "pdquant": {"reg_weight": 0.5}, "cl_calib": {"enabled": True, "tail_end": "features"}},
     {"method": "pdquant"},
-    {"cl_calib": {"enabled": True, "every": 4, "hold": True}},
-    {"cl_calib": {"enabled": True, "every": 4}},
-    {"method": "pdquant", "cl_calib": {"enabled": True, "every": 3, "hold": True}},
+    # every > 1: a graph for the turns and one for the iterations between, in both phases: the
+    # warm-up long enough that its third turn is captured and later ones replayed
+    {"cl_calib": {"enabled": True, "every": 4, "hold": True}, "iters": 60, "warmup": 0.5},
+    {"cl_calib": {"enabled": True, "every": 4}, "iters": 60, "warmup": 0.5},
+    {"method": "pdquant", "cl_calib": {"enabled": True, "every": 3, "hold": True}, "warmup": 0.5},
 ], ids=["qdrop+cl", "cl-bank-symmetric-nce", "pdquant+reg+cl-features", "pdquant", "cl-every4-hold", "cl-every4",
-        "pdquant+cl-every3-hold"])  # every > 1: a graph for the turns and one for the iterations between
+        "pdquant+cl-every3-hold"])
 def test_steps_with_cl_or_pd_terms_replayed_from_a_cuda_graph_give_the_eager_steps_model(extra, fmnist, reference):
     model, data = reference("resnet18"), fmnist["train"][:256]
     base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 30, "calib_size": 256, "seed": 3, "device": "cuda",
             **extra}
     eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"})
-    graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = clcalib.calibrate(model, data, {**base, "step_capture": "auto"})
+    assert not [w for w in caught if "capture" in str(w.message)]  # no graph fell back to eager steps
     assert {u.steps for u in graphed.units} == {"graph"}
     _same_model(eager, graphed, "graph replays with the terms")
     assert [u.extra for u in graphed.units] == [u.extra for u in eager.units]  # the terms' curves, summed in place
@@ -129,8 +135,8 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps_that_give_the_eag
         def __init__(self, inner):
             self.inner, self.rec_weight = inner, inner.rec_weight
 
-        def __call__(self, out_q, target, idx, turn):
-            got = self.inner(out_q, target, idx, turn)
+        def __call__(self, out_q, target, idx):
+            got = self.inner(out_q, target, idx)
             float(got["pd"])  # a host sync: the capture fails here, after the batch was drawn
             return got
 
@@ -145,6 +151,40 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps_that_give_the_eag
         fell_back = clcalib.calibrate(model, data, {**base, "step_capture": "auto"}, terms=factory)
     assert {u.steps for u in fell_back.units} == {"eager"}
     _same_model(eager, fell_back, "eager steps after a failed capture")
+
+
+@CUDA
+def test_a_failed_capture_of_the_turns_graph_after_the_other_one_gives_the_eager_model(fmnist, reference):
+    import clcalib.recon.terms.unit as ut
+
+    class SyncOnTurns:
+        """Held CL terms that read a value on the host on their turns only: the graph of the
+        iterations between is captured first (iteration 3), the turns' capture (iteration 8) fails."""
+
+        capturable = True
+
+        def __init__(self, inner):
+            self.inner, self.rec_weight, self.every, self.held = inner, inner.rec_weight, inner.every, inner.held
+
+        def __call__(self, out_q, target, idx, turn):
+            got = self.inner(out_q, target, idx, turn)
+            if turn:
+                float(got["cl"])
+            return got
+
+    def factory(ctx):
+        inner = ut.unit_terms(ctx)
+        return SyncOnTurns(inner) if inner is not None else None
+
+    model, data = reference("resnet18"), fmnist["train"][:256]
+    base = {"method": "qdrop", "w_bits": 2, "a_bits": 4, "iters": 40, "warmup": 0.5, "calib_size": 256, "seed": 6,
+            "device": "cuda", "cl_calib": {"enabled": True, "every": 4, "hold": True}}
+    eager = clcalib.calibrate(model, data, {**base, "step_capture": "off"}, terms=factory)
+    with pytest.warns(RuntimeWarning, match="capture"):
+        fell_back = clcalib.calibrate(model, data, {**base, "step_capture": "auto"}, terms=factory)
+    assert {u.steps for u in fell_back.units} == {"eager"}  # a failed capture is reported, not hidden
+    _same_model(eager, fell_back, "eager steps after the turns' capture failed")
+    assert [u.extra for u in fell_back.units] == [u.extra for u in eager.units]
 
 
 @CUDA

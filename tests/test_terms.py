@@ -104,8 +104,8 @@ def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet1
         terms = ut.unit_terms(ctx)
         first = [True]
 
-        def wrapped(out_q, target, idx, turn):
-            got = terms(out_q, target, idx, turn)
+        def wrapped(out_q, target, idx):
+            got = terms(out_q, target, idx)
             if first[0]:  # gradients of the CL term alone, at the first iteration
                 first[0] = False
                 alphas = [layer.wq.alpha for layer in ctx.unit.layers()]

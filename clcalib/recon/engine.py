@@ -50,7 +50,8 @@ class UnitReport:
     seconds: float
     extra: dict[str, list[float]] = field(default_factory=dict)  # curves of the unit's terms (report key "extra")
     caches: str = "device"  # where its cached inputs/outputs lived: "device" or "host" (recon.placement)
-    steps: str = "eager"  # how its steps ran: "graph" (CUDA graph replays), "eager", or "none"
+    steps: str = "eager"  # how its steps ran: "graph" (CUDA graph replays), "eager", or "none"; a
+    # capture that failed after an earlier one succeeded: "eager" (its later steps all ran eagerly)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,7 +200,7 @@ class Reconstructor:
                   x_fp: Tensor | None, y_f: Tensor, gen: torch.Generator, extra: dict, plan: CachePlan) -> str:
         """Learn ``layers``' rounding and ``module``'s activation step sizes so that
         ``module(x_q)`` matches ``y_f``, then harden the rounding. ``x_fp``: QDrop's FP inputs.
-        Returns how the steps ran: "graph" (captured and replayed) or "eager"."""
+        Returns how the steps ran: "graph" (captured and replayed, no capture failed) or "eager"."""
         cfg, iters = self.cfg, self.cfg.iters
         terms = self._unit_terms(k, module, y_f)
         graphed = cfg.step_capture == "auto" and can_capture(
@@ -217,7 +218,7 @@ class Reconstructor:
                     progress.after(it, extra)
         finally:
             step.close()
-        return "graph" if graphed and run.captures else "eager"
+        return "graph" if graphed and run.captures and not run.failed else "eager"
 
     def _unit_terms(self, k: int, module: nn.Module, y_f: Tensor) -> Terms | None:
         """The unit's PD/CL terms, None when there are none."""

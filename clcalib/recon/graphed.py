@@ -104,6 +104,7 @@ class GraphedStep:
                 step(it)
         except RuntimeError as e:
             self.failed = True
+            self.graphs.clear()  # never replayed again (every later step runs eagerly): free their pools
             try:
                 step.gen.set_state(saved_gen)
             except RuntimeError as e2:  # never go on with a generator in an unknown state

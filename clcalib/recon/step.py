@@ -35,14 +35,16 @@ class Terms(Protocol):
     outside device tensors.
 
     ``every`` (getattr, 1 when absent): some terms come on iterations 0, every, 2 * every, ...
-    only; the step passes ``turn`` (whether this iteration is one) and a graph is captured for
-    each. A term named in ``held`` (getattr, empty when absent) is such a term: the step does not
-    add it to the loss but keeps its gradient with respect to the learned variables from that turn
-    and adds it to theirs on every iteration until its next turn (``cl_calib.hold``)."""
+    only; then the step passes ``turn`` (whether this iteration is one; with ``every`` 1 the call
+    has three arguments) and on a GPU each kind of iteration gets its own graph. A term named in
+    ``held`` (getattr, empty when absent) is such a term: the step does not add it to the loss but
+    keeps its gradient with respect to the learned variables from that turn and adds it to theirs
+    on every iteration until its next turn (``cl_calib.hold``). A wrapper of such terms must say
+    the inner terms' ``every`` and ``held`` as its own."""
 
     rec_weight: float  # the weight of the reconstruction MSE beside them
 
-    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool) -> dict[str, Tensor]: ...
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool = True) -> dict[str, Tensor]: ...
 
 
 class Schedule:
@@ -176,8 +178,15 @@ class Step:
         self.kept: dict[str, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
         self.every = getattr(settings.terms, "every", 1) if settings.terms is not None else 1
 
+    def _first_seen(self, what: str) -> None:
+        # made inside a capture, its zero-fill would be replayed every iteration: fail the capture
+        # instead (the step then runs eagerly and exactly); iteration 0, eager, makes them all
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{what} first seen inside a CUDA graph capture")
+
     def _add_to_sums(self, key: str, val: Tensor) -> None:
         if key not in self.added_sums:
+            self._first_seen(f"the loss term {key!r}")
             self.added_sums[key] = torch.zeros_like(val)
         self.added_sums[key].add_(val)
         self.last_keys.add(key)
@@ -186,7 +195,8 @@ class Step:
         """A held term's turn: its gradient w.r.t. the learned variables, and its value, kept."""
         params = self._learned_params()
         grads = torch.autograd.grad(val, params, retain_graph=True, allow_unused=True)
-        if key not in self.kept:  # the first turn (never inside a capture: iteration 0 runs eagerly)
+        if key not in self.kept:  # the first turn
+            self._first_seen(f"the held term {key!r}")
             self.kept[key] = ([(p, g.detach().clone()) for p, g in zip(params, grads, strict=True) if g is not None],
                               val.detach().clone())
             return
@@ -236,7 +246,7 @@ class Step:
         loss = s.rec_weight * rec
         if s.terms is not None:
             held = getattr(s.terms, "held", frozenset())
-            came = s.terms(out, target, idx, turn)
+            came = s.terms(out, target, idx, turn) if self.every > 1 else s.terms(out, target, idx)
             for key, val in came.items():
                 if key in held:  # its gradient from this turn, added on every iteration until the next
                     self._keep(key, val)

@@ -148,8 +148,13 @@ class UnitTerms:
         # register)
         self.capturable = self.cl_loss is None or self.gen is None
 
-    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool = True) -> dict[str, Tensor]:
-        """The weighted terms for a batch; CL only on ``turn`` (iterations 0, every, 2 * every, ...)."""
+    def __call__(self, out_q: Tensor, target: Tensor, idx: Tensor, turn: bool | None = None) -> dict[str, Tensor]:
+        """The weighted terms for a batch; CL only on ``turn`` (iterations 0, every, 2 * every, ...),
+        which a caller must pass when ``every`` > 1."""
+        if turn is None:
+            if self.every > 1:
+                raise TypeError("these terms come on every k-th iteration: pass turn (recon.step.Step.phase)")
+            turn = True
         if not self._checked:  # the FP caches stand for tail(target) only if target = fp_out[idx]
             if not torch.equal(target, self.fp_out[idx.to(self.fp_out.device)].to(target.device)):
                 raise RuntimeError(
