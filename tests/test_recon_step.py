@@ -154,7 +154,7 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_steps_that_give_the_eag
 
 
 @CUDA
-def test_a_failed_capture_of_the_turns_graph_after_the_other_one_gives_the_eager_model(fmnist, reference):
+def test_a_failed_cuda_graph_capture_of_the_turns_after_the_other_graph_gives_the_eager_model(fmnist, reference):
     import clcalib.recon.terms.unit as ut
 
     class SyncOnTurns:
