@@ -7,8 +7,10 @@ Drawn from report.json alone, so a page can be rebuilt from any saved report:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import warnings
 from pathlib import Path
 
 from clcalib.atomic import atomic_path
@@ -26,10 +28,34 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog: the figure sits inside the page
 
 
-def _figures(report: dict) -> dict[str, str]:
+@contextlib.contextmanager
+def _plain_text():
+    """Figures drawn off-screen, their text as written: class folder names and unit and site
+    names come from the upload, and matplotlib would read ``a$$b`` as math and fail on it."""
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        yield
+
+
+def _figures(report: dict) -> dict[str, str]:
+    with _plain_text():
+        return _draw(report)
+
+
+def _figures_or_none(report: dict) -> tuple[dict[str, str], str | None]:
+    """The figures, or none and why: a page without figures beats a job that fails after its
+    calibration finished (the checkpoint and report.json are written before the page)."""
+    try:
+        return _figures(report), None
+    except Exception as e:  # noqa: BLE001 - any drawing failure; the numbers are in the tables and report.json
+        warnings.warn(f"report.html: the figures could not be drawn ({type(e).__name__}: {e}); the page has "
+                      "the tables only", RuntimeWarning, stacklevel=2)
+        return {}, f"{type(e).__name__}: {e}"[:300]
+
+
+def _draw(report: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     figs: dict[str, str] = {}
@@ -97,9 +123,11 @@ def _figures(report: dict) -> dict[str, str]:
 def mixed_figures(mixed: dict) -> dict[str, str]:
     """The sensitivity bars (each site's cost at each width, the chosen width outlined) and the
     target search's frontier (weight size against top-1, FP and the target drawn)."""
-    import matplotlib
+    with _plain_text():
+        return _draw_mixed(mixed)
 
-    matplotlib.use("Agg")
+
+def _draw_mixed(mixed: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     figs: dict[str, str] = {}
@@ -180,8 +208,9 @@ def render(report: dict) -> str:
     from clcalib.export.profiles import widens_activations
 
     widened = widens_activations(m.get("export_target"), report.get("config") or {})
-    return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=_figures(report),
-                                                     widened=widened)
+    figs, figures_error = _figures_or_none(report)
+    return env.get_template("report.html.j2").render(r=report, m=m, c=c, settings=settings, figs=figs,
+                                                     figures_error=figures_error, widened=widened)
 
 
 def write_report_html(report: dict, path: str | Path) -> Path:
