@@ -57,6 +57,7 @@ from jobs import zygote
 
 MAX_LINE = 4 << 20  # one message from a child; a longer one is a protocol error
 START_TIMEOUT_S = 300.0  # the zygote's imports (torch) on a loaded machine, and a fork
+STOP_POLL_S = 0.25  # a run given ``stop`` notices it within this while its child sends nothing
 MAX_FILE_BYTES = 16 << 30  # RLIMIT_FSIZE: one file a sandboxed run writes
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "CUDA_DEVICE_ORDER", "PYTHONHASHSEED", "PYTHONUNBUFFERED")
@@ -448,7 +449,8 @@ def _finite_or_none(text: str) -> float | None:
 
 class ChildFailed(RuntimeError):
     """A sandboxed run ended without a result: ``kind`` is "sandbox", "memory", "exception",
-    "timeout", "died" or "protocol"; ``message`` says what happened, for a person."""
+    "timeout", "died", "protocol" or "stopped" (its caller's ``stop`` was set); ``message`` says
+    what happened, for a person."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -475,16 +477,21 @@ class Child:
         self.how = ""
         self.peak_rss_bytes = 0
 
-    def _line(self, deadline: float | None) -> dict:
+    def _line(self, deadline: float | None, stop: threading.Event | None = None) -> dict:
         import select
         import time
 
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buf:
+            # checked while the child is silent too: a child may send nothing for minutes (one long
+            # evaluation pass), and its caller must not wait for its next message to stop it
+            if stop is not None and stop.is_set():
+                raise ChildFailed("stopped", "the run was stopped by its caller")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise ChildFailed("timeout", "timed out")
-            if not select.select([fd], [], [], left)[0]:
+            wait = left if stop is None else STOP_POLL_S if left is None else min(left, STOP_POLL_S)
+            if not select.select([fd], [], [], wait)[0]:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
@@ -535,8 +542,11 @@ class Child:
             self.close()
             raise ChildFailed("died", "the process was stopped before it started")
 
-    def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False):
-        """The function's result; raises ChildFailed. The child is gone afterwards."""
+    def run(self, jail: Jail, kwargs: dict, timeout: float, on_event=None, off: bool = False,
+            stop: threading.Event | None = None):
+        """The function's result; raises ChildFailed. The child is gone afterwards. ``stop``: once
+        set (by another thread), the child is killed within STOP_POLL_S, whatever it is doing,
+        and the run raises ChildFailed("stopped")."""
         import time
 
         try:
@@ -545,7 +555,7 @@ class Child:
             self.proc.stdin.write((json.dumps({"jail": asdict(jail), "kwargs": kwargs, "off": off}) + "\n").encode())
             self.proc.stdin.flush()
             while True:
-                msg = self._line(deadline)
+                msg = self._line(deadline, stop)
                 if "event" in msg:
                     if on_event is not None:
                         try:

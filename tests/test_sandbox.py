@@ -258,6 +258,27 @@ def test_closing_a_run_from_another_thread_stops_its_child_at_once(tmp_path):
     assert not t.is_alive() and errors, errors
 
 
+def test_a_runs_stop_kills_a_child_that_sends_nothing(tmp_path):
+    """A worker's heartbeat that finds its job canceled sets the run's ``stop``: the child is killed
+    within STOP_POLL_S even while it sends nothing (a long evaluation pass), not at its next
+    message, and the run says it was stopped."""
+    import threading
+
+    from jobs.sandbox import STOP_POLL_S
+
+    c = Child("sandbox_payloads:linger", ENV)
+    c.wait_ready(300)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    t = time.monotonic()
+    with pytest.raises(ChildFailed) as e:
+        c.run(Jail(tmp=str(tmp_path / "s")), {"seconds": 60}, 120, stop=stop)
+    took = time.monotonic() - t
+    assert e.value.kind == "stopped", e.value
+    assert took < 1.0 + STOP_POLL_S + 2, f"the run ended {took:.1f} s after it started, its stop set at 1 s"
+    assert _state(c.proc.pid) in ("", "Z")
+
+
 def _zombies() -> list[int]:
     """This process's children that ended and were never waited for."""
     out = []

@@ -5,7 +5,9 @@ attempt more; ``Store.claim_next``) with a conditional update, whichever job the
 sent for. There is one message per queued job, so every job gets a turn; a duplicate delivery
 (a Redis redelivery, a re-send by the sweeper) finds nothing queued and does nothing. While the library runs, a heartbeat thread writes the heartbeat and the latest progress
 every ``heartbeat_s``; if that write matches no row (canceled, deleted, or re-queued after the
-heartbeat went stale) the next progress callback raises ``Canceled`` and the job stops.
+heartbeat went stale) it sets ``lost``, the run's ``stop``: the sandboxed child is killed within
+``jobs.sandbox.STOP_POLL_S`` whatever it is doing (a long evaluation pass sends no progress), so
+the worker is free within about one heartbeat period.
 """
 
 from __future__ import annotations
@@ -185,8 +187,6 @@ def _delete_files(objects: Objects, job_id: str) -> None:
 
 def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbeat, attempt: int):
     """(state, error, report); state None when the job was taken from this attempt."""
-    from clcalib.errors import Canceled
-
     jd = ws.dir
     first = {"seen": False}
     t0 = time.monotonic()
@@ -206,8 +206,6 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
             first["seen"] = True
             store.note(job.id, attempt, {"event": "first_progress", "stage": ev.stage, "unit": ev.unit,
                                          "iteration": ev.iteration, "after_s": round(time.monotonic() - t0, 2)})
-        if hb.lost.is_set():
-            raise Canceled("the job was canceled, deleted or re-queued")
 
     out_dir, resume_dir = ws.out, ws.resume
     inputs = ws.fetch(job.inputs)  # ObjectStoreError after object_retry_s: the job fails naming it
@@ -226,15 +224,14 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
     try:
         try:
             result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(_event(d)),
-                               off=settings.sandbox == "off")
+                               off=settings.sandbox == "off", stop=hb.lost)
         finally:
             _sanitize(ws, job.id)
             ws.stop_sync(final=True)
         log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
-    except Canceled:
-        hb.beat()
-        return (None, None, None) if hb.lost.is_set() else (State.CANCELED, "canceled", None)
     except ChildFailed as e:
+        if e.kind == "stopped":  # hb.lost: the job was canceled, deleted or re-queued; its child is gone
+            return None, None, None
         cap = f"{settings.worker_memory_bytes / 2**30:.1f} GiB"
         if e.kind == "memory":
             return State.FAILED, (f"the calibration needed more host memory than the worker's cap of {cap} "

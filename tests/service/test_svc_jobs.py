@@ -8,13 +8,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from svc_eval import evaluate
-from svc_fmnist import FAST, MOBILENET, TINY
-from svc_helpers import ROOT, RedisServer, Stack, wait_until
+from svc_fmnist import FAST, MOBILENET, PREPROCESS, TINY
+from svc_helpers import ROOT, RedisServer, Stack, children, wait_until
+
+from clcalib.testing import process_state
 
 LONG = {**FAST, "iters": 200000}  # runs until canceled
 SHARED: dict = {}  # the end-to-end job, reused by the tenancy and delete tests
@@ -148,6 +151,44 @@ def test_load_cancel_running_and_queued(stack, fmnist_zips):
     ja = stack.job(a)
     assert ja["state"] == "canceled" and ja["artifacts"] == [] and ja["attempts"] == 1
     assert all(w.alive() for w in stack.workers)
+
+
+def test_cancel_during_evaluation_frees_the_worker_within_a_heartbeat(redis_server, stack_factory, fmnist_zips,
+                                                                     reference_model):
+    """A job canceled while it evaluates stops at once, not at its next progress event: the FP
+    evaluation pass sends one event for its whole length (here 1000 images enlarged to 224 px,
+    tens of seconds on one CPU thread). Before, the worker's sandboxed child computed on to the
+    end of the pass (13 s after the cancel on 30000 images) while the job's tenant had its quota
+    back and the next job waited; now the heartbeat that finds the job canceled has the child
+    killed, and the next job starts, within about one heartbeat period."""
+    hb = 0.5
+    st = stack_factory(CLCALIB_REDIS_URL=redis_server().url, CLCALIB_HEARTBEAT_S=hb)
+    st.start_api()
+    w = st.start_worker()
+    zygote = set(children(w.pid))  # started at "worker ready", before any job
+    slow_eval = {**FAST, "preprocess": {**PREPROCESS, "resize": 224, "crop": 224}}
+    a = st.submit(reference_model, fmnist_zips["calib"], slow_eval, evaluation=fmnist_zips["eval"]).json()["id"]
+    b = st.submit(MOBILENET, fmnist_zips["calib"], {**FAST, "method": "minmax", "calib_size": 16},
+                  arch="mobilenet_v2").json()["id"]  # queued behind a: one worker
+    wait_until(lambda: (st.job(a).get("progress") or {}).get("stage") == "evaluate", 120,
+               f"job {a} to start evaluating\n{st.logs()}")
+    child = set(children(w.pid)) - zygote
+    assert len(child) == 1 and st.job(b)["state"] == "queued", (child, st.logs())
+
+    with st.client() as c:
+        assert c.post(f"/v1/jobs/{a}/cancel").json()["state"] == "canceled"
+    t0 = time.monotonic()
+    bound = 2 * hb + 4  # detect (one period), kill, finish the attempt, claim the next; seconds to spare
+    wait_until(lambda: all(process_state(p) in ("", "Z") for p in child), bound,
+               f"the canceled job's sandboxed child {child} to be killed\n{st.logs()}")
+    wait_until(lambda: st.job(b)["state"] != "queued", max(0.2, t0 + bound - time.monotonic()),
+               f"the next job to start after the cancel\n{st.logs()}")
+    print(f"\nnext job started {time.monotonic() - t0:.1f} s after the cancel (heartbeat {hb} s)")
+    assert st.wait_state(b)["state"] == "succeeded", st.logs()
+    ja = st.job(a)
+    assert ja["state"] == "canceled" and ja["artifacts"] == [] and ja["attempts"] == 1, ja
+    assert not (Path(st.env["CLCALIB_DATA_DIR"]) / "jobs" / a).exists()  # its files deleted, as before
+    assert w.alive()
 
 
 def test_tenant_isolation_on_every_route(stack):
