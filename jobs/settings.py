@@ -58,8 +58,11 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(20, ge=1, description="queued + running jobs one tenant may have; more: 429")
     max_tenant_bytes: int = Field(50 << 30, ge=1, description="upload bytes one tenant may keep stored (jobs whose "
                                   "files are not yet deleted); more: 429")
-    body_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long "
-                                  "is answered 408 and closed (a stalled or deliberately slow client)")
+    body_timeout_s: float = Field(30.0, gt=0, description="an upload whose body sends nothing for this long, or "
+                                  "any other request whose body is not complete this long after its headers, is "
+                                  "answered 408 and closed (a stalled or deliberately slow client)")
+    max_form_bytes: int = Field(64 << 10, ge=1, description="cap on the body of any request but a job upload (the "
+                                "sign-in and sign-out forms): 413 above, before the rest is read")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that sends no complete request headers "
                                     "for this long after opening (or after its last response) is closed")
     max_connections: int = Field(500, ge=1, description="open connections the API serves at once; requests "
@@ -73,7 +76,7 @@ class Settings(BaseSettings):
                                         "may hold open on one API process; more: 429")
     max_uploads_per_tenant: int = Field(4, ge=1, description="upload bodies of one tenant being received at once "
                                         "on one API process (slow bodies hold theirs); more: 429")
-    min_body_rate_bytes_s: float = Field(1024.0, ge=0, description="an upload body that arrives slower than this, "
+    min_body_rate_bytes_s: float = Field(1024.0, ge=0, description="a request body that arrives slower than this, "
                                          "averaged over body_rate_window_s once body_rate_grace_s have passed, is "
                                          "answered 408 and closed (a byte now and then never trips body_timeout_s); 0: off")
     body_rate_window_s: float = Field(10.0, gt=0, description="the window min_body_rate_bytes_s is averaged over")

@@ -17,6 +17,7 @@ from jobs.settings import Settings, env_summary, get_settings
 from jobs.storage import Storage
 from jobs.store import Store
 from service import web
+from service.bodies import SmallBodies
 from service.broker import Broker
 from service.docs import add_docs
 from service.error_handlers import add_error_handlers
@@ -47,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
+    # every body but an upload's is read whole, in time and capped, before a route sees it (inside
+    # the security middleware: a request that refuses is never waited for)
+    app.add_middleware(SmallBodies, settings=settings)
     add_security(app, settings)  # framing, cross-origin and CSRF checks, sessions, sign-in limit
     app.include_router(jobs.router)
     app.include_router(system.router)

@@ -8,10 +8,8 @@ the cap is crossed, before the rest is read). The stored suffix comes from the c
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import errno
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from service.bodies import Body
 from service.errors import ApiError
 
 FILE_FIELDS = ("model", "calibration", "evaluation", "labels")
@@ -129,87 +128,6 @@ def too_large(cap: int) -> ApiError:
                     "(CLCALIB_MAX_UPLOAD_BYTES); send fewer or smaller files")
 
 
-_END, _WAKE = object(), object()
-
-
-class _Body:
-    """The request body's chunks, with two deadlines: ApiError 408 when nothing arrives for
-    ``idle_s`` seconds, and, once ``grace_s`` seconds of the body have passed, when fewer than
-    ``min_rate`` bytes a second arrived over the last ``window_s`` seconds (a client that sends a
-    byte now and then never trips the first). A reader task moves the chunks into a short queue
-    and notes when each arrived; a timer checks both deadlines every tick, whether chunks come or
-    not, and wakes ``next`` with the 408. Per chunk this costs a queue put and get, no task."""
-
-    def __init__(self, request, idle_s: float, min_rate: float = 0.0, window_s: float = 10.0, grace_s: float = 10.0):
-        self.idle_s, self.min_rate, self.window_s, self.grace_s = idle_s, min_rate, window_s, grace_s
-        self._loop = asyncio.get_running_loop()
-        self.start = self._last = self._loop.time()
-        self.total = 0
-        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (arrival time, bytes by then)
-        self._queue: asyncio.Queue = asyncio.Queue(maxsize=8)
-        self._error: ApiError | None = None
-        self._tick = max(0.05, min(1.0, idle_s / 4, window_s / 4 if min_rate > 0 else 1.0))
-        self._reader = self._loop.create_task(self._read(request))
-        self._timer = self._loop.call_later(self._tick, self._on_tick)
-
-    async def _read(self, request) -> None:
-        try:
-            async for chunk in request.stream():
-                if chunk:
-                    self._last, self.total = self._loop.time(), self.total + len(chunk)
-                    if self.min_rate > 0:
-                        self._marks.append((self._last, self.total))
-                    await self._queue.put(chunk)
-            await self._queue.put(_END)
-        except Exception as e:  # the client went away (ClientDisconnect), a broken stream
-            await self._queue.put(e)
-
-    def _on_tick(self) -> None:
-        self._error = self._deadline_passed(self._loop.time())
-        if self._error is None:
-            self._timer = self._loop.call_later(self._tick, self._on_tick)
-            return
-        try:
-            self._queue.put_nowait(_WAKE)
-        except asyncio.QueueFull:  # next() is busy with chunks and sees the error at its next call
-            pass
-
-    def _deadline_passed(self, now: float) -> ApiError | None:
-        if now - self._last >= self.idle_s:
-            return ApiError(408, "body_timeout", f"the upload sent nothing for {self.idle_s:.0f}s "
-                            "(CLCALIB_BODY_TIMEOUT_S); send the body without pauses", headers={"Connection": "close"})
-        if self.min_rate <= 0 or now - self.start < self.grace_s:
-            return None
-        since = now - self.window_s
-        while len(self._marks) > 1 and self._marks[1][0] <= since:
-            self._marks.popleft()
-        span = now - max(self.start, since)
-        rate = (self.total - self._marks[0][1]) / span if span > 0 else float("inf")
-        if rate >= self.min_rate:
-            return None
-        return ApiError(408, "body_too_slow", f"the upload arrived at {rate:.0f} bytes/s over the last {span:.0f}s, "
-                        f"below the minimum of {self.min_rate:.0f} (CLCALIB_MIN_BODY_RATE_BYTES_S); send the body "
-                        "from a faster connection", headers={"Connection": "close"})
-
-    async def next(self) -> bytes | None:
-        """The next chunk; None at the end of the body."""
-        while True:
-            if self._error is not None:
-                raise self._error
-            item = await self._queue.get()
-            if item is _WAKE:
-                continue
-            if item is _END:
-                return None
-            if isinstance(item, Exception):
-                raise item
-            return item
-
-    def close(self) -> None:
-        self._timer.cancel()
-        self._reader.cancel()
-
-
 async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
                   check_space: Callable[[int], None], idle_s: float = 30.0, min_rate: float = 0.0,
                   rate_window_s: float = 10.0, rate_grace_s: float = 10.0) -> Upload:
@@ -235,7 +153,7 @@ async def receive(request, dest: Path, *, max_bytes: int, max_field_bytes: int,
         "on_header_value": p.on_header_value, "on_header_end": p.on_header_end,
         "on_headers_finished": p.on_headers_finished,
     }
-    body = _Body(request, idle_s, min_rate, rate_window_s, rate_grace_s)
+    body = Body(request, idle_s, min_rate, rate_window_s, rate_grace_s)  # the rule every request body arrives by
     try:
         parser = MultipartParser(boundary, callbacks)
         while (chunk := await body.next()) is not None:
