@@ -17,7 +17,7 @@ from jobs.settings import Settings
 from jobs.storage import Storage
 from jobs.store import Job, Store
 from service.errors import ApiError, not_found
-from service.security import SESSION_COOKIE, session_of
+from service.security import SESSION_COOKIE, LoginLimiter, session_of
 
 log = logging.getLogger("clcalib.service")
 LOCAL_TENANT = "local"
@@ -105,10 +105,14 @@ def tenant_of(keys: dict[str, str], key: str) -> str | None:
     return tenant
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
+    """The caller's tenant. A Bearer key counts in the sign-in limiter like a key typed into the
+    sign-in form (one limit per address, however the keys come); async, so that the limit's
+    check, the key's comparison and the failure's count run with no other request between them
+    on the event loop (in the threadpool, concurrent guesses would all pass the check)."""
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_TENANT  # no keys configured: loopback-only single-tenant mode
@@ -123,8 +127,16 @@ def get_tenant(
     else:
         raise ApiError(401, "unauthorized", "missing API key; send Authorization: Bearer <key>",
                        headers={"WWW-Authenticate": "Bearer"})
+    limiter: LoginLimiter = request.app.state.login_limiter
+    who = LoginLimiter.client(request)
+    wait = limiter.retry_after(who)
+    if wait is not None:  # before the comparison: a limited address learns nothing, the right key included
+        raise ApiError(429, "too_many_wrong_keys", f"too many wrong API keys from your address ({limiter.max_failures} "
+                       f"in {limiter.window_s:.0f}s, by Bearer or the sign-in form); try again in {wait} s",
+                       headers={"Retry-After": str(wait)})
     tenant = tenant_of(keys, key)
     if tenant is None:
+        limiter.failed(who)
         raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant
 

@@ -98,14 +98,15 @@ def responses(*codes: int) -> dict[int, dict]:
         400: "malformed request body",
         401: "missing or unknown API key (Authorization: Bearer <key>)",
         404: "no such job or file for this tenant (others' jobs are 404 too)",
-        408: "the upload's body stalled (nothing for CLCALIB_BODY_TIMEOUT_S) or arrived slower than "
-             "CLCALIB_MIN_BODY_RATE_BYTES_S",
+        408: "the request's body stalled (nothing for CLCALIB_BODY_TIMEOUT_S; a body other than an upload's: "
+             "not complete within it) or arrived slower than CLCALIB_MIN_BODY_RATE_BYTES_S",
         409: "the job is not in a state that allows this",
-        413: "upload larger than CLCALIB_MAX_UPLOAD_BYTES",
+        413: "upload larger than CLCALIB_MAX_UPLOAD_BYTES (any other request's body: CLCALIB_MAX_FORM_BYTES)",
         415: "not multipart/form-data",
         422: "invalid input; `detail` names the problem and `field` the form field",
         429: "the tenant is at one of its limits (Retry-After): active jobs, stored upload bytes, uploads being "
-             "received, open event streams; `detail` names the setting",
+             "received, open event streams; `detail` names the setting. Or too many wrong API keys came from the "
+             "client's address (`too_many_wrong_keys`)",
         503: "a dependency (store, broker, validator) is unavailable; retry later",
         507: "the server's data disk is low (CLCALIB_MIN_FREE_BYTES kept free); retry later (Retry-After)",
     }

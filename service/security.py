@@ -21,7 +21,8 @@ rate limit on sign-in. Installed by ``create_app`` with ``add_security(app)``.
 - Sessions: sign-in stores a random id (``secrets.token_urlsafe``) in the cookie, mapped to the
   tenant in this process's memory (``Sessions``), with an expiry; sign-out drops it.
 - Sign-in is rate limited per client address (``LoginLimiter``: ``LOGIN_MAX_FAILURES`` failed
-  keys per ``LOGIN_WINDOW_S``, then 429 with Retry-After).
+  keys per ``LOGIN_WINDOW_S``, then 429 with Retry-After), and so are API keys sent as
+  ``Authorization: Bearer`` (``service.deps.get_tenant``): both count in the same limiter.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Sessions:
     def __init__(self, ttl_s: float = SESSION_TTL_S, per_tenant: int = SESSIONS_PER_TENANT, clock=time.time):
         self.ttl_s, self.per_tenant, self.clock = ttl_s, per_tenant, clock
         self._d: OrderedDict[str, Session] = OrderedDict()
-        self._lock = threading.Lock()  # get_tenant is a sync dependency: it runs in the threadpool
+        self._lock = threading.Lock()  # for a caller in the threadpool (a sync route; get_tenant is async)
 
     @staticmethod
     def _key(sid: str) -> str:
@@ -175,10 +176,12 @@ def check_form_csrf(request: Request, given: str | None, signed_in: bool) -> boo
 # --- sign-in rate limit ---------------------------------------------------------------------
 
 class LoginLimiter:
-    """At most ``max_failures`` failed sign-ins per client address in any ``window_s``; past it,
-    every sign-in from that address (the right key too) is 429 until the oldest failure leaves
-    the window. A success does not reset the count (a tenant with a key of its own could
-    otherwise reset it between guesses). IPv6 clients count per /64."""
+    """At most ``max_failures`` failed keys per client address in any ``window_s``, typed into
+    the sign-in form or sent as Authorization: Bearer; past it, every sign-in and every Bearer
+    request from that address (the right key too) is 429 until the oldest failure leaves the
+    window. A success does not reset the count (a tenant with a key of its own could otherwise
+    reset it between guesses). IPv6 clients count per /64. Used from the event loop only (the
+    sign-in route and get_tenant are async): no lock."""
 
     def __init__(self, max_failures: int = LOGIN_MAX_FAILURES, window_s: float = LOGIN_WINDOW_S,
                  clock=time.monotonic, max_clients: int = 10000):

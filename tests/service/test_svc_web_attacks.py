@@ -13,7 +13,7 @@ and in a real browser (Debian's chromium driven by Playwright).
   form is 403; the CLI (no Origin, no cookie) still works.
 - the session cookie is a random id, not the key; sign-out ends it on the server; the CSRF token
   is checked; sign-in is 429 after 10 wrong keys, and the right key works once the (here 3 s)
-  window has passed.
+  window has passed; wrong keys sent as Authorization: Bearer count in the same limit, per address.
 
 CLCALIB_SCREENSHOTS=folder keeps the screenshots."""
 
@@ -364,6 +364,39 @@ def test_login_lockout_and_recovery(keyed):
         time.sleep(wait + 0.1)
         r = c.post("/login", data={"key": "key-a", "csrf_token": token})
         assert r.status_code == 303 and "clcalib_session" in c.cookies, r.text
+
+
+def test_bearer_keys_count_in_the_sign_in_limit(keyed):
+    """Wrong keys sent as Authorization: Bearer count per address with the sign-in form's: after
+    10 the right key is 429 with Retry-After, by Bearer and by the form, while another address
+    is served; the address is served again once the window has passed. And the other way round:
+    10 wrong keys in the form, then the right key as Bearer is 429. Each client has its own
+    loopback address (127.0.0.x), as another machine would."""
+    def client(addr: str) -> httpx.Client:
+        return httpx.Client(base_url=keyed.url, timeout=30, transport=httpx.HTTPTransport(local_address=addr))
+
+    right = {"Authorization": "Bearer key-a"}
+    with client("127.0.0.7") as guesser, client("127.0.0.8") as other, client("127.0.0.9") as form_guesser:
+        for i in range(10):
+            r = guesser.get("/v1/jobs", headers={"Authorization": f"Bearer guess{i}"})
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
+        r = guesser.get("/v1/jobs", headers=right)
+        assert r.status_code == 429 and r.json()["code"] == "too_many_wrong_keys", r.text
+        wait = int(r.headers["retry-after"])
+        assert 1 <= wait <= WINDOW_S and "try again" in r.json()["detail"]
+        token = _csrf(guesser.get("/").text)
+        r = guesser.post("/login", data={"key": "key-a", "csrf_token": token})
+        assert r.status_code == 429 and "too many wrong keys" in r.text, r.text
+        assert other.get("/v1/jobs", headers=right).status_code == 200  # another address: unaffected
+        time.sleep(wait + 0.1)
+        assert guesser.get("/v1/jobs", headers=right).status_code == 200
+
+        token = _csrf(form_guesser.get("/").text)
+        for _ in range(10):
+            r = form_guesser.post("/login", data={"key": "guess", "csrf_token": token})
+            assert r.status_code == 200 and "unknown API key" in r.text
+        r = form_guesser.get("/v1/jobs", headers=right)
+        assert r.status_code == 429 and r.json()["code"] == "too_many_wrong_keys", r.text
 
 
 def test_keyless_host_allowlist_origin_and_cli(keyless, attacker, browser, calib_zip, shots):
