@@ -144,7 +144,8 @@ class ClCalib(Strict):
     # the defaults are the sound form (relational, lambda 10; docs/cl_calib.md): what --cl-calib,
     # enabled: true and the web form's checkbox get. The old rows' form: critic nce, lambda 0.1
     lambda_: float = Field(10.0, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
-    tau: float = Field(0.5, gt=0.0, le=10.0, description="critic temperature")
+    # the critic divides by tau: near 0 its logits overflow float32 (5e-324 ran to a non-finite model)
+    tau: float = Field(0.5, ge=0.01, le=10.0, description="critic temperature")
     mapping: Literal["fp_tail", "pool", "flatten"] = "fp_tail"
     tail_end: Literal["features", "logits"] = Field(
         "logits", description="for mapping=fp_tail: where the frozen FP remainder stops"
@@ -203,7 +204,8 @@ class PdQuant(Strict):
     # reconstruction MSE is that regulariser (weight 1), so KL gets 1 / 0.1 = 10
     pd_weight: float = Field(10.0, ge=0.0, le=100.0, description="weight of the KL prediction-difference term (1/lamb_r of PD-Quant)")
     temperature: float | None = Field(
-        None, gt=0.0, le=100.0, description="KL temperature; null: 4, or 1 for MobileNet-like nets (PD-Quant's scripts)"
+        None, ge=0.01, le=100.0,  # the KL divides the logits by it: near 0 they overflow (1e-300 did)
+        description="KL temperature; null: 4, or 1 for MobileNet-like nets (PD-Quant's scripts)"
     )
     reg_weight: float = Field(
         0.0, ge=0.0, le=100.0, description="extra weight of the block-output regulariser, on top of the reconstruction MSE that already is it"
@@ -216,6 +218,7 @@ def _bit_choices(v: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(v))
 
 
+MAX_BETA = 1000.0  # AdaRound's beta; its gradient beta * |2h-1|^(beta-1) is NaN far above
 MAX_LAYER_BITS = 4096  # per-layer entries a config may hold (a model's layers and activation sites)
 BitChoices = tuple[int, ...]
 
@@ -343,6 +346,8 @@ class CalibConfig(Strict):
     def _consistent(self):
         if self.beta[0] < self.beta[1] or self.beta[1] < 1:
             raise ValueError(f"beta must anneal downwards and stay >= 1 (|2h-1|^(beta-1) is infinite at h=0.5 below 1), got {self.beta}")
+        if self.beta[0] > MAX_BETA:  # beta * |2h-1|^(beta-1) overflows to inf * 0 = NaN in the gradient
+            raise ValueError(f"beta must stay <= {MAX_BETA:g} (AdaRound anneals 20 to 2), got {self.beta}")
         if ExportFormat.ONNX in self.export:
             from clcalib.export.profiles import settings_problem
 

@@ -244,6 +244,15 @@ def resized_size(w: int, h: int, pre: Preprocess) -> tuple[int, int]:
     return scaled if w <= h else scaled[::-1]
 
 
+def output_size(w: int, h: int, pre: Preprocess) -> tuple[int, int]:
+    """(height, width) of an image of ``w`` x ``h`` pixels after ``pre``'s resize and crop, as
+    ``make_transform`` gives it (a center crop pads an image smaller than itself)."""
+    if pre.crop:
+        return pre.crop, pre.crop
+    rw, rh = resized_size(w, h, pre)
+    return rh, rw
+
+
 def check_set_bytes(what: str, count: int, shape: tuple[int, ...], limits: Limits) -> None:
     """Refuse a set of ``count`` images of ``shape`` whose float32 tensor passes ``max_tensor_bytes``."""
     need = count * 4 * math.prod(shape)

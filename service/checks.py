@@ -135,20 +135,24 @@ def _images(path: str, role: str, cfg, lim, sample: int, used: int | None = None
     memory budget."""
     import torch
 
-    from clcalib.data import DataError, ImageSource, check_set_bytes, decoded
+    from clcalib.data import DataError, ImageSource, check_set_bytes, decoded, output_size, shown
 
     src = ImageSource(path, lim)
     try:
         names = src.names
         pick = sorted(random.Random(0).sample(names, min(sample, len(names))))
         chosen = set(pick)
-        for n in names:  # every image's header: readable, under the pixel cap
-            if n not in chosen:
-                _header(src, n, lim.max_image_pixels, DataError)
         kept: list = []
         for t in decoded(src, pick, cfg.preprocess):
             if len(kept) < 2:
                 kept.append(t)
+        size = tuple(kept[0].shape[-2:])
+        for n in names:  # every other image's header: readable, under the pixel cap, the sample's size after preprocess
+            if n not in chosen:
+                got = output_size(*_header(src, n, lim.max_image_pixels, DataError), cfg.preprocess)
+                if got != size:
+                    raise DataError(f"{shown(n)}: comes out {got[0]}x{got[1]} after preprocess, the other images "
+                                    f"{size[0]}x{size[1]}; set preprocess.resize and preprocess.crop")
         if used is not None:  # the calibration set is held in memory; evaluation streams in batches
             check_set_bytes(role, min(len(names), used), tuple(kept[0].shape), lim)
         return names, torch.stack(kept)
@@ -227,7 +231,7 @@ def _bits_fit(model, is_program: bool, cfg, x) -> None:
 
     try:
         qm = QuantModel(model, QuantSpec.from_config(cfg), x[:2].float(), Partition.GRAPH if is_program else cfg.partition)
-        check_budget(qm, cfg)
+        check_budget(qm, cfg, x[:1].float())
     except ConfigError as e:
         raise _Refused("config", "bad_config", str(e)) from None
 
@@ -305,7 +309,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
-def _header(src, name: str, max_pixels: int, DataError) -> None:
+def _header(src, name: str, max_pixels: int, DataError) -> tuple[int, int]:
+    """(width, height) from the image's header, refused when unreadable or over the pixel cap."""
     import io
 
     from PIL import Image
@@ -317,6 +322,7 @@ def _header(src, name: str, max_pixels: int, DataError) -> None:
         raise DataError(f"{name}: not a readable image ({e})") from None
     if w * h > max_pixels:
         raise DataError(f"{name}: {w}x{h} pixels, more than the cap of {max_pixels}")
+    return w, h
 
 
 def _strip(msg: str, path: str, role: str) -> str:

@@ -69,6 +69,13 @@ def test_a_budget_below_the_smallest_model_is_one_line(reference, fmnist):
             check_budget(qm, cfg)
     cfg = CalibConfig(budget={"w_bits_avg": 2.0}, first_last_bits=None)  # first/last free too: 2 bits fit
     check_budget(QuantModel(net, QuantSpec.from_config(cfg), fmnist["train"][:2], cfg.partition), cfg)
+    # an activation budget: its sizes need one image through the model; refused before any measuring
+    cfg = CalibConfig(budget={"a_bits_avg": 2.0})  # first/last stay at 8 bits: above 2 on average
+    qm = QuantModel(net, QuantSpec.from_config(cfg), fmnist["train"][:2], cfg.partition)
+    with pytest.raises(ConfigError, match=r"budget.a_bits_avg 2 is below the smallest average these choices allow "
+                                          r"\(2\.\d+ bits: every free activation at 2 bits"):
+        check_budget(qm, cfg, fmnist["train"][:1])
+    check_budget(qm, CalibConfig(budget={"a_bits_avg": 2.5}), fmnist["train"][:1])
 
 
 def test_layer_bits_set_the_named_sites_only(reference, fmnist):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clcalib.errors import ConfigError
-from clcalib.mixed.sensitivity import SiteCost, weight_site
+from clcalib.mixed.sensitivity import SiteCost, act_sites, weight_site
 
 
 @dataclass
@@ -82,9 +82,7 @@ def allocate(costs: list[SiteCost], *, weight_bytes: int | None = None, w_bits_a
         total = sum(c.size for c in acts)
         row = np.array([c.size * b if c.kind == "act" else 0 for c, b in var], float)
         rest = a_bits_avg * total - sum(c.size * c.bits for c in acts if c.fixed)
-        if sum(c.size * min(c.cost) for c in acts if not c.fixed) > rest + 1e-6:
-            raise ConfigError(f"an average of {a_bits_avg:g} activation bits is below the smallest these choices "
-                              "allow; raise budget.a_bits_avg or allow fewer bits in budget.a_choices")
+        _check_act_floor(costs, a_bits_avg)
         cons.append(LinearConstraint(row[None], -np.inf, rest))
     # the cost is a divergence: a width that costs nothing more than a smaller one is never worse
     cost = np.array([max(c.cost[b], 0.0) for c, b in var])
@@ -97,14 +95,29 @@ def allocate(costs: list[SiteCost], *, weight_bytes: int | None = None, w_bits_a
                       float(sum(c.cost[bits[c.name]] for c in free)))
 
 
-def check_budget(qm, config) -> None:
+def _check_act_floor(costs: list[SiteCost], a_bits_avg: float) -> None:
+    """An activation budget below every free activation site at its fewest bits (fixed ones at
+    theirs): refused in one line naming that smallest average."""
+    low = {c.name: min(c.choices) for c in costs if c.kind == "act" and not c.fixed}
+    floor = size_of(costs, low)[2]
+    if floor is not None and floor > a_bits_avg + 1e-9:
+        raise ConfigError(f"budget.a_bits_avg {a_bits_avg:g} is below the smallest average these choices allow "
+                          f"({floor:.3f} bits: every free activation at {min(min(c.choices) for c in costs if c.kind == 'act')} "
+                          "bits, the first and last at first_last_bits); raise it, or allow fewer bits in "
+                          "budget.a_choices")
+
+
+def check_budget(qm, config, images=None) -> None:
     """Refuse, before anything is measured, a weight budget (or every rung of a target's ladder)
     below the smallest model the choices allow: every free layer at its fewest bits, first/last
-    and layer_bits' sites at theirs. One line naming that smallest size."""
+    and layer_bits' sites at theirs. With ``images`` (one is enough: it counts each activation's
+    elements), an activation budget too. One line naming that smallest size."""
     from clcalib.quant.layer import QuantLayer
     from clcalib.quant.sites import site_modules
 
     b, t = config.budget, config.target
+    if b is not None and b.a_bits_avg is not None and images is not None:
+        _check_act_floor(list(act_sites(qm, images[:1], b.a_choices).values()), b.a_bits_avg)
     choices = b.w_choices if b is not None else (t.w_choices if t is not None else None)
     if choices is None:
         return

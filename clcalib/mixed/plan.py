@@ -65,7 +65,7 @@ def sensitivity(fp_model, calib: Tensor, config: CalibConfig, emit: ProgressCall
         evaluation = (evaluation[0].to(device), evaluation[1].to(device))
     with exact_numerics():
         qm = QuantModel(fp_model, QuantSpec.from_config(config), x[:2], config.partition).to(device)
-        check_budget(qm, config)  # a budget no model meets: refused before minutes of measuring
+        check_budget(qm, config, x)  # a budget no model meets: refused before minutes of measuring
 
         def on_site(i: int, total: int, name: str) -> None:
             emit(ProgressEvent(stage="sensitivity", unit=i - 1, num_units=total, unit_name=name,

@@ -84,6 +84,17 @@ def _act_elements(qm, images: Tensor, quantizers: dict[str, ActQuantizer]) -> di
 
 
 @torch.no_grad()
+def act_sites(qm, images: Tensor, choices: tuple[int, ...]) -> dict[str, SiteCost]:
+    """The activation quantizers that see data (one image passed FP through ``qm``), as sites
+    before anything is measured: elements per image, configured bits, ``choices``."""
+    fixed = {id(m) for m in getattr(qm, "first_last", [])}
+    acts = {n: m for n, m in site_modules(qm.model).items() if isinstance(m, ActQuantizer)}
+    with quantization(qm, False):
+        elements = _act_elements(qm, images, acts)
+    return {n: SiteCost(n, "act", k, bits_of(acts[n]), id(acts[n]) in fixed, tuple(choices)) for n, k in elements.items()}
+
+
+@torch.no_grad()
 def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tuple[int, ...] | None, mse: bool,
             evaluation: tuple[Tensor, Tensor] | None = None,
             on_site: Callable[[int, int, str], None] | None = None) -> list[SiteCost]:
@@ -93,18 +104,16 @@ def measure(qm, images: Tensor, w_choices: tuple[int, ...] | None, a_choices: tu
     (images, labels): also each site's real top-1 drop there, to check the proxy."""
     sites = site_modules(qm.model)
     fixed = {id(m) for m in getattr(qm, "first_last", [])}
+    acts = act_sites(qm, images, a_choices or ())
     with quantization(qm, False):
-        acts = {n: m for n, m in sites.items() if isinstance(m, ActQuantizer)}
-        elements = _act_elements(qm, images, acts)
         ref = _log_probs(qm, images)
         fp_top1 = _top1(qm, *evaluation) if evaluation is not None else None
     todo = [(n, m) for n, m in sites.items()
-            if (w_choices is not None and isinstance(m, QuantLayer)) or (a_choices is not None and n in elements)]
+            if (w_choices is not None and isinstance(m, QuantLayer)) or (a_choices is not None and n in acts)]
     out: list[SiteCost] = []
     for i, (name, m) in enumerate(todo):
         weight = isinstance(m, QuantLayer)
-        sc = weight_site(name, m, id(m) in fixed, w_choices) if weight else \
-            SiteCost(name, "act", elements[name], bits_of(m), id(m) in fixed, tuple(a_choices))
+        sc = weight_site(name, m, id(m) in fixed, w_choices) if weight else acts[name]
         given = bits_of(m)
         for b in sc.choices:
             set_bits(m, b)

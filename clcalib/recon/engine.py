@@ -8,6 +8,7 @@ resumes after unit k gives exactly the result of an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from clcalib.config import CalibConfig, Granularity
+from clcalib.errors import ConfigError
 from clcalib.graph.partition import QuantModel
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.activation import ActQuantizer
@@ -252,6 +254,13 @@ class _Progress:
         mean = float(rec_sum) / done
         for key, v in added.items():
             curves.setdefault(key, []).append(float(v) / done)
+        bad = [k for k, v in [("reconstruction", mean)] + [(k, c[-1]) for k, c in curves.items() if k in added]
+               if not math.isfinite(v)]
+        if bad:  # stop now: the rest of the run, and its export, would only carry NaN forward
+            raise ConfigError(
+                f"unit {self.rec.qm.unit_names[self.k]}: the {' and '.join(bad)} loss became non-finite by iteration "
+                f"{it + 1}; a setting is too extreme for this model (lr_round, lr_act, round_weight, beta, "
+                "cl_calib.lambda/tau, pdquant.pd_weight/temperature): bring it toward its default")
         r = self.rec
         rate = (time.perf_counter() - self.t) / (it + 1)
         remaining = (self.iters - it - 1) * rate + (len(r.units) - self.k - 1) * self.iters * rate

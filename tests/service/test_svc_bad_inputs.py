@@ -231,6 +231,10 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("calibration: images of different sizes, no resize",
          w(calibration=zip_of({**fine_imgs, "big.png": png(np.zeros((56, 56), np.uint8))})), 422, "bad_data",
          "different sizes"),
+        ("calibration: one image of another size outside the decoded sample (its header is read, not decoded)",
+         w(calibration=zip_of({f"{i:03d}.png": png(np.zeros((29, 29), np.uint8)) if i == 1 else fine_imgs["0.png"]
+                               for i in range(300)})), 422, "bad_data",  # 001.png: not in the seeded sample of 64
+         "'001.png': comes out 29x29 after preprocess, the other images 28x28; set preprocess.resize"),
         ("calibration: a text file, not an archive", w(calibration=b"just text\n" * 10), 422, "bad_data",
          "not a folder, zip or tar"),
         ("calibration: .npy of shape (10, 784) (not N x C x H x W)",
@@ -286,6 +290,10 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
         ("config: a weight budget below the smallest model (checked in the sandbox)",
          w(config=json.dumps({**TINY, "budget": {"weight_mb": 0.001}})), 422, "bad_config",
          "below the smallest model these choices allow"),
+        ("config: an activation budget below the smallest model (checked in the sandbox, before the minutes of "
+         "measuring a job spent first)",
+         w(config=json.dumps({**TINY, "budget": {"a_bits_avg": 2.0}})), 422, "bad_config",
+         "budget.a_bits_avg 2 is below the smallest average these choices allow"),
         ("config: layer_bits naming a layer the model does not have",
          w(config=json.dumps({**TINY, "layer_bits": {"layer9.conv1": 2}})), 422, "bad_config",
          "does not have, e.g. 'layer9.conv1'"),
