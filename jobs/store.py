@@ -57,6 +57,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from jobs.states import ACTIVE, TERMINAL, State
 
 PROGRAM = "program"  # the arch of a job whose model is an uploaded torch.export program (.pt2)
+MIN_WORK_S = 1.0  # check seconds below which a job's time is mostly the worker's start-up: not a speed
 
 
 class Base(DeclarativeBase):
@@ -305,19 +306,23 @@ class Store:
                     raise TooManyJobs(active - 1, max_active)  # rolls the insert back
         return Job.of(row)
 
-    def speed_factor(self, recent: int = 20) -> tuple[float | None, int]:
+    def speed_factor(self, owner: str, recent: int = 20) -> tuple[float | None, int]:
         """(median of calibration seconds / the upload check's ``work_s``, jobs it is from) over
-        the last ``recent`` succeeded jobs that have both: how much faster or slower this
-        service's workers are than the check's measure. (None, 0) before any such job."""
+        ``owner``'s last ``recent`` succeeded jobs that have both and at least ``MIN_WORK_S`` of
+        work: how much faster or slower this service's workers are than the check's measure.
+        (None, 0) before any such job. One tenant's jobs only: another's cannot skew it (a run of
+        tiny jobs once made every tenant's estimate 45x too long) nor read their times from it;
+        tiny jobs, whose time is the worker's fixed start-up cost, do not count."""
         with self.session() as s:
-            rows = s.execute(select(JobRow.history, JobRow.metrics).where(JobRow.state == State.SUCCEEDED)
+            rows = s.execute(select(JobRow.history, JobRow.metrics)
+                             .where(JobRow.state == State.SUCCEEDED, JobRow.owner == owner)
                              .order_by(JobRow.finished_at.desc()).limit(5 * recent)).all()
         ratios = []
         for history, metrics in rows:
             first = (history or [{}])[0]
             work = first.get("work_s") if isinstance(first, dict) else None
             took = (metrics or {}).get("total_seconds")
-            if isinstance(work, (int, float)) and work > 0 and isinstance(took, (int, float)) and took > 0:
+            if isinstance(work, (int, float)) and work >= MIN_WORK_S and isinstance(took, (int, float)) and took > 0:
                 ratios.append(took / work)
             if len(ratios) >= recent:
                 break

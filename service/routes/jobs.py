@@ -96,13 +96,13 @@ def _check_bytes(settings: Settings, stored: int, incoming: int) -> None:
                        headers={"Retry-After": "300"})
 
 
-async def _submitted(store, checked: dict, model_file: str | None) -> dict:
+async def _submitted(store, tenant: str, checked: dict, model_file: str | None) -> dict:
     """The submit's record (``Job.submitted``): the model's file name and the time estimate, the
-    check's measured work times the ratio recent jobs took on this service's workers."""
+    check's measured work times the ratio the tenant's recent jobs took on this service's workers."""
     out: dict = {"model_file": model_file} if model_file else {}
     work = checked.get("work_s")
     if isinstance(work, (int, float)) and 0 < work < 1e9:
-        factor, basis = await run_in_threadpool(store.speed_factor)
+        factor, basis = await run_in_threadpool(store.speed_factor, tenant)
         out.update(work_s=float(work), estimate_s=round(float(work) * (factor or 1.0), 1), estimate_basis=basis)
     return out
 
@@ -230,7 +230,7 @@ async def _submit(request: Request, tenant: str, settings: Settings, store, stor
                 store.create, id=job_id, owner=tenant, arch=arch, num_classes=num_classes,
                 config=config.model_dump(mode="json", by_alias=True), inputs=inputs,
                 upload_bytes=up.total_bytes, max_active=settings.max_active_jobs,
-                submitted=await _submitted(store, checked, display_name(up.filenames.get("model")) if program else None),
+                submitted=await _submitted(store, tenant, checked, display_name(up.filenames.get("model")) if program else None),
             )  # committed before the id is sent
         except TooManyJobs as e:  # another API process's submits took the slots meanwhile
             limits.refuse("max_active_jobs")

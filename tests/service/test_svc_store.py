@@ -117,13 +117,22 @@ def test_claim_next_takes_over_its_stale_hint_when_nothing_is_queued(store):
 def test_the_time_estimate_scales_by_what_finished_jobs_took(store):
     """Issue 30: a job's estimate is the upload check's measured work times the median ratio of
     time taken to work over recent finished jobs; the submit's record keeps the model's file name."""
-    assert store.speed_factor() == (None, 0)
-    for work, took in ((10.0, 30.0), (20.0, 40.0), (5.0, 50.0)):  # ratios 3, 2, 10: median 3
+    assert store.speed_factor("t") == (None, 0)
+
+    def done(owner: str, work: float, took: float) -> str:
         jid = new_job_id()
-        store.create(id=jid, owner="t", arch="program", num_classes=10, config={}, inputs={}, upload_bytes=1,
+        store.create(id=jid, owner=owner, arch="program", num_classes=10, config={}, inputs={}, upload_bytes=1,
                      submitted={"model_file": "vit.pt2", "work_s": work})
         store.claim(jid, "w", stale_after_s=60, max_attempts=3)
         assert store.finish(jid, 1, State.SUCCEEDED, metrics={"total_seconds": took}, artifacts=[])
+        return jid
+
+    for work, took in ((10.0, 30.0), (20.0, 40.0), (5.0, 50.0)):  # ratios 3, 2, 10: median 3
+        jid = done("t", work, took)
     make(store)  # a job without a record does not count, and has no model file
-    assert store.speed_factor() == (3.0, 3)
+    assert store.speed_factor("t") == (3.0, 3)
     assert store.get(jid).model_file == "vit.pt2" and store.get(jid).submitted["work_s"] == 5.0
+    # another tenant's run of tiny jobs (ratio 1000 each) moves neither t's factor nor its own
+    for _ in range(12):
+        done("u", 0.001, 1.0)
+    assert store.speed_factor("t") == (3.0, 3) and store.speed_factor("u") == (None, 0)
