@@ -10,7 +10,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
-CL=${CL:-'{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}'}
+CL=${CL:-'{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5,"every":1}'}
 MODEL=${MODEL:-resnet18} METHOD=${METHOD:-qdrop} SEEDS=${SEEDS:-0 1 2}
 OUT=bench/results/cpu_cl_iters2000.jsonl
 run() { python -m bench.accuracy --models "$MODEL" --bits "$1" --methods "$METHOD" --seeds "$2" --iters 2000 --jobs 1 \

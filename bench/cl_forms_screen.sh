@@ -14,8 +14,8 @@ if [ "${DIAG:-1}" = 1 ]; then
   python -m bench.cl_diagnose --bits W2A2 --iters 200 --cl "$NEW" --out bench/results/cl_diagnose_relational.json > bench/results/cl_diagnose_relational.md
 fi
 OUT=bench/results/cpu_cl_forms_screen_iters200.jsonl
-V='[{"cl_calib":{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5}},
-    {"cl_calib":{"mapping":"pool","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.1}}]'
+V='[{"cl_calib":{"mapping":"fp_tail","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.5,"every":1}},
+    {"cl_calib":{"mapping":"pool","tail_end":"logits","critic":"relational","negatives":"batch","lambda":10.0,"tau":0.1,"every":1}}]'
 for bits in ${BITS:-W2A2}; do
   python -m bench.accuracy --models resnet18 --bits $bits --methods qdrop --seeds 0,1 --iters 200 --jobs 1 --threads 1 --out $OUT --cl off
   python -m bench.accuracy --models resnet18 --bits $bits --methods qdrop --seeds 0,1 --iters 200 --jobs 1 --threads 1 --out $OUT --cl on --overrides "$V"

@@ -2,7 +2,7 @@
 # The CL-Calib ablation of issue 4 on the CPU, at one iteration count for every row (200, as the
 # CPU table of issue 2). Every CL row names its whole cl_calib block in --overrides, so a row keeps
 # its meaning whatever the shipped defaults become.
-#   CL='{"mapping":"fp_tail","tail_end":"logits","critic":"nce","negatives":"batch","lambda":0.1,"tau":0.5}' \
+#   CL='{"mapping":"fp_tail","tail_end":"logits","critic":"nce","negatives":"batch","lambda":0.1,"tau":0.5,"every":1}' \
 #     bench/cl_table.sh [all|table|sweeps|w4a4]
 # Phases: the 2-bit table (both models), the sweeps (resnet18 W2A4, and the mappings at W4A2), then W4A4.
 set -u

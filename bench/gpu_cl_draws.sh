@@ -2,7 +2,8 @@
 # Issue 28's draws table on one GPU at the papers' schedule (2000 iterations per unit), in one
 # device call (device tool: carry [".gpu"], timeout_s 600; .gpu/ from `bash bench/make_gpu_carry.sh`):
 # bench/cl_draws.sh per setting (draws 0..4 of 128 of the 1024 carried train images; qdrop, then
-# qdrop + CL in the shipped form, its step captured in the CUDA graph), each row appended to
+# qdrop + CL in the shipped form: every 8th iteration held between, two CUDA graphs; CL='{"every": 1}'
+# for the every-iteration form of the CPU table's first rows), each row appended to
 # $OUT/gpu_cl_draws.jsonl as it finishes; whatever runs at $DEADLINE seconds is stopped.
 # Settings, in order: where CL helped on the CPU at 500 it (mobilenet_v2 W4A2, W2A2, resnet18
 # W4A2), then where it did not (mobilenet_v2 W2A4). Afterwards, here:

@@ -21,14 +21,15 @@ bench gpu_r18_qdrop_20000 --models resnet18 --bits W4A4 --methods qdrop --seeds 
 bench gpu_table_r18 --models resnet18 --methods qdrop,brecq,adaround,mse,minmax --iters 2000 --jobs 3 &
 bench gpu_table_mbv2 --models mobilenet_v2 --methods qdrop,brecq,adaround,mse,minmax --iters 2000 --jobs 2 &
 # CL-Calib ablation on resnet18 W2A4, one seed per variant, around the defaults of then (nce,
-# lambda 0.1; stated here since the shipped default is now relational, lambda 10)
-O='"critic": "nce", "lambda"'
+# lambda 0.1, every iteration; stated here since the shipped default is now relational, lambda 10,
+# every 8th iteration held between)
+O='"every": 1, "critic": "nce", "lambda"'
 bench gpu_cl_sweep --models resnet18 --bits W2A4 --methods qdrop --cl on --seeds 0 --iters 2000 --jobs 2 --overrides "[
  {\"cl_calib\": {$O: 0.01}}, {\"cl_calib\": {$O: 1.0}}, {\"cl_calib\": {$O: 0.1, \"tau\": 0.1}}, {\"cl_calib\": {$O: 0.1, \"tau\": 1.0}},
- {\"cl_calib\": {$O: 0.1, \"mapping\": \"pool\"}}, {\"cl_calib\": {$O: 0.1, \"mapping\": \"flatten\"}}, {\"cl_calib\": {\"critic\": \"infonce\", \"lambda\": 0.1}},
+ {\"cl_calib\": {$O: 0.1, \"mapping\": \"pool\"}}, {\"cl_calib\": {$O: 0.1, \"mapping\": \"flatten\"}}, {\"cl_calib\": {\"every\": 1, \"critic\": \"infonce\", \"lambda\": 0.1}},
  {\"cl_calib\": {$O: 0.1, \"negatives\": \"bank\"}}, {\"cl_calib\": {$O: 0.1, \"symmetric\": true}}, {\"cl_calib\": {$O: 0.1, \"rec_weight\": 0.0}}]" &
 bench gpu_cl_r18 --models resnet18 --bits W2A4,W4A2,W2A2,W4A4 --methods qdrop,pdquant --cl on --iters 2000 --jobs 2 \
-  --overrides '{"cl_calib": {"critic": "nce", "lambda": 0.1}}' &
+  --overrides '{"cl_calib": {"every": 1, "critic": "nce", "lambda": 0.1}}' &
 bench gpu_pd_r18 --models resnet18 --bits W2A4,W4A2,W2A2,W4A4 --methods pdquant --iters 2000 --jobs 1 &
 wait
 nvidia-smi --query-gpu=name,memory.used --format=csv

@@ -14,7 +14,7 @@ mkdir -p /tmp/res
 b() { out=$1; shift; timeout "$T" python3 -m bench.accuracy $c --out "/tmp/res/$out.jsonl" "$@" > "/tmp/res/$out.log" 2>&1; }
 for bits in W4A4 W2A4 W4A2 W2A2; do b "q_$bits" --methods qdrop --bits $bits & done
 for bits in W2A4 W4A2; do b "b_$bits" --methods brecq --bits $bits & b "a_$bits" --methods adaround --bits $bits & done
-b cl_W2A4 --methods qdrop --cl on --bits W2A4 --overrides '{"cl_calib": {"critic": "nce", "lambda": 0.1}}' &  # the form of then
+b cl_W2A4 --methods qdrop --cl on --bits W2A4 --overrides '{"cl_calib": {"every": 1, "critic": "nce", "lambda": 0.1}}' &  # the form of then
 b pd_W2A4 --methods pdquant --bits W2A4 &
 timeout "$T" python3 -m clcalib.cli calibrate --arch resnet18 --num-classes 10 --weights .gpu/fmnist_resnet18.safetensors \
   --calib .gpu/fmnist_train_1024.zip --eval .gpu/fmnist_test_10k.zip --method qdrop --w-bits 4 --a-bits 4 --iters 20000 \

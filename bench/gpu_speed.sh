@@ -10,7 +10,8 @@
 #   3. timed one at a time: resnet18 W2A4 2000 it/unit at 28 px, clcalib (seed 0) then the
 #      official code; 224 px (images resized: times only, the 28 px model is near chance on
 #      them) W4A4 200 it/unit, both; mobilenet_v2 W2A4 2000 it; resnet18 W2A4 2000 it with
-#      CL-Calib (its time against the qdrop run's: the terms now replay inside the CUDA graph);
+#      CL-Calib on every iteration, and mobilenet_v2 with three forms of it (their times against
+#      the qdrop runs': the terms replay inside the CUDA graphs);
 #   4. then together (times not compared): resnet18 qdrop W4A4 and W2A4 at 20000 it/unit;
 #      resnet50 (seeded random init, no trained weights here) at 224 px, 1024 images, with its
 #      peak GPU memory. (A session's 15 device minutes hold this script once; the CL draws
@@ -60,12 +61,15 @@ stage 3 && peer peer_r18_W2A4_2000 --bits W2A4 --iters $LONG
 stage 3 && acc r18_W4A4_200_224px --models resnet18 --bits W4A4 --methods qdrop --iters $MID --overrides "$UP"
 stage 3 && peer peer_r18_W4A4_200_224px --bits W4A4 --iters $MID --resize $PX --eval-limit 1000
 stage 3 && acc mbv2_W2A4_2000 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG
-stage 3 && acc r18_W2A4_2000_cl --models resnet18 --bits W2A4 --methods qdrop --iters $LONG --cl on
-# CL's overhead on the GPU (issue 28: <= 1.3x), against the runs above without it: the whole FP tail (captured), two
-# units of it, and the tail on every 8th iteration with its gradient held between (two graphs: the turns, the rest)
-stage 3 && acc mbv2_W2A4_2000_cl --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on
+stage 3 && acc r18_W2A4_2000_cl --models resnet18 --bits W2A4 --methods qdrop --iters $LONG --cl on \
+  --overrides '{"cl_calib": {"every": 1}}'
+# CL's overhead on the GPU (issue 28: <= 1.3x), against the runs above without it: the whole FP tail on every
+# iteration (one graph), two units of it, and the shipped form, the tail on every 8th iteration with its gradient
+# held between (two graphs: the turns, the rest)
+stage 3 && acc mbv2_W2A4_2000_cl --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on \
+  --overrides '{"cl_calib": {"every": 1}}'
 stage 3 && acc mbv2_W2A4_2000_cl_tail2 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on \
-  --overrides '{"cl_calib": {"tail_units": 2}}'
+  --overrides '{"cl_calib": {"every": 1, "tail_units": 2}}'
 stage 3 && acc mbv2_W2A4_2000_cl_hold8 --models mobilenet_v2 --bits W2A4 --methods qdrop --iters $LONG --cl on \
   --overrides '{"cl_calib": {"every": 8, "hold": true}}'
 

@@ -36,7 +36,9 @@ def committed(name: str) -> list[dict]:
 # fields a table shows in its headings and columns, or that every run sets for itself
 _SHOWN = {"method", "w_bits", "a_bits", "iters", "seed", "device", "calib_size", "preprocess"}
 # rows made before rows recorded their resolved config ran with these defaults of then
-_BEFORE_CONFIG = {"act_range_p": 2.0, "cl_calib": {"critic": "nce", "lambda": 0.1}}
+_BEFORE_CONFIG = {"act_range_p": 2.0, "cl_calib": {"critic": "nce", "lambda": 0.1, "every": 1, "hold": False}}
+# keys a recorded config may lack (made before the key existed): what those rows ran with
+_BEFORE_KEY = {"cl_calib": {"every": 1, "hold": False}}
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +69,8 @@ def settings(r: dict) -> dict:
     resolved config where recorded, else its overrides on top of the defaults of then. So a row
     keeps its meaning after a default moves, and rows that ran alike share a label whether
     they asked for a setting or got it by default."""
-    cfg = r.get("config") or _merge({**defaults(), **_BEFORE_CONFIG}, r.get("overrides", {}))
+    cfg = _merge(_BEFORE_KEY, r["config"]) if r.get("config") else \
+        _merge({**defaults(), **_BEFORE_CONFIG}, r.get("overrides", {}))
     d = _diff({k: v for k, v in cfg.items() if k not in _SHOWN}, defaults())
     if not (r.get("cl") or (cfg.get("cl_calib") or {}).get("enabled")):
         d.pop("cl_calib", None)  # the block of a run without CL-Calib changes nothing

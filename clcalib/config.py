@@ -134,15 +134,18 @@ class Preprocess(Strict):
         return v
 
 
+DEFAULT_CL_EVERY = 8  # the tail on every 8th iteration, held between (docs/cl_calib.md)
+
+
 class ClCalib(Strict):
     """CL-Calib: contrastive term added to each unit's reconstruction loss."""
 
     enabled: bool = Field(False, description="add the contrastive term to each unit's loss; measured to help with "
-                          "2-bit activations (W4A2, W2A2: +0.1 to +3.5 points over 5 draws of 128 images), not with "
-                          "4-bit ones, at 1.7-3.3x the calibration time on the CPU, 1.2-1.3x with every 8 and hold "
-                          "(docs/cl_calib.md)")
-    # the defaults are the sound form (relational, lambda 10; docs/cl_calib.md): what --cl-calib,
-    # enabled: true and the web form's checkbox get. The old rows' form: critic nce, lambda 0.1
+                          "2-bit activations (W4A2, W2A2: +0.3 to +3.4 points over 5 draws of 128 or 1024 images), "
+                          "not with 4-bit ones, at 1.2-1.3x qdrop's time on the CPU (docs/cl_calib.md)")
+    # the defaults are the best measured form (relational, lambda 10, the tail every 8th iteration with
+    # its gradient held between; docs/cl_calib.md): what --cl-calib, enabled: true and the web form's
+    # checkbox get. Every iteration: every 1. The old rows' form: critic nce, lambda 0.1, every 1
     lambda_: float = Field(10.0, alias="lambda", ge=0.0, le=100.0, description="weight of L_CL")
     # the critic divides by tau: near 0 its logits overflow float32 (5e-324 ran to a non-finite model)
     tau: float = Field(0.5, ge=0.01, le=10.0, description="critic temperature")
@@ -170,21 +173,35 @@ class ClCalib(Strict):
     # it cheaper; in pulses (no hold) every 8 lost the gain at mobilenet_v2 W4A2 (-3.6 points
     # instead of +2.6), held between turns it kept it (+3.4)
     every: int = Field(
-        1, ge=1, le=1000,
-        description="the term (and its fp_tail pass) on every k-th iteration only: with hold, its gradient held "
-        "between turns (kept the gain at 1.05-1.3x qdrop's time on the CPU); without, weighted k times in pulses "
-        "(lost the gain; docs/cl_calib.md); 1: every iteration",
+        DEFAULT_CL_EVERY, ge=1, le=1000,
+        description="the term (and its fp_tail pass) on every k-th iteration only: with hold (the default), its "
+        "gradient held between turns (the every-iteration form's gain at 1.2-1.3x qdrop's time on the CPU, against "
+        "2-3x); with hold false, weighted k times in pulses (lost the gain; docs/cl_calib.md); 1: every iteration",
     )
     # every: k alone sends the term in pulses of k * lambda; hold reuses the gradient of the last
     # turn on the k - 1 iterations between, at lambda: a steady pull for 1/k of the tail's cost
     hold: bool = Field(
-        False,
-        description="with every = k: the term's gradient from its last turn is added again on the k - 1 iterations "
-        "between, each weighted lambda (a steady pull instead of pulses)",
+        True,
+        description="with every = k > 1: the term's gradient from its last turn is added again on the k - 1 "
+        "iterations between, each weighted lambda (a steady pull instead of pulses); left out or null: true when "
+        "every > 1, false with every 1",
     )
     rec_weight: float = Field(
         1.0, ge=0.0, le=1.0, description="weight of the reconstruction MSE; 0 keeps only L_CL"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hold_follows_every(cls, data):
+        # hold left out: held when the term skips iterations, so {"every": 1} alone is the
+        # every-iteration form and {"every": 8} the held one; hold false asks for the pulses
+        if isinstance(data, dict) and data.get("hold") is None:
+            try:
+                every = int(data.get("every", DEFAULT_CL_EVERY))
+            except (TypeError, ValueError):
+                return data  # every's own error says what is wrong
+            data = {**data, "hold": every > 1}
+        return data
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> ClCalib:
@@ -375,7 +392,9 @@ class CalibConfig(Strict):
         return self.seed if self.calib_seed is None else self.calib_seed
 
     def summary(self) -> str:
-        cl = f"+CL({self.cl_calib.critic}, lambda {self.cl_calib.lambda_:g})" if self.cl_calib.enabled else ""
+        c = self.cl_calib
+        every = "" if c.every == 1 else f", every {c.every}" + (" held" if c.hold else " in pulses")
+        cl = f"+CL({c.critic}, lambda {c.lambda_:g}{every})" if c.enabled else ""
         return (f"{self.method.value}{cl} W{self.w_bits}A{self.a_bits} iters={self.iters} seed={self.seed} "
                 f"calib_draw={self.calib_draw}")
 

@@ -114,8 +114,8 @@ def _kwargs(f: FieldInfo) -> dict[str, Any]:
     ann = f.annotation
     nullable = _nullable_field(f)
     base = next(a for a in typing.get_args(ann) if a is not type(None)) if nullable else ann
-    if base is bool:
-        return {"action": "store_true"}
+    if base is bool:  # --x sets true, --no-x false (a default may be true: cl_calib.hold)
+        return {"action": argparse.BooleanOptionalAction}
     if isinstance(base, type) and issubclass(base, Enum):
         return {"choices": [m.value for m in base]}
     if typing.get_origin(base) is Literal:
@@ -153,7 +153,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             bits.append("'none' for null")
         if f.is_required():
             bits.append("required in this section")
-        elif kw.get("action") != "store_true":
+        elif kw.get("action") is not argparse.BooleanOptionalAction:
             bits.append(f"default: {_shown(f.default)}")
         group = groups[path.split(".")[0] if "." in path else ""]
         group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS,

@@ -21,7 +21,9 @@ def test_cl_rows_of_the_old_default_form_say_so_and_base_rows_carry_no_cl_block(
     old_cl = {**defaults()["cl_calib"], "enabled": True, "critic": "nce", "lambda": 0.1}
     assert label(_row(cl=True, config={**defaults(), "cl_calib": old_cl})) == \
         'qdrop+CL {"cl_calib": {"critic": "nce", "lambda": 0.1}}'
-    assert label(_row(cl=True, overrides={"act_range_p": 2.4})) == 'qdrop+CL {"cl_calib": {"critic": "nce", "lambda": 0.1}}'
+    # a row from before configs were recorded: the form of then, the term on every iteration
+    assert label(_row(cl=True, overrides={"act_range_p": 2.4})) == \
+        'qdrop+CL {"cl_calib": {"critic": "nce", "every": 1, "hold": false, "lambda": 0.1}}'
     base = {**defaults(), "cl_calib": {**old_cl, "enabled": False}}  # a base row made before the default moved
     assert label(_row(config=base)) == "qdrop"
 
@@ -134,8 +136,9 @@ def test_draws_from_a_larger_supply_are_other_runs_with_their_own_table_row():
                 rows.append({**spec, "cl": on, "calib_supplied": supply, "config": cfg, "quant_top1": top1,
                              "calib_seconds": 1.0})
     got = draws_table(rows)
-    assert "| 1024 | 500 | 2 | 56.50 ± 0.71 | base + CL: 58.50 ± 0.71 |" in got
-    assert "| 1024 of 8192 | 500 | 2 | 60.50 ± 0.71 | base + CL: 59.50 ± 0.71 |" in got
+    # the shipped form (enabled: true) is labelled by what it is, whatever the default was when it ran
+    assert "| 1024 | 500 | 2 | 56.50 ± 0.71 | base + CL (every 8, hold True): 58.50 ± 0.71 |" in got
+    assert "| 1024 of 8192 | 500 | 2 | 60.50 ± 0.71 | base + CL (every 8, hold True): 59.50 ± 0.71 |" in got
 
 
 def test_a_draws_row_is_labelled_by_the_cl_form_it_ran_whatever_enabled_selected_then():

@@ -90,6 +90,8 @@ def test_the_old_nce_form_stays_selectable(tmp_path):
     assert _parsed("--cl-calib", "--cl-every", "4").cl_calib.every == 4  # the cheaper schedule of the term
     assert _parsed("--cl-calib", "--cl-tail-units", "2").cl_calib.tail_units == 2  # the shorter, cheaper tail
     assert _parsed("--cl-calib", "--cl-every", "8", "--cl-hold").cl_calib.hold  # the turn's gradient held between turns
+    assert not _parsed("--cl-calib", "--cl-every", "8", "--no-cl-hold").cl_calib.hold  # the pulses of older rows
+    assert not _parsed("--cl-calib", "--cl-every", "1").cl_calib.hold  # the every-iteration form
 
 
 def test_cl_calib_flag_gets_the_relational_form_and_the_report_records_it_and_the_draw(zips, tmp_path):
@@ -100,10 +102,10 @@ def test_cl_calib_flag_gets_the_relational_form_and_the_report_records_it_and_th
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     cl = report["config"]["cl_calib"]
-    assert (cl["enabled"], cl["critic"], cl["lambda"]) == (True, "relational", 10.0)
+    assert (cl["enabled"], cl["critic"], cl["lambda"], cl["every"], cl["hold"]) == (True, "relational", 10.0, 8, True)
     assert report["metrics"]["cl_calib"] == cl
     assert report["config"]["calib_seed"] == 3 and report["calib_draw"] == {"seed": 3, "supplied": 128}
-    assert "qdrop+CL(relational, lambda 10)" in r.stdout and "16 of 128 supplied, draw 3" in r.stdout, r.stdout
+    assert "qdrop+CL(relational, lambda 10, every 8 held)" in r.stdout and "16 of 128 supplied, draw 3" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

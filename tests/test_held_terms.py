@@ -78,12 +78,17 @@ def test_the_host_knows_each_iterations_kind_and_a_held_term_may_be_captured():
 def test_hold_weights_the_term_lambda_names_it_held_and_needs_every(small_net):  # noqa: F811
     qm, outs = small_net
     held = ut.unit_terms(_ctx(qm, outs, K, method="qdrop", cl_calib={"enabled": True, "every": 8, "hold": True}))
-    pulses = ut.unit_terms(_ctx(qm, outs, K, method="qdrop", cl_calib={"enabled": True, "every": 8}))
+    pulses = ut.unit_terms(_ctx(qm, outs, K, method="qdrop", cl_calib={"enabled": True, "every": 8, "hold": False}))
     assert held.held == {"cl"} and pulses.held == frozenset()
     assert (held.cl_weight, pulses.cl_weight) == (10.0, 80.0)
     assert held.capturable and held.every == pulses.every == 8
     with pytest.raises(ValueError, match="hold keeps the term's gradient between its turns"):
-        CalibConfig.model_validate({"cl_calib": {"enabled": True, "hold": True}})
+        CalibConfig.model_validate({"cl_calib": {"enabled": True, "every": 1, "hold": True}})
+    # hold left out follows every: the shipped form is held, every 1 alone the every-iteration form
+    assert CalibConfig.model_validate({"cl_calib": {"enabled": True}}).cl_calib.model_dump(include={"every", "hold"}) \
+        == {"every": 8, "hold": True}
+    assert not CalibConfig.model_validate({"cl_calib": {"every": 1}}).cl_calib.hold
+    assert not CalibConfig.model_validate({"cl_calib": {"every": 8, "hold": False}}).cl_calib.hold
 
 
 def test_the_step_gives_the_terms_their_turns_from_the_iteration_number(small_net):  # noqa: F811

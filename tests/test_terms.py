@@ -88,11 +88,11 @@ def test_pdquant_end_to_end(resnet18, fmnist64):
 
 
 def test_the_cl_curve_has_a_point_for_each_report_window_that_had_the_term(resnet18, fmnist64):
-    # 6 iterations report every iteration; with every: 4 only iterations 0 and 4 have the term,
-    # so the curve has two points, not four zeros between them
+    # 6 iterations report every iteration; with every: 4 in pulses only iterations 0 and 4 have the
+    # term, so the curve has two points, not four zeros between them
     data = fmnist64[:16]
     result = calibrate(resnet18, data, {**SMALL, "iters": 6, "calib_size": 16, "batch_size": 8, "method": "qdrop",
-                                        "cl_calib": {"enabled": True, "every": 4}})
+                                        "cl_calib": {"enabled": True, "every": 4, "hold": False}})
     assert all(len(u.extra["cl"]) == 2 and all(v > 0 for v in u.extra["cl"]) for u in result.units[:-1])
 
 
@@ -117,7 +117,8 @@ def test_qdrop_cl_end_to_end_and_gradients_reach_rounding_and_step_sizes(resnet1
         wrapped.rec_weight = terms.rec_weight  # a unit's terms say what weight its MSE keeps
         return wrapped
 
-    result, log = _run(resnet18, fmnist64, {"method": "qdrop", "cl_calib": {"enabled": True}}, factory)
+    # the every-iteration form: its tail runs once per iteration (the held form's turns: test_held_terms.py)
+    result, log = _run(resnet18, fmnist64, {"method": "qdrop", "cl_calib": {"enabled": True, "every": 1}}, factory)
     _finite_curves(result, "cl")
     assert all(set(u.extra) == {"cl"} for u in result.units)
     _check_tail_once_per_iteration(result, log, SMALL["iters"])
@@ -155,6 +156,10 @@ def small_net():
 
 
 def _ctx(qm, outs, k, **cfg):
+    # the term's formulas on one call: the every-iteration form unless a test names `every` (the
+    # default form's turns are tests/test_held_terms.py's)
+    if "cl_calib" in cfg and "every" not in cfg["cl_calib"]:
+        cfg["cl_calib"] = {**cfg["cl_calib"], "every": 1}
     cfg = CalibConfig.model_validate({"batch_size": 4, **cfg})
     return UnitContext(qm, k, qm.units()[k], outs[k], cfg, outs[k].device)
 
@@ -227,7 +232,7 @@ def test_every_kth_iteration_gets_the_cl_term_k_times_as_strong_and_only_then_ru
     log = []
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, log)
-        every = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "every": 3}))
+        every = ut.unit_terms(_ctx(qm, outs, k, method="qdrop", cl_calib={"enabled": True, "every": 3, "hold": False}))
         got = [every(z_q, outs[k][idx], idx, turn=it % every.every == 0) for it in range(7)]
     assert every.every == 3 and [sorted(g) for g in got] == [["cl"], [], [], ["cl"], [], [], ["cl"]]
     assert sum(1 for _key, grad, _n in log if grad) == 3  # the tail ran on those iterations only

@@ -189,7 +189,7 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
          w(config=json.dumps({"cl_calib": {"enabled": True, "mapping": "pool", "tail_units": 2}})), 422, "bad_config",
          "tail_units shortens the fp_tail mapping"),
         ("config: a held CL gradient with the term on every iteration",
-         w(config=json.dumps({"cl_calib": {"enabled": True, "hold": True}})), 422, "bad_config",
+         w(config=json.dumps({"cl_calib": {"enabled": True, "every": 1, "hold": True}})), 422, "bad_config",
          "hold keeps the term's gradient between its turns"),
         ("config: CL tail of 0 units", w(config=json.dumps({"cl_calib": {"enabled": True, "tail_units": 0}})), 422,
          "bad_config", "config.cl_calib.tail_units: Input should be greater than or equal to 1"),
