@@ -162,6 +162,7 @@ def run_one(spec: dict) -> dict:
             "wall_seconds": round(time.perf_counter() - t, 1),
             "unit_loss_after": [round(u["loss_after"], 5) for u in report["units"]],
             "unit_seconds": [round(u["seconds"], 1) for u in report["units"]],  # where a long run's time went
+            "phase_seconds": m.get("phase_seconds"),  # and in which phase (clcalib.recon.phases)
             "unit_steps": [u.get("steps") for u in report["units"]],  # graph / eager (the CUDA-graph step)
             "unit_caches": [u.get("caches") for u in report["units"]],  # device / host memory
             "peak_device_memory_bytes": m.get("peak_device_memory_bytes"),

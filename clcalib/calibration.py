@@ -24,6 +24,7 @@ from clcalib.graph.trace import snap_biases
 from clcalib.progress import ProgressCallback, ProgressEvent
 from clcalib.quant.switch import quantization
 from clcalib.recon.engine import Reconstructor, TermsFactory, UnitReport
+from clcalib.recon.phases import PhaseClock
 from clcalib.recon.resume import ResumeStore
 from clcalib.recon.terms.unit import unit_terms
 
@@ -177,36 +178,44 @@ def _calibrate(
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    clock = PhaseClock(device)
     t0 = time.perf_counter()
-    if cfg.calib_seed is not None and len(calibration_data) > cfg.calib_size:  # the draw asked for
-        data = calibration_data[draw(len(calibration_data), cfg.calib_size, cfg.calib_seed)].float()
-    else:  # no draw named: the first calib_size images, as always
-        data = calibration_data[: cfg.calib_size].float()
-    calib_sha = tensor_sha256(data)
-    torch.manual_seed(cfg.seed)
-    data = data.to(device)
-    if not torch.isfinite(data).all():
-        raise DataError("calibration data holds NaN or infinite values")
-    qm = QuantModel(model, QuantSpec.from_config(cfg), data[:2], cfg.partition).to(device)  # a copy: the caller's model stays
-    _check_conversion(model, qm, data[:4])
-    mse = cfg.method.spec.range_search
-    for layer in qm.layers():
-        layer.wq.init_range(layer.weight, mse=mse)
+    with clock("setup"):
+        if cfg.calib_seed is not None and len(calibration_data) > cfg.calib_size:  # the draw asked for
+            data = calibration_data[draw(len(calibration_data), cfg.calib_size, cfg.calib_seed)].float()
+        else:  # no draw named: the first calib_size images, as always
+            data = calibration_data[: cfg.calib_size].float()
+        calib_sha = tensor_sha256(data)
+        torch.manual_seed(cfg.seed)
+        data = data.to(device)
+        if not torch.isfinite(data).all():
+            raise DataError("calibration data holds NaN or infinite values")
+        qm = QuantModel(model, QuantSpec.from_config(cfg), data[:2], cfg.partition).to(device)  # a copy: the caller's model stays
+        _check_conversion(model, qm, data[:4])
+    with clock("weight_ranges"):
+        mse = cfg.method.spec.range_search
+        for layer in qm.layers():
+            layer.wq.init_range(layer.weight, mse=mse)
 
-    rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, qm), on_progress, terms or unit_terms)
-    store = ResumeStore(resume_dir, _resume_key(model, calib_sha, cfg)) if resume_dir else None
-    done, reports = store.load(qm) if store else (0, [])
+    with clock("probe"):
+        rec = Reconstructor(qm, data, cfg, default_round_weight(cfg, qm), on_progress, terms or unit_terms, clock=clock)
+    with clock("resume"):
+        store = ResumeStore(resume_dir, _resume_key(model, calib_sha, cfg)) if resume_dir else None
+        done, reports = store.load(qm) if store else (0, [])
     units = [UnitReport(**r) for r in reports]
     for k in range(done, len(rec.units)):
         units.append(rec.run_unit(k))
         if store:
-            store.save(qm, k + 1, [u.to_dict() for u in units])
-    qm.eval()
-    snap_biases(qm)  # the integer runtime's biases, so ONNX Runtime computes what we report
+            with clock("resume"):
+                store.save(qm, k + 1, [u.to_dict() for u in units])
+    with clock("finish"):
+        qm.eval()
+        snap_biases(qm)  # the integer runtime's biases, so ONNX Runtime computes what we report
     seconds = time.perf_counter() - t0
     if on_progress:
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
-    metrics = {"calibration_seconds": seconds, "resumed_units": done}
+    # what is not in a phase is the progress callback's time (and the clock's own)
+    metrics = {"calibration_seconds": seconds, "resumed_units": done, "phase_seconds": clock.rounded()}
     if device.type == "cuda":  # tensors at the peak, and what torch's allocator held (the CUDA context comes on top)
         metrics["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         metrics["peak_device_reserved_bytes"] = torch.cuda.max_memory_reserved(device)

@@ -337,6 +337,7 @@ def _run_metrics(result, storage: ModelSize, config: CalibConfig, t0: float, war
     loss terms' curves."""
     metrics = {
         "calibration_seconds": result.calibration_seconds,
+        "phase_seconds": result.metrics.get("phase_seconds"),  # where calibration_seconds went (recon.phases)
         "total_seconds": time.perf_counter() - t0,
         "weight_bytes": storage.quantized_bytes,
         "fp32_weight_bytes": storage.fp32_bytes,

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from clcalib.config import CalibConfig
+from clcalib.recon.phases import PHASES
 from clcalib.testing import REFERENCE, calibration_indices, write_zip
 
 WEIGHTS = REFERENCE / "fmnist_resnet18.safetensors"
@@ -138,6 +139,10 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     assert m["fp_top1"] > 85 and m["quant_top1"] > 80, m  # W4A4 barely moves this model
     assert 0 < m["top1_agreement"] <= 100 and m["sqnr_db"] > 5
     assert m["compression_vs_fp32"] > 5 and m["calibration_seconds"] > 0
+    # where the time went: every phase named, together the whole calibration but the progress bar
+    phases = m["phase_seconds"]
+    assert list(phases) == list(PHASES) and min(phases.values()) >= 0 and phases["loop"] > 0, phases
+    assert 0.8 * m["calibration_seconds"] <= sum(phases.values()) <= m["calibration_seconds"] + 0.01, phases
     assert report["config"]["preprocess"] == {"resize": None, "crop": None, "mean": [0.286] * 3, "std": [0.353] * 3}
     assert len(report["units"]) == 10 and all(u["loss_after"] >= 0 for u in report["units"])
     e = clcalib("evaluate", "--checkpoint", out / "quantized.safetensors", "--eval", zips["eval"], "--json")

@@ -28,6 +28,7 @@ from clcalib.recon.capture import capture, outputs_of
 from clcalib.recon.chain import Chain, probe, through_gap
 from clcalib.recon.graphed import GraphedStep, can_capture, terms_capturable
 from clcalib.recon.losses import rec_loss
+from clcalib.recon.phases import PhaseClock
 from clcalib.recon.placement import (
     BYTES,
     DEVICE_SHARE,
@@ -76,8 +77,10 @@ TermsFactory = Callable[[UnitContext], Terms | None]  # None: the unit gets no t
 
 class Reconstructor:
     def __init__(self, qmodel: QuantModel, data: Tensor, config: CalibConfig, round_weight: float,
-                 on_progress: ProgressCallback | None = None, terms: TermsFactory | None = None):
+                 on_progress: ProgressCallback | None = None, terms: TermsFactory | None = None,
+                 clock: PhaseClock | None = None):
         self.qm, self.data, self.cfg = qmodel, data, config
+        self.clock = clock or PhaseClock(data.device)
         self.round_weight = round_weight
         self.on_progress = on_progress or (lambda e: None)
         self.terms = terms
@@ -96,38 +99,45 @@ class Reconstructor:
         name = self.qm.unit_names[k]
         t = time.perf_counter()
         self._emit(stage="prepare", unit=k, unit_name=name)
+        clock = self.clock
         with frozen(self.qm):
-            plan = self._plan(k)
-            # host plan: kept in (unpinned) host memory; the Stager gathers each batch into a
-            # pinned buffer (torch's pinned allocator rounds blocks up to powers of two and keeps them)
-            store = self.device if plan.where == "device" else torch.device("cpu")
-            learns = cfg.method.reconstructs and cfg.iters > 0
-            # ranges only (minmax, mse, iters 0): the quantizers see OBSERVE_SAMPLES images, so the
-            # rest would only feed the unit's error figure, at a full prefix pass per unit each
-            data = self.data if learns else self.data[:OBSERVE_SAMPLES]
-            x_q, x_f, y_f = self._inputs(k, data, store)
-            # the error pass over the finished unit also gives the next unit's quantized inputs
-            # when its input is this unit's output (recon.chain): no prefix pass for it
-            feed = self.chain.feeds[k + 1] if self.chain is not None and k + 1 < len(self.units) else "prefix"
-            chained = feed != "prefix"
-            keep = self._carry_store(store, k, feed, len(y_f)) if chained else None
+            with clock("inputs"):
+                plan = self._plan(k)
+                # host plan: kept in (unpinned) host memory; the Stager gathers each batch into a
+                # pinned buffer (torch's pinned allocator rounds blocks up to powers of two and keeps them)
+                store = self.device if plan.where == "device" else torch.device("cpu")
+                learns = cfg.method.reconstructs and cfg.iters > 0
+                # ranges only (minmax, mse, iters 0): the quantizers see OBSERVE_SAMPLES images, so the
+                # rest would only feed the unit's error figure, at a full prefix pass per unit each
+                data = self.data if learns else self.data[:OBSERVE_SAMPLES]
+                x_q, x_f, y_f = self._inputs(k, data, store)
+                # the error pass over the finished unit also gives the next unit's quantized inputs
+                # when its input is this unit's output (recon.chain): no prefix pass for it
+                feed = self.chain.feeds[k + 1] if self.chain is not None and k + 1 < len(self.units) else "prefix"
+                chained = feed != "prefix"
+                keep = self._carry_store(store, k, feed, len(y_f)) if chained else None
             # its first batch sets the unit's activation ranges (OBSERVE_SAMPLES images)
             observe = [q for q in unit.act_quantizers() if not q.initialized]
-            before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep, observe=observe)
+            with clock("error"):
+                before, out_q = self._unit_error(unit, x_q, y_f, keep=None if learns else keep, observe=observe)
             extra: dict[str, list[float]] = {}
             executor, drop = "none", None
             if learns:
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + k)
                 if cfg.method.spec.granularity is Granularity.LAYER:
                     for layer in unit.layers():  # layer-wise inside the unit
-                        lx_q, _ = capture(unit, layer, x_q, EVAL_BATCH, quant=True, outputs=False, device=self.device, store=store)
-                        _, ly_f = capture(unit, layer, x_f, EVAL_BATCH, quant=False, outputs=True, device=self.device, store=store)
-                        executor = self._optimize(k, layer, [layer], lx_q, None, ly_f, gen, extra, plan)
+                        with clock("inputs"):
+                            lx_q, _ = capture(unit, layer, x_q, EVAL_BATCH, quant=True, outputs=False, device=self.device, store=store)
+                            _, ly_f = capture(unit, layer, x_f, EVAL_BATCH, quant=False, outputs=True, device=self.device, store=store)
+                        with clock("loop"):
+                            executor = self._optimize(k, layer, [layer], lx_q, None, ly_f, gen, extra, plan)
                 else:
                     drop = x_f if cfg.method.spec.drops_input and cfg.drop_prob > 0 else None
-                    executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
+                    with clock("loop"):
+                        executor = self._optimize(k, unit, unit.layers(), x_q, drop, y_f, gen, extra, plan)
                 x_f = drop = None  # the next unit's FP inputs are y_f: free x_f before the error pass
-                after, out_q = self._unit_error(unit, x_q, y_f, keep=keep)
+                with clock("error"):
+                    after, out_q = self._unit_error(unit, x_q, y_f, keep=keep)
             else:
                 after = before
             if feed == "direct":
@@ -135,7 +145,8 @@ class Reconstructor:
             elif feed == "gap":
                 gap = partial(through_gap, self.qm, self.chain, self.units, k + 1, batch=EVAL_BATCH,
                               device=self.device, store=keep)
-                self._carry = _Carry(k + 1, gap(out_q, quant=True), gap(y_f, quant=False))
+                with clock("handover"):
+                    self._carry = _Carry(k + 1, gap(out_q, quant=True), gap(y_f, quant=False))
         report = UnitReport(name, before, after, time.perf_counter() - t, extra, plan.where, executor)
         self._emit(stage="unit_done", unit=k, unit_name=name, iteration=cfg.iters, loss=after)
         return report
