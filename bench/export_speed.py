@@ -131,7 +131,7 @@ def run_group(model: str, size: int, args) -> dict:
             with torch.no_grad():
                 torch_top1 = round(100.0 * float((torch.cat([res.model(b) for b in x.split(250)]).argmax(1) == y)
                                                  .float().mean()), 2)
-            for target in (("onnxruntime", "reference") if bits == "W8A8" else ("onnxruntime",)):
+            for target in ("onnxruntime", "onnxruntime-vnni") + (("reference",) if bits == "W8A8" else ()):
                 name = f"clcalib {bits} {target}"
                 export_onnx(res.model, d / f"{len(files)}.onnx", shape, target=target, range_images=calib)
                 files[name] = {"path": d / f"{len(files)}.onnx", "torch_top1": torch_top1,

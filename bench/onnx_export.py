@@ -50,8 +50,10 @@ def timing(fp_onnx: Path, q_onnx: Path, shape, threads: int, repeats: int = 60) 
     rounds so drift hits all alike."""
     import statistics
 
+    from clcalib.export.onnx_check import UNFUSED
+
     variants = {"fp32": (fp_onnx, None), "qdq": (q_onnx, None),
-                "qdq_float_kernels": (q_onnx, {"session.disable_quant_qdq": "1"})}
+                "qdq_float_kernels": (q_onnx, UNFUSED)}
     res: dict = {}
     for batch in (1, 32):
         times: dict[str, list[float]] = {k: [] for k in variants}

@@ -347,13 +347,14 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
+    from clcalib.config import current_target
     from clcalib.export.profiles import DEFAULT, PROFILES
 
     p = sub.add_parser("export", help="write a saved quantized checkpoint as ONNX (QDQ) for a runtime, checked there")
     p.add_argument("--checkpoint", required=True, help="quantized.safetensors written by calibrate or a job")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="default: onnx (QDQ)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--target", choices=list(PROFILES), default=DEFAULT,
+    p.add_argument("--target", type=current_target, choices=list(PROFILES), default=DEFAULT,
                    help=f"the runtime the file is written for (docs/deploy.md; default {DEFAULT}): "
                    + "; ".join(f"{k}: {v.summary}" for k, v in PROFILES.items()))
     p.add_argument("--calib", help="calibration images (folder, zip or tensor file): the ranges of the tensors the "
@@ -415,6 +416,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         from clcalib.export.latency import latency_vs_fp32
 
         out["onnx_latency"] = latency_vs_fp32(model, a.out, shape, (1, 32), prof.runtime)
+    if note := out.get("onnx_check_note"):
+        print(f"clcalib: WARNING: {note}", file=sys.stderr)
     if a.json:
         print(json.dumps(out))
     else:

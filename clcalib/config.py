@@ -6,9 +6,9 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class Method(str, Enum):
@@ -75,7 +75,13 @@ class ExportFormat(str, Enum):
 
 
 # the runtimes model.onnx can be written for; what each means: clcalib/export/profiles.py
-ExportTarget = Literal["onnxruntime", "onnxruntime-avx2", "openvino", "tensorrt", "reference"]
+ExportTarget = Literal["onnxruntime", "onnxruntime-vnni", "openvino", "tensorrt", "reference"]
+# names configs and checkpoints written before still carry, and the target each now is
+RENAMED_TARGETS = {"onnxruntime-avx2": "onnxruntime"}  # its layout, exact on every CPU, became the default
+
+
+def current_target(name: str) -> str:
+    return RENAMED_TARGETS.get(name, name) if isinstance(name, str) else name
 
 
 MIN_BITS, MAX_BITS = 2, 8  # the bit widths clcalib calibrates, stores and exports
@@ -341,11 +347,11 @@ class CalibConfig(Strict):
     export: tuple[ExportFormat, ...] = Field(
         (), description='extra artifacts beside the checkpoint: ["onnx"] writes model.onnx (QDQ), checked in ONNX Runtime'
     )
-    export_target: ExportTarget = Field(
+    export_target: Annotated[ExportTarget, BeforeValidator(current_target)] = Field(
         "onnxruntime",
-        description="the runtime model.onnx is written for (docs/deploy.md): onnxruntime (integer kernels, "
-        "x86 CPUs with VNNI and ARM), onnxruntime-avx2 (x86 without VNNI), openvino and tensorrt (need w_symmetric), "
-        "reference (exact float simulation of every bit width, slow)",
+        description="the runtime model.onnx is written for (docs/deploy.md): onnxruntime (integer kernels, exact "
+        "on every CPU), onnxruntime-vnni (faster 8-bit layers on x86 CPUs with VNNI and on ARM; wrong on x86 without "
+        "VNNI), openvino and tensorrt (need w_symmetric), reference (exact float simulation of every bit width, slow)",
     )
     layer_bits: dict[str, int] = Field(
         default_factory=dict, max_length=MAX_LAYER_BITS,

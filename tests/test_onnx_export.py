@@ -242,13 +242,13 @@ def mobilenet_w8a8(tmp_path_factory):
     res = lib.calibrate(fp, calib, {"method": "mse", "w_bits": 8, "a_bits": 8, "device": "cpu", "calib_size": 64,
                                     "preprocess": PREPROCESS})
     d = tmp_path_factory.mktemp("mobilenet")
-    files = {t: d / f"{t}.onnx" for t in ("reference", "onnxruntime", "onnxruntime-avx2")}
+    files = {t: d / f"{t}.onnx" for t in ("reference", "onnxruntime", "onnxruntime-vnni")}
     for t, path in files.items():
         export_onnx(res.model, path, SHAPE, target=t, range_images=calib)
     x, y = images("t10k", range(0, 10000, 50))
     with torch.no_grad():
         ref = res.model(x)
-    return {"path": files["reference"], "files": files, "x": x, "y": y, "ref": ref, "model": res.model}
+    return {"path": files["reference"], "files": files, "x": x, "y": y, "ref": ref, "model": res.model, "calib": calib}
 
 
 def test_relu6_before_a_quantizer_becomes_its_top_code(mobilenet_w8a8):
@@ -290,8 +290,8 @@ for i, model in enumerate(sys.argv[2:]):
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("qemu-x86_64") is None,
                     reason="needs an x86-64 machine with qemu-x86_64 (apt-get install qemu-user)")
 def test_w8a8_targets_on_x86_without_vnni(mobilenet_w8a8, tmp_path):
-    """The reference and onnxruntime-avx2 files (8-bit weights unsigned) are exact there; the
-    onnxruntime file's signed 8-bit weights saturate (what docs/deploy.md tells users)."""
+    """The reference and onnxruntime files (8-bit weights unsigned) are exact there; the
+    onnxruntime-vnni file's signed 8-bit weights saturate (what docs/deploy.md tells users)."""
     from clcalib.quant.switch import eight_bit_activations
 
     m = mobilenet_w8a8
@@ -299,7 +299,7 @@ def test_w8a8_targets_on_x86_without_vnni(mobilenet_w8a8, tmp_path):
     with torch.no_grad(), eight_bit_activations(m["model"]):  # what the integer files hold (ReLU6 widened)
         widened = m["model"](x)
     np.savez(tmp_path / "x.npz", x=x.numpy())
-    names = ["reference", "onnxruntime-avx2", "onnxruntime"]
+    names = ["reference", "onnxruntime", "onnxruntime-vnni"]
     r = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", _EMULATED, str(tmp_path / "x.npz"),
                         *(str(m["files"][t]) for t in names)],
                        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -307,11 +307,38 @@ def test_w8a8_targets_on_x86_without_vnni(mobilenet_w8a8, tmp_path):
     probe = int(r.stdout.split()[-1])
     assert probe == 32 * 32767, probe  # 32 saturated pairs, not 255 x 127 x 64: the non-VNNI kernel ran
     got = {t: torch.from_numpy(np.load(tmp_path / f"x.npz.{i}.npy")) for i, t in enumerate(names)}
-    refs = {"reference": m["ref"][::2], "onnxruntime-avx2": widened, "onnxruntime": widened}
+    refs = {"reference": m["ref"][::2], "onnxruntime": widened, "onnxruntime-vnni": widened}
     fit = {t: (agreement(refs[t], got[t]), float((got[t] - refs[t]).abs().max())) for t in names}
     assert fit["reference"][0] >= 99.0 and fit["reference"][1] < 0.5, fit
-    assert fit["onnxruntime-avx2"][0] >= 99.0, fit
-    assert fit["onnxruntime"][1] > 2 * fit["onnxruntime-avx2"][1], fit  # saturated sums: far larger errors
+    assert fit["onnxruntime"][0] >= 99.0, fit
+    assert fit["onnxruntime-vnni"][1] > 2 * fit["onnxruntime"][1], fit  # saturated sums: far larger errors
+
+
+def test_a_vnni_file_is_checked_for_what_this_cpu_runs(mobilenet_w8a8, tmp_path):
+    """int8_sums_saturate says what this CPU's ONNX Runtime does with the onnxruntime-vnni
+    layout, and the check follows it: where the sums saturate (x86 without VNNI, this machine
+    included) the file run on integer kernels is far off, so it is checked on float kernels with
+    a warning naming the target to deploy instead; where they do not, it is checked as run."""
+    from clcalib.export.onnx_check import export_checked, int8_sums_saturate, onnx_predict
+    from clcalib.quant.switch import eight_bit_activations
+
+    m = mobilenet_w8a8
+    with torch.no_grad(), eight_bit_activations(m["model"]):
+        widened = m["model"](m["x"])
+    runs = {t: onnx_predict(m["files"][t], m["x"]) for t in ("onnxruntime", "onnxruntime-vnni")}
+    err = {t: float((got - widened).abs().max()) for t, got in runs.items()}
+    assert agreement(widened, runs["onnxruntime"]) >= 99.0, err  # the default: exact on every CPU
+    saturates = int8_sums_saturate()
+    assert (err["onnxruntime-vnni"] > 2 * err["onnxruntime"]) == saturates, (saturates, err)
+    got, _ = export_checked(m["model"], tmp_path / "v.onnx", SHAPE, m["x"], m["y"], target="onnxruntime-vnni",
+                            range_images=m["calib"])
+    assert got["onnx_top1_agreement"] >= 99.0, got
+    if saturates:
+        assert got["onnx_check_kernels"] == "float" and "export with target onnxruntime" in got["onnx_check_note"]
+    else:
+        assert "onnx_check_note" not in got
+    assert "onnx_check_note" not in export_checked(m["model"], tmp_path / "d.onnx", SHAPE, m["x"],
+                                                   range_images=m["calib"])[0]
 
 
 def _ort_ops(path, tmp_path):
@@ -344,9 +371,13 @@ def test_integer_target_runs_every_conv_and_add_on_integer_kernels(calibrated, t
     proto = onnx.load(path)
     inits = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
+    types = {}
     for n in proto.graph.node:
-        if n.op_type == "Conv":  # weights: signed 8-bit codes, whatever the width (4 and 8 here)
-            assert inits[producer[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8, n.name
+        if n.op_type == "Conv":  # weights in 8-bit codes: signed below 8 bits, unsigned at 8 (exact on every CPU)
+            types[n.name] = inits[producer[n.input[1]].input[0]].data_type
+    eight = [k for k, t in types.items() if t == onnx.TensorProto.UINT8]
+    assert len(eight) == 1 and "conv1" in eight[0] and "layer" not in eight[0], types  # the stem keeps 8 bits
+    assert sum(t == onnx.TensorProto.INT8 for t in types.values()) == 19, types
     with torch.no_grad():
         assert torch.equal(torch_logits, model(x))  # the report's model is the calibrated one
         with eight_bit_activations(model):
@@ -370,6 +401,21 @@ def test_openvino_target_needs_symmetric_weights_and_is_checked_in_openvino(cali
     got, _ = export_checked(calibrated["model"], tmp_path / "ov.onnx", SHAPE, x, y, target="openvino",
                             range_images=calibrated["calib"])
     assert got["openvino_top1_agreement"] >= 98.0 and got["onnx_top1_agreement"] >= 98.0, got
+    from clcalib.export.onnx_check import int8_sums_saturate
+
+    # its signed 8-bit weights: ONNX Runtime's check on float kernels where its int8 sums saturate
+    assert ("OpenVINO, the target's runtime, was checked" in got.get("onnx_check_note", "")) == int8_sums_saturate()
+
+
+def test_the_old_name_of_the_exact_layout_still_means_it(calibrated, tmp_path):
+    """Configs, jobs and scripts written before the exact layout became the default name it
+    onnxruntime-avx2: they get that layout, now called onnxruntime."""
+    from clcalib.config import CalibConfig
+
+    assert CalibConfig.model_validate({"export_target": "onnxruntime-avx2"}).export_target == "onnxruntime"
+    # this checkpoint holds no ranges: the refusal names the target the old name now is
+    r = clcalib("export", "--checkpoint", calibrated["ckpt"], "--out", tmp_path / "m.onnx", "--target", "onnxruntime-avx2")
+    assert r.returncode == 2 and "export target onnxruntime writes" in r.stderr, r.stderr
 
 
 def test_tensorrt_target_has_zero_point_0_everywhere_and_keeps_the_clamps(calibrated, tmp_path):

@@ -4,6 +4,7 @@ on the same images: what a user's runtime gives must be what the report says."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -47,9 +48,12 @@ def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images
     from clcalib.quant.switch import eight_bit_activations
 
     prof = profile(target)
+    # this CPU would run the file's int8 sums wrongly (a -vnni file on x86 without VNNI): check
+    # what the file computes with ONNX Runtime's float kernels, and say the kernels here are wrong
+    unfused = prof.u8s8 and int8_sums_saturate()
     with atomic_path(Path(path)) as tmp:  # one temporary file, renamed only once the check passed
         tmp.write_bytes(build_onnx(model, tuple(input_shape), target=target, range_images=range_images).SerializeToString())
-        runners = {"onnx": OnnxRunner(tmp, threads)}
+        runners = {"onnx": OnnxRunner(tmp, threads, config=UNFUSED if unfused else None)}
         if prof.runtime == "openvino":
             from clcalib.export.openvino_check import OpenVinoRunner
 
@@ -66,13 +70,17 @@ def export_checked(model, path: str | Path, input_shape: tuple[int, ...], images
         torch_logits = torch.cat(torch_logits)
         ref = torch.cat(file_logits) if file_logits else torch_logits
         out = {"onnx_bytes": tmp.stat().st_size, "export_target": target}
+        if unfused:
+            out["onnx_check_kernels"] = "float"
+            out["onnx_check_note"] = saturation_note(target, prof.runtime)
         for k in runners:
             out.update(check_logits(tmp, ref, torch.cat(got[k]), labels, runtime=k, min_agreement=min_agreement))
     return out, torch_logits
 
 
-def session(path: str | Path, threads: int | None = None, config: dict[str, str] | None = None):
-    """An ONNX Runtime CPU session; ``config``: session config entries (e.g. session.disable_quant_qdq)."""
+def session(path: str | Path | bytes, threads: int | None = None, config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session of the file at ``path`` (or a serialized model); ``config``:
+    session config entries (e.g. UNFUSED)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -84,9 +92,9 @@ def session(path: str | Path, threads: int | None = None, config: dict[str, str]
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"{path}: ONNX Runtime cannot load the file ({str(e).splitlines()[0][:300]})") from None
+        raise ExportError(f"{'the model' if isinstance(path, bytes) else path}: ONNX Runtime cannot load the file ({str(e).splitlines()[0][:300]})") from None
 
 
 BATCH = 250  # images per ONNX Runtime call
@@ -96,11 +104,50 @@ def _batches(images: Tensor | Iterable[Tensor], batch: int) -> Iterable[Tensor]:
     return images.split(batch) if isinstance(images, Tensor) else images
 
 
-class OnnxRunner:
-    """Logits (float32, CPU) of the ONNX model at ``path`` for one batch of images."""
+# ONNX Runtime without its QDQ fusion: DequantizeLinear, float Conv, QuantizeLinear, as written
+UNFUSED = {"session.disable_quant_qdq": "1"}
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.session = session(path, threads)
+
+def saturation_note(target: str, runtime: str) -> str:
+    """What the report says when this CPU's ONNX Runtime cannot run a u8s8 file's sums right."""
+    why = ("this CPU is x86 without VNNI, where ONNX Runtime's uint8 x int8 kernels add products in a saturating "
+           f"int16: target {target}'s 8-bit signed weights give wrong sums in ONNX Runtime here, so it was checked "
+           "on ONNX Runtime's float kernels (the file's numbers are right")
+    if runtime == "openvino":
+        return why + "; OpenVINO, the target's runtime, was checked as it runs here)"
+    return (why + "; its integer kernels run right on x86 CPUs with VNNI and on ARM). Do not deploy it on CPUs like "
+            "this one: export with target onnxruntime (exact on every CPU)")
+
+
+@cache
+def int8_sums_saturate() -> bool:
+    """Whether this host's ONNX Runtime adds uint8 x int8 products in a saturating int16 (x86
+    without VNNI), found out by running it: one QLinearConv whose exact sum, 16 x 255 x 127,
+    comes out near half when pairs of products saturate at 32767."""
+    import numpy as np
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    k = 16
+    inits = [h.make_tensor("xs", T.FLOAT, [], [1.0]), h.make_tensor("xz", T.UINT8, [], [0]),
+             h.make_tensor("w", T.INT8, [1, k, 1, 1], [127] * k), h.make_tensor("ws", T.FLOAT, [], [1.0]),
+             h.make_tensor("wz", T.INT8, [], [0]), h.make_tensor("ys", T.FLOAT, [], [4096.0]),
+             h.make_tensor("yz", T.UINT8, [], [0])]
+    graph = h.make_graph([h.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])], "probe",
+                         [h.make_tensor_value_info("x", T.UINT8, [1, k, 4, 4])],
+                         [h.make_tensor_value_info("y", T.UINT8, [1, 1, 4, 4])], inits)
+    probe = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    probe.ir_version = 10
+    y = session(probe.SerializeToString(), threads=1).run(None, {"x": np.full((1, k, 4, 4), 255, np.uint8)})[0]
+    return int(y.ravel()[0]) < 100  # exact: round(16 x 255 x 127 / 4096) = 127; saturated: 64
+
+
+class OnnxRunner:
+    """Logits (float32, CPU) of the ONNX model at ``path`` for one batch of images; ``config``:
+    session config entries (UNFUSED: no integer kernels)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, config: dict[str, str] | None = None):
+        self.session = session(path, threads, config)
         self.name = self.session.get_inputs()[0].name
 
     def __call__(self, x: Tensor) -> Tensor:

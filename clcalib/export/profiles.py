@@ -20,8 +20,13 @@ bench/RESULTS_export.md and docs/deploy.md, and held by tests/test_onnx_export.p
   Dropping the Clip instead (codes saturating at 255 on the calibrated step) cost resnet18
   W4A4 0.4 points of top-1 where widening gained 0.8 (mse ranges, 1000 test images).
 - ``signed_weights``: 8-bit weight codes as INT8 (symmetric weights: zero point 0), what
-  OpenVINO's and VNNI CPUs' int8 kernels take; UINT8 in the reference, which is exact on x86 CPUs
-  without VNNI as well (their u8 x s8 kernel adds two products in a saturating int16).
+  OpenVINO's and VNNI CPUs' fast int8 kernels take. x86 CPUs without VNNI (Haswell to Skylake,
+  AMD Zen 2/3) add two uint8 x int8 products in a saturating int16 (255 x 127 x 2 > 32767), so
+  there such a file computes wrong sums (``u8s8``; onnx_check.int8_sums_saturate finds out on
+  the checking host). Weights of 7 bits or fewer cannot overflow (|code| <= 64), and neither
+  can INT8 activations (TensorRT's layout). The default, ``onnxruntime``, stores 8-bit weights
+  as UINT8 (uint8 x uint8 kernels widen first): exact on every CPU, slower on VNNI ones for the
+  8-bit layers, which ``onnxruntime-vnni`` keeps signed.
 - ``packed_weights``: 2-4-bit weight codes stored as INT4 (half the file) in the reference; the
   runtimes' integer convs take only 8-bit weights, so integer profiles store them in INT8
   (packed INT4, resnet18 W4A8 ran 19 of 20 convs in float in ONNX Runtime 1.32).
@@ -48,20 +53,25 @@ class Profile:
     symmetric_weights_only: bool = False  # the runtime's int8 kernels need zero point 0 in the weights
     symmetric_activations: bool = False  # int8 activations with zero point 0 (TensorRT)
 
+    @property
+    def u8s8(self) -> bool:
+        """8-bit signed weights against uint8 activations: sums that saturate on x86 CPUs without VNNI."""
+        return self.integer_ops and self.signed_weights and not self.symmetric_activations
+
 
 PROFILES = {
     p.name: p
     for p in (
-        Profile("onnxruntime", "integer kernels in ONNX Runtime (QLinearConv/QLinearAdd), signed 8-bit weights: "
-                "exact on x86 CPUs with VNNI and on ARM; 8-bit weights can saturate on x86 without VNNI "
-                "(use onnxruntime-avx2 there)",
-                integer_ops=True, activations="8bit", signed_weights=True, packed_weights=False,
-                runtime="onnxruntime"),
-        Profile("onnxruntime-avx2", "integer kernels in ONNX Runtime with unsigned 8-bit weights: exact on every "
-                "x86 CPU, VNNI or not (slower than onnxruntime on VNNI CPUs)",
+        Profile("onnxruntime", "integer kernels in ONNX Runtime (QLinearConv/QLinearAdd), exact on every CPU: "
+                "8-bit weights unsigned, narrower ones signed",
                 integer_ops=True, activations="8bit", signed_weights=False, packed_weights=False,
                 runtime="onnxruntime"),
-        Profile("openvino", "integer kernels in OpenVINO (the onnxruntime layout; OpenVINO takes int8 weights "
+        Profile("onnxruntime-vnni", "the onnxruntime layout with 8-bit weights signed: faster 8-bit layers on x86 "
+                "CPUs with VNNI (Intel Cascade Lake and later, AMD Zen 4 and later) and on ARM; WRONG sums on x86 "
+                "CPUs without VNNI (they saturate), so deploy it only on the former",
+                integer_ops=True, activations="8bit", signed_weights=True, packed_weights=False,
+                runtime="onnxruntime"),
+        Profile("openvino", "integer kernels in OpenVINO (the onnxruntime-vnni layout; OpenVINO takes int8 weights "
                 "only with zero point 0: needs w_symmetric: true), checked in OpenVINO and ONNX Runtime",
                 integer_ops=True, activations="8bit", signed_weights=True, packed_weights=False,
                 runtime="openvino", symmetric_weights_only=True),
