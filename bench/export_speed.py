@@ -231,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads for calibration")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    import platform
-
     import nncf
     import onnxruntime
     import openvino
     import torch
+
+    from bench.accuracy import cpu_model
+    from clcalib.export.onnx_check import int8_sums_saturate
 
     out = Path(a.out)
     done = set()
@@ -249,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             row = run_group(model, size, a)
             row.update({"cmd": "python -m bench.export_speed " + shlex.join(argv if argv is not None else sys.argv[1:]),
                         "threads": a.threads, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
-                        "nncf": nncf.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()})
+                        "nncf": nncf.__version__, "torch": torch.__version__, "cpu": cpu_model(),
+                        # x86 without VNNI: signed 8-bit weights' sums saturate in ONNX Runtime here
+                        "int8_sums_saturate": int8_sums_saturate()})
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{model} {size}px done", flush=True)

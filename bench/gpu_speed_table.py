@@ -73,6 +73,18 @@ def render(runs: dict[str, list[dict]], level: str = "##") -> str:
             out.append(f"| {name} | {fmt(a and a['calib_seconds'], 1)} | {fmt(ratio)}x | {fmt(a and a['quant_top1'])} |")
         out.append("")
 
+    phased = [(name, one(runs, name)) for name in ("r18_W2A4_2000", "r18_W4A4_200_224px", "mbv2_W2A4_2000", "r50_W4A4_200_224px")]
+    phased = [(name, r) for name, r in phased if r and r.get("phase_seconds")]
+    if phased:  # where calibration_seconds went (clcalib.recon.phases; rows from before have none)
+        from clcalib.recon.phases import PHASES
+
+        out += [f"{level} Where the calibration time went (s)", "", "| run | total | " + " | ".join(PHASES) + " |",
+                "|---|---|" + "---|" * len(PHASES)]
+        for name, r in phased:
+            out.append(f"| {name} | {fmt(r['calib_seconds'], 1)} | "
+                       + " | ".join(fmt(r["phase_seconds"].get(k)) for k in PHASES) + " |")
+        out.append("")
+
     out += [f"{level} Other runs", "", "| run | calibration s | top-1 | peak GPU memory GiB | steps |", "|---|---|---|---|---|"]
     for name in ("mbv2_W2A4_2000", "r18_W2A4_2000_cl", "r18_W4A4_20000", "r18_W2A4_20000", "r50_W4A4_200_224px"):
         for r in runs.get(name, []):
