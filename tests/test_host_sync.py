@@ -36,6 +36,8 @@ def test_the_loop_reads_the_device_once_per_reporting_window_not_per_iteration(c
     optimize = Reconstructor._optimize
 
     def counted(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan):
+        if k not in (0, len(self.units) // 2, len(self.units) - 1):  # the stem, a middle block, the classifier:
+            return optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan)  # Python dispatch is slow
         with _HostReads() as mode:
             how = optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan)
         reads.append((mode.n, 1 + len(extra)))  # the loss and each added term's curve
