@@ -160,6 +160,14 @@ def run_group(model: str, size: int, args) -> dict:
             "eval_images": len(y), "files": files, "latency_ms": latency}
 
 
+def _label(name: str, row: dict) -> str:
+    """A file's name as the targets are called now: rows written before 2026-12-07 (they do not
+    record int8_sums_saturate) called the signed layout onnxruntime, now onnxruntime-vnni."""
+    if "int8_sums_saturate" not in row and name.startswith("clcalib ") and name.endswith(" onnxruntime"):
+        return name + "-vnni"
+    return name
+
+
 def table(rows: list[dict]) -> str:
     cmds = "; ".join(f"`{c}`" for c in dict.fromkeys(r["cmd"] for r in rows))
     r0 = rows[0]
@@ -184,7 +192,7 @@ def table(rows: list[dict]) -> str:
                 ms, base = lat[key].get(name), lat[key]["FP32"]
                 ratios.append("does not load" if ms is None else f"**{ms / base:.2f}** ({ms:.2f} ms)")
             top = [("does not load" if f[k] is None else f"{f[k]:.2f}") for k in ("onnxruntime_top1", "openvino_top1")]
-            out.append(f"| {name} | {f.get('torch_top1', '-')} | {top[0]} | {top[1]} | "
+            out.append(f"| {_label(name, r)} | {f.get('torch_top1', '-')} | {top[0]} | {top[1]} | "
                        f"{f['bytes'] / 1e6:.2f} | {f.get('quantize_seconds', '-')} | " + " | ".join(ratios) + " |")
         out.append("")
     return "\n".join(out + [NOTES]) + "\n"

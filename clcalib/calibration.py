@@ -214,7 +214,7 @@ def _calibrate(
     seconds = time.perf_counter() - t0
     if on_progress:
         on_progress(ProgressEvent(stage="done", unit=len(units), num_units=len(units), elapsed_s=seconds))
-    # what is not in a phase is the progress callback's time (and the clock's own)
+    # not in a phase: the progress callback outside the units' loops (in them it counts as loop)
     metrics = {"calibration_seconds": seconds, "resumed_units": done, "phase_seconds": clock.rounded()}
     if device.type == "cuda":  # tensors at the peak, and what torch's allocator held (the CUDA context comes on top)
         metrics["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -347,7 +347,8 @@ class CalibConfig(Strict):
     export: tuple[ExportFormat, ...] = Field(
         (), description='extra artifacts beside the checkpoint: ["onnx"] writes model.onnx (QDQ), checked in ONNX Runtime'
     )
-    export_target: Annotated[ExportTarget, BeforeValidator(current_target)] = Field(
+    export_target: Annotated[ExportTarget, BeforeValidator(
+        current_target, json_schema_input_type=Literal[get_args(ExportTarget) + tuple(RENAMED_TARGETS)])] = Field(
         "onnxruntime",
         description="the runtime model.onnx is written for (docs/deploy.md): onnxruntime (integer kernels, exact "
         "on every CPU), onnxruntime-vnni (faster 8-bit layers on x86 CPUs with VNNI and on ARM; wrong on x86 without "

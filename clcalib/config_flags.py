@@ -10,7 +10,7 @@ import typing
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
 from clcalib.config import CalibConfig
@@ -118,8 +118,9 @@ def _kwargs(f: FieldInfo) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if isinstance(base, type) and issubclass(base, Enum):
         return {"choices": [m.value for m in base]}
-    if typing.get_origin(base) is Literal:
-        return {"choices": list(typing.get_args(base))}
+    if typing.get_origin(base) is Literal:  # a field's BeforeValidator maps old names before the choices apply
+        before = next((m.func for m in f.metadata if isinstance(m, BeforeValidator)), None)
+        return {"choices": list(typing.get_args(base)), **({"type": before} if before else {})}
     if typing.get_origin(base) is tuple:
         inner = typing.get_args(base)[0]
         if isinstance(inner, type) and issubclass(inner, Enum):  # a list: the flag is given once per item

@@ -6,6 +6,7 @@ inputs give one-line errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import shutil
@@ -236,11 +237,12 @@ def test_cli_export_checks_against_a_labeled_folder(calibrated, tmp_path):
 
 @pytest.fixture(scope="module")
 def mobilenet_w8a8(tmp_path_factory):
-    """mobilenet_v2 W8A8 (mse ranges): 8-bit weights in 41 convs ONNX Runtime runs as QLinearConv."""
+    """mobilenet_v2 W8A8 (mse ranges, symmetric weights): 8-bit weights in 41 convs ONNX Runtime
+    runs as QLinearConv."""
     fp = build_model("mobilenet_v2", 10, read_state_dict(WEIGHTS.parent / "fmnist_mobilenet_v2.safetensors"))
     calib, _ = images("train", calibration_indices(64))
     res = lib.calibrate(fp, calib, {"method": "mse", "w_bits": 8, "a_bits": 8, "device": "cpu", "calib_size": 64,
-                                    "preprocess": PREPROCESS})
+                                    "w_symmetric": True, "preprocess": PREPROCESS})
     d = tmp_path_factory.mktemp("mobilenet")
     files = {t: d / f"{t}.onnx" for t in ("reference", "onnxruntime", "onnxruntime-vnni")}
     for t, path in files.items():
@@ -332,11 +334,19 @@ def test_a_vnni_file_is_checked_for_what_this_cpu_runs(mobilenet_w8a8, tmp_path)
     assert (err["onnxruntime-vnni"] > 2 * err["onnxruntime"]) == saturates, (saturates, err)
     got, _ = export_checked(m["model"], tmp_path / "v.onnx", SHAPE, m["x"], m["y"], target="onnxruntime-vnni",
                             range_images=m["calib"])
-    assert got["onnx_top1_agreement"] >= 99.0, got
+    assert got["onnx_top1_agreement"] >= 98.0, got  # float kernels: sums in another order than torch's
     if saturates:
         assert got["onnx_check_kernels"] == "float" and "export with target onnxruntime" in got["onnx_check_note"]
     else:
         assert "onnx_check_note" not in got
+    if importlib.util.find_spec("openvino"):  # OpenVINO's int8 kernels: the same sums, reported where they saturate
+        ov, _ = export_checked(m["model"], tmp_path / "ov.onnx", SHAPE, m["x"], m["y"], target="openvino",
+                               range_images=m["calib"])
+        assert ov["onnx_top1_agreement"] >= 98.0, ov
+        if saturates:  # OpenVINO may run this file wrong here (85 % agreement on this machine): not a failure
+            assert "OpenVINO's int8 kernels on this CPU saturate too" in ov["onnx_check_note"], ov
+        else:
+            assert ov["openvino_top1_agreement"] >= 98.0, ov
     assert "onnx_check_note" not in export_checked(m["model"], tmp_path / "d.onnx", SHAPE, m["x"],
                                                    range_images=m["calib"])[0]
 
@@ -403,16 +413,25 @@ def test_openvino_target_needs_symmetric_weights_and_is_checked_in_openvino(cali
     assert got["openvino_top1_agreement"] >= 98.0 and got["onnx_top1_agreement"] >= 98.0, got
     from clcalib.export.onnx_check import int8_sums_saturate
 
-    # its signed 8-bit weights: ONNX Runtime's check on float kernels where its int8 sums saturate
-    assert ("OpenVINO, the target's runtime, was checked" in got.get("onnx_check_note", "")) == int8_sums_saturate()
+    # its signed 8-bit weights (first conv, last linear): ONNX Runtime's check on float kernels
+    # where int8 sums saturate, and OpenVINO's agreement there reported, not required
+    assert ("OpenVINO's int8 kernels on this CPU saturate too" in got.get("onnx_check_note", "")) == int8_sums_saturate()
 
 
 def test_the_old_name_of_the_exact_layout_still_means_it(calibrated, tmp_path):
     """Configs, jobs and scripts written before the exact layout became the default name it
     onnxruntime-avx2: they get that layout, now called onnxruntime."""
+    import argparse
+
     from clcalib.config import CalibConfig
+    from clcalib.config_flags import add_config_flags, config_overrides
+    from clcalib.export.profiles import profile
 
     assert CalibConfig.model_validate({"export_target": "onnxruntime-avx2"}).export_target == "onnxruntime"
+    assert profile("onnxruntime-avx2") is profile("onnxruntime")
+    p = argparse.ArgumentParser()
+    add_config_flags(p)  # calibrate's and submit's flags
+    assert config_overrides(p.parse_args(["--target", "onnxruntime-avx2"]))["export_target"] == "onnxruntime"
     # this checkpoint holds no ranges: the refusal names the target the old name now is
     r = clcalib("export", "--checkpoint", calibrated["ckpt"], "--out", tmp_path / "m.onnx", "--target", "onnxruntime-avx2")
     assert r.returncode == 2 and "export target onnxruntime writes" in r.stderr, r.stderr

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import get_args
 
-from clcalib.config import ExportTarget
+from clcalib.config import ExportTarget, current_target
 from clcalib.errors import ExportError
 
 
@@ -91,8 +91,9 @@ assert set(PROFILES) == set(get_args(ExportTarget)), "config.ExportTarget names 
 
 
 def profile(name: str) -> Profile:
+    """The profile named ``name`` (or by its old name: config.RENAMED_TARGETS)."""
     try:
-        return PROFILES[name]
+        return PROFILES[current_target(name)]
     except KeyError:
         raise ExportError(f"export target {name!r} is not known; choose one of {', '.join(PROFILES)}") from None
 
