@@ -125,6 +125,7 @@ def run_group(model: str, size: int, args) -> dict:
         for bits in args.bits.split(","):
             t = time.perf_counter()
             res = lib.calibrate(fp, calib, {"method": args.method, "w_bits": int(bits[1]), "a_bits": int(bits[3]),
+                                            "first_last_bits": args.first_last_bits,
                                             "iters": args.iters, "w_symmetric": True, "device": "cpu",
                                             "calib_size": args.calib_size, "preprocess": PREPROCESS})
             models[bits] = (res.model, time.perf_counter() - t)
@@ -157,6 +158,7 @@ def run_group(model: str, size: int, args) -> dict:
         for f in files.values():
             del f["path"]
     return {"model": model, "size": size, "method": args.method, "iters": args.iters, "calib_images": args.calib_size,
+            "first_last_bits": args.first_last_bits,
             "eval_images": len(y), "files": files, "latency_ms": latency}
 
 
@@ -182,6 +184,7 @@ def table(rows: list[dict]) -> str:
         lat = r["latency_ms"]
         out += [f"## {r['model']}, {r['size']} px ({r['method']}"
                 + (f", {r['iters']} it/unit" if r["method"] not in ("minmax", "mse") else "")
+                + (f", first conv and last linear {r['first_last_bits']}-bit" if r.get("first_last_bits", 8) != 8 else "")
                 + f", {r['calib_images']} calibration images, {r['eval_images']} test images)", "",
                 "| file | torch top-1 | ONNX Runtime top-1 | OpenVINO top-1 | MB | quantize s "
                 "| OpenVINO bs 1 | OpenVINO bs 32 | ONNX Runtime bs 1 | ONNX Runtime bs 32 |",
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2, help="torch threads for calibration")
+    p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first conv and last linear "
+                   "(7: no 8-bit weight anywhere with --bits W7.. or lower, so no int8 kernel can saturate)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     import nncf
