@@ -118,9 +118,10 @@ def saturation_note(target: str, runtime: str) -> str:
            "kernels (its numbers are right; integer kernels run it right on x86 CPUs with VNNI and on ARM)")
     if runtime == "openvino":
         return (why + ". OpenVINO's int8 kernels on this CPU saturate too: its agreement here is reported, not "
-                "required. For CPUs like this one, calibrate with first_last_bits 7 (no weight of 8 bits: nothing "
-                "saturates) or export with target onnxruntime for ONNX Runtime")
-    return why + ". Do not deploy it on CPUs like this one: export with target onnxruntime (exact on every CPU)"
+                "required. For CPUs like this one, keep every weight at 7 bits or fewer (first_last_bits 7, w_bits "
+                "at most 7: nothing saturates, docs/deploy.md) or export with target onnxruntime for ONNX Runtime")
+    return (why + ". Do not deploy it on CPUs like this one: export with target onnxruntime (exact on every CPU), "
+            "or keep every weight at 7 bits or fewer (first_last_bits 7, w_bits at most 7)")
 
 
 @cache
