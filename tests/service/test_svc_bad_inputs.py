@@ -197,6 +197,11 @@ def cases(good, tmp: Path) -> list[tuple[str, dict, int, str, str]]:
          "bad_config", "config.preprocess.std.0: Input should be a finite number"),
         ("config: export to an unknown format", w(config=json.dumps({"export": ["tflite"]})), 422, "bad_config",
          "config.export.0: Input should be 'onnx'"),
+        # the old target name is mapped before validation: anything else, of any type, is a 422 naming the choices
+        ("config: an export target that never existed", w(config=json.dumps({"export_target": "onnxruntime-avx512"})),
+         422, "bad_config", "config.export_target: Input should be 'onnxruntime', 'onnxruntime-vnni'"),
+        ("config: an export target that is an object", w(config=json.dumps({"export_target": {"onnxruntime-avx2": 1}})),
+         422, "bad_config", "config.export_target: Input should be 'onnxruntime'"),
         ("calibration: missing", w(calibration=None), 422, "missing_file", "'calibration' is required"),
         ("calibration: zip with no images (empty set)", w(calibration=zip_of({"readme.txt": b"hi"})), 422,
          "bad_data", "contains no images"),
