@@ -56,7 +56,7 @@ def test_imagenet_preprocessing_on_a_28px_model_warns_before_calibrating(data, t
     # with the right flags: no warning
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib",
                 data["calib"], "--eval", data["digits"], "--out", tmp_path / "ok", "--method", "minmax", "--quiet",
-                *FMNIST_PRE)
+                "--calib-size", "16", *FMNIST_PRE)
     assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
 
 
