@@ -79,3 +79,36 @@ def process_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return ""
+
+
+def run_cli(*args, process: bool = False, timeout: float = 600):
+    """``clcalib ARGS`` as a CompletedProcess (returncode, stdout, stderr). By default ``main()``
+    runs in this process with its output captured: the CLI's whole code path without a fresh
+    interpreter importing torch each time (5 s on a 2-core machine). ``process=True``: a real
+    ``python -m clcalib.cli`` (one thread, a bare environment), for what only a process shows."""
+    import subprocess
+    import sys
+
+    argv = [str(a) for a in args]
+    if process:
+        return subprocess.run([sys.executable, "-m", "clcalib.cli", *argv], capture_output=True, text=True,
+                              timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    import contextlib
+    import traceback
+
+    import torch
+
+    from clcalib.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: --help, --version, a usage error
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except Exception:  # what the interpreter would print, and its exit status
+            traceback.print_exc()
+            code = 1
+        finally:
+            torch.set_num_threads(threads)  # --threads changes the process's setting
+    return subprocess.CompletedProcess(["clcalib", *argv], code, out.getvalue(), err.getvalue())

@@ -3,8 +3,6 @@ calibration of the reference model on real Fashion-MNIST PNGs whose reported acc
 saved checkpoint reproduces exactly."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +10,15 @@ from pydantic import ValidationError
 
 from clcalib.config import CalibConfig
 from clcalib.recon.phases import PHASES
-from clcalib.testing import REFERENCE, calibration_indices, write_zip
+from clcalib.testing import REFERENCE, calibration_indices, run_cli, write_zip
 
 WEIGHTS = REFERENCE / "fmnist_resnet18.safetensors"
 FMNIST_PRE = ["--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353"]
 
 
-def clcalib(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "clcalib.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+def clcalib(*args, process=False):
+    """The CLI in this process; ``process=True``: as its own process (the round trip below)."""
+    return run_cli(*args, process=process)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +129,7 @@ def test_calibrate_then_evaluate_reproduces_the_report(zips, tmp_path):
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS,
                 "--calib", zips["calib"], "--eval", zips["eval"], "--method", "qdrop", "--w-bits", "4", "--a-bits", "4",
                 "--iters", "5", "--calib-size", "128", "--device", "cpu", "--seed", "1", *FMNIST_PRE, "--out", out, "--quiet",
-                "--export", "onnx")
+                "--export", "onnx", process=True)
     assert r.returncode == 0, r.stderr
     assert "quantized top-1 % (reloaded checkpoint)" in r.stdout
     report = json.loads((out / "report.json").read_text())

@@ -6,8 +6,6 @@ programs are refused by name, and no pickle in an uploaded .pt2 ever runs."""
 import dataclasses
 import io
 import json
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -24,7 +22,7 @@ from clcalib.graph.program import BadProgram, check_archive, program_from_bytes,
 from clcalib.graph.registry import ARCHS, build_model
 from clcalib.metrics import predict
 from clcalib.quant.switch import quantization
-from clcalib.testing import REFERENCE, calibration_indices, write_zip
+from clcalib.testing import REFERENCE, calibration_indices, run_cli, write_zip
 
 SPEC = QuantSpec.from_config(CalibConfig())
 
@@ -138,8 +136,7 @@ def test_timm_style_attention_and_split_blocks_are_units(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     (tmp_path / "vit.pt2").write_bytes(_pt2(TimmLikeViT(), x))
-    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "inspect", "--model", str(tmp_path / "vit.pt2"), "--json"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("inspect", "--model", tmp_path / "vit.pt2", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     units = {u["unit"]: u for u in json.loads(r.stdout)}
     assert {"gate", "blocks.0", "blocks.1"} <= set(units), sorted(units)
@@ -304,26 +301,22 @@ def test_cli_calibrates_an_exported_program_on_real_images(tmp_path, reference):
     evalz = write_zip(tmp_path / "eval.zip", "t10k", range(300), by_class=True)
     pre = ["--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353"]
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "clcalib.cli", *map(str, args)], capture_output=True, text=True,
-                              timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-
-    r = cli("inspect", "--model", tmp_path / "m.pt2", "--json")
+    r = run_cli("inspect", "--model", tmp_path / "m.pt2", "--json")
     assert r.returncode == 0, r.stderr
     units = json.loads(r.stdout)
     assert [u["unit"] for u in units][:3] == ["conv1", "layer1.0", "layer1.1"] and len(units) == 10
-    r = cli("calibrate", "--model", tmp_path / "m.pt2", "--calib", calib, "--eval", evalz, "--out", tmp_path / "out",
+    r = run_cli("calibrate", "--model", tmp_path / "m.pt2", "--calib", calib, "--eval", evalz, "--out", tmp_path / "out",
             "--iters", "10", "--w-bits", "4", "--a-bits", "8", "--device", "cpu", "--export", "onnx", *pre)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metrics"]["quant_top1"] > 80
-    r = cli("evaluate", "--checkpoint", tmp_path / "out" / "quantized.safetensors", "--eval", evalz, "--json")
+    r = run_cli("evaluate", "--checkpoint", tmp_path / "out" / "quantized.safetensors", "--eval", evalz, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["quant_top1"] == pytest.approx(report["metrics"]["quant_top1"])
     # the default target adds 8-bit codes where the calibration kept float (residual sums; ranges
     # from these 64 images): 98.7 % on these 300 images, where the exact reference file gives 100
     assert report["metrics"]["onnx_top1_agreement"] >= 98.0
-    r = cli("calibrate", "--model", tmp_path / "m.pt2", "--arch", "resnet18", "--calib", calib, "--out", tmp_path / "x")
+    r = run_cli("calibrate", "--model", tmp_path / "m.pt2", "--arch", "resnet18", "--calib", calib, "--out", tmp_path / "x")
     assert r.returncode != 0 and "not both" in r.stderr and "Traceback" not in r.stderr
     assert REFERENCE.is_dir()
 
@@ -356,10 +349,8 @@ def test_an_export_that_cannot_succeed_is_refused_before_calibrating(tmp_path):
     import numpy as np
 
     np.save(tmp_path / "calib.npy", torch.randn(16, 3, 16, 16).numpy())
-    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--model", str(tmp_path / "roll.pt2"),
-                        "--calib", str(tmp_path / "calib.npy"), "--out", str(tmp_path / "out"), "--iters", "1",
-                        "--device", "cpu", "--export", "onnx", "--quiet"],
-                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    r = run_cli("calibrate", "--model", tmp_path / "roll.pt2", "--calib", tmp_path / "calib.npy", "--out", tmp_path / "out",
+                "--iters", "1", "--device", "cpu", "--export", "onnx", "--quiet")
     assert r.returncode == 2, r.stderr
     assert "'flip.default' has no ONNX export here" in r.stderr and "Leave \"onnx\" out of config.export" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out" / "quantized.safetensors").exists()
@@ -435,10 +426,8 @@ def test_a_programs_fixed_input_size_is_the_default_preprocessing(tmp_path):
 def test_a_program_given_as_weights_says_what_it_is(tmp_path):
     """Issue 30: a .pt2 given with --arch was answered by torch's truncated unpickling error."""
     (tmp_path / "vit.pt2").write_bytes(_pt2(SkipNet(), torch.randn(2, 3, 16, 16)))
-    r = subprocess.run([sys.executable, "-m", "clcalib.cli", "calibrate", "--arch", "resnet18", "--num-classes", "10",
-                        "--weights", str(tmp_path / "vit.pt2"), "--calib", str(tmp_path / "none.zip"),
-                        "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    r = run_cli("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", tmp_path / "vit.pt2",
+                "--calib", tmp_path / "none.zip", "--out", tmp_path / "out")
     assert r.returncode == 2 and "vit.pt2: this is a torch.export program (.pt2)" in r.stderr, r.stderr
     assert "give it with --model" in r.stderr and "without an arch" in r.stderr
 

@@ -206,7 +206,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> QuantModel:
         cfg = CalibConfig.model_validate(header["config"])
         if "graph" in header:
             qm = QuantModel(_stored_program(path, header), QuantSpec.from_config(cfg), torch.zeros(shape),
-                            Partition.GRAPH)
+                            Partition.GRAPH, decomposed=True)
         else:
             fp = build_model(header["arch"], header["num_classes"])
             qm = QuantModel(fp, QuantSpec.from_config(cfg), torch.zeros(shape), cfg.partition)

@@ -177,16 +177,18 @@ def uses_graph(model, partition: Partition) -> bool:
 
 class QuantModel(nn.Module):
     """The converted model and its reconstruction units in execution order. ``model``: an
-    nn.Module, or a torch.export program (graph path only)."""
+    nn.Module, or a torch.export program (graph path only); ``decomposed``: the program a
+    checkpoint stored (see ``as_program``)."""
 
-    def __init__(self, model, spec: QuantSpec, example_input: torch.Tensor, partition: Partition = Partition.AUTO):
+    def __init__(self, model, spec: QuantSpec, example_input: torch.Tensor, partition: Partition = Partition.AUTO,
+                 decomposed: bool = False):
         super().__init__()
         self.spec = spec
         if uses_graph(model, partition):
             from clcalib.graph.program import as_program, graph_module
             from clcalib.graph.units import convert_graph
 
-            self.program = as_program(model, example_input)  # kept: the checkpoint rebuilds from it
+            self.program = as_program(model, example_input, decomposed)  # kept: the checkpoint rebuilds from it
             try:
                 self.model = convert_graph(graph_module(self.program), spec)
             except UnsupportedModel:

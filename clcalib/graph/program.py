@@ -119,9 +119,11 @@ def capture(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedPro
         model.train(was_training)
 
 
-def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
+def as_program(model, example: torch.Tensor, decomposed: bool = False) -> torch.export.ExportedProgram:
     """``model`` (an nn.Module or an ExportedProgram) as a functional ATen program (no in-place
-    ops, BatchNorm in inference form, dropout gone), checked to take one image batch of any size."""
+    ops, BatchNorm in inference form, dropout gone), checked to take one image batch of any size.
+    ``decomposed``: a program this function made earlier, stored in a checkpoint: in ATen form
+    already (torch's verifier checked that when it was read), it is not traced again (seconds)."""
     ep = model if isinstance(model, torch.export.ExportedProgram) else capture(model, example)
     sig = ep.graph_signature
     user_inputs = [s for s in sig.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
@@ -142,7 +144,8 @@ def as_program(model, example: torch.Tensor) -> torch.export.ExportedProgram:
         raise UnsupportedModel(f"the program takes images of {c}x{h}x{w}, the data comes out as "
                                f"{'x'.join(map(str, example.shape[1:]))}; {fix}")
     try:
-        ep = ep.run_decompositions({})
+        if not (decomposed and all(v.dialect == "ATEN" for v in ep.verifiers)):
+            ep = ep.run_decompositions({})
     except Exception as e:
         raise UnsupportedModel(f"the program could not be made functional ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
