@@ -76,13 +76,13 @@ def postgres_url():
 
 @pytest.fixture(scope="session")
 def fmnist_zips(tmp_path_factory):
-    """calib.zip: 256 train PNGs; eval.zip: 1000 test PNGs in class folders."""
+    """calib.zip: 256 train PNGs; eval.zip: 500 test PNGs in class folders."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST IDX files missing under {FMNIST} (apt-get install -y dataset-fashion-mnist)")
     d = tmp_path_factory.mktemp("fmnist")
     return {
         "calib": write_zip(d / "calib.zip", "train", 256, by_class=False),
-        "eval": write_zip(d / "eval.zip", "t10k", 1000, by_class=True),
+        "eval": write_zip(d / "eval.zip", "t10k", 500, by_class=True),
         "dir": d,
     }
 

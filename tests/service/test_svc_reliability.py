@@ -1,4 +1,4 @@
-"""No lost job: 20 jobs on Redis (AOF) + PostgreSQL; the worker is SIGKILLed in the middle of
+"""No lost job: 6 jobs (``CLCALIB_TEST_RELIABILITY_JOBS``) on Redis (AOF) + PostgreSQL; the worker is SIGKILLed in the middle of
 a job, redis-server is killed and restarted with the rest queued, new workers start. Every job
 succeeds, and the killed one resumes from its last finished unit.
 
@@ -15,7 +15,9 @@ from svc_helpers import wait_until
 
 from jobs.store import Store
 
-N_JOBS = 10  # 9 queued across the Redis restart; each job is a sandboxed child (most of the test's time)
+# the killed job and 5 queued across the Redis restart (docs/service.md's table ran 10); each job
+# is an upload check and a job in sandboxed children: most of the test's time
+N_JOBS = int(os.environ.get("CLCALIB_TEST_RELIABILITY_JOBS", "6"))
 FILLER = {**FAST, "method": "minmax", "calib_size": 16}  # the others: no reconstruction, ~3 s each
 LONG_ITERS = int(os.environ.get("CLCALIB_TEST_LONG_ITERS", "40"))  # the job to be killed: slow units
 
