@@ -23,6 +23,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("traps")
     calib = write_zip(d / "calib.zip", "train", calibration_indices(64, seed=0), by_class=False)
     digits = write_zip(d / "eval.zip", "t10k", range(300), by_class=True)
+    few = write_zip(d / "few.zip", "t10k", range(100), by_class=True)  # evaluated at 112 px below
     named = d / "named.zip"
     with zipfile.ZipFile(digits) as src, zipfile.ZipFile(named, "w") as dst:
         for info in src.infolist():
@@ -36,7 +37,7 @@ def data(tmp_path_factory):
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib", calib,
                 "--out", ckpt, "--method", "minmax", "--quiet", *FMNIST_PRE)
     assert r.returncode == 0, r.stderr
-    return {"calib": calib, "digits": digits, "named": named, "labels": labels,
+    return {"calib": calib, "digits": digits, "few": few, "named": named, "labels": labels,
             "ckpt": ckpt / "quantized.safetensors", "dir": d}
 
 
@@ -44,7 +45,7 @@ def test_imagenet_preprocessing_on_a_28px_model_warns_before_calibrating(data, t
     out = tmp_path / "out"
     # the ImageNet recipe's resize, at 112 instead of 256 (same trap, a quarter of the compute)
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib",
-                data["calib"], "--eval", data["digits"], "--out", out, "--method", "minmax", "--quiet",
+                data["calib"], "--eval", data["few"], "--out", out, "--method", "minmax", "--quiet",
                 "--resize", "112", "--crop", "112", "--calib-size", "16")
     assert r.returncode == 0, r.stderr
     assert "WARNING: preprocess.resize=112 enlarges the images 4.0x" in r.stderr, r.stderr
@@ -55,7 +56,7 @@ def test_imagenet_preprocessing_on_a_28px_model_warns_before_calibrating(data, t
     assert len(report["metrics"]["warnings"]) == 2  # kept in the report too
     # with the right flags: no warning
     r = clcalib("calibrate", "--arch", "resnet18", "--num-classes", "10", "--weights", WEIGHTS, "--calib",
-                data["calib"], "--eval", data["digits"], "--out", tmp_path / "ok", "--method", "minmax", "--quiet",
+                data["calib"], "--eval", data["few"], "--out", tmp_path / "ok", "--method", "minmax", "--quiet",
                 "--calib-size", "16", *FMNIST_PRE)
     assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
 

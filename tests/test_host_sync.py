@@ -36,9 +36,13 @@ def test_the_loop_reads_the_device_once_per_reporting_window_not_per_iteration(c
 
     def counted(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan):
         # a middle block and the classifier; the rest (the stem's FP tail for PD/CL: the whole
-        # network) runs outside Python dispatch, which is slow
+        # network) runs outside Python dispatch, which is slow, and one iteration each
         if k not in (len(self.units) // 2, len(self.units) - 1):
-            return optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan)
+            cfg, self.cfg = self.cfg, self.cfg.model_copy(update={"iters": 1})
+            try:
+                return optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan)
+            finally:
+                self.cfg = cfg
         with _HostReads() as mode:
             how = optimize(self, k, module, layers, x_q, x_fp, y_f, gen, extra, plan)
         reads.append((mode.n, 1 + len(extra)))  # the loss and each added term's curve
