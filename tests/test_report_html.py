@@ -1,6 +1,8 @@
 """report.html is drawn after the calibration finished: whatever names the upload brought, it must
 be drawn, and a figure that cannot be drawn must not fail the job."""
 
+import re
+
 import pytest
 
 from clcalib.report_html import mixed_figures, render
@@ -22,8 +24,10 @@ def test_names_that_read_as_math_are_drawn_as_written():
     html = render(_report())
     assert "could not be drawn" not in html
     assert html.count("<svg") == 4  # units, layers, classes, confusion
-    for name in MATH:  # matplotlib writes each label's text in a comment beside its glyphs
+    for name in MATH:  # the figures' text is SVG text, escaped
         assert name.replace("<", "&lt;") in html
+    # the log axis of the units' errors is labelled in numbers, not math source ("$\\mathdefault{10^{0}}$")
+    assert "mathdefault" not in html and re.search(r"<text[^>]*>1</text>", html), html[:2000]
 
 
 def test_the_sensitivity_figure_draws_math_like_site_names():
