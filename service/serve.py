@@ -27,6 +27,12 @@ def _set_pdeathsig() -> None:  # the local worker dies with serve, even on SIGKI
         pass
 
 
+# A stopped serve waits this long for its local worker's warm shutdown, then kills it: Celery's
+# warm shutdown waits for the running job, which may take hours; the job resumes from its last
+# finished unit at the next start, so a longer wait only delays the stop (it was 20 s)
+LOCAL_WORKER_GRACE_S = 5.0
+
+
 class LocalWorker:
     """A ``python -m worker`` child, restarted if it exits while serve runs."""
 
@@ -58,7 +64,7 @@ class LocalWorker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=LOCAL_WORKER_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 

@@ -181,7 +181,7 @@ def test_reference_resnet18_calibrates_to_the_same_model_through_the_graph(fmnis
     (_tiny_vit, 32, True),
     (_small_swin, 32, False),
 ])
-def test_other_architectures_calibrate_save_reload_and_export(make, size, onnx, tmp_path):
+def test_other_architectures_calibrate_save_reload_and_export(make, size, onnx, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = make().eval()
     data = torch.randn(48, 3, size, size)
@@ -190,7 +190,11 @@ def test_other_architectures_calibrate_save_reload_and_export(make, size, onnx, 
     assert len(result.units) >= 3
     path = tmp_path / "q.safetensors"
     save_quantized(result.model, path, arch="custom", num_classes=10, config=cfg, input_shape=(1, 3, size, size))
+    traced, decompose = [], torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: traced.append(1) or decompose(self, *a, **k))
     reloaded = load_quantized(path)
+    assert traced == []  # the stored graph is in ATen form: not traced again (seconds per load)
     with torch.no_grad():
         assert torch.equal(result.model(data[:8]), reloaded(data[:8]))
     from clcalib.export.onnx_qdq import export_onnx

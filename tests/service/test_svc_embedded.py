@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 from svc_eval import evaluate
@@ -81,7 +82,7 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         # crash everything (SIGKILL to serve, its worker and validator) with jobs queued and running
         with Client(url) as c:
             ids = [c.submit(model=MOBILENET, calibration=fmnist_zips["calib"], arch="mobilenet_v2", num_classes=10,
-                            config={**FAST, "iters": 30} if i == 0 else {**FAST, "method": "minmax", "calib_size": 16})["id"]
+                            config={**FAST, "iters": 15} if i == 0 else {**FAST, "method": "minmax", "calib_size": 16})["id"]
                    for i in range(3)]
             before = [c.status(i)["state"] for i in ids]
         serve.kill(signal.SIGKILL)
@@ -105,7 +106,9 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
             wait_until(lambda: c.status(long)["state"] == "running", 120, "the long job to start")
         worker = int(re.findall(r"local worker started \(pid (\d+)\)", (tmp_path / "serve2.log").read_text())[-1])
         os.kill(serve.pid, signal.SIGTERM)
+        t0 = time.monotonic()
         serve.p.wait(60)
+        assert time.monotonic() - t0 < 15, "serve took its time to stop"  # 5 s for the worker, uvicorn's 5 s
         wait_until(lambda: process_state(worker) in ("", "Z"), 30, f"the local worker (pid {worker}) to stop with serve")
     finally:
         serve.stop()

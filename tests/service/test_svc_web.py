@@ -47,7 +47,7 @@ def test_a_person_submits_watches_and_downloads(tmp_path, fmnist_zips):
             form.locator("input[name=calibration]").set_input_files(str(fmnist_zips["calib"]))
             form.locator("input[name=evaluation]").set_input_files(str(fmnist_zips["eval"]))
             form.locator("select[name=method]").select_option("brecq")
-            for name, value in (("iters", "30"), ("calib_size", "64"), ("resize", ""), ("crop", ""),
+            for name, value in (("iters", "15"), ("calib_size", "64"), ("resize", ""), ("crop", ""),
                                 ("mean", ",".join(map(str, PREPROCESS["mean"]))), ("std", ",".join(map(str, PREPROCESS["std"])))):
                 form.locator(f"input[name={name}]").fill(value)
             # the size and accuracy fields reach the job's config and the server's checks: both at
