@@ -238,6 +238,40 @@ def test_the_checkpoint_carries_no_float_layer_weights_and_no_calibration_images
     assert result.model.program.state_dict["a.weight"].any()  # the caller's program is left as it was
 
 
+def test_a_stored_graph_is_trusted_only_as_far_as_torchs_verifier_checks_it(tmp_path):
+    """A checkpoint's graph is not traced again at load (it is in ATen form when clcalib writes it);
+    one edited to an in-place op (allowed in an upload, which is traced into functional form) is
+    refused by torch's ATen verifier when it is read, as a damaged file."""
+    import json
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clcalib.export.checkpoint import GRAPH_TENSOR
+
+    torch.manual_seed(0)
+    result = clcalib.calibrate(SkipNet().eval(), torch.randn(16, 3, 16, 16), CalibConfig(iters=1, calib_size=16, device="cpu"))
+    path = tmp_path / "q.safetensors"
+    save_quantized(result.model, path, arch="custom", num_classes=10, config=result.config, input_shape=(1, 3, 16, 16))
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    raw = zlib.decompress(tensors[GRAPH_TENSOR].numpy().tobytes())
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        name = next(n for n in z.namelist() if n.endswith("models/model.json"))
+        program = z.read(name).decode()
+    assert '"torch.ops.aten.relu.default"' in program and '"ATEN"' in program
+    forged = _rewrite(raw, "models/model.json",
+                      program.replace('"torch.ops.aten.relu.default"', '"torch.ops.aten.relu_.default"', 1).encode())
+    tensors[GRAPH_TENSOR] = torch.frombuffer(bytearray(zlib.compress(forged)), dtype=torch.uint8)
+    header = json.loads(meta["clcalib"])
+    header["graph"]["bytes"] = len(forged)
+    save_file(tensors, str(tmp_path / "forged.safetensors"), {**meta, "clcalib": json.dumps(header)})
+    with pytest.raises(ExportError, match="relu_.default' is not functional"):
+        load_quantized(tmp_path / "forged.safetensors")
+    assert load_quantized(path)(torch.zeros(2, 3, 16, 16)).shape == (2, 10)  # the file as written loads
+
+
 def _pt2(model, x, dynamic=True) -> bytes:
     dyn = ({0: torch.export.Dim("batch")},) if dynamic else None
     return program_to_bytes(torch.export.export(model.eval(), (x,), dynamic_shapes=dyn))
