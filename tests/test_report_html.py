@@ -42,3 +42,14 @@ def test_a_figure_that_cannot_be_drawn_leaves_a_page_with_the_tables_and_says_wh
         html = render(broken)
     assert "The figures could not be drawn" in html and "<svg" not in html
     assert "<h2>Units</h2>" in html
+
+
+def test_hostile_unit_names_stay_text_in_the_figures():
+    """Unit names come from an uploaded program's module names; the figures write them as SVG text."""
+    units = [{"name": "</text></svg><script>alert(1)</script>", "loss_before": 2.0, "loss_after": 1.0},
+             {"name": "]]><b>x</b> & y", "loss_before": 1.0, "loss_after": 0.5}]
+    html = render({"arch": "x", "config": {"method": "qdrop", "w_bits": 4, "a_bits": 4}, "metrics": {}, "units": units,
+                   "calib_sha256": "0" * 64, "checkpoint": "quantized.safetensors"})
+    assert html.count("<svg") == 1 and "<script>" not in html and "<b>x</b>" not in html
+    svg = html[html.index("<svg"):html.index("</svg>")]
+    assert "&lt;/text&gt;&lt;/svg&gt;&lt;script&gt;" in svg and "]]&gt;&lt;b&gt;x&lt;/b&gt; &amp; y" in svg
