@@ -33,7 +33,7 @@ def _plain_text():
     """Figures drawn off-screen, their text as written: class folder names and unit and site
     names come from the upload, and matplotlib would read ``a$$b`` as math and fail on it. The
     text stays SVG text (escaped by matplotlib's XML writer), not glyph outlines: a page a
-    reader can search for a layer's name, half the bytes, and drawn in a third less time."""
+    reader can search for a layer's name, and half the bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
