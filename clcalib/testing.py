@@ -104,8 +104,10 @@ def run_cli(*args, process: bool = False, timeout: float = 600):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(argv)
-        except SystemExit as e:  # argparse: --help, --version, a usage error
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except SystemExit as e:  # argparse: --help, --version, a usage error; sys.exit("a message")
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
         except Exception:  # what the interpreter would print, and its exit status
             traceback.print_exc()
             code = 1
