@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-from clcalib.cli import main as cli
 from clcalib.config import CalibConfig
 from clcalib.errors import ConfigError
 from clcalib.export import load_quantized
@@ -20,7 +19,7 @@ from clcalib.mixed.sensitivity import measure
 from clcalib.pipeline import run_calibration
 from clcalib.quant.sites import bits_of, site_modules
 from clcalib.testing import PREPROCESS as PRE
-from clcalib.testing import REFERENCE, calibration_indices, write_zip
+from clcalib.testing import REFERENCE, calibration_indices, run_cli, write_zip
 
 RESNET = REFERENCE / "fmnist_resnet18.safetensors"
 
@@ -95,7 +94,7 @@ def test_an_unknown_layer_name_says_what_the_names_look_like(zips, tmp_path):
                         out_dir=tmp_path)
 
 
-def test_budget_run_stays_in_budget_and_its_bits_reach_checkpoint_and_inspect(zips, tmp_path, capsys):
+def test_budget_run_stays_in_budget_and_its_bits_reach_checkpoint_and_inspect(zips, tmp_path):
     cfg = CalibConfig(method="minmax", w_bits=3, a_bits=8, preprocess=PRE, calib_size=64,
                       budget={"w_bits_avg": 3.5, "images": 16})
     report = run_calibration(arch="resnet18", num_classes=10, weights=RESNET, calibration=zips["calib"], config=cfg,
@@ -109,9 +108,10 @@ def test_budget_run_stays_in_budget_and_its_bits_reach_checkpoint_and_inspect(zi
     assert {n: bits_of(sites[n]) for n in bits} == bits
     assert "Mixed precision" in (tmp_path / "report.html").read_text()
     (tmp_path / "cfg.json").write_text(json.dumps({"layer_bits": bits}))
-    assert cli(["inspect", "--arch", "resnet18", "--num-classes", "10", "--input-size", "28", "--config",
-                str(tmp_path / "cfg.json"), "--json"]) == 0
-    layers = {la["name"]: la for u in json.loads(capsys.readouterr().out) for la in u["layers"]}
+    r = run_cli("inspect", "--arch", "resnet18", "--num-classes", "10", "--input-size", "28", "--config",
+                tmp_path / "cfg.json", "--json")
+    assert r.returncode == 0, r.stderr
+    layers = {la["name"]: la for u in json.loads(r.stdout) for la in u["layers"]}
     assert {n: layers[n]["w_bits"] for n in bits} == bits
 
 
@@ -174,12 +174,12 @@ def test_search_finds_the_smallest_meeting_and_keeps_the_best_when_time_runs_out
     assert stopped and best == tried[0] and probes[-1].top1 is None  # the best found so far, not an error
 
 
-def test_sensitivity_cli_prints_the_table(zips, capsys, tmp_path):
-    assert cli(["sensitivity", "--arch", "resnet18", "--num-classes", "10", "--weights", str(RESNET), "--calib",
-                str(zips["calib"]), "--method", "minmax", "--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353",
-                "--images", "16", "--w-widths", "2,8", "--json", str(tmp_path / "s.json"),
-                "--plot", str(tmp_path / "s.svg")]) == 0
-    out = capsys.readouterr().out
+def test_sensitivity_cli_prints_the_table(zips, tmp_path):
+    r = run_cli("sensitivity", "--arch", "resnet18", "--num-classes", "10", "--weights", RESNET, "--calib",
+                zips["calib"], "--method", "minmax", "--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353",
+                "--images", "16", "--w-widths", "2,8", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.svg")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     assert "layer4.1.conv2" in out and "KL @2" in out and "sites measured" in out
     table = json.loads((tmp_path / "s.json").read_text())["mixed_precision"]["sensitivity"]
     assert all(c["cost"]["2"] >= c["cost"]["8"] for c in table)  # fewer bits move the predictions more
