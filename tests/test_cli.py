@@ -16,9 +16,7 @@ WEIGHTS = REFERENCE / "fmnist_resnet18.safetensors"
 FMNIST_PRE = ["--resize", "none", "--crop", "none", "--mean", "0.286", "--std", "0.353"]
 
 
-def clcalib(*args, process=False):
-    """The CLI in this process; ``process=True``: as its own process (the round trip below)."""
-    return run_cli(*args, process=process)
+clcalib = run_cli  # the CLI in this process; process=True: its own process (the round trip below)
 
 
 @pytest.fixture(scope="module")
