@@ -368,10 +368,15 @@ def is_out_of_memory(e: BaseException | str) -> bool:
 
 
 def _die_with_parent() -> None:
-    """SIGKILL when the worker or API process that started this child dies, however it dies."""
+    """SIGKILL when the worker or API process that started this child dies, however it dies; and
+    a stop signal to the caller's process group (Ctrl-C in its terminal, a service manager's
+    SIGTERM to every process) left to the caller, which hands its job back and kills this child
+    itself: a child dying of it first would fail the job."""
     import signal
 
     _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != _PARENT:  # it died before the line above
         os._exit(1)
 

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in the worker")
     heartbeat_s: float = Field(5.0, gt=0, description="worker heartbeat and progress write period")
     stale_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-queued")
-    max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one job before it fails")
+    max_attempts: int = Field(3, ge=1, le=100, description="lost workers one job may have before it fails (hand-backs do not count)")
     max_job_runtime_s: float = Field(24 * 3600.0, gt=0, description="a job running longer than this (from its "
                                      "first start, retries included) is failed and its worker stops")
     visibility_timeout_s: int = Field(

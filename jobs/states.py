@@ -2,7 +2,8 @@
 
     queued -> running -> succeeded | failed | canceled
     queued -> canceled
-    running -> queued        only by the reaper, when the worker's heartbeat went stale
+    running -> queued        by the reaper, when the worker's heartbeat went stale, or by the
+                             worker itself when it is asked to stop (``Store.hand_back``)
 """
 
 from __future__ import annotations

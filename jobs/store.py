@@ -5,7 +5,8 @@ concurrent API processes, workers and reapers cannot move a job backwards:
 
     queued -> running -> succeeded | failed | canceled
     queued -> canceled
-    running -> queued        only by the reaper, when the worker's heartbeat went stale
+    running -> queued        by the reaper, when the worker's heartbeat went stale, or by the
+                             worker itself when it is asked to stop (``hand_back``)
 
 A late progress write or a late ``finish`` from a worker that lost the job (canceled, deleted,
 re-queued to another worker) matches no row and is dropped; the worker sees that and stops.
@@ -57,6 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from jobs.states import ACTIVE, TERMINAL, State
 
 PROGRAM = "program"  # the arch of a job whose model is an uploaded torch.export program (.pt2)
+HANDED_BACK = "handed_back"  # the history event of an attempt its worker gave back (not a lost worker)
 MIN_WORK_S = 1.0  # check seconds below which a job's time is mostly the worker's start-up: not a speed
 
 
@@ -416,7 +418,7 @@ class Store:
             takeover = row.state == State.RUNNING and (row.heartbeat_at or 0) < now - stale_after_s
             if row.state != State.QUEUED and not takeover:
                 return None
-            if row.attempts >= max_attempts:
+            if _lost_attempts(row) >= max_attempts:
                 self._fail_exhausted(s, row, now, max_attempts)
                 return None
             r = s.execute(
@@ -504,6 +506,26 @@ class Store:
             values["progress"] = progress
         return self._update_running(job_id, attempt, values)
 
+    def hand_back(self, job_id: str, attempt: int, reason: str) -> bool:
+        """running -> queued by the attempt that runs it, when its worker is asked to stop (a
+        deploy, a scale-down, Ctrl-C): another worker resumes it at once from its stored units
+        instead of after the stale timeout, and the attempt does not count against
+        ``max_attempts`` (its worker was not lost). False: this attempt no longer owns the job."""
+        now = self.clock()
+        with self.session.begin() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.state == State.RUNNING,
+                                                JobRow.attempts == attempt))
+            if row is None:
+                return False
+            r = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == State.RUNNING, JobRow.attempts == attempt)
+                .values(state=State.QUEUED, updated_at=now, enqueued_at=None, worker=None,
+                        history=list(row.history or []) + [
+                            {"attempt": attempt, "event": HANDED_BACK, "reason": reason, "at": now}])
+            )
+            return r.rowcount == 1
+
     # ---- reaper -----------------------------------------------------------------------
     def reap_stale(self, *, stale_after_s: float, max_attempts: int) -> tuple[list[str], list[str]]:
         """Running jobs whose heartbeat is older than ``stale_after_s``: back to queued (to be
@@ -515,7 +537,7 @@ class Store:
                 select(JobRow).where(JobRow.state == State.RUNNING, JobRow.heartbeat_at < now - stale_after_s)
             ).all()
             for row in rows:
-                if row.attempts >= max_attempts:
+                if _lost_attempts(row) >= max_attempts:
                     if self._fail_exhausted(s, row, now, max_attempts):
                         failed.append(row.id)
                     continue
@@ -543,7 +565,7 @@ class Store:
             .where(JobRow.id == row.id, JobRow.state == row.state, JobRow.attempts == row.attempts)
             .values(
                 state=State.FAILED, finished_at=now, updated_at=now,
-                error=(f"the worker running this job was lost {row.attempts} times "
+                error=(f"the worker running this job was lost {_lost_attempts(row)} times "
                        f"(max_attempts={max_attempts}); giving up"),
             )
         )
@@ -597,6 +619,11 @@ class Store:
     def all_ids(self) -> set[str]:
         with self.session() as s:
             return set(s.scalars(select(JobRow.id)))
+
+
+def _lost_attempts(row: JobRow) -> int:
+    """Attempts that ended with their worker lost: all of them but those handed back."""
+    return row.attempts - sum(1 for h in row.history or [] if h.get("event") == HANDED_BACK)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

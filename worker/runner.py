@@ -5,9 +5,14 @@ attempt more; ``Store.claim_next``) with a conditional update, whichever job the
 sent for. There is one message per queued job, so every job gets a turn; a duplicate delivery
 (a Redis redelivery, a re-send by the sweeper) finds nothing queued and does nothing. While the library runs, a heartbeat thread writes the heartbeat and the latest progress
 every ``heartbeat_s``; if that write matches no row (canceled, deleted, or re-queued after the
-heartbeat went stale) it sets ``lost``, the run's ``stop``: the sandboxed child is killed within
+heartbeat went stale) it sets ``lost`` and ``halt``, the run's stop: the sandboxed child is killed within
 ``jobs.sandbox.STOP_POLL_S`` whatever it is doing (a long evaluation pass sends no progress), so
 the worker is free within about one heartbeat period.
+
+A worker asked to stop (SIGTERM from a deploy or a scale-down, Ctrl-C; ``request_hand_back``)
+does not wait for its job: the child is killed the same way, the resume state of the finished
+units is stored, and the job goes back to the queue with a new message (``Store.hand_back``), so
+another worker resumes it within seconds and the attempt does not count as a lost worker.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from pathlib import Path
 
 from jobs.objects import Objects, ObjectStoreError, objects_for, resume_key
-from jobs.sandbox import Child, ChildFailed, Jail, zygote_for
+from jobs.sandbox import STOP_POLL_S, Child, ChildFailed, Jail, zygote_for
 from jobs.settings import Settings
 from jobs.states import State
 from jobs.store import PROGRAM, Store
@@ -27,6 +32,8 @@ from worker.workspace import ArtifactMismatch, Workspace
 log = logging.getLogger("clcalib.worker")
 _stores: dict[str, Store] = {}
 _objects: dict[tuple, Objects] = {}
+_running: list[Heartbeat] = []  # the heartbeat of the job this worker runs (at most one)
+_stop_requested: list[str] = []  # why this worker was asked to stop, once it was
 
 
 def store_for(settings: Settings) -> Store:
@@ -46,12 +53,19 @@ def objects_of(settings: Settings) -> Objects:
 class Heartbeat:
     def __init__(self, store: Store, job_id: str, attempt: int, period: float):
         self.store, self.job_id, self.attempt, self.period = store, job_id, attempt, period
-        self.lost = threading.Event()
+        self.lost = threading.Event()  # this attempt no longer owns the job
+        self.halt = threading.Event()  # the run's stop: lost, or handing the job back
         self._stop = threading.Event()
         self._progress: dict | None = None
         self._sent: dict | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self.handing_back: str | None = None  # why, once the worker is asked to stop
+
+    def hand_back(self, why: str) -> None:
+        """Stop the run so that the job goes back to the queue. Called from a signal handler, so
+        it only sets an attribute (no lock): the heartbeat thread acts on it within STOP_POLL_S."""
+        self.handing_back = why
 
     def start(self) -> None:
         self._thread.start()
@@ -81,12 +95,27 @@ class Heartbeat:
         self._sent = p
         if not ok:
             self.lost.set()
+            self.halt.set()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.period):
-            self.beat()
-            if self.lost.is_set():
-                return
+        next_beat = time.monotonic() + self.period
+        while not self._stop.wait(min(self.period, STOP_POLL_S)):
+            if self.handing_back:
+                self.halt.set()  # its child is killed; beats go on while the run winds down
+            if time.monotonic() >= next_beat:
+                next_beat += self.period
+                self.beat()
+                if self.lost.is_set():
+                    return
+
+
+def request_hand_back(why: str) -> bool:
+    """The worker is asked to stop: the running job, if any, goes back to the queue (see the
+    module's docstring). Safe in a signal handler. True if a job was running."""
+    _stop_requested.append(why)  # a job claimed just after this is handed back too
+    for hb in list(_running):
+        hb.hand_back(why)
+    return bool(_running)
 
 
 CALIBRATE = "worker.sandboxed:calibrate"
@@ -128,7 +157,9 @@ def warm_up() -> None:
     zygote_for(CALIBRATE)
 
 
-def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
+def run_job(job_id: str, settings: Settings, worker_name: str, enqueue=None) -> str:
+    """``enqueue(job_id)``: sends a job's message (a job handed back needs one); without it the
+    API's sweeper sends it within a few seconds."""
     store = store_for(settings)
     objects = objects_of(settings)
     # the message is a turn: run the fairest queued job, which need not be the one it names
@@ -141,6 +172,9 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
     attempt = job.attempts
     log.info("job %s: attempt %d on %s", job_id, attempt, worker_name)
     hb = Heartbeat(store, job_id, attempt, settings.heartbeat_s)
+    _running.append(hb)
+    if _stop_requested:
+        hb.hand_back(_stop_requested[0])
     hb.start()
     ws = Workspace(settings.scratch, objects, job_id, settings.object_retry_s)
     artifacts: list = []
@@ -152,8 +186,11 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         state, error, report = State.FAILED, str(e), None
         log.error("job %s: %s", job_id, e)
     finally:
+        _running.remove(hb)
         hb.stop()
         ws.close()
+    if state is None and hb.handing_back:
+        return _hand_back(store, job_id, attempt, f"{worker_name} was stopped ({hb.handing_back})", enqueue)
     if state is None:  # canceled by the user, deleted, or taken over: someone else owns the row now
         now = store.get(job_id)
         if now is None or now.state == State.CANCELED:  # a canceled job's files count against its tenant
@@ -176,6 +213,21 @@ def run_job(job_id: str, settings: Settings, worker_name: str) -> str:
         _delete_files(objects, job_id)
     log.info("job %s: %s%s", job_id, state if ok else f"{state} (dropped: row moved on)", f" ({error})" if error else "")
     return state
+
+
+def _hand_back(store: Store, job_id: str, attempt: int, reason: str, enqueue) -> str:
+    """After the run stopped and its units' resume state was stored: the job queued again."""
+    if not store.hand_back(job_id, attempt, reason):  # canceled or deleted meanwhile: nothing to give back
+        log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
+        return "stopped"
+    log.warning("job %s: handed back to the queue at attempt %d: %s", job_id, attempt, reason)
+    if enqueue is not None:
+        try:
+            enqueue(job_id)
+            store.mark_enqueued(job_id)
+        except Exception as e:  # the sweeper sends queued jobs that have no message
+            log.warning("job %s: message not sent (%s); the API's sweeper sends it", job_id, e)
+    return "handed back"
 
 
 def _delete_files(objects: Objects, job_id: str) -> None:
@@ -224,13 +276,13 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
     try:
         try:
             result = child.run(jail, kwargs, settings.max_job_runtime_s, lambda d: on_progress(_event(d)),
-                               off=settings.sandbox == "off", stop=hb.lost)
+                               off=settings.sandbox == "off", stop=hb.halt)
         finally:
             _sanitize(ws, job.id)
             ws.stop_sync(final=True)
         log.info("job %s: sandbox %s, peak memory %.2f GiB", job.id, child.how, child.peak_rss_bytes / 2**30)
     except ChildFailed as e:
-        if e.kind == "stopped":  # hb.lost: the job was canceled, deleted or re-queued; its child is gone
+        if e.kind == "stopped" or hb.handing_back:  # canceled, deleted, re-queued or handed back
             return None, None, None
         cap = f"{settings.worker_memory_bytes / 2**30:.1f} GiB"
         if e.kind == "memory":

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from jobs.queue import TASK_NAME
 from jobs.settings import get_settings
 from worker.celery_app import app
-from worker.runner import run_job
+from worker.runner import request_hand_back, run_job
 
 log = logging.getLogger("clcalib.worker")
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
 def calibrate(self, job_id: str) -> str:
-    return run_job(job_id, get_settings(), self.request.hostname or "worker")
+    s = get_settings()
+    return run_job(job_id, s, self.request.hostname or "worker",
+                   enqueue=lambda jid: self.app.send_task(TASK_NAME, args=[jid], queue=s.queue_name))
+
+
+@worker_shutting_down.connect
+def _hand_back_on_stop(sig=None, how=None, **_):
+    """Celery's warm shutdown would wait for the running job (hours, for a long one; compose kills
+    the worker after its grace period): the job goes back to the queue instead. Runs in the
+    signal handler."""
+    request_hand_back(f"{sig}, {how.lower() if how else 'warm'} shutdown")
 
 
 @worker_ready.connect

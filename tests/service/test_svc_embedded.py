@@ -18,6 +18,7 @@ from svc_fmnist import FAST, MOBILENET, TINY
 from svc_helpers import ROOT, Proc, free_port, wait_until
 
 from clcalib.testing import process_state
+from jobs.store import Store
 from service.client import Client
 
 
@@ -99,7 +100,8 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         jobs = httpx.get(f"{url}/v1/jobs").json()["jobs"]
         assert len(jobs) == 4 and {j["state"] for j in jobs} == {"succeeded"}
         # SIGTERM to serve alone (a process manager stopping it) while a job runs: its local worker
-        # stops with it (the job resumes at the next start), instead of calibrating on alone
+        # stops with it, handing the job back to the queue (it resumes at the next start at once,
+        # not after the stale timeout), instead of calibrating on alone
         with Client(url) as c:
             long = c.submit(model=MOBILENET, calibration=fmnist_zips["calib"], arch="mobilenet_v2", num_classes=10,
                             config={**FAST, "iters": 20000})["id"]
@@ -110,6 +112,10 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         serve.p.wait(60)
         assert time.monotonic() - t0 < 15, "serve took its time to stop"  # 5 s for the worker, uvicorn's 5 s
         wait_until(lambda: process_state(worker) in ("", "Z"), 30, f"the local worker (pid {worker}) to stop with serve")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'jobs.db'}", create=False)
+        row = store.get(long)
+        store.close()
+        assert row.state == "queued" and row.history[-1]["event"] == "handed_back", row.history
     finally:
         serve.stop()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 from svc_fmnist import FAST, MOBILENET
@@ -121,3 +122,52 @@ def test_a_message_lost_under_load_is_restored_while_others_wait(redis_server, s
                "the sweeper to say why it sent the message again")
     st.start_worker()
     assert [st.wait_state(i, timeout=300)["state"] for i in ids] == ["succeeded"] * 4
+
+
+def test_a_stopped_worker_hands_its_job_back_and_another_resumes_it_at_once(redis_server, postgres_url,
+                                                                             stack_factory, fmnist_zips):
+    """A deploy or scale-down SIGTERMs a worker mid-job (here to its whole process group, as a
+    service manager or Ctrl-C does, so the sandboxed child gets it too): the worker exits in
+    seconds instead of calibrating on until it is killed, and the job is queued again with a
+    message at once. The stale timeout is 5 minutes and one lost worker fails a job here, so the
+    other worker's resume proves both: nothing waited for the reaper, and a hand-back is not a
+    lost worker."""
+    redis = redis_server(appendonly=False)
+    st = stack_factory(CLCALIB_REDIS_URL=redis.url, CLCALIB_DATABASE_URL=postgres_url, CLCALIB_STALE_AFTER_S=300,
+                       CLCALIB_MAX_ATTEMPTS=1, CLCALIB_VALIDATE_SAMPLE=8)
+    st.start_api()
+    w1 = st.start_worker()
+    r = st.submit(MOBILENET, fmnist_zips["calib"], {**FAST, "iters": LONG_ITERS}, arch="mobilenet_v2")
+    assert r.status_code == 202, r.text
+    jid = r.json()["id"]
+
+    def mid_job():
+        j = st.job(jid)
+        assert j["state"] in ("queued", "running"), f"the job is {j['state']} before the stop: {j.get('error')}"
+        p = j.get("progress") or {}
+        return p if p.get("unit", 0) >= 2 and p.get("stage") in ("reconstruct", "unit_done") else None
+
+    seen = wait_until(mid_job, 300, "the job to reach its third unit", period=0.1)
+    time.sleep(1.5)  # the finished units' state reaches the object store within a sync period (1 s)
+    t0 = time.monotonic()
+    os.killpg(w1.pid, signal.SIGTERM)
+    w1.p.wait(30)
+    stop_s = time.monotonic() - t0
+    j = st.job(jid)
+    assert j["state"] == "queued", (j, w1.tail())
+    assert stop_s < 10, f"the worker took {stop_s:.1f}s to stop\n{w1.tail()}"
+    assert "handed back to the queue at attempt 1" in w1.log.read_text(), w1.tail()
+    assert redis.llen("clcalib") == 1, "the handed-back job has no message: it would wait for the sweeper"
+
+    st.start_worker()
+    final = st.wait_state(jid, timeout=300)
+    assert final["state"] == "succeeded", (final, st.logs())
+    store = Store(postgres_url, create=False)
+    hist = store.get(jid).history
+    store.close()
+    assert final["attempts"] == 2, hist
+    events = [h["event"] for h in hist]
+    assert "handed_back" in events and "requeued" not in events, hist
+    firsts = {h["attempt"]: h for h in hist if h.get("event") == "first_progress"}
+    assert firsts[2]["unit"] >= seen["unit"], (seen, hist)  # resumed, not started over
+    print(f"\nhand-back: worker stopped in {stop_s:.1f}s at unit {seen['unit']}; resumed at unit {firsts[2]['unit']}")

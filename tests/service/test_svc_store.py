@@ -69,6 +69,37 @@ def test_stale_heartbeat_requeues_then_fails_after_max_attempts(store):
     assert [h["event"] for h in j.history] == ["claimed", "requeued", "claimed"]
 
 
+def test_a_handed_back_attempt_requeues_at_once_and_is_not_a_lost_worker(store):
+    """Workers stopped mid-job three times (deploys) and then lost once: with max_attempts=2 the
+    job is still claimed after the hand-backs, and fails only when the lost workers reach it."""
+    jid = make(store)
+    for attempt in (1, 2, 3):
+        assert store.claim(jid, f"w{attempt}", stale_after_s=60, max_attempts=2).attempts == attempt
+        if attempt > 1:
+            assert not store.hand_back(jid, attempt - 1, "SIGTERM")  # an older attempt owns nothing
+        assert store.hand_back(jid, attempt, "SIGTERM")
+        j = store.get(jid)
+        assert (j.state, j.worker, j.enqueued_at) == (State.QUEUED, None, None)  # the sweeper sends it if no one did
+        assert not store.heartbeat(jid, attempt)  # the stopped attempt owns nothing now
+        assert not store.hand_back(jid, attempt, "SIGTERM")  # nor twice
+    for attempt in (4, 5):  # now two lost workers
+        assert store.claim(jid, f"w{attempt}", stale_after_s=60, max_attempts=2).attempts == attempt
+        store.clock.advance(61)
+        requeued, failed = store.reap_stale(stale_after_s=60, max_attempts=2)
+        assert (requeued, failed) == (([jid], []) if attempt == 4 else ([], [jid]))
+    j = store.get(jid)
+    assert j.state == State.FAILED and "lost 2 times" in j.error, j.error
+    assert [h["event"] for h in j.history].count("handed_back") == 3
+
+
+def test_a_canceled_job_is_not_handed_back(store):
+    jid = make(store)
+    store.claim(jid, "w", stale_after_s=60, max_attempts=3)
+    assert store.cancel(jid)
+    assert not store.hand_back(jid, 1, "SIGTERM")
+    assert store.get(jid).state == State.CANCELED
+
+
 def test_list_is_per_owner_newest_first_with_cursor(store):
     mine = [make(store, "a") for _ in range(5)]
     make(store, "b")
