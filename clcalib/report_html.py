@@ -18,25 +18,40 @@ from clcalib.atomic import atomic_path
 REPORT_HTML_NAME = "report.html"
 
 
+def preload() -> None:
+    """matplotlib imported and its font list loaded now: a process that forks the children that
+    write reports (the worker's zygote) saves each job about a second of a slow CPU."""
+    import matplotlib.backends.backend_svg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    from matplotlib import font_manager
+
+    font_manager.fontManager.findfont("DejaVu Sans")
+
+
+def _subplots(figsize: tuple[float, float]):
+    """A figure and its axes without pyplot: no global figure registry or GUI backend to set up
+    (importing pyplot was a second of every job's report on a slow CPU), safe beside threads."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
 def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog: the figure sits inside the page
 
 
 @contextlib.contextmanager
 def _plain_text():
-    """Figures drawn off-screen, their text as written: class folder names and unit and site
+    """Figures drawn with their text as written: class folder names and unit and site
     names come from the upload, and matplotlib would read ``a$$b`` as math and fail on it. The
     text stays SVG text (escaped by matplotlib's XML writer), not glyph outlines: a page a
     reader can search for a layer's name, and half the bytes."""
     import matplotlib
 
-    matplotlib.use("Agg")
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False, "svg.fonttype": "none"}):
         yield
 
@@ -68,12 +83,10 @@ def _figures_or_none(report: dict) -> tuple[dict[str, str], str | None]:
 
 
 def _draw(report: dict) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
     figs: dict[str, str] = {}
     units = report.get("units") or []
     if units:
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(units)), 3.2))
+        fig, ax = _subplots(figsize=(max(6, 0.45 * len(units)), 3.2))
         x = range(len(units))
         before = [u["loss_before"] or float("nan") for u in units]
         after = [u["loss_after"] or float("nan") for u in units]
@@ -86,7 +99,7 @@ def _draw(report: dict) -> dict[str, str]:
         figs["units"] = _svg(fig)
     layers = report.get("layers") or []
     if layers:
-        fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.2))
+        fig, ax = _subplots(figsize=(max(6, 0.22 * len(layers)), 3.2))
         x = range(len(layers))
         ax.plot(x, [v["weight_sqnr_db"] if v["weight_sqnr_db"] is not None else math.nan for v in layers],
                 "o-", ms=3, label="weights")
@@ -101,7 +114,7 @@ def _draw(report: dict) -> dict[str, str]:
     pc = report.get("per_class")
     if pc:
         names = _class_names(report, len(pc["images"]))
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 3.2))
+        fig, ax = _subplots(figsize=(max(6, 0.5 * len(names)), 3.2))
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [v if v is not None else math.nan for v in pc["fp_top1"]], 0.4, label="FP",
                color="#bbb")
@@ -114,7 +127,7 @@ def _draw(report: dict) -> dict[str, str]:
         figs["classes"] = _svg(fig)
         if pc.get("confusion"):
             cm = pc["confusion"]
-            fig, ax = plt.subplots(figsize=(4.5 + 0.15 * len(cm), 4 + 0.15 * len(cm)))
+            fig, ax = _subplots(figsize=(4.5 + 0.15 * len(cm), 4 + 0.15 * len(cm)))
             im = ax.imshow(cm, cmap="Blues")
             ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
             ax.set_yticks(list(x), names, fontsize=7)
@@ -140,14 +153,12 @@ def mixed_figures(mixed: dict) -> dict[str, str]:
 
 
 def _draw_mixed(mixed: dict) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
     figs: dict[str, str] = {}
     sites = mixed.get("sensitivity") or []
     if sites:
         chosen = (mixed.get("allocation") or {}).get("layer_bits") or {}
         widths = sorted({int(b) for c in sites for b in c["cost"]})
-        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(sites)), 3.4))
+        fig, ax = _subplots(figsize=(max(6, 0.3 * len(sites)), 3.4))
         step = 0.8 / len(widths)
         for j, b in enumerate(widths):
             xs = [i - 0.4 + step * (j + 0.5) for i in range(len(sites))]
@@ -163,7 +174,7 @@ def _draw_mixed(mixed: dict) -> dict[str, str]:
     search = mixed.get("search") or {}
     probes = [p for p in search.get("probes") or [] if p.get("top1") is not None]
     if probes and search.get("fp_top1") is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.4))
+        fig, ax = _subplots(figsize=(6, 3.4))
         fp, drop = search["fp_top1"], search["max_top1_drop"]
         for p in probes:
             ax.plot(p["weight_bytes"] / 1e6, p["top1"], "o", color="#1f77b4" if p["meets"] else "#d62728")

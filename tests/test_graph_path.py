@@ -148,19 +148,22 @@ def test_timm_style_attention_and_split_blocks_are_units(tmp_path):
         assert torch.allclose(qm(x), model(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("every_layer", [False, True])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_registry_archs_get_the_same_units_and_layers_through_the_graph(arch, every_layer):
-    # every_layer too: the placement rule (QuantSpec.in_block_out_bits) is the same one on both paths
+def test_registry_archs_get_the_same_units_and_layers_through_the_graph(arch):
     torch.manual_seed(0)
     model = build_model(arch, 10)
     x = torch.randn(2, 3, 32, 32)
-    spec = dataclasses.replace(SPEC, every_layer=every_layer)
-    by_modules = QuantModel(model, spec, x, Partition.MODULES)
-    by_graph = QuantModel(model, spec, x, Partition.GRAPH)
-    assert by_graph.unit_names == by_modules.unit_names
-    shapes = {k: tuple(v.shape) for k, v in by_modules.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in by_graph.state_dict().items()} == shapes  # every quantizer in the same place
+    program = model  # traced once: the second placement partitions the first one's program
+    # every_layer too: the placement rule (QuantSpec.in_block_out_bits) is the same one on both paths
+    for every_layer in (False, True):
+        spec = dataclasses.replace(SPEC, every_layer=every_layer)
+        by_modules = QuantModel(model, spec, x, Partition.MODULES)
+        by_graph = QuantModel(program, spec, x, Partition.GRAPH, decomposed=program is not model)
+        program = by_graph.program
+        assert by_graph.unit_names == by_modules.unit_names, every_layer
+        shapes = {k: tuple(v.shape) for k, v in by_modules.state_dict().items()}
+        # every quantizer in the same place
+        assert {k: tuple(v.shape) for k, v in by_graph.state_dict().items()} == shapes, every_layer
 
 
 def test_reference_resnet18_calibrates_to_the_same_model_through_the_graph(fmnist, reference):

@@ -8,8 +8,11 @@ import json
 
 
 def warm_sandbox_child() -> None:
-    """Before the child is confined: torch and the pipeline imported once."""
+    """Before the child is confined: torch, the pipeline and the report's figures imported once."""
     import clcalib.pipeline  # noqa: F401
+    from clcalib.report_html import preload
+
+    preload()
 
 
 def calibrate(*, model: dict, calibration: str, evaluation: str | None, labels: str | None, config: dict,
