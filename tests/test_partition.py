@@ -46,11 +46,12 @@ def test_every_conv_and_linear_quantized_exactly_once(arch):
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_all_8_bit_keeps_fp_accuracy_on_fashion_mnist(arch, fmnist, reference):
     model = reference(arch)
-    x, y = fmnist["test"][::2], fmnist["test_labels"][::2]  # every other test image: 5000
+    x, y = fmnist["test"][::4], fmnist["test_labels"][::4]  # every fourth test image: 2500
     fp_acc = top1(predict(model, x), y)
     res = calibrate(model, fmnist["train"][:256], {"method": "mse", "w_bits": 8, "a_bits": 8, "iters": 0, "device": "cpu"})
     q_acc = top1(predict(res.model, x), y)
-    assert fp_acc > 89.5  # the reference checkpoints as documented (90.50 / 90.02 on all 10k; 90.56 / 90.40 here)
+    # the reference checkpoints as documented (90.50 / 90.02 on all 10k; 90.68 / 90.64 here, W8A8 90.84 / 90.36)
+    assert fp_acc > 89.5
     assert abs(q_acc - fp_acc) <= 0.5, f"{arch}: FP {fp_acc:.2f} vs W8A8 {q_acc:.2f}"
     assert all(isinstance(m, QuantLayer) for m in res.model.layers())
 

@@ -64,8 +64,10 @@ class Proc:
             except ProcessLookupError:
                 pass
 
-    def stop(self, timeout: float = 15) -> None:
-        self.kill(signal.SIGTERM)
+    def stop(self, timeout: float = 15, signalled: bool = False) -> None:
+        """SIGTERM (unless ``signalled`` already), then SIGKILL after ``timeout``."""
+        if not signalled:
+            self.kill(signal.SIGTERM)
         try:
             self.p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -208,9 +210,13 @@ class Stack:
         return out
 
     def close(self) -> None:
-        for w in self.workers:
-            w.stop()
-        self.stop_api()
+        # all told to stop at once: an idle worker on the file queue takes seconds to notice
+        procs = [p for p in [*self.workers, self.api] if p is not None]
+        for p in procs:
+            p.kill(signal.SIGTERM)
+        for p in procs:
+            p.stop(signalled=True)
+        self.api = None
 
 
 class FakeClock:
