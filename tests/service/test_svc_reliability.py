@@ -137,7 +137,7 @@ def test_a_stopped_worker_hands_its_job_back_and_another_resumes_it_at_once(redi
                        CLCALIB_MAX_ATTEMPTS=1, CLCALIB_VALIDATE_SAMPLE=8)
     st.start_api()
     w1 = st.start_worker()
-    r = st.submit(MOBILENET, fmnist_zips["calib"], {**FAST, "iters": LONG_ITERS}, arch="mobilenet_v2")
+    r = st.submit(MOBILENET, fmnist_zips["calib"], {**FAST, "iters": LONG_ITERS, "batch_size": 8}, arch="mobilenet_v2")
     assert r.status_code == 202, r.text
     jid = r.json()["id"]
 
