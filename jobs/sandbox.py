@@ -368,17 +368,24 @@ def is_out_of_memory(e: BaseException | str) -> bool:
 
 
 def _die_with_parent() -> None:
-    """SIGKILL when the worker or API process that started this child dies, however it dies; and
-    a stop signal to the caller's process group (Ctrl-C in its terminal, a service manager's
-    SIGTERM to every process) left to the caller, which hands its job back and kills this child
-    itself: a child dying of it first would fail the job."""
+    """SIGKILL when the worker or API process that started this child dies, however it dies."""
     import signal
 
     _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.getppid() != _PARENT:  # it died before the line above
         os._exit(1)
+
+
+def _stop_signals_to_caller(mod) -> None:
+    """A module that sets ``STOP_SIGNALS_TO_CALLER`` (the calibration's) leaves a stop signal to
+    its caller's process group (Ctrl-C in a terminal, a service manager's SIGTERM to every
+    process) to the caller, which hands its job back and kills this child itself: the child
+    dying of it first would fail the job. The API's checks keep the default: killed with it."""
+    import signal
+
+    if getattr(mod, "STOP_SIGNALS_TO_CALLER", False):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def zygote_main(module: str, fd: int) -> None:
@@ -388,6 +395,7 @@ def zygote_main(module: str, fd: int) -> None:
     zygote.name_zygote()
     os.dup2(2, 1)  # the imports' prints go to the log
     mod = importlib.import_module(module)
+    _stop_signals_to_caller(mod)
     if hasattr(mod, "warm_sandbox_child"):
         mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
     torch = sys.modules.get("torch")
@@ -415,6 +423,7 @@ def main(target: str) -> None:
 
     module, name = target.split(":")
     mod = importlib.import_module(module)
+    _stop_signals_to_caller(mod)
     if hasattr(mod, "warm_sandbox_child"):
         mod.warm_sandbox_child()  # heavy imports (torch) before any upload is read
     fn = getattr(mod, name)
@@ -520,7 +529,7 @@ class Child:
             raise ChildFailed("protocol", "the process sent something that is not a message")
         return msg
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, stop: threading.Event | None = None) -> None:
         import time
 
         with self._ready_lock:  # a warm-up and the run may both wait for it
@@ -528,7 +537,7 @@ class Child:
                 deadline = time.monotonic() + timeout
                 if self.proc is None:
                     self._fork(timeout)
-                msg = self._line(deadline)
+                msg = self._line(deadline, stop)
                 if msg.get("ready") is not True:
                     raise ChildFailed("protocol", "the process did not start")
                 self.info, self.ready = msg.get("info"), True
@@ -555,7 +564,9 @@ class Child:
         import time
 
         try:
-            self.wait_ready(START_TIMEOUT_S)  # its imports are not the function's time
+            if stop is not None and stop.is_set():
+                raise ChildFailed("stopped", "the run was stopped by its caller")
+            self.wait_ready(START_TIMEOUT_S, stop)  # its imports are not the function's time
             deadline = time.monotonic() + timeout
             self.proc.stdin.write((json.dumps({"jail": asdict(jail), "kwargs": kwargs, "off": off}) + "\n").encode())
             self.proc.stdin.flush()

@@ -501,3 +501,35 @@ def test_a_diverged_runs_nan_and_infinity_arrive_as_null(tmp_path):
     r = Child("sandbox_payloads:non_finite", ENV).run(Jail(tmp=str(tmp_path / "t")), {}, 60, events.append)
     assert events == [{"stage": "reconstruct", "loss": None, "eta_s": None}], events
     assert r == {"loss": None, "top1": 12.5}, r
+
+
+@pytest.mark.parametrize("module, survives", [("sandbox_payloads", False), ("sandbox_payloads_stops", True)])
+def test_a_stop_signal_to_the_group_is_left_to_the_caller_only_where_the_module_says(module, survives, tmp_path):
+    """SIGINT and SIGTERM to every process of a worker (Ctrl-C in its terminal, a service manager
+    stopping it): the calibration's child must outlive them, its worker hands the job back and
+    kills it; an upload check's child still dies of them with its API (a 503 to the client)."""
+    import signal
+    import threading
+
+    import service.checks
+    import worker.sandboxed
+
+    assert worker.sandboxed.STOP_SIGNALS_TO_CALLER and not hasattr(service.checks, "STOP_SIGNALS_TO_CALLER")
+    child = Child(f"{module}:linger", ENV)
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = child.run(Jail(tmp=str(tmp_path / "t")), {"seconds": 2.0}, 60)
+        except ChildFailed as e:
+            out["failed"] = e.message
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not (child.ready and child.how) and time.monotonic() < deadline:  # confined, running the function
+        time.sleep(0.02)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(child.proc.pid, sig)
+    t.join(60)
+    assert out == ({"result": "woke"} if survives else {"failed": "the process ended without an answer (killed by SIGTERM)"}), out

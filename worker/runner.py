@@ -109,6 +109,11 @@ class Heartbeat:
                     return
 
 
+def stop_requested() -> bool:
+    """This worker was asked to stop: it takes no further job."""
+    return bool(_stop_requested)
+
+
 def request_hand_back(why: str) -> bool:
     """The worker is asked to stop: the running job, if any, goes back to the queue (see the
     module's docstring). Safe in a signal handler. True if a job was running."""
@@ -189,8 +194,9 @@ def run_job(job_id: str, settings: Settings, worker_name: str, enqueue=None) -> 
         _running.remove(hb)
         hb.stop()
         ws.close()
-    if state is None and hb.handing_back:
-        return _hand_back(store, job_id, attempt, f"{worker_name} was stopped ({hb.handing_back})", enqueue)
+    if state is None and hb.handing_back and \
+            _hand_back(store, job_id, attempt, f"{worker_name} was stopped ({hb.handing_back})", enqueue):
+        return "handed back"
     if state is None:  # canceled by the user, deleted, or taken over: someone else owns the row now
         now = store.get(job_id)
         if now is None or now.state == State.CANCELED:  # a canceled job's files count against its tenant
@@ -215,11 +221,11 @@ def run_job(job_id: str, settings: Settings, worker_name: str, enqueue=None) -> 
     return state
 
 
-def _hand_back(store: Store, job_id: str, attempt: int, reason: str, enqueue) -> str:
-    """After the run stopped and its units' resume state was stored: the job queued again."""
-    if not store.hand_back(job_id, attempt, reason):  # canceled or deleted meanwhile: nothing to give back
-        log.info("job %s: attempt %d stopped (no longer owns the job)", job_id, attempt)
-        return "stopped"
+def _hand_back(store: Store, job_id: str, attempt: int, reason: str, enqueue) -> bool:
+    """After the run stopped and its units' resume state was stored: the job queued again. False:
+    canceled, deleted or taken over meanwhile (the caller cleans up as for any lost job)."""
+    if not store.hand_back(job_id, attempt, reason):
+        return False
     log.warning("job %s: handed back to the queue at attempt %d: %s", job_id, attempt, reason)
     if enqueue is not None:
         try:
@@ -227,7 +233,7 @@ def _hand_back(store: Store, job_id: str, attempt: int, reason: str, enqueue) ->
             store.mark_enqueued(job_id)
         except Exception as e:  # the sweeper sends queued jobs that have no message
             log.warning("job %s: message not sent (%s); the API's sweeper sends it", job_id, e)
-    return "handed back"
+    return True
 
 
 def _delete_files(objects: Objects, job_id: str) -> None:
@@ -260,6 +266,8 @@ def _calibrate(job, settings: Settings, ws: Workspace, store: Store, hb: Heartbe
                                          "iteration": ev.iteration, "after_s": round(time.monotonic() - t0, 2)})
 
     out_dir, resume_dir = ws.out, ws.resume
+    if hb.handing_back:  # stopped right after the claim: nothing fetched, nothing to undo
+        return None, None, None
     inputs = ws.fetch(job.inputs)  # ObjectStoreError after object_retry_s: the job fails naming it
     model = {"model": inputs["model"], "model_name": job.model_file} if job.arch == PROGRAM else \
         {"arch": job.arch, "num_classes": job.num_classes, "weights": inputs["model"]}

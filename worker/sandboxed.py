@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+# a stop signal to the worker's process group is the worker's to act on (it hands the job back)
+STOP_SIGNALS_TO_CALLER = True
+
 
 def warm_sandbox_child() -> None:
     """Before the child is confined: torch, the pipeline and the report's figures imported once."""

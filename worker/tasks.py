@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 
 from jobs.queue import TASK_NAME
 from jobs.settings import get_settings
 from worker.celery_app import app
-from worker.runner import request_hand_back, run_job
+from worker.runner import request_hand_back, run_job, stop_requested
 
 log = logging.getLogger("clcalib.worker")
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
 def calibrate(self, job_id: str) -> str:
+    if stop_requested():  # a stopping worker's last drain of the queue (the file queue does one): not ours
+        raise Reject("this worker is stopping", requeue=True)
     s = get_settings()
     return run_job(job_id, s, self.request.hostname or "worker",
                    enqueue=lambda jid: self.app.send_task(TASK_NAME, args=[jid], queue=s.queue_name))

@@ -116,6 +116,8 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         row = store.get(long)
         store.close()
         assert row.state == "queued" and row.history[-1]["event"] == "handed_back", row.history
+        # the stopping worker's last look at the file queue left the new message for the next start
+        assert row.attempts == 1 and [h["event"] for h in row.history].count("claimed") == 1, row.history
     finally:
         serve.stop()
 
