@@ -54,7 +54,7 @@ class JobOut(BaseModel):
     artifacts: list[str] = Field(default_factory=list, description="names under /artifacts/{name}")
     artifact_sha256: dict[str, str] = Field(default_factory=dict, description="artifact name -> hex SHA-256 "
                                             "recorded when the worker stored it")
-    attempts: int = Field(description="deliveries so far (a lost worker's job is re-queued)")
+    attempts: int = Field(description="deliveries so far (a lost worker's job is re-queued, a stopped worker's handed back; both resume from the last finished unit)")
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
