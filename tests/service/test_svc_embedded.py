@@ -14,7 +14,7 @@ import time
 
 import httpx
 from svc_eval import evaluate
-from svc_fmnist import FAST, MOBILENET, TINY
+from svc_fmnist import FAST, MOBILENET, TINY_RUN
 from svc_helpers import ROOT, Proc, free_port, wait_until
 
 from clcalib.testing import process_state
@@ -60,7 +60,7 @@ def test_serve_embedded_end_to_end_and_restart(tmp_path, fmnist_zips, reference_
         # submit / watch / status / download through the CLI
         common = ["--url", url]
         r = cli(env, "submit", *common, "--model", str(reference_model), "--arch", "resnet18", "--num-classes", "10",
-                "--calibration", str(fmnist_zips["calib"]), "--evaluation", str(fmnist_zips["eval"]), "--config", json.dumps(TINY))
+                "--calibration", str(fmnist_zips["calib"]), "--evaluation", str(fmnist_zips["eval"]), "--config", json.dumps(TINY_RUN))
         assert r.returncode == 0, r.stderr
         jid = r.stdout.strip()
         w = cli(env, "watch", *common, jid)

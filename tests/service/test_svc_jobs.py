@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from svc_eval import evaluate
-from svc_fmnist import FAST, MOBILENET, PREPROCESS, TINY
+from svc_fmnist import FAST, MOBILENET, PREPROCESS, TINY_RUN
 from svc_helpers import ROOT, RedisServer, Stack, children, wait_until
 
 from clcalib.testing import process_state
@@ -53,7 +53,7 @@ def by_class_name(digits_zip: Path, dest: Path) -> Path:
 
 def test_end_to_end_on_redis_with_events(stack, fmnist_zips, reference_model, tmp_path):
     # with CL-Calib on: the service takes the library's cl_calib block as is and reports it
-    cfg = {**TINY, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}, "export": ["onnx"]}
+    cfg = {**TINY_RUN, "cl_calib": {"enabled": True, "lambda": 0.2, "mapping": "fp_tail"}, "export": ["onnx"]}
     # the evaluation folders are named by class, and the labels file gives the model's order
     labels = tmp_path / "classes.txt"
     labels.write_text("\n".join(CLASS_NAMES) + "\n")

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 import torch
-from svc_fmnist import TINY
+from svc_fmnist import TINY, TINY_RUN
 
 from clcalib.graph.program import program_to_bytes
 from clcalib.graph.registry import build_model, read_state_dict
@@ -86,7 +86,7 @@ def test_a_program_without_arch_calibrates_and_bad_programs_are_refused(stack_fa
     r = _post(st, pt2.read_bytes(), fmnist_zips["calib"], TINY, num_classes="7")
     assert r.status_code == 422 and "returns 10 classes" in r.json()["detail"], r.text
 
-    r = _post(st, pt2.read_bytes(), fmnist_zips["calib"], TINY)
+    r = _post(st, pt2.read_bytes(), fmnist_zips["calib"], TINY_RUN)
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["arch"] == "program" and job["num_classes"] == 10
