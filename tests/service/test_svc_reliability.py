@@ -33,7 +33,7 @@ def test_worker_sigkill_and_redis_restart_lose_no_job(redis_server, postgres_url
 
     ids = []
     for i in range(N_JOBS):
-        cfg = {**FAST, "iters": LONG_ITERS} if i == 0 else FILLER
+        cfg = {**FAST, "iters": LONG_ITERS, "batch_size": 8} if i == 0 else FILLER
         r = st.submit(MOBILENET, fmnist_zips["calib"], cfg, arch="mobilenet_v2")
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])

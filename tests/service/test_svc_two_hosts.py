@@ -55,7 +55,7 @@ def test_two_workers_without_the_api_disk(redis_server, own_postgres_url, stack_
         wait_until(lambda w=w: "worker ready" in w.log.read_text(errors="replace") or not w.alive(), 120, "a worker")
         assert w.alive() and f"confined: {st.dir} is not readable" in w.log.read_text(), w.tail()
 
-    long = {**FAST, "iters": 20}  # long enough to be killed between units
+    long = {**FAST, "iters": 20, "batch_size": 8}  # long enough to be killed between units
     ids = []
     for cfg in (long, FAST):
         r = st.submit(MOBILENET, fmnist_zips["calib"], cfg, arch="mobilenet_v2")
