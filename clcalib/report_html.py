@@ -19,8 +19,8 @@ REPORT_HTML_NAME = "report.html"
 
 
 def preload() -> None:
-    """matplotlib imported and its font list loaded now: a process that forks the children that
-    write reports (the worker's zygote) saves each job about a second of a slow CPU."""
+    """matplotlib imported and its font list loaded now, once, in a process that forks the children
+    that write reports (the worker's zygote), rather than in each job's child."""
     import matplotlib.backends.backend_svg  # noqa: F401
     import matplotlib.figure  # noqa: F401
     from matplotlib import font_manager
@@ -29,8 +29,8 @@ def preload() -> None:
 
 
 def _subplots(figsize: tuple[float, float]):
-    """A figure and its axes without pyplot: no global figure registry or GUI backend to set up
-    (importing pyplot was a second of every job's report on a slow CPU), safe beside threads."""
+    """A figure and its axes without pyplot: no global figure registry or GUI backend to set up,
+    safe beside threads."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
