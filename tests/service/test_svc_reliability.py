@@ -147,8 +147,8 @@ def test_a_stopped_worker_hands_its_job_back_and_another_resumes_it_at_once(redi
         p = j.get("progress") or {}
         return p if p.get("unit", 0) >= 2 and p.get("stage") in ("reconstruct", "unit_done") else None
 
+    # no wait for the periodic sync (1 s): a hand-back uploads the finished units' state itself
     seen = wait_until(mid_job, 300, "the job to reach its third unit", period=0.1)
-    time.sleep(1.5)  # the finished units' state reaches the object store within a sync period (1 s)
     t0 = time.monotonic()
     os.killpg(w1.pid, signal.SIGTERM)
     w1.p.wait(30)
