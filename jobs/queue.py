@@ -61,6 +61,13 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     return app
 
 
+def send_job(app: Celery, settings: Settings, job_id: str) -> None:
+    """A job's message (a turn: see ``worker.runner``), with a short retry; raises if the broker
+    cannot be reached (the job stays queued in the store; the API's sweeper sends it later)."""
+    app.send_task(TASK_NAME, args=[job_id], queue=settings.queue_name, retry=True,
+                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0})
+
+
 def ensure_queue_dirs(settings: Settings) -> None:
     """The embedded queue's folders, made when the API or a worker starts (never on import)."""
     if not settings.redis_url:

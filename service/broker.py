@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.queue import TASK_NAME, ensure_queue_dirs, make_celery
+from jobs.queue import ensure_queue_dirs, make_celery, send_job
 from jobs.settings import Settings
 
 log = logging.getLogger("clcalib.service")
@@ -17,13 +17,8 @@ class Broker:
         self.celery = make_celery(settings)
 
     def enqueue(self, job_id: str) -> None:
-        """Send the job id. Raises if the broker cannot be reached (the caller keeps the job
-        queued in the store; the sweeper sends it later)."""
-        self.celery.send_task(
-            TASK_NAME, args=[job_id], queue=self.s.queue_name,
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
-                                      "interval_step": 0.5, "interval_max": 1.0},
-        )
+        """Send the job id (``jobs.queue.send_job``)."""
+        send_job(self.celery, self.s, job_id)
 
     def depth(self) -> int:
         with self.celery.connection_for_read() as conn:

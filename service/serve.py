@@ -27,9 +27,9 @@ def _set_pdeathsig() -> None:  # the local worker dies with serve, even on SIGKI
         pass
 
 
-# A stopped serve waits this long for its local worker's warm shutdown, then kills it: Celery's
-# warm shutdown waits for the running job, which may take hours; the job resumes from its last
-# finished unit at the next start, so a longer wait only delays the stop (it was 20 s)
+# A stopped serve waits this long for its local worker, then kills it. A worker running a job
+# hands it back within about a second (worker.runner); an idle one on the file queue takes ~5 s
+# to leave Celery's polling loop, holding no message, so killing it then loses nothing
 LOCAL_WORKER_GRACE_S = 5.0
 
 

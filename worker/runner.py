@@ -114,13 +114,12 @@ def stop_requested() -> bool:
     return bool(_stop_requested)
 
 
-def request_hand_back(why: str) -> bool:
+def request_hand_back(why: str) -> None:
     """The worker is asked to stop: the running job, if any, goes back to the queue (see the
-    module's docstring). Safe in a signal handler. True if a job was running."""
+    module's docstring). Safe in a signal handler."""
     _stop_requested.append(why)  # a job claimed just after this is handed back too
     for hb in list(_running):
         hb.hand_back(why)
-    return bool(_running)
 
 
 CALIBRATE = "worker.sandboxed:calibrate"

@@ -8,7 +8,7 @@ import logging
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 
-from jobs.queue import TASK_NAME
+from jobs.queue import TASK_NAME, send_job
 from jobs.settings import get_settings
 from worker.celery_app import app
 from worker.runner import request_hand_back, run_job, stop_requested
@@ -21,8 +21,7 @@ def calibrate(self, job_id: str) -> str:
     if stop_requested():  # a stopping worker's last drain of the queue (the file queue does one): not ours
         raise Reject("this worker is stopping", requeue=True)
     s = get_settings()
-    return run_job(job_id, s, self.request.hostname or "worker",
-                   enqueue=lambda jid: self.app.send_task(TASK_NAME, args=[jid], queue=s.queue_name))
+    return run_job(job_id, s, self.request.hostname or "worker", enqueue=lambda jid: send_job(self.app, s, jid))
 
 
 @worker_shutting_down.connect
